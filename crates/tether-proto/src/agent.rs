@@ -1,0 +1,165 @@
+//! Agent identity on the wire: enrollment, tokens, agent views (SPEC §3, §15).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{AgentId, Labels, Timestamp};
+
+/// Limits on labels (SPEC §11 caps).
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+pub const MAX_LABEL_VALUE_LEN: usize = 255;
+
+/// Checks a label set against the caps: keys are `[A-Za-z0-9._/-]`, values printable.
+pub fn validate_labels(labels: &Labels) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("at most {MAX_LABELS} labels"));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_LABEL_KEY_LEN
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+        if !key_ok {
+            return Err(format!("label key {k:?} must be 1-{MAX_LABEL_KEY_LEN} chars of [A-Za-z0-9._/-]"));
+        }
+        if v.len() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
+            return Err(format!("label value for {k:?} must be at most {MAX_LABEL_VALUE_LEN} printable chars"));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/agents/enroll`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub enroll_token: String,
+    /// base64url (no padding) of the raw 32-byte Ed25519 public key.
+    pub public_key: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub facts: Value,
+}
+
+/// Answer of enrollment and of every refresh.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenPair {
+    pub agent_id: AgentId,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: u64,
+}
+
+impl std::fmt::Debug for TokenPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenPair")
+            .field("agent_id", &self.agent_id)
+            .field("access_token", &"<redacted>")
+            .field("refresh_token", &"<redacted>")
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+/// `POST /api/v1/auth/token/refresh` (seed-003 form).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+    pub device_public_id: AgentId,
+}
+
+impl std::fmt::Debug for RefreshRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshRequest")
+            .field("refresh_token", &"<redacted>")
+            .field("device_public_id", &self.device_public_id)
+            .finish()
+    }
+}
+
+/// `POST /api/v1/agents/{id}/revoke`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Online,
+    Offline,
+    Revoked,
+}
+
+/// An agent as operators see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    pub hostname: String,
+    pub labels: Labels,
+    pub status: AgentStatus,
+    pub version: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<Timestamp>,
+    pub applied_config_hash: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: Timestamp,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<Timestamp>,
+    #[serde(default)]
+    pub facts: Value,
+}
+
+/// `POST /api/v1/enroll-tokens`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollToken {
+    #[serde(default)]
+    pub labels: Labels,
+    /// How many enrollments the token allows (default 1).
+    #[serde(default = "one")]
+    pub uses: u32,
+    /// Lifetime in seconds (default 24 h).
+    #[serde(default = "one_day")]
+    pub expires_in_s: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn one_day() -> u64 {
+    86_400
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreatedEnrollToken {
+    pub id: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for CreatedEnrollToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedEnrollToken").field("id", &self.id).field("token", &"<redacted>").finish()
+    }
+}
+
+/// An enrollment token as listed (never with its secret).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnrollToken {
+    pub id: String,
+    pub labels: Labels,
+    pub uses: u32,
+    pub used: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: Timestamp,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: Timestamp,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<Timestamp>,
+}

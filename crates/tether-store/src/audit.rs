@@ -1,0 +1,84 @@
+//! Audit rows and their hash chain (SPEC §10): each row's hash covers the
+//! previous row's hash and the row's own canonical content, so altering or
+//! removing a row breaks every hash after it.
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::Millis;
+
+/// The `prev_hash` of the first row.
+pub const GENESIS_HASH: [u8; 32] = [0; 32];
+
+/// An event to append. No secrets in `details`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub ts: Millis,
+    pub actor: String,
+    pub actor_kind: &'static str,
+    pub action: &'static str,
+    pub target: String,
+    pub outcome: &'static str,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    pub details: Value,
+}
+
+/// A stored row.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub ts: Millis,
+    pub actor: String,
+    pub actor_kind: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    pub details: Value,
+    #[serde(skip)]
+    pub prev_hash: Vec<u8>,
+    #[serde(skip)]
+    pub hash: Vec<u8>,
+}
+
+/// `sha256(prev_hash || canonical row)`; the row excludes its own id so a
+/// backend's id allocation does not matter.
+#[allow(clippy::too_many_arguments)]
+pub fn chain_hash(
+    prev_hash: &[u8],
+    ts: Millis,
+    actor: &str,
+    actor_kind: &str,
+    action: &str,
+    target: &str,
+    outcome: &str,
+    ip: Option<&str>,
+    request_id: Option<&str>,
+    details: &str,
+) -> [u8; 32] {
+    let row = serde_json::json!([ts, actor, actor_kind, action, target, outcome, ip, request_id, details]);
+    let mut h = Sha256::new();
+    h.update(prev_hash);
+    h.update(row.to_string().as_bytes());
+    h.finalize().into()
+}
+
+impl AuditRecord {
+    pub fn expected_hash(&self, prev_hash: &[u8]) -> [u8; 32] {
+        chain_hash(
+            prev_hash,
+            self.ts,
+            &self.actor,
+            &self.actor_kind,
+            &self.action,
+            &self.target,
+            &self.outcome,
+            self.ip.as_deref(),
+            self.request_id.as_deref(),
+            &self.details.to_string(),
+        )
+    }
+}

@@ -1,0 +1,294 @@
+//! Persistence for tether: the [`Store`] trait every handler and job talks
+//! to, and its backends (SQLite now; PostgreSQL implements the same trait).
+//!
+//! The store owns transactions: each trait method is one atomic unit, and a
+//! method that appends signals returns the new stream heads so the caller can
+//! wake waiting agents *after* the commit.
+
+mod audit;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tether_proto::command::{Batch, Command, CommandStatus, CreateCommand, ResultReport, TargetSpec};
+use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
+
+pub use audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
+pub use sqlite::SqliteStore;
+
+/// Milliseconds since the Unix epoch; every stored timestamp uses it.
+pub type Millis = i64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("database error: {0}")]
+    Backend(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The position of one agent's stream after a write; published to wake waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub agent_id: AgentId,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Operator,
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub role: Role,
+    /// PHC string (argon2id); never leaves the server.
+    pub password_hash: String,
+}
+
+/// An agent with the stream position and secrets-free identity the server needs.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub name: String,
+    pub hostname: String,
+    pub labels: Labels,
+    pub facts: Value,
+    pub public_key: Vec<u8>,
+    pub version: Option<String>,
+    pub applied_config_hash: Option<String>,
+    pub epoch: u64,
+    pub head_seq: u64,
+    pub floor_seq: u64,
+    pub created_at: Millis,
+    pub last_seen: Option<Millis>,
+    pub revoked_at: Option<Millis>,
+    pub revoke_reason: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub hostname: String,
+    pub labels: Labels,
+    pub facts: Value,
+    pub public_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEnrollToken {
+    pub id: String,
+    pub token_hash: [u8; 32],
+    pub labels: Labels,
+    pub uses: u32,
+    pub created_by: String,
+    pub expires_at: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub labels: Labels,
+    pub uses: u32,
+    pub used: u32,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// What presenting a refresh token led to (SPEC §3 rotation rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// First use, or a retry within the lost-response grace: the new token is live.
+    Rotated { lost_response_retry: bool },
+    /// Unknown, foreign, already revoked token, or revoked agent.
+    Invalid,
+    AgentRevoked,
+    /// A used token came back outside the grace: the whole family is now revoked.
+    ReuseDetected { family_id: String },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    pub labels: Labels,
+    /// Substring of name or hostname.
+    pub q: Option<String>,
+    /// Keyset cursor: the last agent id of the previous page.
+    pub after: Option<AgentId>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub statuses: Vec<CommandStatus>,
+    pub agent_id: Option<AgentId>,
+    pub batch_id: Option<BatchId>,
+    /// Keyset cursor: the last command id of the previous page (newest first).
+    pub before: Option<CommandId>,
+    pub limit: u32,
+}
+
+/// One `POST /api/v1/commands`, checked and ready to write.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub id: BatchId,
+    pub target: TargetSpec,
+    pub request: CreateCommand,
+    pub created_by: String,
+    /// sha256 of the canonical request, to tell a retry from a different body.
+    pub request_hash: [u8; 32],
+    pub now: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreatedBatch {
+    pub batch_id: BatchId,
+    pub command_ids: Vec<CommandId>,
+    /// False when an idempotent retry returned the existing batch.
+    pub created: bool,
+    pub heads: Vec<Head>,
+}
+
+/// What a result report did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultOutcome {
+    Recorded { late: bool, command: Box<Command> },
+    /// Same result as already recorded: nothing changed.
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SweepOutcome {
+    pub expired: u64,
+    pub lost: u64,
+    pub released: u64,
+    pub heads: Vec<Head>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CancelOutcome {
+    pub cancelled: Vec<CommandId>,
+    pub heads: Vec<Head>,
+}
+
+/// Counters the server exports and the tests use to prove that hot paths
+/// (idle polls) never reach the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub queries: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    fn stats(&self) -> StoreStats;
+    async fn ping(&self) -> Result<()>;
+
+    // --- operators
+    async fn user_count(&self) -> Result<u64>;
+    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User>;
+    async fn set_password(&self, username: &str, password_hash: &str) -> Result<()>;
+    async fn find_user(&self, username: &str) -> Result<Option<User>>;
+    async fn create_api_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        token_hash: [u8; 32],
+        expires_at: Option<Millis>,
+        now: Millis,
+    ) -> Result<String>;
+    /// The live (unexpired, unrevoked) token with this hash and its owner.
+    async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>>;
+
+    // --- enrollment and agent identity
+    async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis) -> Result<()>;
+    async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
+    async fn revoke_enroll_token(&self, id: &str, now: Millis) -> Result<()>;
+    /// Consumes one use of a live enrollment token and creates the agent with
+    /// its first refresh token, atomically. `NotFound` when the token is not usable.
+    async fn enroll_agent(
+        &self,
+        enroll_token_hash: [u8; 32],
+        agent: NewAgent,
+        refresh_hash: [u8; 32],
+        now: Millis,
+    ) -> Result<AgentRecord>;
+    async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>>;
+    async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
+    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis) -> Result<AgentRecord>;
+    /// Batched `last_seen` updates.
+    async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
+    async fn rotate_refresh_token(
+        &self,
+        agent_id: AgentId,
+        presented_hash: [u8; 32],
+        new_hash: [u8; 32],
+        grace_ms: Millis,
+        now: Millis,
+    ) -> Result<RefreshOutcome>;
+
+    // --- the stream
+    /// Signals with `seq > after`, oldest first.
+    async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>>;
+    /// Marks these commands delivered (those still queued), returns how many changed.
+    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64>;
+
+    // --- commands
+    async fn create_batch(&self, batch: NewBatch) -> Result<CreatedBatch>;
+    async fn get_command(&self, id: CommandId) -> Result<Option<Command>>;
+    async fn list_commands(&self, filter: &CommandFilter) -> Result<Vec<Command>>;
+    async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>>;
+    /// The next released, undelivered, unexpired command for the agent
+    /// (priority, then age), marked delivered.
+    async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>>;
+    /// `running` report; `NotFound` for another agent's command, `Conflict` when terminal.
+    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command>;
+    async fn report_result(
+        &self,
+        agent_id: AgentId,
+        id: CommandId,
+        report: &ResultReport,
+        now: Millis,
+    ) -> Result<ResultOutcome>;
+    async fn cancel_command(&self, id: CommandId, now: Millis) -> Result<CancelOutcome>;
+    async fn cancel_batch(&self, id: BatchId, now: Millis) -> Result<CancelOutcome>;
+    /// Expires undelivered commands, marks silent ones lost, releases commands
+    /// whose `not_before` has come.
+    async fn sweep(&self, now: Millis) -> Result<SweepOutcome>;
+
+    // --- audit
+    async fn append_audit(&self, entry: AuditEntry) -> Result<()>;
+    async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>>;
+}

@@ -1,0 +1,204 @@
+//! Store-level tests with an explicit clock: sweeps, rotation, idempotency.
+
+use tether_proto::command::{CommandStatus, CreateCommand, ResultReport, Target, TargetSpec};
+use tether_proto::{AgentId, BatchId, Labels};
+
+use super::SqliteStore;
+use crate::{NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, ResultOutcome, Store, StoreError};
+
+const T0: i64 = 1_800_000_000_000;
+
+async fn store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path()).await.expect("open store");
+    (dir, store)
+}
+
+async fn enroll(store: &SqliteStore, labels: &[(&str, &str)]) -> AgentId {
+    let token_hash = rand_hash();
+    store
+        .create_enroll_token(
+            NewEnrollToken {
+                id: uuid::Uuid::now_v7().to_string(),
+                token_hash,
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                uses: 1,
+                created_by: "admin".into(),
+                expires_at: T0 + 3_600_000,
+            },
+            T0,
+        )
+        .await
+        .expect("token");
+    let agent = NewAgent {
+        id: AgentId::new(),
+        hostname: "host".into(),
+        labels: Labels::new(),
+        facts: serde_json::json!({}),
+        public_key: vec![0; 32],
+    };
+    store.enroll_agent(token_hash, agent, rand_hash(), T0).await.expect("enroll").id
+}
+
+fn rand_hash() -> [u8; 32] {
+    *uuid::Uuid::now_v7().as_bytes().repeat(2).first_chunk().expect("32 bytes")
+}
+
+async fn command(store: &SqliteStore, agent: AgentId, timeout_s: u32, now: i64) -> tether_proto::CommandId {
+    let mut req = CreateCommand::new(Target::agents([agent]), "ping");
+    req.timeout_s = timeout_s;
+    let batch = NewBatch {
+        id: BatchId::new(),
+        target: TargetSpec::Agents(vec![agent]),
+        request: req,
+        created_by: "admin".into(),
+        request_hash: rand_hash(),
+        now,
+    };
+    store.create_batch(batch).await.expect("create").command_ids[0]
+}
+
+#[tokio::test]
+async fn enroll_token_is_single_use() {
+    let (_dir, store) = store().await;
+    let token_hash = rand_hash();
+    let token = NewEnrollToken {
+        id: "t1".into(),
+        token_hash,
+        labels: Labels::new(),
+        uses: 1,
+        created_by: "admin".into(),
+        expires_at: T0 + 1000,
+    };
+    store.create_enroll_token(token, T0).await.expect("token");
+    let agent = || NewAgent {
+        id: AgentId::new(),
+        hostname: "h".into(),
+        labels: Labels::new(),
+        facts: serde_json::Value::Null,
+        public_key: vec![1; 32],
+    };
+    store.enroll_agent(token_hash, agent(), rand_hash(), T0).await.expect("first use");
+    let second = store.enroll_agent(token_hash, agent(), rand_hash(), T0).await;
+    assert!(matches!(second, Err(StoreError::NotFound)), "{second:?}");
+}
+
+#[tokio::test]
+async fn sweep_expires_undelivered_and_loses_silent_commands() {
+    let (_dir, store) = store().await;
+    let agent = enroll(&store, &[]).await;
+    let undelivered = command(&store, agent, 10, T0).await;
+    let delivered = command(&store, agent, 10, T0).await;
+    store.mark_delivered(agent, &[delivered], T0).await.expect("deliver");
+
+    let before_grace = store.sweep(T0 + 10_000 + 119_000).await.expect("sweep");
+    assert_eq!((before_grace.expired, before_grace.lost), (0, 0));
+    let after_grace = store.sweep(T0 + 10_000 + 120_000).await.expect("sweep");
+    assert_eq!(after_grace.lost, 1);
+    let after_expiry = store.sweep(T0 + 3_600_000).await.expect("sweep");
+    assert_eq!(after_expiry.expired, 1);
+
+    let get = |id| store.get_command(id);
+    assert_eq!(get(undelivered).await.expect("get").expect("exists").status, CommandStatus::Expired);
+    assert_eq!(get(delivered).await.expect("get").expect("exists").status, CommandStatus::Lost);
+
+    // A late result still lands on a lost command.
+    let late = store.report_result(agent, delivered, &ResultReport::new(CommandStatus::Succeeded), T0 + 200_000).await;
+    assert!(matches!(late, Ok(ResultOutcome::Recorded { late: true, .. })), "{late:?}");
+}
+
+#[tokio::test]
+async fn refresh_rotation_grace_and_family_revocation() {
+    let (_dir, store) = store().await;
+    let token_hash = rand_hash();
+    store
+        .create_enroll_token(
+            NewEnrollToken {
+                id: "t".into(),
+                token_hash,
+                labels: Labels::new(),
+                uses: 1,
+                created_by: "a".into(),
+                expires_at: T0 + 1000,
+            },
+            T0,
+        )
+        .await
+        .expect("token");
+    let first = rand_hash();
+    let agent = NewAgent {
+        id: AgentId::new(),
+        hostname: "h".into(),
+        labels: Labels::new(),
+        facts: serde_json::Value::Null,
+        public_key: vec![1; 32],
+    };
+    let id = store.enroll_agent(token_hash, agent, first, T0).await.expect("enroll").id;
+    let second = rand_hash();
+    let rotated = store.rotate_refresh_token(id, first, second, 30_000, T0).await.expect("rotate");
+    assert_eq!(rotated, RefreshOutcome::Rotated { lost_response_retry: false });
+    // The response was lost: the same token again within 30 s gets a fresh pair.
+    let third = rand_hash();
+    let retried = store.rotate_refresh_token(id, first, third, 30_000, T0 + 5_000).await.expect("retry");
+    assert_eq!(retried, RefreshOutcome::Rotated { lost_response_retry: true });
+    // The abandoned successor is dead.
+    let dead = store.rotate_refresh_token(id, second, rand_hash(), 30_000, T0 + 6_000).await.expect("dead");
+    assert_eq!(dead, RefreshOutcome::Invalid);
+    // Use the live one, then replay the original outside the grace: theft.
+    let fourth = rand_hash();
+    store.rotate_refresh_token(id, third, fourth, 30_000, T0 + 7_000).await.expect("rotate");
+    let replay = store.rotate_refresh_token(id, first, rand_hash(), 30_000, T0 + 60_000).await.expect("replay");
+    assert!(matches!(replay, RefreshOutcome::ReuseDetected { .. }), "{replay:?}");
+    // The whole family is revoked, including the live token.
+    let after = store.rotate_refresh_token(id, fourth, rand_hash(), 30_000, T0 + 61_000).await.expect("after");
+    assert_eq!(after, RefreshOutcome::Invalid);
+}
+
+#[tokio::test]
+async fn labels_target_matches_agents_having_every_pair() {
+    let (_dir, store) = store().await;
+    let web = enroll(&store, &[("role", "web"), ("env", "prod")]).await;
+    let _db = enroll(&store, &[("role", "db"), ("env", "prod")]).await;
+    let labels: Labels = [("role".to_string(), "web".to_string())].into();
+    let batch = NewBatch {
+        id: BatchId::new(),
+        target: TargetSpec::Labels(labels.clone()),
+        request: CreateCommand::new(Target::labels(labels), "ping"),
+        created_by: "admin".into(),
+        request_hash: rand_hash(),
+        now: T0,
+    };
+    let created = store.create_batch(batch).await.expect("create");
+    assert_eq!(created.command_ids.len(), 1);
+    assert_eq!(created.heads.len(), 1);
+    assert_eq!(created.heads[0].agent_id, web);
+    assert_eq!(created.heads[0].seq, 1);
+}
+
+#[tokio::test]
+async fn audit_chain_links_rows() {
+    let (_dir, store) = store().await;
+    for action in ["a", "b", "c"] {
+        store
+            .append_audit(crate::AuditEntry {
+                ts: T0,
+                actor: "admin".into(),
+                actor_kind: "user",
+                action: if action == "a" { "one" } else { "two" },
+                target: action.into(),
+                outcome: "ok",
+                ip: None,
+                request_id: None,
+                details: serde_json::json!({"k": action}),
+            })
+            .await
+            .expect("append");
+    }
+    let rows = store.list_audit(0, 10).await.expect("list");
+    let mut prev = crate::GENESIS_HASH.to_vec();
+    for row in &rows {
+        assert_eq!(row.prev_hash, prev);
+        assert_eq!(row.hash, row.expected_hash(&prev).to_vec());
+        prev = row.hash.clone();
+    }
+}
