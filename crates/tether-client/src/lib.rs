@@ -1,1 +1,379 @@
-//! placeholder
+//! A typed client for the tether HTTP API, shared by the agent, the CLI, the
+//! tests and the benchmarks. Every non-2xx answer becomes
+//! [`ClientError::Api`] with the server's error envelope.
+
+use std::time::Duration;
+
+use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_NONE_MATCH, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tether_proto::agent::{
+    Agent, CreateEnrollToken, CreatedEnrollToken, EnrollRequest, EnrollToken, RefreshRequest,
+    RevokeRequest, TokenPair,
+};
+use tether_proto::command::{
+    Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport,
+};
+use tether_proto::signal::Updates;
+use tether_proto::{AgentId, BatchId, CommandId, Data, ErrorBody, ErrorEnvelope, ErrorKey, Page};
+
+/// Extra time allowed beyond a long-poll's `wait` before the request times out.
+const POLL_SLACK: Duration = Duration::from_secs(15);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{} ({}): {}", .body.key, .status, .body.what)]
+    Api {
+        status: u16,
+        body: Box<ErrorBody>,
+        retry_after: Option<u64>,
+    },
+    #[error("unexpected answer {status}: {text}")]
+    Unexpected { status: u16, text: String },
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("invalid server url: {0}")]
+    Url(#[from] url::ParseError),
+}
+
+impl ClientError {
+    /// The SPEC §2 key of an API error.
+    pub fn key(&self) -> Option<ErrorKey> {
+        match self {
+            Self::Api { body, .. } => body.key(),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } | Self::Unexpected { status, .. } => Some(*status),
+            Self::Http(e) => e.status().map(|s| s.as_u16()),
+            Self::Url(_) => None,
+        }
+    }
+
+    /// Seconds the server asked us to wait (`Retry-After`).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// How requests authenticate.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    #[default]
+    None,
+    /// An agent access JWT or an operator API token (`tth_…`).
+    Bearer(String),
+    Basic {
+        username: String,
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            Self::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+        }
+    }
+}
+
+/// The answer of a stream poll.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Poll {
+    /// 200: new signals and the cursor after them.
+    Signals(Updates),
+    /// 204: nothing newer; the cursor to poll from next.
+    Idle { cursor: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: url::Url,
+    credentials: Credentials,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CommandQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<BatchId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("tether-client/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Self::with_http(http, base)
+    }
+
+    /// A client sharing an existing connection pool (custom CA, proxies …).
+    pub fn with_http(http: reqwest::Client, base: &str) -> Result<Self> {
+        let mut base = url::Url::parse(base)?;
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Ok(Self {
+            http,
+            base,
+            credentials: Credentials::None,
+        })
+    }
+
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    pub fn with_bearer(self, token: impl Into<String>) -> Self {
+        self.with_credentials(Credentials::Bearer(token.into()))
+    }
+
+    pub fn base_url(&self) -> &url::Url {
+        &self.base
+    }
+
+    /// A request to `path` (relative to the base URL) with credentials attached.
+    pub fn request(&self, method: Method, path: &str) -> Result<RequestBuilder> {
+        let url = self.base.join(path.trim_start_matches('/'))?;
+        let req = self.http.request(method, url).timeout(DEFAULT_TIMEOUT);
+        Ok(match &self.credentials {
+            Credentials::None => req,
+            Credentials::Bearer(t) => req.bearer_auth(t),
+            Credentials::Basic { username, password } => req.basic_auth(username, Some(password)),
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
+        let res = req.send().await?;
+        let status = res.status();
+        if status.is_success() {
+            return Ok(res.json::<Data<T>>().await?.data);
+        }
+        Err(error_from(res).await)
+    }
+
+    async fn send_page<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<Page<T>> {
+        let res = req.send().await?;
+        if res.status().is_success() {
+            return Ok(res.json::<Page<T>>().await?);
+        }
+        Err(error_from(res).await)
+    }
+
+    async fn send_empty(&self, req: RequestBuilder) -> Result<()> {
+        let res = req.send().await?;
+        if res.status().is_success() {
+            return Ok(());
+        }
+        Err(error_from(res).await)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.request(Method::GET, path)?).await
+    }
+
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(self.request(Method::POST, path)?.json(body))
+            .await
+    }
+
+    // ----- agent side -----
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<TokenPair> {
+        self.post("api/v1/agents/enroll", req).await
+    }
+
+    pub async fn refresh(&self, refresh_token: &str, agent_id: AgentId) -> Result<TokenPair> {
+        let body = RefreshRequest {
+            refresh_token: refresh_token.to_owned(),
+            device_public_id: agent_id,
+        };
+        self.post("api/v1/auth/token/refresh", &body).await
+    }
+
+    /// One stream poll from `cursor` (None = from the start of the retained stream).
+    pub async fn updates(&self, cursor: Option<&str>, limit: u32, wait_s: u32) -> Result<Poll> {
+        let mut req = self
+            .request(Method::GET, "api/v1/agents/self/updates")?
+            .query(&[("limit", limit), ("wait", wait_s)])
+            .timeout(Duration::from_secs(wait_s.into()) + POLL_SLACK);
+        if let Some(c) = cursor {
+            req = req.header(
+                IF_NONE_MATCH,
+                HeaderValue::from_str(&format!("\"{c}\"")).unwrap_or(HeaderValue::from_static("")),
+            );
+        }
+        let res = req.send().await?;
+        match res.status() {
+            StatusCode::OK => Ok(Poll::Signals(res.json::<Data<Updates>>().await?.data)),
+            StatusCode::NO_CONTENT => Ok(Poll::Idle {
+                cursor: etag_cursor(res.headers()).unwrap_or_default(),
+            }),
+            _ => Err(error_from(res).await),
+        }
+    }
+
+    /// The simple command API: the next command (now delivered) or None after `wait_s`.
+    pub async fn next_command(&self, wait_s: u32) -> Result<Option<Command>> {
+        let req = self
+            .request(Method::GET, "api/v1/agents/self/commands/next")?
+            .query(&[("wait", wait_s)])
+            .timeout(Duration::from_secs(wait_s.into()) + POLL_SLACK);
+        let res = req.send().await?;
+        match res.status() {
+            StatusCode::OK => Ok(Some(res.json::<Data<Command>>().await?.data)),
+            StatusCode::NO_CONTENT => Ok(None),
+            _ => Err(error_from(res).await),
+        }
+    }
+
+    pub async fn report_running(&self, id: CommandId) -> Result<serde_json::Value> {
+        let body = StatusReport {
+            state: tether_proto::command::CommandStatus::Running,
+        };
+        self.post(&format!("api/v1/agents/self/commands/{id}/status"), &body)
+            .await
+    }
+
+    pub async fn report_result(
+        &self,
+        id: CommandId,
+        report: &ResultReport,
+    ) -> Result<serde_json::Value> {
+        self.post(&format!("api/v1/agents/self/commands/{id}/result"), report)
+            .await
+    }
+
+    // ----- operator side -----
+
+    pub async fn create_enroll_token(&self, req: &CreateEnrollToken) -> Result<CreatedEnrollToken> {
+        self.post("api/v1/enroll-tokens", req).await
+    }
+
+    pub async fn list_enroll_tokens(&self) -> Result<Vec<EnrollToken>> {
+        Ok(self
+            .send_page(self.request(Method::GET, "api/v1/enroll-tokens")?)
+            .await?
+            .data)
+    }
+
+    pub async fn revoke_enroll_token(&self, id: &str) -> Result<()> {
+        self.send_empty(self.request(Method::DELETE, &format!("api/v1/enroll-tokens/{id}"))?)
+            .await
+    }
+
+    pub async fn create_command(&self, req: &CreateCommand) -> Result<CreatedCommands> {
+        self.post("api/v1/commands", req).await
+    }
+
+    pub async fn get_command(&self, id: CommandId) -> Result<Command> {
+        self.get(&format!("api/v1/commands/{id}")).await
+    }
+
+    pub async fn list_commands(&self, query: &CommandQuery) -> Result<Page<Command>> {
+        self.send_page(self.request(Method::GET, "api/v1/commands")?.query(query))
+            .await
+    }
+
+    pub async fn cancel_command(&self, id: CommandId) -> Result<Command> {
+        self.post(
+            &format!("api/v1/commands/{id}/cancel"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    pub async fn get_batch(&self, id: BatchId) -> Result<Batch> {
+        self.get(&format!("api/v1/batches/{id}")).await
+    }
+
+    pub async fn cancel_batch(&self, id: BatchId) -> Result<Batch> {
+        self.post(
+            &format!("api/v1/batches/{id}/cancel"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    pub async fn list_agents(&self, query: &AgentQuery) -> Result<Page<Agent>> {
+        self.send_page(self.request(Method::GET, "api/v1/agents")?.query(query))
+            .await
+    }
+
+    pub async fn get_agent(&self, id: AgentId) -> Result<Agent> {
+        self.get(&format!("api/v1/agents/{id}")).await
+    }
+
+    pub async fn revoke_agent(&self, id: AgentId, reason: &str) -> Result<Agent> {
+        self.post(
+            &format!("api/v1/agents/{id}/revoke"),
+            &RevokeRequest {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+}
+
+fn etag_cursor(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(ETAG)?.to_str().ok()?;
+    Some(v.trim_matches('"').to_owned())
+}
+
+/// Turns a non-2xx response into [`ClientError`], keeping the envelope.
+pub async fn error_from(res: reqwest::Response) -> ClientError {
+    let status = res.status().as_u16();
+    let retry_after = res
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let text = res.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorEnvelope>(&text) {
+        Ok(env) => ClientError::Api {
+            status,
+            body: Box::new(env.error),
+            retry_after,
+        },
+        Err(_) => ClientError::Unexpected { status, text },
+    }
+}

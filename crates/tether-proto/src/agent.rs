@@ -18,12 +18,17 @@ pub fn validate_labels(labels: &Labels) -> Result<(), String> {
     for (k, v) in labels {
         let key_ok = !k.is_empty()
             && k.len() <= MAX_LABEL_KEY_LEN
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
         if !key_ok {
-            return Err(format!("label key {k:?} must be 1-{MAX_LABEL_KEY_LEN} chars of [A-Za-z0-9._/-]"));
+            return Err(format!(
+                "label key {k:?} must be 1-{MAX_LABEL_KEY_LEN} chars of [A-Za-z0-9._/-]"
+            ));
         }
         if v.len() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
-            return Err(format!("label value for {k:?} must be at most {MAX_LABEL_VALUE_LEN} printable chars"));
+            return Err(format!(
+                "label value for {k:?} must be at most {MAX_LABEL_VALUE_LEN} printable chars"
+            ));
         }
     }
     Ok(())
@@ -145,7 +150,10 @@ pub struct CreatedEnrollToken {
 
 impl std::fmt::Debug for CreatedEnrollToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CreatedEnrollToken").field("id", &self.id).field("token", &"<redacted>").finish()
+        f.debug_struct("CreatedEnrollToken")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 

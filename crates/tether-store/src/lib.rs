@@ -10,7 +10,9 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tether_proto::command::{Batch, Command, CommandStatus, CreateCommand, ResultReport, TargetSpec};
+use tether_proto::command::{
+    Batch, Command, CommandStatus, CreateCommand, ResultReport, TargetSpec,
+};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 pub use audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
@@ -26,7 +28,10 @@ pub enum StoreError {
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("database error: {0}")]
     Backend(#[from] sqlx::Error),
     #[error("migration error: {0}")]
@@ -133,12 +138,17 @@ pub struct EnrollTokenRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// First use, or a retry within the lost-response grace: the new token is live.
-    Rotated { lost_response_retry: bool },
+    Rotated {
+        agent_id: AgentId,
+        lost_response_retry: bool,
+    },
     /// Unknown, foreign, already revoked token, or revoked agent.
     Invalid,
     AgentRevoked,
     /// A used token came back outside the grace: the whole family is now revoked.
-    ReuseDetected { family_id: String },
+    ReuseDetected {
+        family_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -185,7 +195,10 @@ pub struct CreatedBatch {
 /// What a result report did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResultOutcome {
-    Recorded { late: bool, command: Box<Command> },
+    Recorded {
+        late: bool,
+        command: Box<Command>,
+    },
     /// Same result as already recorded: nothing changed.
     Unchanged,
 }
@@ -218,7 +231,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // --- operators
     async fn user_count(&self) -> Result<u64>;
-    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User>;
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+    ) -> Result<User>;
     async fn set_password(&self, username: &str, password_hash: &str) -> Result<()>;
     async fn find_user(&self, username: &str) -> Result<Option<User>>;
     async fn create_api_token(
@@ -250,9 +269,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis) -> Result<AgentRecord>;
     /// Batched `last_seen` updates.
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
+    /// Rotates a refresh token; `expected_agent` (the seed-003 `device_public_id`)
+    /// must own it when given.
     async fn rotate_refresh_token(
         &self,
-        agent_id: AgentId,
+        expected_agent: Option<AgentId>,
         presented_hash: [u8; 32],
         new_hash: [u8; 32],
         grace_ms: Millis,
@@ -261,9 +282,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // --- the stream
     /// Signals with `seq > after`, oldest first.
-    async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>>;
+    async fn read_signals(
+        &self,
+        agent_id: AgentId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Signal)>>;
     /// Marks these commands delivered (those still queued), returns how many changed.
-    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64>;
+    async fn mark_delivered(
+        &self,
+        agent_id: AgentId,
+        ids: &[CommandId],
+        now: Millis,
+    ) -> Result<u64>;
 
     // --- commands
     async fn create_batch(&self, batch: NewBatch) -> Result<CreatedBatch>;
@@ -274,7 +305,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// (priority, then age), marked delivered.
     async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>>;
     /// `running` report; `NotFound` for another agent's command, `Conflict` when terminal.
-    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command>;
+    async fn report_running(
+        &self,
+        agent_id: AgentId,
+        id: CommandId,
+        now: Millis,
+    ) -> Result<Command>;
     async fn report_result(
         &self,
         agent_id: AgentId,

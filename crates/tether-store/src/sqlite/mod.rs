@@ -10,21 +10,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use tether_proto::command::{
-    Batch, BatchStatus, Command, CommandStatus, Event, ResultReport, TargetSpec, DEFAULT_EXPIRY_S, LOST_GRACE_S,
+    Batch, BatchStatus, Command, CommandStatus, DEFAULT_EXPIRY_S, Event, LOST_GRACE_S,
+    ResultReport, TargetSpec,
 };
 use tether_proto::signal::{self, CommandCancelled, CommandQueued};
 use tether_proto::{AgentId, BatchId, CommandId, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::{
-    AgentFilter, AgentRecord, CancelOutcome, CommandFilter, CreatedBatch, EnrollTokenRecord, Head, Millis, NewAgent,
-    NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role, Store, StoreError, StoreStats,
-    SweepOutcome, User,
+    AgentFilter, AgentRecord, CancelOutcome, CommandFilter, CreatedBatch, EnrollTokenRecord, Head,
+    Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role, Store,
+    StoreError, StoreStats, SweepOutcome, User,
 };
-use rows::{agent_from_row, command_from_row, json_text, COMMAND_COLUMNS, AGENT_COLUMNS};
+use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
 /// A query whose text is built from the column-list constants above (never from input).
 macro_rules! q {
@@ -62,7 +65,11 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader, queries: AtomicU64::new(0) })
+        Ok(Self {
+            writer,
+            reader,
+            queries: AtomicU64::new(0),
+        })
     }
 
     fn count(&self) {
@@ -80,7 +87,15 @@ fn uuid_text<T: std::fmt::Display>(id: T) -> String {
 }
 
 fn result_hash(r: &ResultReport) -> Vec<u8> {
-    let canonical = serde_json::json!([r.status, r.exit_code, r.stdout, r.stderr, r.output, r.truncated, r.reason]);
+    let canonical = serde_json::json!([
+        r.status,
+        r.exit_code,
+        r.stdout,
+        r.stderr,
+        r.output,
+        r.truncated,
+        r.reason
+    ]);
     Sha256::digest(canonical.to_string().as_bytes()).to_vec()
 }
 
@@ -92,10 +107,12 @@ async fn append_signal(
     reference: &serde_json::Value,
     now: Millis,
 ) -> Result<Head> {
-    let row = sqlx::query("UPDATE agents SET head_seq = head_seq + 1 WHERE id = ? RETURNING head_seq, epoch")
-        .bind(uuid_text(agent_id))
-        .fetch_one(&mut **tx)
-        .await?;
+    let row = sqlx::query(
+        "UPDATE agents SET head_seq = head_seq + 1 WHERE id = ? RETURNING head_seq, epoch",
+    )
+    .bind(uuid_text(agent_id))
+    .fetch_one(&mut **tx)
+    .await?;
     let seq: i64 = row.get(0);
     let epoch: i64 = row.get(1);
     sqlx::query("INSERT INTO signals (agent_id, seq, kind, ts_ms, ref) VALUES (?, ?, ?, ?, ?)")
@@ -106,7 +123,11 @@ async fn append_signal(
         .bind(reference.to_string())
         .execute(&mut **tx)
         .await?;
-    Ok(Head { agent_id, epoch: epoch as u64, seq: seq as u64 })
+    Ok(Head {
+        agent_id,
+        epoch: epoch as u64,
+        seq: seq as u64,
+    })
 }
 
 fn queued_ref(c: &Command) -> serde_json::Value {
@@ -121,7 +142,10 @@ fn queued_ref(c: &Command) -> serde_json::Value {
     .expect("command.queued ref serializes")
 }
 
-async fn load_command(tx: &mut Transaction<'static, Sqlite>, id: CommandId) -> Result<Option<Command>> {
+async fn load_command(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: CommandId,
+) -> Result<Option<Command>> {
     let row = q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?")
         .bind(uuid_text(id))
         .fetch_optional(&mut **tx)
@@ -141,8 +165,14 @@ fn last_heads(heads: Vec<Head>) -> Vec<Head> {
     out
 }
 
-async fn cancel_in_tx(tx: &mut Transaction<'static, Sqlite>, cmd: &Command, now: Millis) -> Result<Option<Head>> {
-    cmd.status.apply(Event::Cancel).map_err(|e| StoreError::Conflict(e.to_string()))?;
+async fn cancel_in_tx(
+    tx: &mut Transaction<'static, Sqlite>,
+    cmd: &Command,
+    now: Millis,
+) -> Result<Option<Head>> {
+    cmd.status
+        .apply(Event::Cancel)
+        .map_err(|e| StoreError::Conflict(e.to_string()))?;
     sqlx::query("UPDATE commands SET status = 'cancelled', finished_at = ?, reason = COALESCE(reason, 'cancelled by operator') WHERE id = ?")
         .bind(now)
         .bind(uuid_text(cmd.id))
@@ -154,8 +184,11 @@ async fn cancel_in_tx(tx: &mut Transaction<'static, Sqlite>, cmd: &Command, now:
         .fetch_one(&mut **tx)
         .await?;
     if released == 1 {
-        let reference = serde_json::to_value(CommandCancelled { command_id: cmd.id }).expect("serializes");
-        return Ok(Some(append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?));
+        let reference =
+            serde_json::to_value(CommandCancelled { command_id: cmd.id }).expect("serializes");
+        return Ok(Some(
+            append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?,
+        ));
     }
     Ok(None)
 }
@@ -163,7 +196,9 @@ async fn cancel_in_tx(tx: &mut Transaction<'static, Sqlite>, cmd: &Command, now:
 #[async_trait]
 impl Store for SqliteStore {
     fn stats(&self) -> StoreStats {
-        StoreStats { queries: self.queries.load(Ordering::Relaxed) }
+        StoreStats {
+            queries: self.queries.load(Ordering::Relaxed),
+        }
     }
 
     async fn ping(&self) -> Result<()> {
@@ -174,11 +209,19 @@ impl Store for SqliteStore {
 
     async fn user_count(&self) -> Result<u64> {
         self.count();
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.reader)
+            .await?;
         Ok(n as u64)
     }
 
-    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User> {
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+    ) -> Result<User> {
         self.count();
         let id = uuid::Uuid::now_v7().to_string();
         let res = sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
@@ -195,7 +238,12 @@ impl Store for SqliteStore {
             }
             other => {
                 other?;
-                Ok(User { id, username: username.to_owned(), role, password_hash: password_hash.to_owned() })
+                Ok(User {
+                    id,
+                    username: username.to_owned(),
+                    role,
+                    password_hash: password_hash.to_owned(),
+                })
             }
         }
     }
@@ -288,11 +336,13 @@ impl Store for SqliteStore {
 
     async fn revoke_enroll_token(&self, id: &str, now: Millis) -> Result<()> {
         self.count();
-        let done = sqlx::query("UPDATE enroll_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-            .bind(now)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE enroll_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -317,7 +367,8 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        let token_labels: tether_proto::Labels = rows::parse_json(token.get::<String, _>(0).as_str())?;
+        let token_labels: tether_proto::Labels =
+            rows::parse_json(token.get::<String, _>(0).as_str())?;
         // Operator-chosen labels on the token win over what the agent asks for.
         let mut labels = agent.labels;
         labels.extend(token_labels);
@@ -375,7 +426,14 @@ impl Store for SqliteStore {
 
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>> {
         self.count();
-        let like = filter.q.as_ref().map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+        let like = filter.q.as_ref().map(|q| {
+            format!(
+                "%{}%",
+                q.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
         let rows = q!("SELECT {AGENT_COLUMNS} FROM agents
              WHERE (? IS NULL OR id > ?)
                AND (? IS NULL OR name LIKE ? ESCAPE '\\' OR hostname LIKE ? ESCAPE '\\')
@@ -404,11 +462,13 @@ impl Store for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        sqlx::query("UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE agent_id = ?")
-            .bind(now)
-            .bind(uuid_text(id))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE agent_id = ?",
+        )
+        .bind(now)
+        .bind(uuid_text(id))
+        .execute(&mut *tx)
+        .await?;
         let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")
             .bind(uuid_text(id))
             .fetch_one(&mut *tx)
@@ -421,7 +481,8 @@ impl Store for SqliteStore {
         if seen.is_empty() {
             return Ok(());
         }
-        let pairs: Vec<(String, Millis)> = seen.iter().map(|(id, at)| (id.to_string(), *at)).collect();
+        let pairs: Vec<(String, Millis)> =
+            seen.iter().map(|(id, at)| (id.to_string(), *at)).collect();
         let mut tx = self.begin().await?;
         sqlx::query(
             "UPDATE agents SET last_seen = MAX(COALESCE(last_seen, 0), s.value ->> '$[1]')
@@ -436,7 +497,7 @@ impl Store for SqliteStore {
 
     async fn rotate_refresh_token(
         &self,
-        agent_id: AgentId,
+        expected_agent: Option<AgentId>,
         presented_hash: [u8; 32],
         new_hash: [u8; 32],
         grace_ms: Millis,
@@ -444,12 +505,13 @@ impl Store for SqliteStore {
     ) -> Result<RefreshOutcome> {
         let mut tx = self.begin().await?;
         let Some(row) = sqlx::query(
-            "SELECT t.family_id, t.used_at, t.successor_hash, t.revoked_at, a.revoked_at
+            "SELECT t.family_id, t.used_at, t.successor_hash, t.revoked_at, a.revoked_at, t.agent_id
              FROM refresh_tokens t JOIN agents a ON a.id = t.agent_id
-             WHERE t.token_hash = ? AND t.agent_id = ?",
+             WHERE t.token_hash = ? AND (? IS NULL OR t.agent_id = ?)",
         )
         .bind(&presented_hash[..])
-        .bind(uuid_text(agent_id))
+        .bind(expected_agent.map(uuid_text))
+        .bind(expected_agent.map(uuid_text))
         .fetch_optional(&mut *tx)
         .await?
         else {
@@ -460,6 +522,7 @@ impl Store for SqliteStore {
         let successor: Option<Vec<u8>> = row.get(2);
         let token_revoked: Option<Millis> = row.get(3);
         let agent_revoked: Option<Millis> = row.get(4);
+        let agent_id: AgentId = rows::parse_id(row.get(5))?;
         if agent_revoked.is_some() {
             return Ok(RefreshOutcome::AgentRevoked);
         }
@@ -510,10 +573,18 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(RefreshOutcome::Rotated { lost_response_retry })
+        Ok(RefreshOutcome::Rotated {
+            agent_id,
+            lost_response_retry,
+        })
     }
 
-    async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>> {
+    async fn read_signals(
+        &self,
+        agent_id: AgentId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Signal)>> {
         self.count();
         let rows = sqlx::query("SELECT seq, kind, ts_ms, ref FROM signals WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?")
             .bind(uuid_text(agent_id))
@@ -526,13 +597,22 @@ impl Store for SqliteStore {
                 let seq: i64 = r.get(0);
                 Ok((
                     seq as u64,
-                    Signal { kind: r.get(1), ts_ms: r.get(2), reference: rows::parse_json(r.get::<&str, _>(3))? },
+                    Signal {
+                        kind: r.get(1),
+                        ts_ms: r.get(2),
+                        reference: rows::parse_json(r.get::<&str, _>(3))?,
+                    },
                 ))
             })
             .collect()
     }
 
-    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
+    async fn mark_delivered(
+        &self,
+        agent_id: AgentId,
+        ids: &[CommandId],
+        now: Millis,
+    ) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -555,24 +635,32 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let req = &batch.request;
         if let Some(key) = &req.idempotency_key {
-            let existing = sqlx::query("SELECT id, request_hash FROM batches WHERE created_by = ? AND idempotency_key = ?")
-                .bind(&batch.created_by)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let existing = sqlx::query(
+                "SELECT id, request_hash FROM batches WHERE created_by = ? AND idempotency_key = ?",
+            )
+            .bind(&batch.created_by)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some(row) = existing {
                 let hash: Vec<u8> = row.get(1);
                 if hash != batch.request_hash {
-                    return Err(StoreError::Conflict("idempotency key was used with a different request".into()));
+                    return Err(StoreError::Conflict(
+                        "idempotency key was used with a different request".into(),
+                    ));
                 }
                 let batch_id: String = row.get(0);
-                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM commands WHERE batch_id = ? ORDER BY id")
-                    .bind(&batch_id)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let ids: Vec<String> =
+                    sqlx::query_scalar("SELECT id FROM commands WHERE batch_id = ? ORDER BY id")
+                        .bind(&batch_id)
+                        .fetch_all(&mut *tx)
+                        .await?;
                 return Ok(CreatedBatch {
                     batch_id: rows::parse_id(&batch_id)?,
-                    command_ids: ids.iter().map(|s| rows::parse_id(s)).collect::<Result<_>>()?,
+                    command_ids: ids
+                        .iter()
+                        .map(|s| rows::parse_id(s))
+                        .collect::<Result<_>>()?,
                     created: false,
                     heads: Vec::new(),
                 });
@@ -607,9 +695,15 @@ impl Store for SqliteStore {
             }
         };
         let now = batch.now;
-        let expires_at = req.expires_at.map(rows::to_millis).unwrap_or(now + DEFAULT_EXPIRY_S * 1000);
+        let expires_at = req
+            .expires_at
+            .map(rows::to_millis)
+            .unwrap_or(now + DEFAULT_EXPIRY_S * 1000);
         if expires_at <= now {
-            return Err(StoreError::Invalid { field: "expires_at", message: "must be in the future".into() });
+            return Err(StoreError::Invalid {
+                field: "expires_at",
+                message: "must be in the future".into(),
+            });
         }
         let not_before = req.not_before.map(rows::to_millis).filter(|nb| *nb > now);
         sqlx::query(
@@ -658,12 +752,20 @@ impl Store for SqliteStore {
                     expires_at_ms: Some(expires_at),
                 })
                 .expect("command.queued ref serializes");
-                heads.push(append_signal(&mut tx, agent_id, signal::COMMAND_QUEUED, &reference, now).await?);
+                heads.push(
+                    append_signal(&mut tx, agent_id, signal::COMMAND_QUEUED, &reference, now)
+                        .await?,
+                );
             }
             command_ids.push(id);
         }
         tx.commit().await?;
-        Ok(CreatedBatch { batch_id: batch.id, command_ids, created: true, heads })
+        Ok(CreatedBatch {
+            batch_id: batch.id,
+            command_ids,
+            created: true,
+            heads,
+        })
     }
 
     async fn get_command(&self, id: CommandId) -> Result<Option<Command>> {
@@ -700,22 +802,25 @@ impl Store for SqliteStore {
 
     async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>> {
         self.count();
-        let Some(row) = sqlx::query("SELECT name, created_by, created_at FROM batches WHERE id = ?")
-            .bind(uuid_text(id))
-            .fetch_optional(&self.reader)
-            .await?
+        let Some(row) =
+            sqlx::query("SELECT name, created_by, created_at FROM batches WHERE id = ?")
+                .bind(uuid_text(id))
+                .fetch_optional(&self.reader)
+                .await?
         else {
             return Ok(None);
         };
-        let counts_rows = sqlx::query("SELECT status, COUNT(*) FROM commands WHERE batch_id = ? GROUP BY status")
-            .bind(uuid_text(id))
-            .fetch_all(&self.reader)
-            .await?;
+        let counts_rows =
+            sqlx::query("SELECT status, COUNT(*) FROM commands WHERE batch_id = ? GROUP BY status")
+                .bind(uuid_text(id))
+                .fetch_all(&self.reader)
+                .await?;
         let mut counts = std::collections::BTreeMap::new();
         let mut total = 0;
         let mut active = false;
         for r in &counts_rows {
-            let status = CommandStatus::from_str(r.get::<&str, _>(0)).map_err(StoreError::Corrupt)?;
+            let status =
+                CommandStatus::from_str(r.get::<&str, _>(0)).map_err(StoreError::Corrupt)?;
             let n: i64 = r.get(1);
             total += n as u64;
             active |= !status.is_terminal();
@@ -728,7 +833,11 @@ impl Store for SqliteStore {
             created_at: rows::from_millis(row.get(2))?,
             total,
             counts,
-            status: if active { BatchStatus::Running } else { BatchStatus::Done },
+            status: if active {
+                BatchStatus::Running
+            } else {
+                BatchStatus::Done
+            },
         }))
     }
 
@@ -748,10 +857,21 @@ impl Store for SqliteStore {
         row.map(|r| command_from_row(&r)).transpose()
     }
 
-    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command> {
+    async fn report_running(
+        &self,
+        agent_id: AgentId,
+        id: CommandId,
+        now: Millis,
+    ) -> Result<Command> {
         let mut tx = self.begin().await?;
-        let cmd = load_command(&mut tx, id).await?.filter(|c| c.agent_id == agent_id).ok_or(StoreError::NotFound)?;
-        let next = cmd.status.apply(Event::Start).map_err(|e| StoreError::Conflict(e.to_string()))?;
+        let cmd = load_command(&mut tx, id)
+            .await?
+            .filter(|c| c.agent_id == agent_id)
+            .ok_or(StoreError::NotFound)?;
+        let next = cmd
+            .status
+            .apply(Event::Start)
+            .map_err(|e| StoreError::Conflict(e.to_string()))?;
         if next != cmd.status {
             sqlx::query(
                 "UPDATE commands SET status = 'running', started_at = ?, delivered_at = COALESCE(delivered_at, ?) WHERE id = ?",
@@ -762,7 +882,9 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         tx.commit().await?;
         Ok(cmd)
     }
@@ -775,12 +897,16 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<ResultOutcome> {
         let mut tx = self.begin().await?;
-        let cmd = load_command(&mut tx, id).await?.filter(|c| c.agent_id == agent_id).ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id)
+            .await?
+            .filter(|c| c.agent_id == agent_id)
+            .ok_or(StoreError::NotFound)?;
         let hash = result_hash(report);
-        let stored_hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = ?")
-            .bind(uuid_text(id))
-            .fetch_one(&mut *tx)
-            .await?;
+        let stored_hash: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = ?")
+                .bind(uuid_text(id))
+                .fetch_one(&mut *tx)
+                .await?;
         if stored_hash.as_deref() == Some(&hash[..]) {
             return Ok(ResultOutcome::Unchanged);
         }
@@ -789,7 +915,9 @@ impl Store for SqliteStore {
             && report.status == CommandStatus::Cancelled
             && stored_hash.is_none();
         if !confirms_cancel {
-            cmd.status.apply(Event::Finish(report.status)).map_err(|e| StoreError::Conflict(e.to_string()))?;
+            cmd.status
+                .apply(Event::Finish(report.status))
+                .map_err(|e| StoreError::Conflict(e.to_string()))?;
         }
         let late = cmd.status == CommandStatus::Lost;
         let started_at = report.started_at.map(rows::to_millis);
@@ -814,17 +942,27 @@ impl Store for SqliteStore {
         .bind(uuid_text(id))
         .execute(&mut *tx)
         .await?;
-        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         tx.commit().await?;
-        Ok(ResultOutcome::Recorded { late, command: Box::new(cmd) })
+        Ok(ResultOutcome::Recorded {
+            late,
+            command: Box::new(cmd),
+        })
     }
 
     async fn cancel_command(&self, id: CommandId, now: Millis) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
-        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         let head = cancel_in_tx(&mut tx, &cmd, now).await?;
         tx.commit().await?;
-        Ok(CancelOutcome { cancelled: vec![id], heads: head.into_iter().collect() })
+        Ok(CancelOutcome {
+            cancelled: vec![id],
+            heads: head.into_iter().collect(),
+        })
     }
 
     async fn cancel_batch(&self, id: BatchId, now: Millis) -> Result<CancelOutcome> {
@@ -840,7 +978,10 @@ impl Store for SqliteStore {
         .bind(uuid_text(id))
         .fetch_all(&mut *tx)
         .await?;
-        let mut out = CancelOutcome { cancelled: Vec::new(), heads: Vec::new() };
+        let mut out = CancelOutcome {
+            cancelled: Vec::new(),
+            heads: Vec::new(),
+        };
         for row in &rows {
             let cmd = command_from_row(row)?;
             out.heads.extend(cancel_in_tx(&mut tx, &cmd, now).await?);
@@ -883,21 +1024,36 @@ impl Store for SqliteStore {
         let mut heads = Vec::with_capacity(due.len());
         for row in &due {
             let cmd = command_from_row(row)?;
-            heads.push(append_signal(&mut tx, cmd.agent_id, signal::COMMAND_QUEUED, &queued_ref(&cmd), now).await?);
+            heads.push(
+                append_signal(
+                    &mut tx,
+                    cmd.agent_id,
+                    signal::COMMAND_QUEUED,
+                    &queued_ref(&cmd),
+                    now,
+                )
+                .await?,
+            );
             sqlx::query("UPDATE commands SET released = 1 WHERE id = ?")
                 .bind(uuid_text(cmd.id))
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok(SweepOutcome { expired, lost, released: due.len() as u64, heads: last_heads(heads) })
+        Ok(SweepOutcome {
+            expired,
+            lost,
+            released: due.len() as u64,
+            heads: last_heads(heads),
+        })
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
         let mut tx = self.begin().await?;
-        let prev: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
+        let prev: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
         let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
         let details = entry.details.to_string();
         let hash = chain_hash(

@@ -1,0 +1,278 @@
+//! Operator views of agents and the enrollment tokens that create them.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use tether_proto::agent::{
+    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest,
+    validate_labels,
+};
+use tether_proto::{AgentId, Data, Labels, Page};
+use tether_store::{AgentFilter, AgentRecord, Millis, NewEnrollToken, Role};
+
+use crate::api::commands::{page_limit, parse_param};
+use crate::auth::Operator;
+use crate::auth::secret::{ENROLL_TOKEN_PREFIX, hash_token, new_token};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use crate::state::{AppState, AuditContext, AuditEvent};
+
+/// An agent is offline when not seen for this long: max(3 × heartbeat 30 s, wait 30 s + 15 s).
+const OFFLINE_AFTER_MS: Millis = 90_000;
+const MAX_ENROLL_USES: u32 = 1_000_000;
+const MAX_ENROLL_LIFETIME_S: u64 = 366 * 86_400;
+
+fn rfc3339(ms: Millis) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
+    // Memory knows about requests not yet flushed to the store.
+    let last_seen = rec.last_seen.max(state.streams.last_seen(rec.id));
+    let status = if rec.revoked_at.is_some() {
+        AgentStatus::Revoked
+    } else if last_seen.is_some_and(|seen| state.clock.now_ms() - seen <= OFFLINE_AFTER_MS) {
+        AgentStatus::Online
+    } else {
+        AgentStatus::Offline
+    };
+    Agent {
+        id: rec.id,
+        name: rec.name,
+        hostname: rec.hostname,
+        labels: rec.labels,
+        status,
+        version: rec.version,
+        last_seen: last_seen.map(rfc3339),
+        applied_config_hash: rec.applied_config_hash,
+        created_at: rfc3339(rec.created_at),
+        revoked_at: rec.revoked_at.map(rfc3339),
+        facts: rec.facts,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AgentListQuery {
+    label: Option<String>,
+    q: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/agents?label=k=v&q=&cursor=&limit=`
+pub async fn list(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiQuery(q): ApiQuery<AgentListQuery>,
+) -> ApiResult<Response> {
+    op.require(Role::Viewer)?;
+    let limit = page_limit(q.limit)?;
+    let mut labels = Labels::new();
+    for pair in q
+        .label
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ApiError::bad_request("label", "label filters are k=v"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    let filter = AgentFilter {
+        labels,
+        q: q.q.filter(|s| !s.is_empty()),
+        after: parse_param("cursor", q.cursor.as_deref())?,
+        limit,
+    };
+    let records = state.store.list_agents(&filter).await?;
+    let next_cursor = (records.len() == limit as usize)
+        .then(|| records.last().map(|a| a.id.to_string()))
+        .flatten();
+    let data = records.into_iter().map(|r| agent_view(&state, r)).collect();
+    Ok(axum::Json(Page { data, next_cursor }).into_response())
+}
+
+/// `GET /api/v1/agents/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(id): ApiPath<AgentId>,
+) -> ApiResult<Response> {
+    op.require(Role::Viewer)?;
+    let rec = state
+        .store
+        .get_agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("agent"))?;
+    Ok(axum::Json(Data {
+        data: agent_view(&state, rec),
+    })
+    .into_response())
+}
+
+/// `POST /api/v1/agents/{id}/revoke {reason}`: every further call of the
+/// agent answers 403 DEVICE_REVOKED and its open poll ends now.
+pub async fn revoke(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<AgentId>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    // The body is optional: an empty one means no reason given.
+    let req: RevokeRequest = if body.is_empty() {
+        RevokeRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("body", e.to_string()))?
+    };
+    let reason = req.reason;
+    let reason = if reason.is_empty() {
+        format!("revoked by {}", op.name())
+    } else {
+        reason
+    };
+    let rec = state
+        .store
+        .revoke_agent(id, &reason, state.clock.now_ms())
+        .await?;
+    state.streams.revoke(&rec);
+    tracing::info!(agent_id = %id, "Agent revoked");
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "agent.revoke",
+                target: id.to_string(),
+                outcome: "ok",
+                details: json!({"reason": reason}),
+            },
+        )
+        .await;
+    Ok(axum::Json(Data {
+        data: agent_view(&state, rec),
+    })
+    .into_response())
+}
+
+/// `POST /api/v1/enroll-tokens {labels, uses, expires_in_s}`: the secret is shown once.
+pub async fn create_enroll_token(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiJson(req): ApiJson<CreateEnrollToken>,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    validate_labels(&req.labels).map_err(|e| ApiError::bad_request("labels", e))?;
+    if !(1..=MAX_ENROLL_USES).contains(&req.uses) {
+        return Err(ApiError::bad_request(
+            "uses",
+            format!("uses must be 1..={MAX_ENROLL_USES}"),
+        ));
+    }
+    if !(1..=MAX_ENROLL_LIFETIME_S).contains(&req.expires_in_s) {
+        return Err(ApiError::bad_request(
+            "expires_in_s",
+            format!("expires_in_s must be 1..={MAX_ENROLL_LIFETIME_S}"),
+        ));
+    }
+    let token = new_token(ENROLL_TOKEN_PREFIX);
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = state.clock.now_ms();
+    state
+        .store
+        .create_enroll_token(
+            NewEnrollToken {
+                id: id.clone(),
+                token_hash: hash_token(&token),
+                labels: req.labels.clone(),
+                uses: req.uses,
+                created_by: op.name().to_owned(),
+                expires_at: now + req.expires_in_s as Millis * 1000,
+            },
+            now,
+        )
+        .await?;
+    state
+        .audit(&ctx, AuditEvent {
+            actor: op.name(),
+            actor_kind: "user",
+            action: "enroll_token.create",
+            target: id.clone(),
+            outcome: "ok",
+            details: json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
+        })
+        .await;
+    let body = Data {
+        data: CreatedEnrollToken { id, token },
+    };
+    Ok(crate::api::enroll::no_store(
+        (StatusCode::CREATED, axum::Json(body)).into_response(),
+    ))
+}
+
+/// `GET /api/v1/enroll-tokens`
+pub async fn list_enroll_tokens(
+    State(state): State<AppState>,
+    op: Operator,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    let data: Vec<EnrollToken> = state
+        .store
+        .list_enroll_tokens()
+        .await?
+        .into_iter()
+        .map(|t| EnrollToken {
+            id: t.id,
+            labels: t.labels,
+            uses: t.uses,
+            used: t.used,
+            created_at: rfc3339(t.created_at),
+            expires_at: rfc3339(t.expires_at),
+            revoked_at: t.revoked_at.map(rfc3339),
+        })
+        .collect();
+    Ok(axum::Json(Page {
+        data,
+        next_cursor: None,
+    })
+    .into_response())
+}
+
+/// `DELETE /api/v1/enroll-tokens/{id}`
+pub async fn revoke_enroll_token(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    state
+        .store
+        .revoke_enroll_token(&id, state.clock.now_ms())
+        .await
+        .map_err(|e| match e {
+            tether_store::StoreError::NotFound => ApiError::not_found("enrollment token"),
+            other => other.into(),
+        })?;
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "enroll_token.revoke",
+                target: id,
+                outcome: "ok",
+                details: json!({}),
+            },
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,366 @@
+//! Commands: operators create, list, inspect and cancel them; agents report
+//! `running` and results (SPEC §5).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tether_proto::command::{
+    Batch, Command, CommandStatus, CreateCommand, CreatedCommands, MAX_OUTPUT_BYTES, ResultReport,
+    StatusReport,
+};
+use tether_proto::{AgentId, BatchId, CommandId, DEFAULT_PAGE_LIMIT, Data, MAX_PAGE_LIMIT, Page};
+use tether_store::{CommandFilter, NewBatch, ResultOutcome, Role, StoreError};
+
+use crate::auth::{AgentCaller, Operator};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use crate::state::{AppState, AuditContext, AuditEvent};
+
+/// `POST /api/v1/commands`
+pub async fn create(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiJson(req): ApiJson<CreateCommand>,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    let target = req.validate().map_err(|(field, what)| {
+        ApiError::bad_request(field, format!("invalid {field}: {what}"))
+    })?;
+    // serde_json maps are sorted, so this serialization is canonical.
+    let request_hash: [u8; 32] =
+        Sha256::digest(serde_json::to_vec(&req).map_err(ApiError::internal)?).into();
+    let created = state
+        .store
+        .create_batch(NewBatch {
+            id: BatchId::new(),
+            target,
+            request: req.clone(),
+            created_by: op.name().to_owned(),
+            request_hash,
+            now: state.clock.now_ms(),
+        })
+        .await?;
+    state.notifier.publish(&created.heads);
+    if created.created {
+        state
+            .audit(&ctx, AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "command.create",
+                target: created.batch_id.to_string(),
+                outcome: "ok",
+                details: json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
+            })
+            .await;
+    }
+    let body = CreatedCommands {
+        batch_id: created.batch_id,
+        command_ids: created.command_ids,
+    };
+    Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    agent_id: Option<String>,
+    batch_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+pub fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+    if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "limit",
+            format!("limit must be 1..={MAX_PAGE_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
+
+pub fn parse_param<T: std::str::FromStr>(
+    field: &'static str,
+    value: Option<&str>,
+) -> ApiResult<Option<T>> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::bad_request(field, format!("{field} is malformed")))
+        })
+        .transpose()
+}
+
+async fn list_page(
+    state: &AppState,
+    q: ListQuery,
+    agent_id: Option<AgentId>,
+) -> ApiResult<Page<Command>> {
+    let limit = page_limit(q.limit)?;
+    let statuses = q
+        .status
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<CommandStatus>()
+                .map_err(|e| ApiError::bad_request("status", e))
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    let filter = CommandFilter {
+        statuses,
+        agent_id: agent_id.or(parse_param("agent_id", q.agent_id.as_deref())?),
+        batch_id: parse_param("batch_id", q.batch_id.as_deref())?,
+        before: parse_param("cursor", q.cursor.as_deref())?,
+        limit,
+    };
+    let data = state.store.list_commands(&filter).await?;
+    let next_cursor = (data.len() == limit as usize)
+        .then(|| data.last().map(|c| c.id.to_string()))
+        .flatten();
+    Ok(Page { data, next_cursor })
+}
+
+/// `GET /api/v1/commands?status=&agent_id=&batch_id=&cursor=&limit=`
+pub async fn list(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
+    op.require(Role::Viewer)?;
+    Ok(axum::Json(list_page(&state, q, None).await?).into_response())
+}
+
+/// `GET /api/v1/agents/{id}/commands`
+pub async fn list_for_agent(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(id): ApiPath<AgentId>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Response> {
+    op.require(Role::Viewer)?;
+    Ok(axum::Json(list_page(&state, q, Some(id)).await?).into_response())
+}
+
+/// `GET /api/v1/commands/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(id): ApiPath<CommandId>,
+) -> ApiResult<Response> {
+    op.require(Role::Viewer)?;
+    let cmd = state
+        .store
+        .get_command(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("command"))?;
+    Ok(axum::Json(Data { data: cmd }).into_response())
+}
+
+fn cancel_error(e: StoreError, what: &str) -> ApiError {
+    match e {
+        StoreError::NotFound => ApiError::not_found(what),
+        StoreError::Conflict(_) => ApiError::conflict(format!("{what} is already finished")),
+        other => other.into(),
+    }
+}
+
+/// `POST /api/v1/commands/{id}/cancel`
+pub async fn cancel(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<CommandId>,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    let out = state
+        .store
+        .cancel_command(id, state.clock.now_ms())
+        .await
+        .map_err(|e| cancel_error(e, "command"))?;
+    state.notifier.publish(&out.heads);
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "command.cancel",
+                target: id.to_string(),
+                outcome: "ok",
+                details: json!({}),
+            },
+        )
+        .await;
+    let cmd = state
+        .store
+        .get_command(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("command"))?;
+    Ok(axum::Json(Data { data: cmd }).into_response())
+}
+
+/// `GET /api/v1/batches/{id}`
+pub async fn get_batch(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(id): ApiPath<BatchId>,
+) -> ApiResult<Response> {
+    op.require(Role::Viewer)?;
+    let batch: Batch = state
+        .store
+        .get_batch(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch"))?;
+    Ok(axum::Json(Data { data: batch }).into_response())
+}
+
+/// `POST /api/v1/batches/{id}/cancel`: cancels every command still active.
+pub async fn cancel_batch(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<BatchId>,
+) -> ApiResult<Response> {
+    op.require(Role::Operator)?;
+    let out = state
+        .store
+        .cancel_batch(id, state.clock.now_ms())
+        .await
+        .map_err(|e| cancel_error(e, "batch"))?;
+    state.notifier.publish(&out.heads);
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "batch.cancel",
+                target: id.to_string(),
+                outcome: "ok",
+                details: json!({"cancelled": out.cancelled.len()}),
+            },
+        )
+        .await;
+    let batch = state
+        .store
+        .get_batch(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch"))?;
+    Ok(axum::Json(Data { data: batch }).into_response())
+}
+
+/// `POST /api/v1/agents/self/commands/{id}/status {state:"running"}`
+pub async fn report_status(
+    State(state): State<AppState>,
+    agent: AgentCaller,
+    ApiPath(id): ApiPath<CommandId>,
+    ApiJson(report): ApiJson<StatusReport>,
+) -> ApiResult<Response> {
+    if report.state != CommandStatus::Running {
+        return Err(ApiError::bad_request(
+            "state",
+            "state must be \"running\"; send results to …/result",
+        ));
+    }
+    let cmd = state
+        .store
+        .report_running(agent.id, id, state.clock.now_ms())
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::not_found("command"),
+            StoreError::Conflict(what) => ApiError::conflict(what),
+            other => other.into(),
+        })?;
+    Ok(axum::Json(Data {
+        data: json!({"id": cmd.id, "status": cmd.status}),
+    })
+    .into_response())
+}
+
+/// Cuts `s` to at most `max` bytes on a char boundary; true when it cut.
+fn cap(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    true
+}
+
+/// `POST /api/v1/agents/self/commands/{id}/result`
+pub async fn report_result(
+    State(state): State<AppState>,
+    agent: AgentCaller,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<CommandId>,
+    ApiJson(mut report): ApiJson<ResultReport>,
+) -> ApiResult<Response> {
+    if !report.status.is_result() {
+        return Err(ApiError::bad_request(
+            "status",
+            "status must be one of succeeded, failed, timed_out, rejected, cancelled",
+        ));
+    }
+    let cut_out = cap(&mut report.stdout, MAX_OUTPUT_BYTES);
+    let cut_err = cap(&mut report.stderr, MAX_OUTPUT_BYTES);
+    report.truncated |= cut_out || cut_err;
+    let agent_name = agent.id.to_string();
+    let event = |action, outcome, details| AuditEvent {
+        actor: &agent_name,
+        actor_kind: "agent",
+        action,
+        target: id.to_string(),
+        outcome,
+        details,
+    };
+    match state
+        .store
+        .report_result(agent.id, id, &report, state.clock.now_ms())
+        .await
+    {
+        Ok(ResultOutcome::Recorded { late, command }) => {
+            let outcome = if late { "late" } else { "ok" };
+            state
+                .audit(
+                    &ctx,
+                    event("command.result", outcome, json!({"status": command.status})),
+                )
+                .await;
+            Ok(axum::Json(Data {
+                data: json!({"id": id, "status": command.status}),
+            })
+            .into_response())
+        }
+        Ok(ResultOutcome::Unchanged) => Ok(axum::Json(Data {
+            data: json!({"id": id, "status": report.status}),
+        })
+        .into_response()),
+        Err(StoreError::NotFound) => Err(ApiError::not_found("command")),
+        Err(StoreError::Conflict(what)) => {
+            state
+                .audit(
+                    &ctx,
+                    event(
+                        "command.result",
+                        "conflict",
+                        json!({"reported": report.status, "reason": what}),
+                    ),
+                )
+                .await;
+            Err(ApiError::conflict(format!(
+                "a different result is already recorded: {what}"
+            )))
+        }
+        Err(other) => Err(other.into()),
+    }
+}

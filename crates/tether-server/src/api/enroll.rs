@@ -1,0 +1,277 @@
+//! Agent identity endpoints: enrollment and refresh-token rotation, in the
+//! native, seed-003 and OAuth (`/oauth/token`) forms.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use serde_json::json;
+use tether_proto::agent::{EnrollRequest, RefreshRequest, TokenPair, validate_labels};
+use tether_proto::{AgentId, Data, ErrorKey};
+use tether_store::{NewAgent, RefreshOutcome, StoreError};
+
+use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
+use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
+use crate::error::{ApiError, ApiJson, ApiResult};
+use crate::state::{AppState, AuditContext, AuditEvent};
+
+const MAX_HOSTNAME_LEN: usize = 253;
+
+/// Adds `Cache-Control: no-store`, required on every credential response.
+pub fn no_store(mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+fn parse_public_key(text: &str) -> ApiResult<Vec<u8>> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .map_err(|_| ApiError::bad_request("public_key", "public_key must be base64url"))?;
+    let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        ApiError::bad_request("public_key", "public_key must be a raw 32-byte Ed25519 key")
+    })?;
+    ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|_| {
+        ApiError::bad_request("public_key", "public_key is not a valid Ed25519 point")
+    })?;
+    Ok(raw.to_vec())
+}
+
+/// `POST /api/v1/agents/enroll`
+pub async fn enroll(
+    State(state): State<AppState>,
+    ctx: AuditContext,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> ApiResult<Response> {
+    let public_key = parse_public_key(&req.public_key)?;
+    if req.hostname.is_empty()
+        || req.hostname.len() > MAX_HOSTNAME_LEN
+        || req.hostname.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad_request(
+            "hostname",
+            format!("hostname must be 1-{MAX_HOSTNAME_LEN} printable chars"),
+        ));
+    }
+    validate_labels(&req.labels).map_err(|e| ApiError::bad_request("labels", e))?;
+    let refresh_token = new_token(REFRESH_TOKEN_PREFIX);
+    let now = state.clock.now_ms();
+    let agent = NewAgent {
+        id: AgentId::new(),
+        hostname: req.hostname,
+        labels: req.labels,
+        facts: req.facts,
+        public_key,
+    };
+    let rec =
+        match state
+            .store
+            .enroll_agent(
+                hash_token(&req.enroll_token),
+                agent,
+                hash_token(&refresh_token),
+                now,
+            )
+            .await
+        {
+            Ok(rec) => rec,
+            Err(StoreError::NotFound) => {
+                state
+                .audit(&ctx, AuditEvent {
+                    actor: "anonymous",
+                    actor_kind: "anonymous",
+                    action: "agent.enroll",
+                    target: String::new(),
+                    outcome: "denied",
+                    details: json!({"reason": "enrollment token invalid, expired or used up"}),
+                })
+                .await;
+                return Err(ApiError::new(
+                    ErrorKey::Unauthenticated,
+                    "enrollment token is invalid, expired or used up",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+    tracing::info!(agent_id = %rec.id, hostname = %rec.hostname, "Agent enrolled");
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: &rec.id.to_string(),
+                actor_kind: "agent",
+                action: "agent.enroll",
+                target: rec.id.to_string(),
+                outcome: "ok",
+                details: json!({"hostname": rec.hostname, "labels": rec.labels}),
+            },
+        )
+        .await;
+    let pair = TokenPair {
+        agent_id: rec.id,
+        access_token: state.tokens.issue(rec.id, state.clock.now_s()),
+        refresh_token,
+        expires_in: ACCESS_TOKEN_TTL_S,
+    };
+    Ok(no_store(
+        (StatusCode::CREATED, axum::Json(Data { data: pair })).into_response(),
+    ))
+}
+
+/// Why a refresh failed, before it is shaped for the route's error format.
+enum RefreshFailure {
+    Invalid,
+    Revoked,
+    Api(ApiError),
+}
+
+async fn rotate(
+    state: &AppState,
+    ctx: &AuditContext,
+    presented: &str,
+    expected_agent: Option<AgentId>,
+) -> Result<TokenPair, RefreshFailure> {
+    let refresh_token = new_token(REFRESH_TOKEN_PREFIX);
+    let now = state.clock.now_ms();
+    let outcome = state
+        .store
+        .rotate_refresh_token(
+            expected_agent,
+            hash_token(presented),
+            hash_token(&refresh_token),
+            state.config.refresh_grace_ms,
+            now,
+        )
+        .await
+        .map_err(|e| RefreshFailure::Api(e.into()))?;
+    match outcome {
+        RefreshOutcome::Rotated {
+            agent_id,
+            lost_response_retry,
+        } => {
+            if lost_response_retry {
+                tracing::info!(agent_id = %agent_id, "Refresh retried after a lost response");
+            }
+            Ok(TokenPair {
+                agent_id,
+                access_token: state.tokens.issue(agent_id, state.clock.now_s()),
+                refresh_token,
+                expires_in: ACCESS_TOKEN_TTL_S,
+            })
+        }
+        RefreshOutcome::Invalid => Err(RefreshFailure::Invalid),
+        RefreshOutcome::AgentRevoked => Err(RefreshFailure::Revoked),
+        RefreshOutcome::ReuseDetected { family_id } => {
+            tracing::warn!(family_id = %family_id, "Refresh token reuse: family revoked");
+            state
+                .audit(
+                    ctx,
+                    AuditEvent {
+                        actor: "anonymous",
+                        actor_kind: "agent",
+                        action: "token.refresh_reuse",
+                        target: family_id.clone(),
+                        outcome: "family_revoked",
+                        details: json!({"family_id": family_id}),
+                    },
+                )
+                .await;
+            Err(RefreshFailure::Invalid)
+        }
+    }
+}
+
+/// `POST /api/v1/auth/token/refresh {refresh_token, device_public_id}` (seed 003).
+pub async fn refresh(
+    State(state): State<AppState>,
+    ctx: AuditContext,
+    ApiJson(req): ApiJson<RefreshRequest>,
+) -> ApiResult<Response> {
+    match rotate(&state, &ctx, &req.refresh_token, Some(req.device_public_id)).await {
+        Ok(pair) => Ok(no_store(axum::Json(Data { data: pair }).into_response())),
+        Err(RefreshFailure::Invalid) => Err(ApiError::new(
+            ErrorKey::Unauthenticated,
+            "refresh token is invalid",
+        )),
+        Err(RefreshFailure::Revoked) => Err(ApiError::new(
+            ErrorKey::DeviceRevoked,
+            "this agent has been revoked",
+        )),
+        Err(RefreshFailure::Api(e)) => Err(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenForm {
+    grant_type: String,
+    refresh_token: Option<String>,
+}
+
+/// An RFC 6749 §5.2 error answer.
+pub fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut res = (
+        status,
+        axum::Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response();
+    res.extensions_mut().insert(crate::error::OwnErrorFormat);
+    no_store(res)
+}
+
+/// `POST /oauth/token` (form-encoded, RFC 6749). Only the refresh grant for now.
+pub async fn oauth_token(
+    State(state): State<AppState>,
+    ctx: AuditContext,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Ok(axum::Form(form)) = form else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "expected a form-encoded token request",
+        );
+    };
+    if form.grant_type != "refresh_token" {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant_type is not supported",
+        );
+    }
+    let Some(presented) = form.refresh_token else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "refresh_token is required",
+        );
+    };
+    match rotate(&state, &ctx, &presented, None).await {
+        Ok(pair) => no_store(
+            axum::Json(json!({
+                "access_token": pair.access_token,
+                "token_type": "Bearer",
+                "expires_in": pair.expires_in,
+                "refresh_token": pair.refresh_token,
+                "agent_id": pair.agent_id,
+            }))
+            .into_response(),
+        ),
+        Err(RefreshFailure::Invalid) => oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "refresh token is invalid",
+        ),
+        Err(RefreshFailure::Revoked) => oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "agent has been revoked",
+        ),
+        Err(RefreshFailure::Api(_)) => oauth_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "try again",
+        ),
+    }
+}

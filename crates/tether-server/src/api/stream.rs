@@ -1,0 +1,196 @@
+//! The agent stream (SPEC §4): `updates` long-poll and the simple
+//! `commands/next` API. An idle poll is answered from memory.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tether_proto::signal::{COMMAND_QUEUED, CommandQueued, Updates};
+use tether_proto::{CommandId, Cursor, Data, ErrorKey};
+
+use crate::auth::{AgentCaller, revoked_error};
+use crate::error::{ApiError, ApiQuery, ApiResult};
+use crate::state::AppState;
+use crate::stream::StreamState;
+
+pub const MAX_WAIT_S: u32 = 30;
+pub const MAX_LIMIT: u32 = 100;
+const DEFAULT_LIMIT: u32 = 20;
+
+#[derive(Debug, Deserialize)]
+pub struct UpdatesQuery {
+    cursor: Option<String>,
+    limit: Option<u32>,
+    wait: Option<u32>,
+}
+
+fn check_wait(wait: Option<u32>) -> ApiResult<u32> {
+    let wait = wait.unwrap_or(0);
+    if wait > MAX_WAIT_S {
+        return Err(ApiError::bad_request(
+            "wait",
+            format!("wait must be 0..={MAX_WAIT_S} seconds"),
+        ));
+    }
+    Ok(wait)
+}
+
+fn with_etag(status: StatusCode, cursor: Cursor, body: Option<Updates>) -> Response {
+    let mut res = match body {
+        Some(updates) => (status, axum::Json(Data { data: updates })).into_response(),
+        None => status.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&cursor.etag()) {
+        res.headers_mut().insert(header::ETAG, v);
+    }
+    res
+}
+
+/// Waits until `ready` holds for the stream, `wait_s` passes or the server
+/// shuts down, whichever comes first.
+async fn park(
+    state: &AppState,
+    rx: &mut tokio::sync::watch::Receiver<StreamState>,
+    wait_s: u32,
+    ready: impl FnMut(&StreamState) -> bool,
+) {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(wait_s.into())) => {}
+        _ = state.shutdown.cancelled() => {}
+        _ = rx.wait_for(ready) => {}
+    }
+}
+
+/// `GET /api/v1/agents/self/updates?cursor=&limit=&wait=`
+pub async fn updates(
+    State(state): State<AppState>,
+    agent: AgentCaller,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<UpdatesQuery>,
+) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "limit",
+            format!("limit must be 1..={MAX_LIMIT}"),
+        ));
+    }
+    let wait = check_wait(q.wait)?;
+    let cursor_text = q.cursor.or_else(|| {
+        headers
+            .get(header::IF_NONE_MATCH)?
+            .to_str()
+            .ok()
+            .map(str::to_owned)
+    });
+    let cursor = cursor_text
+        .filter(|t| !t.is_empty())
+        .map(|t| Cursor::parse_etag(&t))
+        .transpose()
+        .map_err(|e| ApiError::bad_request("cursor", e.to_string()))?;
+
+    let generation = agent.stream.begin_poll();
+    let mut rx = agent.stream.subscribe();
+    let start = *rx.borrow_and_update();
+    let from = match cursor {
+        None => start.floor,
+        Some(c) if c.epoch == start.epoch && c.seq <= start.head && c.seq >= start.floor => c.seq,
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorKey::CursorExpired,
+                "cursor is outside the retained stream; resync",
+            )
+            .with("cursor", format!("{}-{}", start.epoch, start.floor)));
+        }
+    };
+    if start.head <= from && wait > 0 {
+        park(&state, &mut rx, wait, |s| {
+            s.head > from || s.poll_gen != generation || s.revoked || s.epoch != start.epoch
+        })
+        .await;
+    }
+    let now = agent.stream.state();
+    if now.revoked {
+        return Err(revoked_error(&agent.stream));
+    }
+    if now.epoch != start.epoch {
+        return Err(ApiError::new(
+            ErrorKey::CursorExpired,
+            "the stream was reset; resync",
+        ));
+    }
+    if now.head <= from || now.poll_gen != generation {
+        return Ok(with_etag(
+            StatusCode::NO_CONTENT,
+            Cursor {
+                epoch: start.epoch,
+                seq: from,
+            },
+            None,
+        ));
+    }
+
+    let signals = state.store.read_signals(agent.id, from, limit).await?;
+    let last = signals.last().map_or(from, |(seq, _)| *seq);
+    let delivered: Vec<CommandId> = signals
+        .iter()
+        .filter(|(_, s)| s.kind == COMMAND_QUEUED)
+        .filter_map(|(_, s)| serde_json::from_value::<CommandQueued>(s.reference.clone()).ok())
+        .map(|c| c.command_id)
+        .collect();
+    state
+        .store
+        .mark_delivered(agent.id, &delivered, state.clock.now_ms())
+        .await?;
+    let cursor = Cursor {
+        epoch: start.epoch,
+        seq: last,
+    };
+    let body = Updates {
+        cursor: cursor.to_string(),
+        signals: signals.into_iter().map(|(_, s)| s).collect(),
+    };
+    Ok(with_etag(StatusCode::OK, cursor, Some(body)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NextQuery {
+    wait: Option<u32>,
+}
+
+/// `GET /api/v1/agents/self/commands/next?wait=`: the next queued command,
+/// marked delivered, or 204 after `wait` seconds.
+pub async fn next_command(
+    State(state): State<AppState>,
+    agent: AgentCaller,
+    ApiQuery(q): ApiQuery<NextQuery>,
+) -> ApiResult<Response> {
+    let wait = check_wait(q.wait)?;
+    let mut rx = agent.stream.subscribe();
+    let head = rx.borrow_and_update().head;
+    if let Some(cmd) = state
+        .store
+        .take_next_command(agent.id, state.clock.now_ms())
+        .await?
+    {
+        return Ok(axum::Json(Data { data: cmd }).into_response());
+    }
+    if wait > 0 {
+        park(&state, &mut rx, wait, |s| s.head > head || s.revoked).await;
+        if agent.stream.state().revoked {
+            return Err(revoked_error(&agent.stream));
+        }
+        if agent.stream.state().head > head {
+            if let Some(cmd) = state
+                .store
+                .take_next_command(agent.id, state.clock.now_ms())
+                .await?
+            {
+                return Ok(axum::Json(Data { data: cmd }).into_response());
+            }
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

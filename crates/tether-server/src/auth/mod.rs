@@ -1,0 +1,170 @@
+//! Who is calling: agent access tokens, operator API tokens and HTTP Basic.
+//! An agent credential never works on operator routes and vice versa.
+
+pub mod jwt;
+pub mod password;
+pub mod secret;
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use base64::Engine;
+use serde_json::json;
+use tether_proto::{AgentId, ErrorKey};
+use tether_store::{Role, User};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::stream::AgentStream;
+
+/// An authenticated, non-revoked agent.
+#[derive(Debug, Clone)]
+pub struct AgentCaller {
+    pub id: AgentId,
+    pub stream: Arc<AgentStream>,
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+pub fn revoked_error(stream: &AgentStream) -> ApiError {
+    let (at, reason) = stream.revocation().cloned().unwrap_or_default();
+    let at = time::OffsetDateTime::from_unix_timestamp(at / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    ApiError::new(ErrorKey::DeviceRevoked, "this agent has been revoked")
+        .with("revoked_at", at.unwrap_or_default())
+        .with("reason", reason)
+}
+
+impl FromRequestParts<AppState> for AgentCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(ApiError::unauthenticated)?;
+        let id = state.tokens.verify(token).map_err(|e| match e {
+            jwt::TokenError::Expired { expired_at } => {
+                let at = time::OffsetDateTime::from_unix_timestamp(expired_at as i64)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    });
+                ApiError::new(ErrorKey::TokenExpired, "access token expired")
+                    .with("expired_at", json!(at))
+            }
+            jwt::TokenError::Invalid => ApiError::unauthenticated(),
+        })?;
+        let stream = state
+            .streams
+            .get(state.store.as_ref(), id)
+            .await?
+            .ok_or_else(ApiError::unauthenticated)?;
+        if stream.state().revoked {
+            return Err(revoked_error(&stream));
+        }
+        stream.seen(state.clock.now_ms());
+        Ok(Self { id, stream })
+    }
+}
+
+/// An authenticated operator (user via API token or HTTP Basic).
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub user: User,
+}
+
+impl Operator {
+    /// Fails with 403 unless the user's role includes `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        let rank = |r: Role| match r {
+            Role::Viewer => 0,
+            Role::Operator => 1,
+            Role::Admin => 2,
+        };
+        if rank(self.user.role) >= rank(role) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden())
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.user.username
+    }
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let (scheme, value) = header.split_once(' ').unwrap_or_default();
+        let user = if scheme.eq_ignore_ascii_case("bearer")
+            && value.starts_with(secret::API_TOKEN_PREFIX)
+        {
+            api_token_user(state, value.trim()).await?
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(value.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(ApiError::unauthenticated)?;
+            let (username, password) = decoded
+                .split_once(':')
+                .ok_or_else(ApiError::unauthenticated)?;
+            if password.starts_with(secret::API_TOKEN_PREFIX) {
+                // Seed 002: an API token may be sent as the Basic password.
+                api_token_user(state, password).await?
+            } else {
+                basic_user(state, username, password).await?
+            }
+        } else {
+            None
+        };
+        user.map(|user| Self { user })
+            .ok_or_else(ApiError::unauthenticated)
+    }
+}
+
+async fn api_token_user(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
+    Ok(state
+        .store
+        .find_api_token(secret::hash_token(token), state.clock.now_ms())
+        .await?)
+}
+
+async fn basic_user(
+    state: &AppState,
+    username: &str,
+    password: &str,
+) -> Result<Option<User>, ApiError> {
+    let user = state.store.find_user(username).await?;
+    let stored = user.as_ref().map(|u| u.password_hash.clone());
+    let password = password.to_owned();
+    // argon2 is deliberately slow: keep it off the async workers.
+    let ok = tokio::task::spawn_blocking(move || {
+        password::verify_password(&password, stored.as_deref())
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(if ok { user } else { None })
+}

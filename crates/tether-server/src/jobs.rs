@@ -1,0 +1,54 @@
+//! Background jobs owned by the server's task tracker: the command sweeper
+//! and the batched `last_seen` flush. Each stops when shutdown is signalled.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+/// Expires, loses and releases commands once per `interval`.
+pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match state.store.sweep(state.clock.now_ms()).await {
+            Ok(out) => {
+                state.notifier.publish(&out.heads);
+                if out.expired + out.lost + out.released > 0 {
+                    tracing::info!(
+                        expired = out.expired,
+                        lost = out.lost,
+                        released = out.released,
+                        "Swept commands"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Command sweep failed"),
+        }
+    }
+}
+
+/// Writes the `last_seen` of recently active agents in one batch per `interval`,
+/// and once more on shutdown, so requests never write it one by one.
+pub async fn flush_seen(state: AppState, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let seen = state.streams.take_seen();
+        if let Err(e) = state.store.touch_agents(&seen).await {
+            tracing::warn!(error = %e, agents = seen.len(), "Flushing last_seen failed");
+        }
+        if stopping {
+            return;
+        }
+    }
+}

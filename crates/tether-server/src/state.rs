@@ -1,0 +1,124 @@
+//! Shared server state handed to every handler and job.
+
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tether_store::{AuditEntry, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::jwt::AccessTokens;
+use crate::clock::Clock;
+use crate::error::RequestId;
+use crate::stream::{Notifier, Streams};
+
+/// Settings of a running server (after layering flags, env and file).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Body limit for ordinary JSON requests, after decompression.
+    pub body_limit: usize,
+    /// How often the sweeper expires, loses and releases commands.
+    pub sweep_interval: std::time::Duration,
+    /// How often `last_seen` of active agents is written (batched).
+    pub seen_flush_interval: std::time::Duration,
+    /// Grace for a refresh retry after a lost response (SPEC §3: 30 s).
+    pub refresh_grace_ms: i64,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            body_limit: 1024 * 1024,
+            sweep_interval: std::time::Duration::from_secs(1),
+            seen_flush_interval: std::time::Duration::from_secs(5),
+            refresh_grace_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Inner {
+    pub store: Arc<dyn Store>,
+    pub streams: Arc<Streams>,
+    pub notifier: Arc<dyn Notifier>,
+    pub tokens: AccessTokens,
+    pub clock: Arc<dyn Clock>,
+    pub config: ServerConfig,
+    /// Cancelled when the server starts shutting down: waiting polls answer 204.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Where a request came from, for audit rows.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Request facts that audit rows carry.
+#[derive(Debug, Clone, Default)]
+pub struct AuditContext {
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuditContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            ip: parts
+                .extensions
+                .get::<ClientAddr>()
+                .map(|a| a.0.ip().to_string()),
+            request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
+        })
+    }
+}
+
+/// One audit event, described by the handler that caused it.
+#[derive(Debug)]
+pub struct AuditEvent<'a> {
+    pub actor: &'a str,
+    pub actor_kind: &'static str,
+    pub action: &'static str,
+    pub target: String,
+    pub outcome: &'static str,
+    pub details: serde_json::Value,
+}
+
+impl AppState {
+    /// Appends to the audit log. A failure is logged, not returned: the
+    /// action it describes has already been committed.
+    pub async fn audit(&self, ctx: &AuditContext, event: AuditEvent<'_>) {
+        let entry = AuditEntry {
+            ts: self.clock.now_ms(),
+            actor: event.actor.to_owned(),
+            actor_kind: event.actor_kind,
+            action: event.action,
+            target: event.target,
+            outcome: event.outcome,
+            ip: ctx.ip.clone(),
+            request_id: ctx.request_id.clone(),
+            details: event.details,
+        };
+        if let Err(e) = self.store.append_audit(entry).await {
+            tracing::error!(error = %e, action = event.action, "Audit append failed");
+        }
+    }
+}

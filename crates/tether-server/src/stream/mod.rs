@@ -1,0 +1,209 @@
+//! The in-memory side of every agent's stream: its head seq, epoch and
+//! revocation, and the waiters parked on it. Idle polls are answered from
+//! here alone; the store is read only when there are signals to send.
+//!
+//! Each agent has one `watch` channel. Appends publish the new head through a
+//! [`Notifier`], which wakes every waiter with the head in the message (no
+//! lookup needed). A new poll bumps `poll_gen`, which ends the previous one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use tether_proto::AgentId;
+use tether_store::{AgentRecord, Head, Millis, Store, StoreError};
+use tokio::sync::watch;
+
+/// What a waiter needs to decide whether to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    pub epoch: u64,
+    pub head: u64,
+    /// Signals with seq ≤ floor are no longer retained.
+    pub floor: u64,
+    /// Incremented by each new poll: the previous poll sees the change and ends.
+    pub poll_gen: u64,
+    pub revoked: bool,
+}
+
+#[derive(Debug)]
+pub struct AgentStream {
+    state: watch::Sender<StreamState>,
+    /// Last authenticated request (ms); flushed to the store in batches.
+    last_seen: AtomicI64,
+    flushed_seen: AtomicI64,
+    revocation: std::sync::OnceLock<(Millis, String)>,
+}
+
+impl AgentStream {
+    fn new(rec: &AgentRecord) -> Self {
+        let state = StreamState {
+            epoch: rec.epoch,
+            head: rec.head_seq,
+            floor: rec.floor_seq,
+            poll_gen: 0,
+            revoked: rec.revoked_at.is_some(),
+        };
+        let revocation = std::sync::OnceLock::new();
+        if let Some(at) = rec.revoked_at {
+            let _ = revocation.set((at, rec.revoke_reason.clone().unwrap_or_default()));
+        }
+        let seen = rec.last_seen.unwrap_or(0);
+        Self {
+            state: watch::Sender::new(state),
+            last_seen: AtomicI64::new(seen),
+            flushed_seen: AtomicI64::new(seen),
+            revocation,
+        }
+    }
+
+    pub fn state(&self) -> StreamState {
+        *self.state.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<StreamState> {
+        self.state.subscribe()
+    }
+
+    /// Starts a poll: ends any poll already waiting and returns this poll's generation.
+    pub fn begin_poll(&self) -> u64 {
+        let mut generation = 0;
+        self.state.send_modify(|s| {
+            s.poll_gen += 1;
+            generation = s.poll_gen;
+        });
+        generation
+    }
+
+    pub fn revocation(&self) -> Option<&(Millis, String)> {
+        self.revocation.get()
+    }
+
+    pub fn seen(&self, now: Millis) {
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn last_seen(&self) -> Millis {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    fn advance(&self, head: Head) {
+        self.state.send_if_modified(|s| {
+            let newer = head.epoch != s.epoch || head.seq > s.head;
+            if newer {
+                s.epoch = head.epoch;
+                s.head = head.seq;
+            }
+            newer
+        });
+    }
+
+    fn revoke(&self, at: Millis, reason: &str) {
+        let _ = self.revocation.set((at, reason.to_owned()));
+        self.state.send_modify(|s| s.revoked = true);
+    }
+}
+
+/// Every loaded agent stream, keyed by agent id.
+#[derive(Debug, Default)]
+pub struct Streams {
+    agents: DashMap<AgentId, Arc<AgentStream>>,
+    /// Counts published heads, so a load racing with an append can notice it.
+    published: AtomicU64,
+}
+
+impl Streams {
+    /// The agent's stream, loading it from the store on first use only.
+    /// `None` when the agent does not exist.
+    pub async fn get(
+        &self,
+        store: &dyn Store,
+        id: AgentId,
+    ) -> Result<Option<Arc<AgentStream>>, StoreError> {
+        if let Some(s) = self.agents.get(&id) {
+            return Ok(Some(s.clone()));
+        }
+        loop {
+            let before = self.published.load(Ordering::Acquire);
+            let Some(rec) = store.get_agent(id).await? else {
+                return Ok(None);
+            };
+            // An append published while we were reading may have been missed: read again.
+            if self.published.load(Ordering::Acquire) != before {
+                continue;
+            }
+            let stream = self
+                .agents
+                .entry(id)
+                .or_insert_with(|| Arc::new(AgentStream::new(&rec)))
+                .clone();
+            return Ok(Some(stream));
+        }
+    }
+
+    /// Applies published heads to loaded streams and wakes their waiters.
+    pub fn advance(&self, heads: &[Head]) {
+        self.published.fetch_add(1, Ordering::AcqRel);
+        for head in heads {
+            if let Some(s) = self.agents.get(&head.agent_id) {
+                s.advance(*head);
+            }
+        }
+    }
+
+    /// Marks an agent revoked in memory: every further call is refused and
+    /// waiting polls end at once.
+    pub fn revoke(&self, rec: &AgentRecord) {
+        let stream = self
+            .agents
+            .entry(rec.id)
+            .or_insert_with(|| Arc::new(AgentStream::new(rec)))
+            .clone();
+        stream.revoke(
+            rec.revoked_at.unwrap_or_default(),
+            rec.revoke_reason.as_deref().unwrap_or_default(),
+        );
+    }
+
+    /// `last_seen` values that changed since the previous call.
+    pub fn take_seen(&self) -> Vec<(AgentId, Millis)> {
+        let mut out = Vec::new();
+        for entry in self.agents.iter() {
+            let seen = entry.last_seen.load(Ordering::Relaxed);
+            if entry.flushed_seen.swap(seen, Ordering::Relaxed) != seen {
+                out.push((*entry.key(), seen));
+            }
+        }
+        out
+    }
+
+    /// The in-memory `last_seen` of a loaded agent.
+    pub fn last_seen(&self, id: AgentId) -> Option<Millis> {
+        self.agents
+            .get(&id)
+            .map(|s| s.last_seen())
+            .filter(|&t| t > 0)
+    }
+
+    pub fn loaded(&self) -> usize {
+        self.agents.len()
+    }
+}
+
+/// Carries new heads to every server that may hold waiters for the agent.
+/// In-process for a single server; NATS-backed when several share a database.
+pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
+    fn publish(&self, heads: &[Head]);
+}
+
+/// The single-server notifier: wakes local waiters directly.
+#[derive(Debug)]
+pub struct LocalNotifier(pub Arc<Streams>);
+
+impl Notifier for LocalNotifier {
+    fn publish(&self, heads: &[Head]) {
+        if !heads.is_empty() {
+            self.0.advance(heads);
+        }
+    }
+}

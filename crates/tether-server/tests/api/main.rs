@@ -1,0 +1,7 @@
+//! Black-box tests: the real server on port 0, driven over HTTP.
+
+mod auth;
+mod commands;
+mod common;
+mod limits;
+mod stream;
