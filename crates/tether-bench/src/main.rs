@@ -1,1 +1,338 @@
-fn main() {}
+//! `tether-bench`: starts a release `tether server` in a temp dir and measures
+//! (1) idle-poll throughput (`wait=0`, cursor at head → 204) and the server CPU
+//! each poll costs, and (2) the server memory held per open long-poll with
+//! thousands of polls parked at once. Prints a table.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::Parser;
+use futures::StreamExt;
+use tether_client::{Client, Poll};
+use tether_proto::Labels;
+use tether_proto::agent::{CreateEnrollToken, EnrollRequest, TokenPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks the tether agent stream")]
+struct Args {
+    /// The `tether` binary to benchmark (default: next to this one).
+    #[arg(long)]
+    tether: Option<PathBuf>,
+    /// Concurrent connections for the idle-poll run.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Length of the idle-poll run in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Long-polls held open at once for the memory run.
+    #[arg(long, default_value_t = 5000)]
+    held_polls: usize,
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    addr: String,
+    admin_token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(bin)
+        .args(["server", "--listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .env("TETHER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut admin_token = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(t) = line.strip_prefix("admin API token (shown once): ") {
+            admin_token = Some(t.to_owned());
+        }
+        if line.starts_with("tether server listening") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Server {
+        child,
+        base: format!("http://{addr}"),
+        addr,
+        admin_token: admin_token.context("server printed no admin token")?,
+        _dir: dir,
+    })
+}
+
+/// Resident memory of a process in bytes.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// User + system CPU time of a process in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = &stat[stat.rfind(')').context("stat")? + 2..];
+    let fields: Vec<&str> = after_comm.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+async fn enroll_many(server: &Server, n: usize) -> anyhow::Result<Vec<TokenPair>> {
+    let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
+    let token = admin
+        .create_enroll_token(&CreateEnrollToken {
+            labels: Labels::new(),
+            uses: n as u32,
+            expires_in_s: 3600,
+        })
+        .await?
+        .token;
+    let anon = Client::new(&server.base)?;
+    let pairs = futures::stream::iter(0..n)
+        .map(|i| {
+            let (anon, token) = (anon.clone(), token.clone());
+            async move {
+                let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+                anon.enroll(&EnrollRequest {
+                    enroll_token: token,
+                    public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .encode(key.verifying_key().as_bytes()),
+                    hostname: format!("bench-{i}"),
+                    labels: Labels::new(),
+                    facts: serde_json::json!({}),
+                })
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    Ok(pairs.into_iter().collect::<Result<_, _>>()?)
+}
+
+/// Reads one HTTP/1.1 response head from `conn` and returns its status;
+/// the idle answers (204) have no body.
+async fn read_status(conn: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+    buf.clear();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let line = std::str::from_utf8(&buf[..buf.len().min(12)])?;
+    Ok(line.get(9..12).context("status line")?.parse()?)
+}
+
+fn poll_request(addr: &str, token: &str, cursor: &str, wait: u32) -> Vec<u8> {
+    format!(
+        "GET /api/v1/agents/self/updates?wait={wait} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nIf-None-Match: \"{cursor}\"\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+async fn cursor_of(server: &Server, pair: &TokenPair) -> anyhow::Result<String> {
+    let agent = Client::new(&server.base)?.with_bearer(pair.access_token.clone());
+    Ok(match agent.updates(None, 20, 0).await? {
+        Poll::Idle { cursor } => cursor,
+        Poll::Signals(u) => u.cursor,
+    })
+}
+
+struct IdleResult {
+    requests: u64,
+    seconds: f64,
+    p50_us: u64,
+    p99_us: u64,
+    server_cpu_us_per_req: f64,
+}
+
+async fn idle_polls(
+    server: &Server,
+    pairs: &[TokenPair],
+    seconds: u64,
+) -> anyhow::Result<IdleResult> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let cpu_before = cpu_seconds(server.child.id())?;
+    let started = Instant::now();
+    for pair in pairs {
+        let req = poll_request(
+            &server.addr,
+            &pair.access_token,
+            &cursor_of(server, pair).await?,
+            0,
+        );
+        let (stop, count, addr) = (stop.clone(), count.clone(), server.addr.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = TcpStream::connect(&addr).await?;
+            conn.set_nodelay(true)?;
+            let mut buf = Vec::with_capacity(1024);
+            let mut latencies = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                conn.write_all(&req).await?;
+                let status = read_status(&mut conn, &mut buf).await?;
+                if status != 204 {
+                    bail!("idle poll answered {status}");
+                }
+                latencies.push(t.elapsed().as_micros() as u64);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.child.id())? - cpu_before;
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len() - 1))
+            .copied()
+            .unwrap_or(0)
+    };
+    let requests = count.load(Ordering::Relaxed);
+    Ok(IdleResult {
+        requests,
+        seconds: elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        server_cpu_us_per_req: cpu * 1e6 / requests.max(1) as f64,
+    })
+}
+
+struct HeldResult {
+    polls: usize,
+    rss_before: u64,
+    rss_after: u64,
+}
+
+async fn held_polls(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<HeldResult> {
+    let mut requests = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        requests.push(poll_request(
+            &server.addr,
+            &pair.access_token,
+            &cursor_of(server, pair).await?,
+            30,
+        ));
+    }
+    // Let the server settle after the cursor fetches.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = rss_bytes(server.child.id())?;
+    let mut conns = Vec::with_capacity(pairs.len());
+    for req in &requests {
+        let mut conn = TcpStream::connect(&server.addr).await?;
+        conn.write_all(req).await?;
+        conns.push(conn);
+    }
+    // Every poll is now parked (none can answer before 30 s); give the server time to read them all.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_after = rss_bytes(server.child.id())?;
+    // Nothing may have been answered yet: each connection is still waiting.
+    let mut probe = [0u8; 1];
+    for conn in conns.iter().take(100) {
+        if conn.try_read(&mut probe).is_ok() {
+            bail!("a held poll answered early");
+        }
+    }
+    drop(conns);
+    Ok(HeldResult {
+        polls: pairs.len(),
+        rss_before,
+        rss_after,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin = match args.tether {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("tether"),
+    };
+    let server = start_server(&bin)?;
+    eprintln!(
+        "enrolling {} agents…",
+        args.held_polls.max(args.connections)
+    );
+    let pairs = enroll_many(&server, args.held_polls.max(args.connections)).await?;
+
+    eprintln!(
+        "idle polls: {} connections for {} s…",
+        args.connections, args.seconds
+    );
+    let idle = idle_polls(&server, &pairs[..args.connections], args.seconds).await?;
+    eprintln!("holding {} long-polls…", args.held_polls);
+    let held = held_polls(&server, &pairs[..args.held_polls]).await?;
+
+    let per_poll = (held.rss_after.saturating_sub(held.rss_before)) as f64 / held.polls as f64;
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!(
+        "| idle polls (wait=0 → 204), {} connections | {:.0} req/s |",
+        args.connections,
+        idle.requests as f64 / idle.seconds
+    );
+    println!(
+        "| idle poll latency p50 / p99 | {} µs / {} µs |",
+        idle.p50_us, idle.p99_us
+    );
+    println!(
+        "| server CPU per idle poll | {:.1} µs |",
+        idle.server_cpu_us_per_req
+    );
+    println!(
+        "| server RSS before / with {} held long-polls | {:.1} MiB / {:.1} MiB |",
+        held.polls,
+        held.rss_before as f64 / 1048576.0,
+        held.rss_after as f64 / 1048576.0
+    );
+    println!(
+        "| server memory per held long-poll | {:.0} bytes ({:.2} KiB) |",
+        per_poll,
+        per_poll / 1024.0
+    );
+    Ok(())
+}

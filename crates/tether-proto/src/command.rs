@@ -263,18 +263,18 @@ impl CreateCommand {
         if self.priority > MAX_PRIORITY {
             return Err(("priority", format!("must be 0..={MAX_PRIORITY}")));
         }
-        if let (Some(nb), Some(exp)) = (self.not_before, self.expires_at) {
-            if exp <= nb {
-                return Err(("expires_at", "must be after not_before".into()));
-            }
+        if let (Some(nb), Some(exp)) = (self.not_before, self.expires_at)
+            && exp <= nb
+        {
+            return Err(("expires_at", "must be after not_before".into()));
         }
-        if let Some(key) = &self.idempotency_key {
-            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-                return Err((
-                    "idempotency_key",
-                    format!("must be 1-{MAX_IDEMPOTENCY_KEY_LEN} chars"),
-                ));
-            }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err((
+                "idempotency_key",
+                format!("must be 1-{MAX_IDEMPOTENCY_KEY_LEN} chars"),
+            ));
         }
         Ok(target)
     }

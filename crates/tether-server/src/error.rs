@@ -3,10 +3,9 @@
 //! response (from handlers, extractors, the router or body limits) as the
 //! JSON envelope with the request id.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tether_proto::{ErrorBody, ErrorEnvelope, ErrorKey};
@@ -109,25 +108,87 @@ fn well_formed_request_id(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Outermost middleware: assigns the request id, and turns every error
-/// response into the SPEC §2 envelope.
-pub async fn envelope(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| well_formed_request_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut res = tracing::Instrument::instrument(next.run(req), span).await;
+/// Outermost layer: assigns the request id and turns every error response
+/// into the SPEC §2 envelope. A plain `Service` (not `from_fn`) so a parked
+/// long-poll carries no extra boxed future (see docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvelopeLayer;
+
+impl<S> tower::Layer<S> for EnvelopeLayer {
+    type Service = Envelope<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Envelope { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Envelope<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for Envelope<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = EnvelopeFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| well_formed_request_id(v))
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
+        req.extensions_mut().insert(RequestId(id.clone()));
+        EnvelopeFuture {
+            inner: self.inner.call(req),
+            id: Some(id),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Finishes a response: envelope for errors, `X-Request-Id` always.
+    pub struct EnvelopeFuture<F> {
+        #[pin]
+        inner: F,
+        id: Option<String>,
+    }
+}
+
+impl<F, E> std::future::Future for EnvelopeFuture<F>
+where
+    F: std::future::Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.inner.poll(cx))?;
+        std::task::Poll::Ready(Ok(finish(res, this.id.take())))
+    }
+}
+
+fn finish(mut res: Response, id: Option<String>) -> Response {
     let status = res.status();
     let pending = res.extensions_mut().remove::<PendingError>();
     let own_format = res.extensions().get::<OwnErrorFormat>().is_some();
     if (status.is_client_error() || status.is_server_error()) && !own_format {
         // Errors raised below the handlers (router 404/405, body limits,
-        // decompression, panics) arrive bare: give them the generic envelope.
+        // panics) arrive bare: give them the generic envelope.
         let err = pending.map(|p| p.0).unwrap_or_else(|| {
             let key = ErrorKey::from_status(status.as_u16());
             ApiError::new(
@@ -135,9 +196,10 @@ pub async fn envelope(mut req: Request, next: Next) -> Response {
                 status.canonical_reason().unwrap_or("error").to_lowercase(),
             )
         });
+        let request_id = id.clone().unwrap_or_default();
         let mut params = err.params;
         if err.key == ErrorKey::ServerError {
-            params.insert("request_id".into(), json!(id));
+            params.insert("request_id".into(), json!(request_id));
         }
         let body = ErrorEnvelope {
             error: ErrorBody {
@@ -145,7 +207,7 @@ pub async fn envelope(mut req: Request, next: Next) -> Response {
                 key: err.key.as_str().to_owned(),
                 what: err.what,
                 params,
-                request_id: id.clone(),
+                request_id,
             },
         };
         let headers = std::mem::take(res.headers_mut());
@@ -156,13 +218,95 @@ pub async fn envelope(mut req: Request, next: Next) -> Response {
             }
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    if let Some(v) = id.and_then(|id| HeaderValue::from_str(&id).ok()) {
         res.headers_mut().insert("x-request-id", v);
     }
     res
 }
 
-/// `Json` whose rejections become envelope errors (400/413/415).
+/// Decodes a JSON request body: checks the media type, undoes
+/// `Content-Encoding: gzip` under the same size cap as plain bodies, and
+/// names the offending field on errors.
+pub fn decode_json<T: serde::de::DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    limit: usize,
+) -> Result<T, ApiError> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mime = ctype
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json"))
+    {
+        return Err(ApiError::new(
+            ErrorKey::UnsupportedMediaType,
+            "expected Content-Type: application/json",
+        ));
+    }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity");
+    let inflated;
+    let bytes = match encoding.trim().to_ascii_lowercase().as_str() {
+        "identity" | "" => body,
+        "gzip" | "x-gzip" => {
+            use std::io::Read;
+            let mut out = Vec::new();
+            // Read one byte past the cap to tell "at the cap" from "over it".
+            flate2::read::GzDecoder::new(body)
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|_| ApiError::new(ErrorKey::BadRequest, "body is not valid gzip"))?;
+            if out.len() > limit {
+                return Err(too_large(limit));
+            }
+            inflated = out;
+            &inflated
+        }
+        other => {
+            return Err(ApiError::new(
+                ErrorKey::UnsupportedMediaType,
+                format!("unsupported Content-Encoding {other:?}"),
+            ));
+        }
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = T::deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| {
+            let what = e.to_string();
+            let mut err = ApiError::new(ErrorKey::BadRequest, format!("invalid JSON body: {what}"));
+            if let Some(field) = what
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                err = err.with("field", field);
+            } else if let Some(field) = what
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split('`').next())
+            {
+                err = err.with("field", field);
+            }
+            err
+        })?;
+    Ok(value)
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(ErrorKey::PayloadTooLarge, "request body is too large").with("limit", limit)
+}
+
+/// Body limit for ordinary JSON requests, after decompression (SPEC §2).
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// A JSON body, decoded by [`decode_json`]; rejections are envelope errors (400/413/415).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -174,30 +318,17 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
-    }
-}
-
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    match rejection {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            ErrorKey::UnsupportedMediaType,
-            "expected Content-Type: application/json",
-        ),
-        JsonRejection::JsonDataError(e) => ApiError::new(ErrorKey::BadRequest, e.body_text()),
-        JsonRejection::JsonSyntaxError(e) => ApiError::new(ErrorKey::BadRequest, e.body_text()),
-        other => {
-            let status = other.status();
-            let key = ErrorKey::from_status(status.as_u16());
-            let mut err = ApiError::new(key, other.body_text().to_lowercase());
-            if key == ErrorKey::PayloadTooLarge {
-                err.what = "request body is too large".into();
-            }
-            err
-        }
+        let headers = req.headers().clone();
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large(DEFAULT_BODY_LIMIT)
+                } else {
+                    ApiError::new(ErrorKey::BadRequest, "could not read the request body")
+                }
+            })?;
+        decode_json(&headers, &body, DEFAULT_BODY_LIMIT).map(Self)
     }
 }
 

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tether_store::{Role, SqliteStore, Store};
 use tokio::net::TcpListener;
@@ -148,9 +147,8 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self { state, listener } = self;
         let app = api::routes(state.clone())
-            .layer(tower_http::decompression::RequestDecompressionLayer::new())
             .layer(tower_http::catch_panic::CatchPanicLayer::new())
-            .layer(axum::middleware::from_fn(error::envelope));
+            .layer(error::EnvelopeLayer);
         let jobs = TaskTracker::new();
         let stop_jobs = CancellationToken::new();
         jobs.spawn(jobs::sweeper(
@@ -164,7 +162,8 @@ impl Server {
             stop_jobs.clone(),
         ));
 
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(hyper_util::rt::TokioTimer::new());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %listener.local_addr()?, "Server listening");
         loop {
@@ -187,9 +186,8 @@ impl Server {
                     req
                 },
             );
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(svc));
-            let conn = graceful.watch(conn.into_owned());
+            let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc));
+            let conn = graceful.watch(conn);
             jobs.spawn(async move {
                 let _ = conn.await;
             });

@@ -18,8 +18,6 @@ use crate::stream::{Notifier, Streams};
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Body limit for ordinary JSON requests, after decompression.
-    pub body_limit: usize,
     /// How often the sweeper expires, loses and releases commands.
     pub sweep_interval: std::time::Duration,
     /// How often `last_seen` of active agents is written (batched).
@@ -33,7 +31,6 @@ impl ServerConfig {
         Self {
             listen,
             data_dir,
-            body_limit: 1024 * 1024,
             sweep_interval: std::time::Duration::from_secs(1),
             seen_flush_interval: std::time::Duration::from_secs(5),
             refresh_grace_ms: 30_000,

@@ -25,13 +25,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let addr = server.local_addr()?;
     // Printed, not logged: secrets never go to the log, and the operator sees them once.
-    println!("tether server listening on http://{addr}");
     if let Some(token) = &bootstrap.admin_token {
         println!("admin API token (shown once): {token}");
     }
     if let Some(password) = &bootstrap.admin_password {
         println!("admin password for user 'admin' (shown once): {password}");
     }
+    // Last, so whoever waits for this line has seen the credentials.
+    println!("tether server listening on http://{addr}");
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {

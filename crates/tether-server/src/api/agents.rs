@@ -121,6 +121,7 @@ pub async fn revoke(
     op: Operator,
     ctx: AuditContext,
     ApiPath(id): ApiPath<AgentId>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     op.require(Role::Operator)?;
@@ -128,7 +129,7 @@ pub async fn revoke(
     let req: RevokeRequest = if body.is_empty() {
         RevokeRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("body", e.to_string()))?
+        crate::error::decode_json(&headers, &body, crate::error::DEFAULT_BODY_LIMIT)?
     };
     let reason = req.reason;
     let reason = if reason.is_empty() {

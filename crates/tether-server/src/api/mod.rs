@@ -12,7 +12,6 @@ use axum::routing::{delete, get, post};
 use crate::state::AppState;
 
 pub fn routes(state: AppState) -> Router {
-    let body_limit = state.config.body_limit;
     Router::new()
         .route("/healthz", get(healthz))
         // Agent identity.
@@ -57,7 +56,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/api/v1/commands/{id}/cancel", post(commands::cancel))
         .route("/api/v1/batches/{id}", get(commands::get_batch))
         .route("/api/v1/batches/{id}/cancel", post(commands::cancel_batch))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT))
         .with_state(state)
 }
 

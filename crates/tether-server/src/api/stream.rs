@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tether_proto::signal::{COMMAND_QUEUED, CommandQueued, Updates};
@@ -18,6 +18,28 @@ use crate::stream::StreamState;
 pub const MAX_WAIT_S: u32 = 30;
 pub const MAX_LIMIT: u32 = 100;
 const DEFAULT_LIMIT: u32 = 20;
+
+/// The `If-None-Match` value, extracted alone: a parked poll should not hold
+/// a copy of every request header.
+#[derive(Debug)]
+pub struct IfNoneMatch(Option<String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfNoneMatch {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .headers
+                .get(header::IF_NONE_MATCH)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ))
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub struct UpdatesQuery {
@@ -67,7 +89,7 @@ async fn park(
 pub async fn updates(
     State(state): State<AppState>,
     agent: AgentCaller,
-    headers: HeaderMap,
+    IfNoneMatch(if_none_match): IfNoneMatch,
     ApiQuery(q): ApiQuery<UpdatesQuery>,
 ) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
@@ -78,13 +100,7 @@ pub async fn updates(
         ));
     }
     let wait = check_wait(q.wait)?;
-    let cursor_text = q.cursor.or_else(|| {
-        headers
-            .get(header::IF_NONE_MATCH)?
-            .to_str()
-            .ok()
-            .map(str::to_owned)
-    });
+    let cursor_text = q.cursor.or(if_none_match);
     let cursor = cursor_text
         .filter(|t| !t.is_empty())
         .map(|t| Cursor::parse_etag(&t))
@@ -168,28 +184,25 @@ pub async fn next_command(
     ApiQuery(q): ApiQuery<NextQuery>,
 ) -> ApiResult<Response> {
     let wait = check_wait(q.wait)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.into());
     let mut rx = agent.stream.subscribe();
-    let head = rx.borrow_and_update().head;
-    if let Some(cmd) = state
-        .store
-        .take_next_command(agent.id, state.clock.now_ms())
-        .await?
-    {
-        return Ok(axum::Json(Data { data: cmd }).into_response());
-    }
-    if wait > 0 {
-        park(&state, &mut rx, wait, |s| s.head > head || s.revoked).await;
+    loop {
+        let head = rx.borrow_and_update().head;
+        let now = state.clock.now_ms();
+        if let Some(cmd) = state.store.take_next_command(agent.id, now).await? {
+            return Ok(axum::Json(Data { data: cmd }).into_response());
+        }
+        // Woken by any new signal; not every signal is a command, so look again.
+        let woken = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = state.shutdown.cancelled() => false,
+            _ = rx.wait_for(|s| s.head > head || s.revoked) => true,
+        };
         if agent.stream.state().revoked {
             return Err(revoked_error(&agent.stream));
         }
-        if agent.stream.state().head > head {
-            if let Some(cmd) = state
-                .store
-                .take_next_command(agent.id, state.clock.now_ms())
-                .await?
-            {
-                return Ok(axum::Json(Data { data: cmd }).into_response());
-            }
+        if !woken {
+            break;
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -1,0 +1,4 @@
+//! End-to-end tests driving real `tether` processes.
+
+mod common;
+mod durability;
