@@ -54,9 +54,7 @@ impl Drop for Server {
 
 fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(bin)
         .args(["server", "--listen", &addr, "--data-dir"])
@@ -109,11 +107,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 async fn enroll_many(server: &Server, n: usize) -> anyhow::Result<Vec<TokenPair>> {
     let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
     let token = admin
-        .create_enroll_token(&CreateEnrollToken {
-            labels: Labels::new(),
-            uses: n as u32,
-            expires_in_s: 3600,
-        })
+        .create_enroll_token(&CreateEnrollToken { labels: Labels::new(), uses: n as u32, expires_in_s: 3600 })
         .await?
         .token;
     let anon = Client::new(&server.base)?;
@@ -124,8 +118,7 @@ async fn enroll_many(server: &Server, n: usize) -> anyhow::Result<Vec<TokenPair>
                 let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
                 anon.enroll(&EnrollRequest {
                     enroll_token: token,
-                    public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD
-                        .encode(key.verifying_key().as_bytes()),
+                    public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes()),
                     hostname: format!("bench-{i}"),
                     labels: Labels::new(),
                     facts: serde_json::json!({}),
@@ -181,23 +174,14 @@ struct IdleResult {
     server_cpu_us_per_req: f64,
 }
 
-async fn idle_polls(
-    server: &Server,
-    pairs: &[TokenPair],
-    seconds: u64,
-) -> anyhow::Result<IdleResult> {
+async fn idle_polls(server: &Server, pairs: &[TokenPair], seconds: u64) -> anyhow::Result<IdleResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let cpu_before = cpu_seconds(server.child.id())?;
     let started = Instant::now();
     for pair in pairs {
-        let req = poll_request(
-            &server.addr,
-            &pair.access_token,
-            &cursor_of(server, pair).await?,
-            0,
-        );
+        let req = poll_request(&server.addr, &pair.access_token, &cursor_of(server, pair).await?, 0);
         let (stop, count, addr) = (stop.clone(), count.clone(), server.addr.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn = TcpStream::connect(&addr).await?;
@@ -226,12 +210,8 @@ async fn idle_polls(
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(server.child.id())? - cpu_before;
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len() - 1))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct =
+        |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)).copied().unwrap_or(0);
     let requests = count.load(Ordering::Relaxed);
     Ok(IdleResult {
         requests,
@@ -251,12 +231,7 @@ struct HeldResult {
 async fn held_polls(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<HeldResult> {
     let mut requests = Vec::with_capacity(pairs.len());
     for pair in pairs {
-        requests.push(poll_request(
-            &server.addr,
-            &pair.access_token,
-            &cursor_of(server, pair).await?,
-            30,
-        ));
+        requests.push(poll_request(&server.addr, &pair.access_token, &cursor_of(server, pair).await?, 30));
     }
     // Let the server settle after the cursor fetches.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -278,11 +253,7 @@ async fn held_polls(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<Held
         }
     }
     drop(conns);
-    Ok(HeldResult {
-        polls: pairs.len(),
-        rss_before,
-        rss_after,
-    })
+    Ok(HeldResult { polls: pairs.len(), rss_before, rss_after })
 }
 
 #[tokio::main]
@@ -293,16 +264,10 @@ async fn main() -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("tether"),
     };
     let server = start_server(&bin)?;
-    eprintln!(
-        "enrolling {} agents…",
-        args.held_polls.max(args.connections)
-    );
+    eprintln!("enrolling {} agents…", args.held_polls.max(args.connections));
     let pairs = enroll_many(&server, args.held_polls.max(args.connections)).await?;
 
-    eprintln!(
-        "idle polls: {} connections for {} s…",
-        args.connections, args.seconds
-    );
+    eprintln!("idle polls: {} connections for {} s…", args.connections, args.seconds);
     let idle = idle_polls(&server, &pairs[..args.connections], args.seconds).await?;
     eprintln!("holding {} long-polls…", args.held_polls);
     let held = held_polls(&server, &pairs[..args.held_polls]).await?;
@@ -315,24 +280,14 @@ async fn main() -> anyhow::Result<()> {
         args.connections,
         idle.requests as f64 / idle.seconds
     );
-    println!(
-        "| idle poll latency p50 / p99 | {} µs / {} µs |",
-        idle.p50_us, idle.p99_us
-    );
-    println!(
-        "| server CPU per idle poll | {:.1} µs |",
-        idle.server_cpu_us_per_req
-    );
+    println!("| idle poll latency p50 / p99 | {} µs / {} µs |", idle.p50_us, idle.p99_us);
+    println!("| server CPU per idle poll | {:.1} µs |", idle.server_cpu_us_per_req);
     println!(
         "| server RSS before / with {} held long-polls | {:.1} MiB / {:.1} MiB |",
         held.polls,
         held.rss_before as f64 / 1048576.0,
         held.rss_after as f64 / 1048576.0
     );
-    println!(
-        "| server memory per held long-poll | {:.0} bytes ({:.2} KiB) |",
-        per_poll,
-        per_poll / 1024.0
-    );
+    println!("| server memory per held long-poll | {:.0} bytes ({:.2} KiB) |", per_poll, per_poll / 1024.0);
     Ok(())
 }

@@ -9,13 +9,11 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::agent::{
-    Agent, CreateEnrollToken, CreatedEnrollToken, EnrollRequest, EnrollToken, RefreshRequest,
-    RevokeRequest, TokenPair,
+    Agent, CreateEnrollToken, CreatedEnrollToken, EnrollRequest, EnrollToken, RefreshRequest, RevokeRequest, TokenPair,
 };
-use tether_proto::command::{
-    Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport,
-};
+use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
 use tether_proto::signal::Updates;
+use tether_proto::user::{ApiToken, CreateApiToken, CreatedApiToken};
 use tether_proto::{AgentId, BatchId, CommandId, Data, ErrorBody, ErrorEnvelope, ErrorKey, Page};
 
 /// Extra time allowed beyond a long-poll's `wait` before the request times out.
@@ -25,11 +23,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{} ({}): {}", .body.key, .status, .body.what)]
-    Api {
-        status: u16,
-        body: Box<ErrorBody>,
-        retry_after: Option<u64>,
-    },
+    Api { status: u16, body: Box<ErrorBody>, retry_after: Option<u64> },
     #[error("unexpected answer {status}: {text}")]
     Unexpected { status: u16, text: String },
     #[error("request failed: {0}")]
@@ -147,11 +141,7 @@ impl Client {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        Ok(Self {
-            http,
-            base,
-            credentials: Credentials::None,
-        })
+        Ok(Self { http, base, credentials: Credentials::None })
     }
 
     pub fn with_credentials(mut self, credentials: Credentials) -> Self {
@@ -207,13 +197,8 @@ impl Client {
         self.send(self.request(Method::GET, path)?).await
     }
 
-    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
-        self.send(self.request(Method::POST, path)?.json(body))
-            .await
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(self.request(Method::POST, path)?.json(body)).await
     }
 
     // ----- agent side -----
@@ -223,10 +208,7 @@ impl Client {
     }
 
     pub async fn refresh(&self, refresh_token: &str, agent_id: AgentId) -> Result<TokenPair> {
-        let body = RefreshRequest {
-            refresh_token: refresh_token.to_owned(),
-            device_public_id: agent_id,
-        };
+        let body = RefreshRequest { refresh_token: refresh_token.to_owned(), device_public_id: agent_id };
         self.post("api/v1/auth/token/refresh", &body).await
     }
 
@@ -245,9 +227,7 @@ impl Client {
         let res = req.send().await?;
         match res.status() {
             StatusCode::OK => Ok(Poll::Signals(res.json::<Data<Updates>>().await?.data)),
-            StatusCode::NO_CONTENT => Ok(Poll::Idle {
-                cursor: etag_cursor(res.headers()).unwrap_or_default(),
-            }),
+            StatusCode::NO_CONTENT => Ok(Poll::Idle { cursor: etag_cursor(res.headers()).unwrap_or_default() }),
             _ => Err(error_from(res).await),
         }
     }
@@ -267,38 +247,42 @@ impl Client {
     }
 
     pub async fn report_running(&self, id: CommandId) -> Result<serde_json::Value> {
-        let body = StatusReport {
-            state: tether_proto::command::CommandStatus::Running,
-        };
-        self.post(&format!("api/v1/agents/self/commands/{id}/status"), &body)
-            .await
+        let body = StatusReport { state: tether_proto::command::CommandStatus::Running };
+        self.post(&format!("api/v1/agents/self/commands/{id}/status"), &body).await
     }
 
-    pub async fn report_result(
-        &self,
-        id: CommandId,
-        report: &ResultReport,
-    ) -> Result<serde_json::Value> {
-        self.post(&format!("api/v1/agents/self/commands/{id}/result"), report)
-            .await
+    pub async fn report_result(&self, id: CommandId, report: &ResultReport) -> Result<serde_json::Value> {
+        self.post(&format!("api/v1/agents/self/commands/{id}/result"), report).await
+    }
+
+    pub async fn heartbeat(&self, beat: &tether_proto::agent::Heartbeat) -> Result<serde_json::Value> {
+        self.post("api/v1/agents/self/heartbeat", beat).await
     }
 
     // ----- operator side -----
+
+    pub async fn create_api_token(&self, req: &CreateApiToken) -> Result<CreatedApiToken> {
+        self.post("api/v1/tokens", req).await
+    }
+
+    pub async fn list_api_tokens(&self) -> Result<Vec<ApiToken>> {
+        Ok(self.send_page(self.request(Method::GET, "api/v1/tokens")?).await?.data)
+    }
+
+    pub async fn revoke_api_token(&self, id: &str) -> Result<()> {
+        self.send_empty(self.request(Method::DELETE, &format!("api/v1/tokens/{id}"))?).await
+    }
 
     pub async fn create_enroll_token(&self, req: &CreateEnrollToken) -> Result<CreatedEnrollToken> {
         self.post("api/v1/enroll-tokens", req).await
     }
 
     pub async fn list_enroll_tokens(&self) -> Result<Vec<EnrollToken>> {
-        Ok(self
-            .send_page(self.request(Method::GET, "api/v1/enroll-tokens")?)
-            .await?
-            .data)
+        Ok(self.send_page(self.request(Method::GET, "api/v1/enroll-tokens")?).await?.data)
     }
 
     pub async fn revoke_enroll_token(&self, id: &str) -> Result<()> {
-        self.send_empty(self.request(Method::DELETE, &format!("api/v1/enroll-tokens/{id}"))?)
-            .await
+        self.send_empty(self.request(Method::DELETE, &format!("api/v1/enroll-tokens/{id}"))?).await
     }
 
     pub async fn create_command(&self, req: &CreateCommand) -> Result<CreatedCommands> {
@@ -310,16 +294,11 @@ impl Client {
     }
 
     pub async fn list_commands(&self, query: &CommandQuery) -> Result<Page<Command>> {
-        self.send_page(self.request(Method::GET, "api/v1/commands")?.query(query))
-            .await
+        self.send_page(self.request(Method::GET, "api/v1/commands")?.query(query)).await
     }
 
     pub async fn cancel_command(&self, id: CommandId) -> Result<Command> {
-        self.post(
-            &format!("api/v1/commands/{id}/cancel"),
-            &serde_json::json!({}),
-        )
-        .await
+        self.post(&format!("api/v1/commands/{id}/cancel"), &serde_json::json!({})).await
     }
 
     pub async fn get_batch(&self, id: BatchId) -> Result<Batch> {
@@ -327,16 +306,11 @@ impl Client {
     }
 
     pub async fn cancel_batch(&self, id: BatchId) -> Result<Batch> {
-        self.post(
-            &format!("api/v1/batches/{id}/cancel"),
-            &serde_json::json!({}),
-        )
-        .await
+        self.post(&format!("api/v1/batches/{id}/cancel"), &serde_json::json!({})).await
     }
 
     pub async fn list_agents(&self, query: &AgentQuery) -> Result<Page<Agent>> {
-        self.send_page(self.request(Method::GET, "api/v1/agents")?.query(query))
-            .await
+        self.send_page(self.request(Method::GET, "api/v1/agents")?.query(query)).await
     }
 
     pub async fn get_agent(&self, id: AgentId) -> Result<Agent> {
@@ -344,13 +318,7 @@ impl Client {
     }
 
     pub async fn revoke_agent(&self, id: AgentId, reason: &str) -> Result<Agent> {
-        self.post(
-            &format!("api/v1/agents/{id}/revoke"),
-            &RevokeRequest {
-                reason: reason.to_owned(),
-            },
-        )
-        .await
+        self.post(&format!("api/v1/agents/{id}/revoke"), &RevokeRequest { reason: reason.to_owned() }).await
     }
 }
 
@@ -362,18 +330,10 @@ fn etag_cursor(headers: &HeaderMap) -> Option<String> {
 /// Turns a non-2xx response into [`ClientError`], keeping the envelope.
 pub async fn error_from(res: reqwest::Response) -> ClientError {
     let status = res.status().as_u16();
-    let retry_after = res
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let retry_after = res.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let text = res.text().await.unwrap_or_default();
     match serde_json::from_str::<ErrorEnvelope>(&text) {
-        Ok(env) => ClientError::Api {
-            status,
-            body: Box::new(env.error),
-            retry_after,
-        },
+        Ok(env) => ClientError::Api { status, body: Box::new(env.error), retry_after },
         Err(_) => ClientError::Unexpected { status, text },
     }
 }

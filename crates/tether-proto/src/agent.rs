@@ -18,17 +18,12 @@ pub fn validate_labels(labels: &Labels) -> Result<(), String> {
     for (k, v) in labels {
         let key_ok = !k.is_empty()
             && k.len() <= MAX_LABEL_KEY_LEN
-            && k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
         if !key_ok {
-            return Err(format!(
-                "label key {k:?} must be 1-{MAX_LABEL_KEY_LEN} chars of [A-Za-z0-9._/-]"
-            ));
+            return Err(format!("label key {k:?} must be 1-{MAX_LABEL_KEY_LEN} chars of [A-Za-z0-9._/-]"));
         }
         if v.len() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
-            return Err(format!(
-                "label value for {k:?} must be at most {MAX_LABEL_VALUE_LEN} printable chars"
-            ));
+            return Err(format!("label value for {k:?} must be at most {MAX_LABEL_VALUE_LEN} printable chars"));
         }
     }
     Ok(())
@@ -150,10 +145,7 @@ pub struct CreatedEnrollToken {
 
 impl std::fmt::Debug for CreatedEnrollToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CreatedEnrollToken")
-            .field("id", &self.id)
-            .field("token", &"<redacted>")
-            .finish()
+        f.debug_struct("CreatedEnrollToken").field("id", &self.id).field("token", &"<redacted>").finish()
     }
 }
 
@@ -171,3 +163,22 @@ pub struct EnrollToken {
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<Timestamp>,
 }
+
+/// `POST /api/v1/agents/self/heartbeat`. The server keeps unknown fields
+/// too (≤ 4 KiB), so agents may add their own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Heartbeat {
+    pub uptime_s: u64,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_config_hash: Option<String>,
+    pub running_commands: u32,
+    pub queue_depth: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_total_bytes: Option<u64>,
+}
+
+/// Largest heartbeat body the server keeps.
+pub const MAX_HEARTBEAT_BYTES: usize = 4096;

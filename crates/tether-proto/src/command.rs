@@ -81,10 +81,7 @@ impl CommandStatus {
 
     /// Statuses an agent may report as a result.
     pub fn is_result(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Rejected | Self::Cancelled
-        )
+        matches!(self, Self::Succeeded | Self::Failed | Self::TimedOut | Self::Rejected | Self::Cancelled)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -133,10 +130,7 @@ impl fmt::Display for CommandStatus {
 impl FromStr for CommandStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown command status {s:?}"))
+        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown command status {s:?}"))
     }
 }
 
@@ -163,22 +157,13 @@ pub enum TargetSpec {
 
 impl Target {
     pub fn agents(ids: impl IntoIterator<Item = AgentId>) -> Self {
-        Self {
-            agents: Some(ids.into_iter().collect()),
-            ..Self::default()
-        }
+        Self { agents: Some(ids.into_iter().collect()), ..Self::default() }
     }
     pub fn labels(labels: Labels) -> Self {
-        Self {
-            labels: Some(labels),
-            ..Self::default()
-        }
+        Self { labels: Some(labels), ..Self::default() }
     }
     pub fn all() -> Self {
-        Self {
-            all: Some(true),
-            ..Self::default()
-        }
+        Self { all: Some(true), ..Self::default() }
     }
 
     pub fn check(&self) -> Result<TargetSpec, String> {
@@ -189,10 +174,7 @@ impl Target {
                 Ok(TargetSpec::Labels(labels.clone()))
             }
             (None, None, Some(true)) => Ok(TargetSpec::All),
-            _ => Err(
-                "target needs exactly one of a non-empty agents list, non-empty labels or all=true"
-                    .into(),
-            ),
+            _ => Err("target needs exactly one of a non-empty agents list, non-empty labels or all=true".into()),
         }
     }
 }
@@ -209,17 +191,9 @@ pub struct CreateCommand {
     pub timeout_s: u32,
     #[serde(default = "default_priority")]
     pub priority: u8,
-    #[serde(
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Timestamp>,
-    #[serde(
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -244,15 +218,9 @@ impl CreateCommand {
         let target = self.target.check().map_err(|e| ("target", e))?;
         let name_ok = !self.name.is_empty()
             && self.name.len() <= MAX_NAME_LEN
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
         if !name_ok {
-            return Err((
-                "name",
-                format!("must be 1-{MAX_NAME_LEN} chars of [A-Za-z0-9._:-]"),
-            ));
+            return Err(("name", format!("must be 1-{MAX_NAME_LEN} chars of [A-Za-z0-9._:-]")));
         }
         if !self.args.is_object() {
             return Err(("args", "must be a JSON object".into()));
@@ -271,10 +239,7 @@ impl CreateCommand {
         if let Some(key) = &self.idempotency_key
             && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
         {
-            return Err((
-                "idempotency_key",
-                format!("must be 1-{MAX_IDEMPOTENCY_KEY_LEN} chars"),
-            ));
+            return Err(("idempotency_key", format!("must be 1-{MAX_IDEMPOTENCY_KEY_LEN} chars")));
         }
         Ok(target)
     }
@@ -374,17 +339,9 @@ pub struct ResultReport {
     pub truncated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Timestamp>,
-    #[serde(
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
 }
 
@@ -430,10 +387,7 @@ mod tests {
             (Delivered, Event::Deliver) => Some(Delivered),
             (Running, Event::Deliver) => Some(Running),
             (Queued | Delivered | Running, Event::Start) => Some(Running),
-            (
-                Queued | Delivered | Running | Lost,
-                Event::Finish(s @ (Succeeded | Failed | Cancelled)),
-            ) => Some(s),
+            (Queued | Delivered | Running | Lost, Event::Finish(s @ (Succeeded | Failed | Cancelled))) => Some(s),
             (Queued | Delivered | Running, Event::Cancel) => Some(Cancelled),
             (Queued, Event::Expire) => Some(Expired),
             (Delivered | Running, Event::Lose) => Some(Lost),
@@ -445,11 +399,7 @@ mod tests {
     fn transition_table_is_exhaustive_and_monotonic() {
         for from in CommandStatus::ALL {
             for event in EVENTS {
-                assert_eq!(
-                    from.apply(event).ok(),
-                    expected(from, event),
-                    "{from} + {event:?}"
-                );
+                assert_eq!(from.apply(event).ok(), expected(from, event), "{from} + {event:?}");
                 if let Ok(to) = from.apply(event) {
                     // Never back to an earlier active state; terminal only left from `lost`.
                     assert!(to >= from || from == Lost, "{from} -> {to} goes backwards");
@@ -470,17 +420,13 @@ mod tests {
         assert!(Target::all().check().is_ok());
         assert!(Target::default().check().is_err());
         assert!(Target::agents([]).check().is_err());
-        let both = Target {
-            all: Some(true),
-            ..Target::agents([AgentId::new()])
-        };
+        let both = Target { all: Some(true), ..Target::agents([AgentId::new()]) };
         assert!(both.check().is_err());
     }
 
     #[test]
     fn create_command_rejects_unknown_fields_and_bad_values() {
-        let bad: Result<CreateCommand, _> =
-            serde_json::from_str(r#"{"target":{"all":true},"name":"ping","bogus":1}"#);
+        let bad: Result<CreateCommand, _> = serde_json::from_str(r#"{"target":{"all":true},"name":"ping","bogus":1}"#);
         assert!(bad.is_err());
         let mut c = CreateCommand::new(Target::all(), "ping");
         assert!(c.validate().is_ok());

@@ -23,10 +23,7 @@ impl Cursor {
     pub fn parse_etag(value: &str) -> Result<Self, BadCursor> {
         let v = value.trim();
         let v = v.strip_prefix("W/").unwrap_or(v);
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v);
+        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
         v.parse()
     }
 
@@ -40,15 +37,11 @@ impl FromStr for Cursor {
     type Err = BadCursor;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (epoch, seq) = s.split_once('-').ok_or(BadCursor)?;
-        let digits =
-            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(epoch) || !digits(seq) {
             return Err(BadCursor);
         }
-        Ok(Self {
-            epoch: epoch.parse().map_err(|_| BadCursor)?,
-            seq: seq.parse().map_err(|_| BadCursor)?,
-        })
+        Ok(Self { epoch: epoch.parse().map_err(|_| BadCursor)?, seq: seq.parse().map_err(|_| BadCursor)? })
     }
 }
 
@@ -64,10 +57,7 @@ mod tests {
 
     #[test]
     fn parses_bare_quoted_and_weak_forms() {
-        let c = Cursor {
-            epoch: 1736900000,
-            seq: 5,
-        };
+        let c = Cursor { epoch: 1736900000, seq: 5 };
         assert_eq!("1736900000-5".parse::<Cursor>(), Ok(c));
         assert_eq!(Cursor::parse_etag("\"1736900000-5\""), Ok(c));
         assert_eq!(Cursor::parse_etag("W/\"1736900000-5\""), Ok(c));
@@ -76,18 +66,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_cursors() {
-        for bad in [
-            "",
-            "-",
-            "1-",
-            "-1",
-            "a-1",
-            "1-b",
-            "1-2-3",
-            "1 -2",
-            "+1-2",
-            "99999999999999999999999-1",
-        ] {
+        for bad in ["", "-", "1-", "-1", "a-1", "1-b", "1-2-3", "1 -2", "+1-2", "99999999999999999999999-1"] {
             assert_eq!(bad.parse::<Cursor>(), Err(BadCursor), "{bad:?}");
         }
     }

@@ -157,24 +157,9 @@ mod tests {
         for key in ErrorKey::ALL {
             assert_eq!(ErrorKey::from_key(key.as_str()), Some(key));
         }
-        assert_eq!(
-            (
-                ErrorKey::TokenExpired.status(),
-                ErrorKey::TokenExpired.code()
-            ),
-            (401, 4001)
-        );
-        assert_eq!(
-            (
-                ErrorKey::CursorExpired.status(),
-                ErrorKey::CursorExpired.code()
-            ),
-            (409, 40901)
-        );
-        assert_eq!(
-            (ErrorKey::RateLimited.status(), ErrorKey::RateLimited.code()),
-            (429, 4029)
-        );
+        assert_eq!((ErrorKey::TokenExpired.status(), ErrorKey::TokenExpired.code()), (401, 4001));
+        assert_eq!((ErrorKey::CursorExpired.status(), ErrorKey::CursorExpired.code()), (409, 40901));
+        assert_eq!((ErrorKey::RateLimited.status(), ErrorKey::RateLimited.code()), (429, 4029));
         assert_eq!(ErrorKey::from_status(413), ErrorKey::PayloadTooLarge);
     }
 }

@@ -23,11 +23,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(key: ErrorKey, what: impl Into<String>) -> Self {
-        Self {
-            key,
-            what: what.into(),
-            params: Map::new(),
-        }
+        Self { key, what: what.into(), params: Map::new() }
     }
 
     pub fn with(mut self, name: &str, value: impl Into<Value>) -> Self {
@@ -67,9 +63,7 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::NotFound => Self::new(ErrorKey::NotFound, "not found"),
             StoreError::Conflict(what) => Self::conflict(what),
-            StoreError::Invalid { field, message } => {
-                Self::bad_request(field, format!("invalid {field}: {message}"))
-            }
+            StoreError::Invalid { field, message } => Self::bad_request(field, format!("invalid {field}: {message}")),
             other => Self::internal(other),
         }
     }
@@ -81,12 +75,10 @@ struct PendingError(ApiError);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.key.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.key.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut res = status.into_response();
         if let Some(retry) = self.params.get("retry_after").and_then(Value::as_u64) {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry));
         }
         res.extensions_mut().insert(PendingError(self));
         res
@@ -103,9 +95,7 @@ pub struct OwnErrorFormat;
 pub struct RequestId(pub String);
 
 fn well_formed_request_id(v: &str) -> bool {
-    (8..=64).contains(&v.len())
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    (8..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Outermost layer: assigns the request id and turns every error response
@@ -134,10 +124,7 @@ where
     type Error = S::Error;
     type Future = EnvelopeFuture<S::Future>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -150,10 +137,7 @@ where
             .map(str::to_owned)
             .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
         req.extensions_mut().insert(RequestId(id.clone()));
-        EnvelopeFuture {
-            inner: self.inner.call(req),
-            id: Some(id),
-        }
+        EnvelopeFuture { inner: self.inner.call(req), id: Some(id) }
     }
 }
 
@@ -172,10 +156,7 @@ where
 {
     type Output = Result<Response, E>;
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.project();
         let res = std::task::ready!(this.inner.poll(cx))?;
         std::task::Poll::Ready(Ok(finish(res, this.id.take())))
@@ -191,10 +172,7 @@ fn finish(mut res: Response, id: Option<String>) -> Response {
         // panics) arrive bare: give them the generic envelope.
         let err = pending.map(|p| p.0).unwrap_or_else(|| {
             let key = ErrorKey::from_status(status.as_u16());
-            ApiError::new(
-                key,
-                status.canonical_reason().unwrap_or("error").to_lowercase(),
-            )
+            ApiError::new(key, status.canonical_reason().unwrap_or("error").to_lowercase())
         });
         let request_id = id.clone().unwrap_or_default();
         let mut params = err.params;
@@ -232,27 +210,12 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
     limit: usize,
 ) -> Result<T, ApiError> {
-    let ctype = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let mime = ctype
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json"))
-    {
-        return Err(ApiError::new(
-            ErrorKey::UnsupportedMediaType,
-            "expected Content-Type: application/json",
-        ));
+    let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let mime = ctype.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
+        return Err(ApiError::new(ErrorKey::UnsupportedMediaType, "expected Content-Type: application/json"));
     }
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity");
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity");
     let inflated;
     let bytes = match encoding.trim().to_ascii_lowercase().as_str() {
         "identity" | "" => body,
@@ -278,24 +241,16 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(
         }
     };
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = T::deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v))
-        .map_err(|e| {
-            let what = e.to_string();
-            let mut err = ApiError::new(ErrorKey::BadRequest, format!("invalid JSON body: {what}"));
-            if let Some(field) = what
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-            {
-                err = err.with("field", field);
-            } else if let Some(field) = what
-                .strip_prefix("missing field `")
-                .and_then(|r| r.split('`').next())
-            {
-                err = err.with("field", field);
-            }
-            err
-        })?;
+    let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)).map_err(|e| {
+        let what = e.to_string();
+        let mut err = ApiError::new(ErrorKey::BadRequest, format!("invalid JSON body: {what}"));
+        if let Some(field) = what.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+            err = err.with("field", field);
+        } else if let Some(field) = what.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+            err = err.with("field", field);
+        }
+        err
+    })?;
     Ok(value)
 }
 
@@ -319,15 +274,13 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let headers = req.headers().clone();
-        let body = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    too_large(DEFAULT_BODY_LIMIT)
-                } else {
-                    ApiError::new(ErrorKey::BadRequest, "could not read the request body")
-                }
-            })?;
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(DEFAULT_BODY_LIMIT)
+            } else {
+                ApiError::new(ErrorKey::BadRequest, "could not read the request body")
+            }
+        })?;
         decode_json(&headers, &body, DEFAULT_BODY_LIMIT).map(Self)
     }
 }
@@ -343,10 +296,7 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
             Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
@@ -368,10 +318,7 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(v)| Self(v))

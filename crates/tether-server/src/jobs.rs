@@ -20,12 +20,7 @@ pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToke
             Ok(out) => {
                 state.notifier.publish(&out.heads);
                 if out.expired + out.lost + out.released > 0 {
-                    tracing::info!(
-                        expired = out.expired,
-                        lost = out.lost,
-                        released = out.released,
-                        "Swept commands"
-                    );
+                    tracing::info!(expired = out.expired, lost = out.lost, released = out.released, "Swept commands");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "Command sweep failed"),

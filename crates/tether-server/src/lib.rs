@@ -46,14 +46,8 @@ pub struct Bootstrap {
 impl std::fmt::Debug for Bootstrap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bootstrap")
-            .field(
-                "admin_password",
-                &self.admin_password.as_ref().map(|_| "<redacted>"),
-            )
-            .field(
-                "admin_token",
-                &self.admin_token.as_ref().map(|_| "<redacted>"),
-            )
+            .field("admin_password", &self.admin_password.as_ref().map(|_| "<redacted>"))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -93,35 +87,20 @@ async fn bootstrap_admin(
     let now = clock.now_ms();
     let admin = store.create_user("admin", &hash, Role::Admin, now).await?;
     let token = new_token(API_TOKEN_PREFIX);
-    store
-        .create_api_token(&admin.id, "bootstrap", hash_token(&token), None, now)
-        .await?;
+    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), None, now).await?;
     tracing::info!("Created the admin user and its first API token");
-    Ok(Bootstrap {
-        admin_password: generated.then_some(password),
-        admin_token: Some(token),
-    })
+    Ok(Bootstrap { admin_password: generated.then_some(password), admin_token: Some(token) })
 }
 
 impl Server {
     /// Opens the store, bootstraps the first admin and binds the listener.
-    pub async fn start(
-        config: ServerConfig,
-        admin_password: Option<String>,
-    ) -> anyhow::Result<(Self, Bootstrap)> {
+    pub async fn start(config: ServerConfig, admin_password: Option<String>) -> anyhow::Result<(Self, Bootstrap)> {
         ensure_data_dir(&config.data_dir)?;
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.data_dir)
-                .await
-                .context("opening the store")?,
-        );
-        let tokens = AccessTokens::load_or_create(&config.data_dir)
-            .context("loading the token signing key")?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir).await.context("opening the store")?);
+        let tokens = AccessTokens::load_or_create(&config.data_dir).context("loading the token signing key")?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let bootstrap = bootstrap_admin(store.as_ref(), clock.as_ref(), admin_password).await?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let streams = Arc::new(Streams::default());
         let state = AppState(Arc::new(Inner {
             store,
@@ -151,16 +130,8 @@ impl Server {
             .layer(error::EnvelopeLayer);
         let jobs = TaskTracker::new();
         let stop_jobs = CancellationToken::new();
-        jobs.spawn(jobs::sweeper(
-            state.clone(),
-            state.config.sweep_interval,
-            stop_jobs.clone(),
-        ));
-        jobs.spawn(jobs::flush_seen(
-            state.clone(),
-            state.config.seen_flush_interval,
-            stop_jobs.clone(),
-        ));
+        jobs.spawn(jobs::sweeper(state.clone(), state.config.sweep_interval, stop_jobs.clone()));
+        jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
 
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(hyper_util::rt::TokioTimer::new());
@@ -180,12 +151,10 @@ impl Server {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let svc = app.clone().map_request(
-                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ClientAddr(addr));
-                    req
-                },
-            );
+            let svc = app.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ClientAddr(addr));
+                req
+            });
             let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc));
             let conn = graceful.watch(conn);
             jobs.spawn(async move {
@@ -195,10 +164,7 @@ impl Server {
         drop(listener);
         // Waiting polls answer 204 now; then connections close as they go idle.
         state.shutdown.cancel();
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
             tracing::warn!("Connections still open after the drain timeout");
         }
         stop_jobs.cancel();

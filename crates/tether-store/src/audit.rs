@@ -59,9 +59,7 @@ pub fn chain_hash(
     request_id: Option<&str>,
     details: &str,
 ) -> [u8; 32] {
-    let row = serde_json::json!([
-        ts, actor, actor_kind, action, target, outcome, ip, request_id, details
-    ]);
+    let row = serde_json::json!([ts, actor, actor_kind, action, target, outcome, ip, request_id, details]);
     let mut h = Sha256::new();
     h.update(prev_hash);
     h.update(row.to_string().as_bytes());

@@ -10,9 +10,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tether_proto::command::{
-    Batch, Command, CommandStatus, CreateCommand, ResultReport, TargetSpec,
-};
+use tether_proto::command::{Batch, Command, CommandStatus, CreateCommand, ResultReport, TargetSpec};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 pub use audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
@@ -28,10 +26,7 @@ pub enum StoreError {
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("invalid {field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: &'static str, message: String },
     #[error("database error: {0}")]
     Backend(#[from] sqlx::Error),
     #[error("migration error: {0}")]
@@ -111,6 +106,15 @@ pub struct NewAgent {
     pub labels: Labels,
     pub facts: Value,
     pub public_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: Millis,
+    pub expires_at: Option<Millis>,
+    pub revoked_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone)]
@@ -231,13 +235,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // --- operators
     async fn user_count(&self) -> Result<u64>;
-    async fn create_user(
-        &self,
-        username: &str,
-        password_hash: &str,
-        role: Role,
-        now: Millis,
-    ) -> Result<User>;
+    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User>;
     async fn set_password(&self, username: &str, password_hash: &str) -> Result<()>;
     async fn find_user(&self, username: &str) -> Result<Option<User>>;
     async fn create_api_token(
@@ -248,6 +246,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         expires_at: Option<Millis>,
         now: Millis,
     ) -> Result<String>;
+    async fn list_api_tokens(&self, user_id: &str) -> Result<Vec<ApiTokenRecord>>;
+    /// Revokes one of the user's tokens; `NotFound` if it is not theirs.
+    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis) -> Result<()>;
     /// The live (unexpired, unrevoked) token with this hash and its owner.
     async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>>;
 
@@ -267,6 +268,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>>;
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
     async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis) -> Result<AgentRecord>;
+    /// Records a heartbeat: version, applied config hash and the whole body.
+    async fn record_heartbeat(
+        &self,
+        id: AgentId,
+        version: Option<&str>,
+        applied_config_hash: Option<&str>,
+        body: &Value,
+        now: Millis,
+    ) -> Result<()>;
     /// Batched `last_seen` updates.
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
     /// Rotates a refresh token; `expected_agent` (the seed-003 `device_public_id`)
@@ -282,19 +292,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // --- the stream
     /// Signals with `seq > after`, oldest first.
-    async fn read_signals(
-        &self,
-        agent_id: AgentId,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<(u64, Signal)>>;
+    async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>>;
     /// Marks these commands delivered (those still queued), returns how many changed.
-    async fn mark_delivered(
-        &self,
-        agent_id: AgentId,
-        ids: &[CommandId],
-        now: Millis,
-    ) -> Result<u64>;
+    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64>;
 
     // --- commands
     async fn create_batch(&self, batch: NewBatch) -> Result<CreatedBatch>;
@@ -305,12 +305,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// (priority, then age), marked delivered.
     async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>>;
     /// `running` report; `NotFound` for another agent's command, `Conflict` when terminal.
-    async fn report_running(
-        &self,
-        agent_id: AgentId,
-        id: CommandId,
-        now: Millis,
-    ) -> Result<Command>;
+    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command>;
     async fn report_result(
         &self,
         agent_id: AgentId,

@@ -18,9 +18,7 @@ pub struct ServerArgs {
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let admin_password = std::env::var("TETHER_ADMIN_PASSWORD")
-        .ok()
-        .filter(|p| !p.is_empty());
+    let admin_password = std::env::var("TETHER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
     let config = ServerConfig::new(args.listen, args.data_dir);
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let addr = server.local_addr()?;

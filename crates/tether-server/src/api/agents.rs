@@ -6,8 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tether_proto::agent::{
-    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest,
-    validate_labels,
+    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest, validate_labels,
 };
 use tether_proto::{AgentId, Data, Labels, Page};
 use tether_store::{AgentFilter, AgentRecord, Millis, NewEnrollToken, Role};
@@ -23,9 +22,8 @@ const OFFLINE_AFTER_MS: Millis = 90_000;
 const MAX_ENROLL_USES: u32 = 1_000_000;
 const MAX_ENROLL_LIFETIME_S: u64 = 366 * 86_400;
 
-fn rfc3339(ms: Millis) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+pub fn rfc3339(ms: Millis) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
@@ -70,16 +68,8 @@ pub async fn list(
     op.require(Role::Viewer)?;
     let limit = page_limit(q.limit)?;
     let mut labels = Labels::new();
-    for pair in q
-        .label
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| ApiError::bad_request("label", "label filters are k=v"))?;
+    for pair in q.label.as_deref().unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| ApiError::bad_request("label", "label filters are k=v"))?;
         labels.insert(k.to_owned(), v.to_owned());
     }
     let filter = AgentFilter {
@@ -89,29 +79,16 @@ pub async fn list(
         limit,
     };
     let records = state.store.list_agents(&filter).await?;
-    let next_cursor = (records.len() == limit as usize)
-        .then(|| records.last().map(|a| a.id.to_string()))
-        .flatten();
+    let next_cursor = (records.len() == limit as usize).then(|| records.last().map(|a| a.id.to_string())).flatten();
     let data = records.into_iter().map(|r| agent_view(&state, r)).collect();
     Ok(axum::Json(Page { data, next_cursor }).into_response())
 }
 
 /// `GET /api/v1/agents/{id}`
-pub async fn get(
-    State(state): State<AppState>,
-    op: Operator,
-    ApiPath(id): ApiPath<AgentId>,
-) -> ApiResult<Response> {
+pub async fn get(State(state): State<AppState>, op: Operator, ApiPath(id): ApiPath<AgentId>) -> ApiResult<Response> {
     op.require(Role::Viewer)?;
-    let rec = state
-        .store
-        .get_agent(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("agent"))?;
-    Ok(axum::Json(Data {
-        data: agent_view(&state, rec),
-    })
-    .into_response())
+    let rec = state.store.get_agent(id).await?.ok_or_else(|| ApiError::not_found("agent"))?;
+    Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
 
 /// `POST /api/v1/agents/{id}/revoke {reason}`: every further call of the
@@ -132,15 +109,8 @@ pub async fn revoke(
         crate::error::decode_json(&headers, &body, crate::error::DEFAULT_BODY_LIMIT)?
     };
     let reason = req.reason;
-    let reason = if reason.is_empty() {
-        format!("revoked by {}", op.name())
-    } else {
-        reason
-    };
-    let rec = state
-        .store
-        .revoke_agent(id, &reason, state.clock.now_ms())
-        .await?;
+    let reason = if reason.is_empty() { format!("revoked by {}", op.name()) } else { reason };
+    let rec = state.store.revoke_agent(id, &reason, state.clock.now_ms()).await?;
     state.streams.revoke(&rec);
     tracing::info!(agent_id = %id, "Agent revoked");
     state
@@ -156,10 +126,7 @@ pub async fn revoke(
             },
         )
         .await;
-    Ok(axum::Json(Data {
-        data: agent_view(&state, rec),
-    })
-    .into_response())
+    Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
 
 /// `POST /api/v1/enroll-tokens {labels, uses, expires_in_s}`: the secret is shown once.
@@ -172,16 +139,10 @@ pub async fn create_enroll_token(
     op.require(Role::Operator)?;
     validate_labels(&req.labels).map_err(|e| ApiError::bad_request("labels", e))?;
     if !(1..=MAX_ENROLL_USES).contains(&req.uses) {
-        return Err(ApiError::bad_request(
-            "uses",
-            format!("uses must be 1..={MAX_ENROLL_USES}"),
-        ));
+        return Err(ApiError::bad_request("uses", format!("uses must be 1..={MAX_ENROLL_USES}")));
     }
     if !(1..=MAX_ENROLL_LIFETIME_S).contains(&req.expires_in_s) {
-        return Err(ApiError::bad_request(
-            "expires_in_s",
-            format!("expires_in_s must be 1..={MAX_ENROLL_LIFETIME_S}"),
-        ));
+        return Err(ApiError::bad_request("expires_in_s", format!("expires_in_s must be 1..={MAX_ENROLL_LIFETIME_S}")));
     }
     let token = new_token(ENROLL_TOKEN_PREFIX);
     let id = uuid::Uuid::now_v7().to_string();
@@ -201,28 +162,24 @@ pub async fn create_enroll_token(
         )
         .await?;
     state
-        .audit(&ctx, AuditEvent {
-            actor: op.name(),
-            actor_kind: "user",
-            action: "enroll_token.create",
-            target: id.clone(),
-            outcome: "ok",
-            details: json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
-        })
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "enroll_token.create",
+                target: id.clone(),
+                outcome: "ok",
+                details: json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
+            },
+        )
         .await;
-    let body = Data {
-        data: CreatedEnrollToken { id, token },
-    };
-    Ok(crate::api::enroll::no_store(
-        (StatusCode::CREATED, axum::Json(body)).into_response(),
-    ))
+    let body = Data { data: CreatedEnrollToken { id, token } };
+    Ok(crate::api::enroll::no_store((StatusCode::CREATED, axum::Json(body)).into_response()))
 }
 
 /// `GET /api/v1/enroll-tokens`
-pub async fn list_enroll_tokens(
-    State(state): State<AppState>,
-    op: Operator,
-) -> ApiResult<Response> {
+pub async fn list_enroll_tokens(State(state): State<AppState>, op: Operator) -> ApiResult<Response> {
     op.require(Role::Operator)?;
     let data: Vec<EnrollToken> = state
         .store
@@ -239,11 +196,7 @@ pub async fn list_enroll_tokens(
             revoked_at: t.revoked_at.map(rfc3339),
         })
         .collect();
-    Ok(axum::Json(Page {
-        data,
-        next_cursor: None,
-    })
-    .into_response())
+    Ok(axum::Json(Page { data, next_cursor: None }).into_response())
 }
 
 /// `DELETE /api/v1/enroll-tokens/{id}`
@@ -254,14 +207,10 @@ pub async fn revoke_enroll_token(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     op.require(Role::Operator)?;
-    state
-        .store
-        .revoke_enroll_token(&id, state.clock.now_ms())
-        .await
-        .map_err(|e| match e {
-            tether_store::StoreError::NotFound => ApiError::not_found("enrollment token"),
-            other => other.into(),
-        })?;
+    state.store.revoke_enroll_token(&id, state.clock.now_ms()).await.map_err(|e| match e {
+        tether_store::StoreError::NotFound => ApiError::not_found("enrollment token"),
+        other => other.into(),
+    })?;
     state
         .audit(
             &ctx,

@@ -8,8 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tether_proto::command::{
-    Batch, Command, CommandStatus, CreateCommand, CreatedCommands, MAX_OUTPUT_BYTES, ResultReport,
-    StatusReport,
+    Batch, Command, CommandStatus, CreateCommand, CreatedCommands, MAX_OUTPUT_BYTES, ResultReport, StatusReport,
 };
 use tether_proto::{AgentId, BatchId, CommandId, DEFAULT_PAGE_LIMIT, Data, MAX_PAGE_LIMIT, Page};
 use tether_store::{CommandFilter, NewBatch, ResultOutcome, Role, StoreError};
@@ -26,12 +25,10 @@ pub async fn create(
     ApiJson(req): ApiJson<CreateCommand>,
 ) -> ApiResult<Response> {
     op.require(Role::Operator)?;
-    let target = req.validate().map_err(|(field, what)| {
-        ApiError::bad_request(field, format!("invalid {field}: {what}"))
-    })?;
+    let target =
+        req.validate().map_err(|(field, what)| ApiError::bad_request(field, format!("invalid {field}: {what}")))?;
     // serde_json maps are sorted, so this serialization is canonical.
-    let request_hash: [u8; 32] =
-        Sha256::digest(serde_json::to_vec(&req).map_err(ApiError::internal)?).into();
+    let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&req).map_err(ApiError::internal)?).into();
     let created = state
         .store
         .create_batch(NewBatch {
@@ -46,20 +43,20 @@ pub async fn create(
     state.notifier.publish(&created.heads);
     if created.created {
         state
-            .audit(&ctx, AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "command.create",
-                target: created.batch_id.to_string(),
-                outcome: "ok",
-                details: json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
-            })
+            .audit(
+                &ctx,
+                AuditEvent {
+                    actor: op.name(),
+                    actor_kind: "user",
+                    action: "command.create",
+                    target: created.batch_id.to_string(),
+                    outcome: "ok",
+                    details: json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
+                },
+            )
             .await;
     }
-    let body = CreatedCommands {
-        batch_id: created.batch_id,
-        command_ids: created.command_ids,
-    };
+    let body = CreatedCommands { batch_id: created.batch_id, command_ids: created.command_ids };
     Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
 }
 
@@ -75,32 +72,19 @@ pub struct ListQuery {
 pub fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
     let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
     if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "limit",
-            format!("limit must be 1..={MAX_PAGE_LIMIT}"),
-        ));
+        return Err(ApiError::bad_request("limit", format!("limit must be 1..={MAX_PAGE_LIMIT}")));
     }
     Ok(limit)
 }
 
-pub fn parse_param<T: std::str::FromStr>(
-    field: &'static str,
-    value: Option<&str>,
-) -> ApiResult<Option<T>> {
+pub fn parse_param<T: std::str::FromStr>(field: &'static str, value: Option<&str>) -> ApiResult<Option<T>> {
     value
         .filter(|v| !v.is_empty())
-        .map(|v| {
-            v.parse()
-                .map_err(|_| ApiError::bad_request(field, format!("{field} is malformed")))
-        })
+        .map(|v| v.parse().map_err(|_| ApiError::bad_request(field, format!("{field} is malformed"))))
         .transpose()
 }
 
-async fn list_page(
-    state: &AppState,
-    q: ListQuery,
-    agent_id: Option<AgentId>,
-) -> ApiResult<Page<Command>> {
+async fn list_page(state: &AppState, q: ListQuery, agent_id: Option<AgentId>) -> ApiResult<Page<Command>> {
     let limit = page_limit(q.limit)?;
     let statuses = q
         .status
@@ -108,10 +92,7 @@ async fn list_page(
         .unwrap_or_default()
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<CommandStatus>()
-                .map_err(|e| ApiError::bad_request("status", e))
-        })
+        .map(|s| s.parse::<CommandStatus>().map_err(|e| ApiError::bad_request("status", e)))
         .collect::<ApiResult<Vec<_>>>()?;
     let filter = CommandFilter {
         statuses,
@@ -121,9 +102,7 @@ async fn list_page(
         limit,
     };
     let data = state.store.list_commands(&filter).await?;
-    let next_cursor = (data.len() == limit as usize)
-        .then(|| data.last().map(|c| c.id.to_string()))
-        .flatten();
+    let next_cursor = (data.len() == limit as usize).then(|| data.last().map(|c| c.id.to_string())).flatten();
     Ok(Page { data, next_cursor })
 }
 
@@ -149,17 +128,9 @@ pub async fn list_for_agent(
 }
 
 /// `GET /api/v1/commands/{id}`
-pub async fn get(
-    State(state): State<AppState>,
-    op: Operator,
-    ApiPath(id): ApiPath<CommandId>,
-) -> ApiResult<Response> {
+pub async fn get(State(state): State<AppState>, op: Operator, ApiPath(id): ApiPath<CommandId>) -> ApiResult<Response> {
     op.require(Role::Viewer)?;
-    let cmd = state
-        .store
-        .get_command(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("command"))?;
+    let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
 }
 
@@ -179,11 +150,7 @@ pub async fn cancel(
     ApiPath(id): ApiPath<CommandId>,
 ) -> ApiResult<Response> {
     op.require(Role::Operator)?;
-    let out = state
-        .store
-        .cancel_command(id, state.clock.now_ms())
-        .await
-        .map_err(|e| cancel_error(e, "command"))?;
+    let out = state.store.cancel_command(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "command"))?;
     state.notifier.publish(&out.heads);
     state
         .audit(
@@ -198,11 +165,7 @@ pub async fn cancel(
             },
         )
         .await;
-    let cmd = state
-        .store
-        .get_command(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("command"))?;
+    let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
 }
 
@@ -213,11 +176,7 @@ pub async fn get_batch(
     ApiPath(id): ApiPath<BatchId>,
 ) -> ApiResult<Response> {
     op.require(Role::Viewer)?;
-    let batch: Batch = state
-        .store
-        .get_batch(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("batch"))?;
+    let batch: Batch = state.store.get_batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;
     Ok(axum::Json(Data { data: batch }).into_response())
 }
 
@@ -229,11 +188,7 @@ pub async fn cancel_batch(
     ApiPath(id): ApiPath<BatchId>,
 ) -> ApiResult<Response> {
     op.require(Role::Operator)?;
-    let out = state
-        .store
-        .cancel_batch(id, state.clock.now_ms())
-        .await
-        .map_err(|e| cancel_error(e, "batch"))?;
+    let out = state.store.cancel_batch(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "batch"))?;
     state.notifier.publish(&out.heads);
     state
         .audit(
@@ -248,11 +203,7 @@ pub async fn cancel_batch(
             },
         )
         .await;
-    let batch = state
-        .store
-        .get_batch(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("batch"))?;
+    let batch = state.store.get_batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;
     Ok(axum::Json(Data { data: batch }).into_response())
 }
 
@@ -264,24 +215,14 @@ pub async fn report_status(
     ApiJson(report): ApiJson<StatusReport>,
 ) -> ApiResult<Response> {
     if report.state != CommandStatus::Running {
-        return Err(ApiError::bad_request(
-            "state",
-            "state must be \"running\"; send results to …/result",
-        ));
+        return Err(ApiError::bad_request("state", "state must be \"running\"; send results to …/result"));
     }
-    let cmd = state
-        .store
-        .report_running(agent.id, id, state.clock.now_ms())
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound => ApiError::not_found("command"),
-            StoreError::Conflict(what) => ApiError::conflict(what),
-            other => other.into(),
-        })?;
-    Ok(axum::Json(Data {
-        data: json!({"id": cmd.id, "status": cmd.status}),
-    })
-    .into_response())
+    let cmd = state.store.report_running(agent.id, id, state.clock.now_ms()).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::not_found("command"),
+        StoreError::Conflict(what) => ApiError::conflict(what),
+        other => other.into(),
+    })?;
+    Ok(axum::Json(Data { data: json!({"id": cmd.id, "status": cmd.status}) }).into_response())
 }
 
 /// Cuts `s` to at most `max` bytes on a char boundary; true when it cut.
@@ -323,43 +264,21 @@ pub async fn report_result(
         outcome,
         details,
     };
-    match state
-        .store
-        .report_result(agent.id, id, &report, state.clock.now_ms())
-        .await
-    {
+    match state.store.report_result(agent.id, id, &report, state.clock.now_ms()).await {
         Ok(ResultOutcome::Recorded { late, command }) => {
             let outcome = if late { "late" } else { "ok" };
-            state
-                .audit(
-                    &ctx,
-                    event("command.result", outcome, json!({"status": command.status})),
-                )
-                .await;
-            Ok(axum::Json(Data {
-                data: json!({"id": id, "status": command.status}),
-            })
-            .into_response())
+            state.audit(&ctx, event("command.result", outcome, json!({"status": command.status}))).await;
+            Ok(axum::Json(Data { data: json!({"id": id, "status": command.status}) }).into_response())
         }
-        Ok(ResultOutcome::Unchanged) => Ok(axum::Json(Data {
-            data: json!({"id": id, "status": report.status}),
-        })
-        .into_response()),
+        Ok(ResultOutcome::Unchanged) => {
+            Ok(axum::Json(Data { data: json!({"id": id, "status": report.status}) }).into_response())
+        }
         Err(StoreError::NotFound) => Err(ApiError::not_found("command")),
         Err(StoreError::Conflict(what)) => {
             state
-                .audit(
-                    &ctx,
-                    event(
-                        "command.result",
-                        "conflict",
-                        json!({"reported": report.status, "reason": what}),
-                    ),
-                )
+                .audit(&ctx, event("command.result", "conflict", json!({"reported": report.status, "reason": what})))
                 .await;
-            Err(ApiError::conflict(format!(
-                "a different result is already recorded: {what}"
-            )))
+            Err(ApiError::conflict(format!("a different result is already recorded: {what}")))
         }
         Err(other) => Err(other.into()),
     }

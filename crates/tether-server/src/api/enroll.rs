@@ -21,8 +21,7 @@ const MAX_HOSTNAME_LEN: usize = 253;
 
 /// Adds `Cache-Control: no-store`, required on every credential response.
 pub fn no_store(mut res: Response) -> Response {
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
 
@@ -30,12 +29,12 @@ fn parse_public_key(text: &str) -> ApiResult<Vec<u8>> {
     let bytes = URL_SAFE_NO_PAD
         .decode(text.trim_end_matches('='))
         .map_err(|_| ApiError::bad_request("public_key", "public_key must be base64url"))?;
-    let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-        ApiError::bad_request("public_key", "public_key must be a raw 32-byte Ed25519 key")
-    })?;
-    ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|_| {
-        ApiError::bad_request("public_key", "public_key is not a valid Ed25519 point")
-    })?;
+    let raw: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| ApiError::bad_request("public_key", "public_key must be a raw 32-byte Ed25519 key"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&raw)
+        .map_err(|_| ApiError::bad_request("public_key", "public_key is not a valid Ed25519 point"))?;
     Ok(raw.to_vec())
 }
 
@@ -46,10 +45,7 @@ pub async fn enroll(
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> ApiResult<Response> {
     let public_key = parse_public_key(&req.public_key)?;
-    if req.hostname.is_empty()
-        || req.hostname.len() > MAX_HOSTNAME_LEN
-        || req.hostname.chars().any(char::is_control)
-    {
+    if req.hostname.is_empty() || req.hostname.len() > MAX_HOSTNAME_LEN || req.hostname.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "hostname",
             format!("hostname must be 1-{MAX_HOSTNAME_LEN} printable chars"),
@@ -58,43 +54,32 @@ pub async fn enroll(
     validate_labels(&req.labels).map_err(|e| ApiError::bad_request("labels", e))?;
     let refresh_token = new_token(REFRESH_TOKEN_PREFIX);
     let now = state.clock.now_ms();
-    let agent = NewAgent {
-        id: AgentId::new(),
-        hostname: req.hostname,
-        labels: req.labels,
-        facts: req.facts,
-        public_key,
-    };
-    let rec =
-        match state
-            .store
-            .enroll_agent(
-                hash_token(&req.enroll_token),
-                agent,
-                hash_token(&refresh_token),
-                now,
-            )
-            .await
-        {
-            Ok(rec) => rec,
-            Err(StoreError::NotFound) => {
-                state
-                .audit(&ctx, AuditEvent {
-                    actor: "anonymous",
-                    actor_kind: "anonymous",
-                    action: "agent.enroll",
-                    target: String::new(),
-                    outcome: "denied",
-                    details: json!({"reason": "enrollment token invalid, expired or used up"}),
-                })
+    let agent =
+        NewAgent { id: AgentId::new(), hostname: req.hostname, labels: req.labels, facts: req.facts, public_key };
+    let rec = match state
+        .store
+        .enroll_agent(hash_token(&req.enroll_token), agent, hash_token(&refresh_token), now)
+        .await
+    {
+        Ok(rec) => rec,
+        Err(StoreError::NotFound) => {
+            state
+                .audit(
+                    &ctx,
+                    AuditEvent {
+                        actor: "anonymous",
+                        actor_kind: "anonymous",
+                        action: "agent.enroll",
+                        target: String::new(),
+                        outcome: "denied",
+                        details: json!({"reason": "enrollment token invalid, expired or used up"}),
+                    },
+                )
                 .await;
-                return Err(ApiError::new(
-                    ErrorKey::Unauthenticated,
-                    "enrollment token is invalid, expired or used up",
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
+            return Err(ApiError::new(ErrorKey::Unauthenticated, "enrollment token is invalid, expired or used up"));
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(agent_id = %rec.id, hostname = %rec.hostname, "Agent enrolled");
     state
         .audit(
@@ -115,9 +100,7 @@ pub async fn enroll(
         refresh_token,
         expires_in: ACCESS_TOKEN_TTL_S,
     };
-    Ok(no_store(
-        (StatusCode::CREATED, axum::Json(Data { data: pair })).into_response(),
-    ))
+    Ok(no_store((StatusCode::CREATED, axum::Json(Data { data: pair })).into_response()))
 }
 
 /// Why a refresh failed, before it is shaped for the route's error format.
@@ -147,10 +130,7 @@ async fn rotate(
         .await
         .map_err(|e| RefreshFailure::Api(e.into()))?;
     match outcome {
-        RefreshOutcome::Rotated {
-            agent_id,
-            lost_response_retry,
-        } => {
+        RefreshOutcome::Rotated { agent_id, lost_response_retry } => {
             if lost_response_retry {
                 tracing::info!(agent_id = %agent_id, "Refresh retried after a lost response");
             }
@@ -191,14 +171,8 @@ pub async fn refresh(
 ) -> ApiResult<Response> {
     match rotate(&state, &ctx, &req.refresh_token, Some(req.device_public_id)).await {
         Ok(pair) => Ok(no_store(axum::Json(Data { data: pair }).into_response())),
-        Err(RefreshFailure::Invalid) => Err(ApiError::new(
-            ErrorKey::Unauthenticated,
-            "refresh token is invalid",
-        )),
-        Err(RefreshFailure::Revoked) => Err(ApiError::new(
-            ErrorKey::DeviceRevoked,
-            "this agent has been revoked",
-        )),
+        Err(RefreshFailure::Invalid) => Err(ApiError::new(ErrorKey::Unauthenticated, "refresh token is invalid")),
+        Err(RefreshFailure::Revoked) => Err(ApiError::new(ErrorKey::DeviceRevoked, "this agent has been revoked")),
         Err(RefreshFailure::Api(e)) => Err(e),
     }
 }
@@ -211,11 +185,7 @@ pub struct TokenForm {
 
 /// An RFC 6749 §5.2 error answer.
 pub fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    let mut res = (
-        status,
-        axum::Json(json!({"error": error, "error_description": description})),
-    )
-        .into_response();
+    let mut res = (status, axum::Json(json!({"error": error, "error_description": description}))).into_response();
     res.extensions_mut().insert(crate::error::OwnErrorFormat);
     no_store(res)
 }
@@ -227,25 +197,13 @@ pub async fn oauth_token(
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let Ok(axum::Form(form)) = form else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "expected a form-encoded token request",
-        );
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "expected a form-encoded token request");
     };
     if form.grant_type != "refresh_token" {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            "grant_type is not supported",
-        );
+        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type is not supported");
     }
     let Some(presented) = form.refresh_token else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "refresh_token is required",
-        );
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required");
     };
     match rotate(&state, &ctx, &presented, None).await {
         Ok(pair) => no_store(
@@ -258,20 +216,10 @@ pub async fn oauth_token(
             }))
             .into_response(),
         ),
-        Err(RefreshFailure::Invalid) => oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_grant",
-            "refresh token is invalid",
-        ),
-        Err(RefreshFailure::Revoked) => oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_grant",
-            "agent has been revoked",
-        ),
-        Err(RefreshFailure::Api(_)) => oauth_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "try again",
-        ),
+        Err(RefreshFailure::Invalid) => {
+            oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "refresh token is invalid")
+        }
+        Err(RefreshFailure::Revoked) => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "agent has been revoked"),
+        Err(RefreshFailure::Api(_)) => oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "try again"),
     }
 }

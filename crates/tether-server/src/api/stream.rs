@@ -27,17 +27,8 @@ pub struct IfNoneMatch(Option<String>);
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfNoneMatch {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Ok(Self(
-            parts
-                .headers
-                .get(header::IF_NONE_MATCH)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-        ))
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_owned)))
     }
 }
 
@@ -51,10 +42,7 @@ pub struct UpdatesQuery {
 fn check_wait(wait: Option<u32>) -> ApiResult<u32> {
     let wait = wait.unwrap_or(0);
     if wait > MAX_WAIT_S {
-        return Err(ApiError::bad_request(
-            "wait",
-            format!("wait must be 0..={MAX_WAIT_S} seconds"),
-        ));
+        return Err(ApiError::bad_request("wait", format!("wait must be 0..={MAX_WAIT_S} seconds")));
     }
     Ok(wait)
 }
@@ -94,10 +82,7 @@ pub async fn updates(
 ) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "limit",
-            format!("limit must be 1..={MAX_LIMIT}"),
-        ));
+        return Err(ApiError::bad_request("limit", format!("limit must be 1..={MAX_LIMIT}")));
     }
     let wait = check_wait(q.wait)?;
     let cursor_text = q.cursor.or(if_none_match);
@@ -114,11 +99,8 @@ pub async fn updates(
         None => start.floor,
         Some(c) if c.epoch == start.epoch && c.seq <= start.head && c.seq >= start.floor => c.seq,
         Some(_) => {
-            return Err(ApiError::new(
-                ErrorKey::CursorExpired,
-                "cursor is outside the retained stream; resync",
-            )
-            .with("cursor", format!("{}-{}", start.epoch, start.floor)));
+            return Err(ApiError::new(ErrorKey::CursorExpired, "cursor is outside the retained stream; resync")
+                .with("cursor", format!("{}-{}", start.epoch, start.floor)));
         }
     };
     if start.head <= from && wait > 0 {
@@ -132,20 +114,10 @@ pub async fn updates(
         return Err(revoked_error(&agent.stream));
     }
     if now.epoch != start.epoch {
-        return Err(ApiError::new(
-            ErrorKey::CursorExpired,
-            "the stream was reset; resync",
-        ));
+        return Err(ApiError::new(ErrorKey::CursorExpired, "the stream was reset; resync"));
     }
     if now.head <= from || now.poll_gen != generation {
-        return Ok(with_etag(
-            StatusCode::NO_CONTENT,
-            Cursor {
-                epoch: start.epoch,
-                seq: from,
-            },
-            None,
-        ));
+        return Ok(with_etag(StatusCode::NO_CONTENT, Cursor { epoch: start.epoch, seq: from }, None));
     }
 
     let signals = state.store.read_signals(agent.id, from, limit).await?;
@@ -156,18 +128,9 @@ pub async fn updates(
         .filter_map(|(_, s)| serde_json::from_value::<CommandQueued>(s.reference.clone()).ok())
         .map(|c| c.command_id)
         .collect();
-    state
-        .store
-        .mark_delivered(agent.id, &delivered, state.clock.now_ms())
-        .await?;
-    let cursor = Cursor {
-        epoch: start.epoch,
-        seq: last,
-    };
-    let body = Updates {
-        cursor: cursor.to_string(),
-        signals: signals.into_iter().map(|(_, s)| s).collect(),
-    };
+    state.store.mark_delivered(agent.id, &delivered, state.clock.now_ms()).await?;
+    let cursor = Cursor { epoch: start.epoch, seq: last };
+    let body = Updates { cursor: cursor.to_string(), signals: signals.into_iter().map(|(_, s)| s).collect() };
     Ok(with_etag(StatusCode::OK, cursor, Some(body)))
 }
 

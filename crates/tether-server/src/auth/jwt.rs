@@ -53,20 +53,16 @@ impl AccessTokens {
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "iat"]);
         validation.leeway = LEEWAY_S;
-        Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
-        }
+        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
     }
 
     /// Loads the key from `keys/jwt.key` in the data dir, creating it (0600) on first start.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<Self> {
         let path = data_dir.join("keys").join("jwt.key");
         let secret: [u8; 32] = match std::fs::read(&path) {
-            Ok(bytes) => bytes.try_into().map_err(|_| {
-                std::io::Error::other(format!("{} must hold exactly 32 bytes", path.display()))
-            })?,
+            Ok(bytes) => bytes
+                .try_into()
+                .map_err(|_| std::io::Error::other(format!("{} must hold exactly 32 bytes", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = super::secret::random_bytes::<32>();
                 crate::fsutil::write_private(&path, &secret)?;
@@ -94,15 +90,11 @@ impl AccessTokens {
 
     pub fn verify(&self, token: &str) -> Result<AgentId, TokenError> {
         match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
-            Ok(data) if data.claims.typ == "agent" && data.claims.device_id == data.claims.sub => {
-                Ok(data.claims.sub)
-            }
+            Ok(data) if data.claims.typ == "agent" && data.claims.device_id == data.claims.sub => Ok(data.claims.sub),
             Ok(_) => Err(TokenError::Invalid),
             Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
                 // The signature was checked before expiry, so the claims are genuine.
-                let exp = jsonwebtoken::dangerous::insecure_decode::<Claims>(token)
-                    .map(|d| d.claims.exp)
-                    .unwrap_or(0);
+                let exp = jsonwebtoken::dangerous::insecure_decode::<Claims>(token).map(|d| d.claims.exp).unwrap_or(0);
                 Err(TokenError::Expired { expired_at: exp })
             }
             Err(_) => Err(TokenError::Invalid),
@@ -124,10 +116,7 @@ mod tests {
         let id = AgentId::new();
         assert_eq!(tokens.verify(&tokens.issue(id, now())), Ok(id));
         let other = AccessTokens::new(&[8; 32]);
-        assert_eq!(
-            other.verify(&tokens.issue(id, now())),
-            Err(TokenError::Invalid)
-        );
+        assert_eq!(other.verify(&tokens.issue(id, now())), Err(TokenError::Invalid));
         assert_eq!(tokens.verify("not.a.jwt"), Err(TokenError::Invalid));
     }
 
@@ -136,17 +125,8 @@ mod tests {
         let tokens = AccessTokens::new(&[7; 32]);
         let issued = now() - ACCESS_TOKEN_TTL_S - LEEWAY_S - 5;
         let err = tokens.verify(&tokens.issue(AgentId::new(), issued));
-        assert_eq!(
-            err,
-            Err(TokenError::Expired {
-                expired_at: issued + ACCESS_TOKEN_TTL_S
-            })
-        );
+        assert_eq!(err, Err(TokenError::Expired { expired_at: issued + ACCESS_TOKEN_TTL_S }));
         let within_leeway = now() - ACCESS_TOKEN_TTL_S - 10;
-        assert!(
-            tokens
-                .verify(&tokens.issue(AgentId::new(), within_leeway))
-                .is_ok()
-        );
+        assert!(tokens.verify(&tokens.issue(AgentId::new(), within_leeway)).is_ok());
     }
 }

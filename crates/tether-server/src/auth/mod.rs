@@ -36,10 +36,7 @@ pub fn revoked_error(stream: &AgentStream) -> ApiError {
     let (at, reason) = stream.revocation().cloned().unwrap_or_default();
     let at = time::OffsetDateTime::from_unix_timestamp(at / 1000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        });
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
     ApiError::new(ErrorKey::DeviceRevoked, "this agent has been revoked")
         .with("revoked_at", at.unwrap_or_default())
         .with("reason", reason)
@@ -48,29 +45,18 @@ pub fn revoked_error(stream: &AgentStream) -> ApiError {
 impl FromRequestParts<AppState> for AgentCaller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(ApiError::unauthenticated)?;
         let id = state.tokens.verify(token).map_err(|e| match e {
             jwt::TokenError::Expired { expired_at } => {
                 let at = time::OffsetDateTime::from_unix_timestamp(expired_at as i64)
                     .ok()
-                    .and_then(|t| {
-                        t.format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    });
-                ApiError::new(ErrorKey::TokenExpired, "access token expired")
-                    .with("expired_at", json!(at))
+                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+                ApiError::new(ErrorKey::TokenExpired, "access token expired").with("expired_at", json!(at))
             }
             jwt::TokenError::Invalid => ApiError::unauthenticated(),
         })?;
-        let stream = state
-            .streams
-            .get(state.store.as_ref(), id)
-            .await?
-            .ok_or_else(ApiError::unauthenticated)?;
+        let stream = state.streams.get(state.store.as_ref(), id).await?.ok_or_else(ApiError::unauthenticated)?;
         if stream.state().revoked {
             return Err(revoked_error(&stream));
         }
@@ -93,11 +79,7 @@ impl Operator {
             Role::Operator => 1,
             Role::Admin => 2,
         };
-        if rank(self.user.role) >= rank(role) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden())
-        }
+        if rank(self.user.role) >= rank(role) { Ok(()) } else { Err(ApiError::forbidden()) }
     }
 
     pub fn name(&self) -> &str {
@@ -108,19 +90,10 @@ impl Operator {
 impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
         let (scheme, value) = header.split_once(' ').unwrap_or_default();
-        let user = if scheme.eq_ignore_ascii_case("bearer")
-            && value.starts_with(secret::API_TOKEN_PREFIX)
-        {
+        let user = if scheme.eq_ignore_ascii_case("bearer") && value.starts_with(secret::API_TOKEN_PREFIX) {
             api_token_user(state, value.trim()).await?
         } else if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD
@@ -128,9 +101,7 @@ impl FromRequestParts<AppState> for Operator {
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
                 .ok_or_else(ApiError::unauthenticated)?;
-            let (username, password) = decoded
-                .split_once(':')
-                .ok_or_else(ApiError::unauthenticated)?;
+            let (username, password) = decoded.split_once(':').ok_or_else(ApiError::unauthenticated)?;
             if password.starts_with(secret::API_TOKEN_PREFIX) {
                 // Seed 002: an API token may be sent as the Basic password.
                 api_token_user(state, password).await?
@@ -140,31 +111,21 @@ impl FromRequestParts<AppState> for Operator {
         } else {
             None
         };
-        user.map(|user| Self { user })
-            .ok_or_else(ApiError::unauthenticated)
+        user.map(|user| Self { user }).ok_or_else(ApiError::unauthenticated)
     }
 }
 
 async fn api_token_user(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
-    Ok(state
-        .store
-        .find_api_token(secret::hash_token(token), state.clock.now_ms())
-        .await?)
+    Ok(state.store.find_api_token(secret::hash_token(token), state.clock.now_ms()).await?)
 }
 
-async fn basic_user(
-    state: &AppState,
-    username: &str,
-    password: &str,
-) -> Result<Option<User>, ApiError> {
+async fn basic_user(state: &AppState, username: &str, password: &str) -> Result<Option<User>, ApiError> {
     let user = state.store.find_user(username).await?;
     let stored = user.as_ref().map(|u| u.password_hash.clone());
     let password = password.to_owned();
     // argon2 is deliberately slow: keep it off the async workers.
-    let ok = tokio::task::spawn_blocking(move || {
-        password::verify_password(&password, stored.as_deref())
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    let ok = tokio::task::spawn_blocking(move || password::verify_password(&password, stored.as_deref()))
+        .await
+        .map_err(ApiError::internal)?;
     Ok(if ok { user } else { None })
 }

@@ -9,8 +9,7 @@ fn argon2() -> Argon2<'static> {
 }
 
 pub fn hash_password(password: &str) -> String {
-    let salt =
-        SaltString::encode_b64(&super::secret::random_bytes::<16>()).expect("16-byte salt encodes");
+    let salt = SaltString::encode_b64(&super::secret::random_bytes::<16>()).expect("16-byte salt encodes");
     argon2()
         .hash_password(password.as_bytes(), &salt)
         .expect("argon2 hashing cannot fail with valid params")
@@ -25,9 +24,7 @@ pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
     let Ok(parsed) = PasswordHash::new(stored.unwrap_or(dummy)) else {
         return false;
     };
-    let ok = argon2()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok();
+    let ok = argon2().verify_password(password.as_bytes(), &parsed).is_ok();
     ok && stored.is_some()
 }
 

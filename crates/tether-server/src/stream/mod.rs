@@ -115,11 +115,7 @@ pub struct Streams {
 impl Streams {
     /// The agent's stream, loading it from the store on first use only.
     /// `None` when the agent does not exist.
-    pub async fn get(
-        &self,
-        store: &dyn Store,
-        id: AgentId,
-    ) -> Result<Option<Arc<AgentStream>>, StoreError> {
+    pub async fn get(&self, store: &dyn Store, id: AgentId) -> Result<Option<Arc<AgentStream>>, StoreError> {
         if let Some(s) = self.agents.get(&id) {
             return Ok(Some(s.clone()));
         }
@@ -132,11 +128,7 @@ impl Streams {
             if self.published.load(Ordering::Acquire) != before {
                 continue;
             }
-            let stream = self
-                .agents
-                .entry(id)
-                .or_insert_with(|| Arc::new(AgentStream::new(&rec)))
-                .clone();
+            let stream = self.agents.entry(id).or_insert_with(|| Arc::new(AgentStream::new(&rec))).clone();
             return Ok(Some(stream));
         }
     }
@@ -154,15 +146,8 @@ impl Streams {
     /// Marks an agent revoked in memory: every further call is refused and
     /// waiting polls end at once.
     pub fn revoke(&self, rec: &AgentRecord) {
-        let stream = self
-            .agents
-            .entry(rec.id)
-            .or_insert_with(|| Arc::new(AgentStream::new(rec)))
-            .clone();
-        stream.revoke(
-            rec.revoked_at.unwrap_or_default(),
-            rec.revoke_reason.as_deref().unwrap_or_default(),
-        );
+        let stream = self.agents.entry(rec.id).or_insert_with(|| Arc::new(AgentStream::new(rec))).clone();
+        stream.revoke(rec.revoked_at.unwrap_or_default(), rec.revoke_reason.as_deref().unwrap_or_default());
     }
 
     /// `last_seen` values that changed since the previous call.
@@ -179,10 +164,7 @@ impl Streams {
 
     /// The in-memory `last_seen` of a loaded agent.
     pub fn last_seen(&self, id: AgentId) -> Option<Millis> {
-        self.agents
-            .get(&id)
-            .map(|s| s.last_seen())
-            .filter(|&t| t > 0)
+        self.agents.get(&id).map(|s| s.last_seen()).filter(|&t| t > 0)
     }
 
     pub fn loaded(&self) -> usize {

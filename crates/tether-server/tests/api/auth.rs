@@ -17,12 +17,7 @@ fn server_key(app: &TestApp) -> Vec<u8> {
 }
 
 fn forge(app: &TestApp, alg: Algorithm, claims: serde_json::Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(alg),
-        &claims,
-        &EncodingKey::from_secret(&server_key(app)),
-    )
-    .expect("encode")
+    jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(&server_key(app))).expect("encode")
 }
 
 fn claims(sub: &str, aud: &str, exp: u64) -> serde_json::Value {
@@ -46,37 +41,17 @@ async fn access_tokens_are_checked_for_signature_expiry_audience_and_algorithm()
 
     let unauthenticated = (401, Some(ErrorKey::Unauthenticated));
     assert_eq!(poll_status(&app, "garbage").await, unauthenticated);
-    let expired = forge(
-        &app,
-        Algorithm::HS256,
-        claims(&id, "tether-agent", now() - 3600),
-    );
-    assert_eq!(
-        poll_status(&app, &expired).await,
-        (401, Some(ErrorKey::TokenExpired))
-    );
-    let wrong_aud = forge(
-        &app,
-        Algorithm::HS256,
-        claims(&id, "someone-else", now() + 600),
-    );
+    let expired = forge(&app, Algorithm::HS256, claims(&id, "tether-agent", now() - 3600));
+    assert_eq!(poll_status(&app, &expired).await, (401, Some(ErrorKey::TokenExpired)));
+    let wrong_aud = forge(&app, Algorithm::HS256, claims(&id, "someone-else", now() + 600));
     assert_eq!(poll_status(&app, &wrong_aud).await, unauthenticated);
-    let wrong_alg = forge(
-        &app,
-        Algorithm::HS512,
-        claims(&id, "tether-agent", now() + 600),
-    );
+    let wrong_alg = forge(&app, Algorithm::HS512, claims(&id, "tether-agent", now() + 600));
     assert_eq!(poll_status(&app, &wrong_alg).await, unauthenticated);
     // alg=none: header says none, no signature.
     use base64::Engine;
-    let b64 = |v: &serde_json::Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-    };
-    let none = format!(
-        "{}.{}.",
-        b64(&json!({"alg": "none", "typ": "JWT"})),
-        b64(&claims(&id, "tether-agent", now() + 600))
-    );
+    let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let none =
+        format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims(&id, "tether-agent", now() + 600)));
     assert_eq!(poll_status(&app, &none).await, unauthenticated);
     // Signed by another server.
     let foreign = jsonwebtoken::encode(
@@ -87,15 +62,8 @@ async fn access_tokens_are_checked_for_signature_expiry_audience_and_algorithm()
     .expect("encode");
     assert_eq!(poll_status(&app, &foreign).await, unauthenticated);
     // A valid token for an agent that does not exist.
-    let ghost = forge(
-        &app,
-        Algorithm::HS256,
-        claims(
-            &tether_proto::AgentId::new().to_string(),
-            "tether-agent",
-            now() + 600,
-        ),
-    );
+    let ghost =
+        forge(&app, Algorithm::HS256, claims(&tether_proto::AgentId::new().to_string(), "tether-agent", now() + 600));
     assert_eq!(poll_status(&app, &ghost).await, unauthenticated);
     app.stop().await;
 }
@@ -105,26 +73,14 @@ async fn refresh_rotates_and_reuse_revokes_the_whole_family() {
     let app = spawn_app().await;
     let (_, pair) = app.agent(&[]).await;
     let anon = app.anon();
-    let second = anon
-        .refresh(&pair.refresh_token, pair.agent_id)
-        .await
-        .expect("rotate");
+    let second = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("rotate");
     assert_ne!(second.refresh_token, pair.refresh_token);
     assert_eq!(poll_status(&app, &second.access_token).await.0, 204);
     // Use the successor, then replay the first token: theft, the family dies.
-    let third = anon
-        .refresh(&second.refresh_token, pair.agent_id)
-        .await
-        .expect("rotate again");
-    let err = anon
-        .refresh(&pair.refresh_token, pair.agent_id)
-        .await
-        .expect_err("reuse");
+    let third = anon.refresh(&second.refresh_token, pair.agent_id).await.expect("rotate again");
+    let err = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect_err("reuse");
     assert_eq!(err.key(), Some(ErrorKey::Unauthenticated));
-    let err = anon
-        .refresh(&third.refresh_token, pair.agent_id)
-        .await
-        .expect_err("family revoked");
+    let err = anon.refresh(&third.refresh_token, pair.agent_id).await.expect_err("family revoked");
     assert_eq!(err.key(), Some(ErrorKey::Unauthenticated));
     // The reuse is in the audit log.
     let rows = app.state.store.list_audit(0, 100).await.expect("audit");
@@ -137,23 +93,11 @@ async fn a_lost_refresh_response_can_be_retried_once_within_the_grace() {
     let app = spawn_app().await;
     let (_, pair) = app.agent(&[]).await;
     let anon = app.anon();
-    let lost = anon
-        .refresh(&pair.refresh_token, pair.agent_id)
-        .await
-        .expect("rotate (response lost)");
-    let retry = anon
-        .refresh(&pair.refresh_token, pair.agent_id)
-        .await
-        .expect("retry within grace");
+    let lost = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("rotate (response lost)");
+    let retry = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("retry within grace");
     // The successor nobody received is dead; the retry's pair works.
-    assert!(
-        anon.refresh(&lost.refresh_token, pair.agent_id)
-            .await
-            .is_err()
-    );
-    anon.refresh(&retry.refresh_token, pair.agent_id)
-        .await
-        .expect("live successor");
+    assert!(anon.refresh(&lost.refresh_token, pair.agent_id).await.is_err());
+    anon.refresh(&retry.refresh_token, pair.agent_id).await.expect("live successor");
     app.stop().await;
 }
 
@@ -162,20 +106,13 @@ async fn refresh_for_another_device_id_and_the_oauth_form() {
     let app = spawn_app().await;
     let (_, a) = app.agent(&[]).await;
     let (_, b) = app.agent(&[]).await;
-    let err = app
-        .anon()
-        .refresh(&a.refresh_token, b.agent_id)
-        .await
-        .expect_err("wrong device");
+    let err = app.anon().refresh(&a.refresh_token, b.agent_id).await.expect_err("wrong device");
     assert_eq!(err.key(), Some(ErrorKey::Unauthenticated));
 
     let http = app.http();
     let res = http
         .post(app.url("/oauth/token"))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", a.refresh_token.as_str()),
-        ])
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", a.refresh_token.as_str())])
         .send()
         .await
         .expect("send");
@@ -183,18 +120,10 @@ async fn refresh_for_another_device_id_and_the_oauth_form() {
     assert_eq!(res.headers()["cache-control"], "no-store");
     let body: serde_json::Value = res.json().await.expect("json");
     assert_eq!(body["token_type"], "Bearer");
-    assert_eq!(
-        poll_status(&app, body["access_token"].as_str().expect("token"))
-            .await
-            .0,
-        204
-    );
+    assert_eq!(poll_status(&app, body["access_token"].as_str().expect("token")).await.0, 204);
     let res = http
         .post(app.url("/oauth/token"))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", "ttr_bogus"),
-        ])
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", "ttr_bogus")])
         .send()
         .await
         .expect("send");
@@ -218,11 +147,7 @@ async fn enrollment_tokens_are_single_use_and_revocable() {
     app.anon().enroll(&req(&token)).await.expect("first use");
     let err = app.anon().enroll(&req(&token)).await.expect_err("used up");
     assert_eq!(err.key(), Some(ErrorKey::Unauthenticated));
-    let err = app
-        .anon()
-        .enroll(&req("tte_never-issued"))
-        .await
-        .expect_err("unknown");
+    let err = app.anon().enroll(&req("tte_never-issued")).await.expect_err("unknown");
     assert_eq!(err.status(), Some(401));
 
     let revoked = app
@@ -234,10 +159,7 @@ async fn enrollment_tokens_are_single_use_and_revocable() {
         })
         .await
         .expect("token");
-    app.admin
-        .revoke_enroll_token(&revoked.id)
-        .await
-        .expect("revoke");
+    app.admin.revoke_enroll_token(&revoked.id).await.expect("revoke");
     assert!(app.anon().enroll(&req(&revoked.token)).await.is_err());
 
     let mut bad_key = req(&token);
@@ -252,52 +174,22 @@ async fn agent_and_operator_credentials_do_not_cross() {
     let app = spawn_app().await;
     let (agent, _) = app.agent(&[]).await;
     // An agent token on operator routes.
-    let err = agent
-        .list_commands(&Default::default())
-        .await
-        .expect_err("agent on operator route");
+    let err = agent.list_commands(&Default::default()).await.expect_err("agent on operator route");
     assert_eq!(err.status(), Some(401));
     // An operator token on agent routes.
-    let err = app
-        .admin
-        .updates(None, 20, 0)
-        .await
-        .expect_err("operator on agent route");
+    let err = app.admin.updates(None, 20, 0).await.expect_err("operator on agent route");
     assert_eq!(err.status(), Some(401));
     // No credentials at all.
-    assert_eq!(
-        app.anon()
-            .list_agents(&Default::default())
-            .await
-            .expect_err("anon")
-            .status(),
-        Some(401)
-    );
+    assert_eq!(app.anon().list_agents(&Default::default()).await.expect_err("anon").status(), Some(401));
     // Basic with the admin password works; a wrong one does not.
     let basic = |p: &str| {
         Client::new(&app.base)
             .expect("client")
-            .with_credentials(Credentials::Basic {
-                username: "admin".into(),
-                password: p.into(),
-            })
+            .with_credentials(Credentials::Basic { username: "admin".into(), password: p.into() })
     };
-    basic(ADMIN_PASSWORD)
-        .list_agents(&Default::default())
-        .await
-        .expect("basic auth");
-    assert_eq!(
-        basic("wrong")
-            .list_agents(&Default::default())
-            .await
-            .expect_err("wrong")
-            .status(),
-        Some(401)
-    );
+    basic(ADMIN_PASSWORD).list_agents(&Default::default()).await.expect("basic auth");
+    assert_eq!(basic("wrong").list_agents(&Default::default()).await.expect_err("wrong").status(), Some(401));
     // Seed 002: the API token as the Basic password.
-    basic(&app.admin_token)
-        .list_agents(&Default::default())
-        .await
-        .expect("token as basic password");
+    basic(&app.admin_token).list_agents(&Default::default()).await.expect("token as basic password");
     app.stop().await;
 }

@@ -14,10 +14,7 @@ async fn labels_target_reaches_exactly_the_matching_agents() {
     let (_, db) = app.agent(&[("role", "db")]).await;
     let created = app
         .admin
-        .create_command(&CreateCommand::new(
-            Target::labels(labels(&[("role", "web")])),
-            "ping",
-        ))
+        .create_command(&CreateCommand::new(Target::labels(labels(&[("role", "web")])), "ping"))
         .await
         .expect("create");
     let mut targets: Vec<_> = Vec::new();
@@ -30,11 +27,7 @@ async fn labels_target_reaches_exactly_the_matching_agents() {
     assert_eq!(targets, expected);
     assert!(!targets.contains(&db.agent_id));
 
-    let all = app
-        .admin
-        .create_command(&CreateCommand::new(Target::all(), "ping"))
-        .await
-        .expect("all");
+    let all = app.admin.create_command(&CreateCommand::new(Target::all(), "ping")).await.expect("all");
     assert_eq!(all.command_ids.len(), 3);
     let batch = app.admin.get_batch(all.batch_id).await.expect("batch");
     assert_eq!((batch.total, batch.status), (3, BatchStatus::Running));
@@ -43,10 +36,7 @@ async fn labels_target_reaches_exactly_the_matching_agents() {
     // Unknown agent ids are refused, naming the target.
     let err = app
         .admin
-        .create_command(&CreateCommand::new(
-            Target::agents([tether_proto::AgentId::new()]),
-            "ping",
-        ))
+        .create_command(&CreateCommand::new(Target::agents([tether_proto::AgentId::new()]), "ping"))
         .await
         .expect_err("unknown agent");
     assert_eq!(err.key(), Some(ErrorKey::BadRequest));
@@ -63,18 +53,10 @@ async fn idempotency_key_returns_the_same_batch_and_rejects_a_different_body() {
     let again = app.admin.create_command(&req).await.expect("retry");
     assert_eq!(first, again);
     req.priority = 9;
-    let err = app
-        .admin
-        .create_command(&req)
-        .await
-        .expect_err("different body");
+    let err = app.admin.create_command(&req).await.expect_err("different body");
     assert_eq!(err.status(), Some(409));
     assert_eq!(err.key(), Some(ErrorKey::Conflict));
-    let listed = app
-        .admin
-        .list_commands(&CommandQuery::default())
-        .await
-        .expect("list");
+    let listed = app.admin.list_commands(&CommandQuery::default()).await.expect("list");
     assert_eq!(listed.data.len(), 1, "the retry created nothing");
     app.stop().await;
 }
@@ -84,53 +66,25 @@ async fn results_for_cancelled_or_finished_commands_conflict() {
     let app = spawn_app().await;
     let (agent, pair) = app.agent(&[]).await;
     let target = Target::agents([pair.agent_id]);
-    let cancelled = app
-        .admin
-        .create_command(&CreateCommand::new(target.clone(), "ping"))
-        .await
-        .expect("create");
+    let cancelled = app.admin.create_command(&CreateCommand::new(target.clone(), "ping")).await.expect("create");
     let id = cancelled.command_ids[0];
     let view = app.admin.cancel_command(id).await.expect("cancel");
     assert_eq!(view.status, CommandStatus::Cancelled);
-    let err = agent
-        .report_result(id, &ResultReport::new(CommandStatus::Succeeded))
-        .await
-        .expect_err("cancelled");
-    assert_eq!(
-        (err.status(), err.key()),
-        (Some(409), Some(ErrorKey::Conflict))
-    );
-    let err = app
-        .admin
-        .cancel_command(id)
-        .await
-        .expect_err("cancel twice");
+    let err = agent.report_result(id, &ResultReport::new(CommandStatus::Succeeded)).await.expect_err("cancelled");
+    assert_eq!((err.status(), err.key()), (Some(409), Some(ErrorKey::Conflict)));
+    let err = app.admin.cancel_command(id).await.expect_err("cancel twice");
     assert_eq!(err.status(), Some(409));
 
-    let done = app
-        .admin
-        .create_command(&CreateCommand::new(target, "ping"))
-        .await
-        .expect("create")
-        .command_ids[0];
+    let done = app.admin.create_command(&CreateCommand::new(target, "ping")).await.expect("create").command_ids[0];
     agent
         .report_result(done, &ResultReport::new(CommandStatus::Succeeded))
         .await
         .expect("result without running (seed 001)");
-    let err = agent
-        .report_result(done, &ResultReport::new(CommandStatus::Failed))
-        .await
-        .expect_err("different result");
+    let err = agent.report_result(done, &ResultReport::new(CommandStatus::Failed)).await.expect_err("different result");
     assert_eq!(err.key(), Some(ErrorKey::Conflict));
-    let err = agent
-        .report_running(done)
-        .await
-        .expect_err("running after the end");
+    let err = agent.report_running(done).await.expect_err("running after the end");
     assert_eq!(err.key(), Some(ErrorKey::Conflict));
-    assert_eq!(
-        app.admin.get_command(done).await.expect("get").status,
-        CommandStatus::Succeeded
-    );
+    assert_eq!(app.admin.get_command(done).await.expect("get").status, CommandStatus::Succeeded);
     app.stop().await;
 }
 
@@ -146,14 +100,8 @@ async fn an_agent_cannot_touch_another_agents_command() {
         .expect("create")
         .command_ids[0];
     let err = b_client.report_running(id).await.expect_err("foreign");
-    assert_eq!(
-        (err.status(), err.key()),
-        (Some(404), Some(ErrorKey::NotFound))
-    );
-    let err = b_client
-        .report_result(id, &ResultReport::new(CommandStatus::Succeeded))
-        .await
-        .expect_err("foreign");
+    assert_eq!((err.status(), err.key()), (Some(404), Some(ErrorKey::NotFound)));
+    let err = b_client.report_result(id, &ResultReport::new(CommandStatus::Succeeded)).await.expect_err("foreign");
     assert_eq!(err.status(), Some(404));
     // B's simple API never hands out A's command.
     assert!(b_client.next_command(0).await.expect("next").is_none());
@@ -167,21 +115,13 @@ async fn cancelling_a_batch_cancels_active_commands_and_signals_agents() {
     app.agent(&[("g", "1")]).await;
     let created = app
         .admin
-        .create_command(&CreateCommand::new(
-            Target::labels(labels(&[("g", "1")])),
-            "sleep",
-        ))
+        .create_command(&CreateCommand::new(Target::labels(labels(&[("g", "1")])), "sleep"))
         .await
         .expect("create");
-    let batch = app
-        .admin
-        .cancel_batch(created.batch_id)
-        .await
-        .expect("cancel batch");
+    let batch = app.admin.cancel_batch(created.batch_id).await.expect("cancel batch");
     assert_eq!(batch.counts.get(&CommandStatus::Cancelled), Some(&2));
     assert_eq!(batch.status, BatchStatus::Done);
-    let tether_client::Poll::Signals(updates) = agent.updates(None, 20, 0).await.expect("poll")
-    else {
+    let tether_client::Poll::Signals(updates) = agent.updates(None, 20, 0).await.expect("poll") else {
         panic!("signals expected")
     };
     let kinds: Vec<_> = updates.signals.iter().map(|s| s.kind.as_str()).collect();
@@ -194,37 +134,18 @@ async fn command_list_filters_and_pages() {
     let app = spawn_app().await;
     let (_, pair) = app.agent(&[]).await;
     for _ in 0..5 {
-        app.admin
-            .create_command(&CreateCommand::new(Target::agents([pair.agent_id]), "ping"))
-            .await
-            .expect("create");
+        app.admin.create_command(&CreateCommand::new(Target::agents([pair.agent_id]), "ping")).await.expect("create");
     }
-    let page1 = app
-        .admin
-        .list_commands(&CommandQuery {
-            limit: Some(3),
-            ..Default::default()
-        })
-        .await
-        .expect("page 1");
+    let page1 = app.admin.list_commands(&CommandQuery { limit: Some(3), ..Default::default() }).await.expect("page 1");
     assert_eq!(page1.data.len(), 3);
     let page2 = app
         .admin
-        .list_commands(&CommandQuery {
-            limit: Some(3),
-            cursor: page1.next_cursor.clone(),
-            ..Default::default()
-        })
+        .list_commands(&CommandQuery { limit: Some(3), cursor: page1.next_cursor.clone(), ..Default::default() })
         .await
         .expect("page 2");
     assert_eq!(page2.data.len(), 2);
     assert_eq!(page2.next_cursor, None);
-    assert!(
-        page1
-            .data
-            .iter()
-            .all(|a| page2.data.iter().all(|b| a.id != b.id))
-    );
+    assert!(page1.data.iter().all(|a| page2.data.iter().all(|b| a.id != b.id)));
     let queued = app
         .admin
         .list_commands(&CommandQuery {
@@ -237,10 +158,7 @@ async fn command_list_filters_and_pages() {
     assert_eq!(queued.data.len(), 5);
     let err = app
         .admin
-        .list_commands(&CommandQuery {
-            status: Some("bogus".into()),
-            ..Default::default()
-        })
+        .list_commands(&CommandQuery { status: Some("bogus".into()), ..Default::default() })
         .await
         .expect_err("bad status");
     assert_eq!(err.key(), Some(ErrorKey::BadRequest));

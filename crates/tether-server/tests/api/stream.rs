@@ -23,9 +23,7 @@ async fn enroll_poll_command_result_round_trip() {
 
     // A newly enrolled agent's stream is empty: 204 with an ETag cursor.
     let first = agent.updates(None, 20, 0).await.expect("first poll");
-    let Poll::Idle { cursor } = first else {
-        panic!("expected 204, got {first:?}")
-    };
+    let Poll::Idle { cursor } = first else { panic!("expected 204, got {first:?}") };
     let parsed: Cursor = cursor.parse().expect("ETag carries a cursor");
     assert_eq!(parsed.seq, 0);
 
@@ -38,22 +36,15 @@ async fn enroll_poll_command_result_round_trip() {
     tokio::task::yield_now().await;
     let mut req = CreateCommand::new(Target::agents([pair.agent_id]), "ping");
     req.args = serde_json::json!({"count": 1});
-    let created = app
-        .admin
-        .create_command(&req)
-        .await
-        .expect("create command");
+    let created = app.admin.create_command(&req).await.expect("create command");
     assert_eq!(created.command_ids.len(), 1);
     let command_id = created.command_ids[0];
 
     let poll = waiting.await.expect("join").expect("poll");
-    let Poll::Signals(updates) = poll else {
-        panic!("the waiting poll must return the signal, got {poll:?}")
-    };
+    let Poll::Signals(updates) = poll else { panic!("the waiting poll must return the signal, got {poll:?}") };
     assert_eq!(updates.signals.len(), 1);
     assert_eq!(updates.signals[0].kind, COMMAND_QUEUED);
-    let queued: CommandQueued =
-        serde_json::from_value(updates.signals[0].reference.clone()).expect("ref");
+    let queued: CommandQueued = serde_json::from_value(updates.signals[0].reference.clone()).expect("ref");
     assert_eq!(queued.command_id, command_id);
     assert_eq!(queued.name, "ping");
     assert_eq!(queued.args, serde_json::json!({"count": 1}));
@@ -66,15 +57,9 @@ async fn enroll_poll_command_result_round_trip() {
     let mut result = ResultReport::new(CommandStatus::Succeeded);
     result.exit_code = Some(0);
     result.stdout = "pong\n".into();
-    agent
-        .report_result(command_id, &result)
-        .await
-        .expect("result");
+    agent.report_result(command_id, &result).await.expect("result");
     // The same result again is fine (idempotent).
-    agent
-        .report_result(command_id, &result)
-        .await
-        .expect("same result again");
+    agent.report_result(command_id, &result).await.expect("same result again");
 
     let done = app.admin.get_command(command_id).await.expect("get");
     assert_eq!(done.status, CommandStatus::Succeeded);
@@ -85,22 +70,11 @@ async fn enroll_poll_command_result_round_trip() {
         done.started_at.expect("started_at"),
         done.finished_at.expect("finished_at"),
     );
-    assert!(
-        done.created_at <= d && d <= s && s <= f,
-        "timestamps are monotonic"
-    );
+    assert!(done.created_at <= d && d <= s && s <= f, "timestamps are monotonic");
 
     // Polling from the returned cursor is idle again.
-    let again = agent
-        .updates(Some(&updates.cursor), 20, 0)
-        .await
-        .expect("poll");
-    assert_eq!(
-        again,
-        Poll::Idle {
-            cursor: updates.cursor.clone()
-        }
-    );
+    let again = agent.updates(Some(&updates.cursor), 20, 0).await.expect("poll");
+    assert_eq!(again, Poll::Idle { cursor: updates.cursor.clone() });
     app.stop().await;
 }
 
@@ -120,15 +94,8 @@ async fn idle_polls_never_touch_the_store() {
         assert!(matches!(poll, Poll::Idle { .. }));
     }
     // A waited poll that times out is idle too.
-    agent
-        .updates(Some(&cursor), 20, 1)
-        .await
-        .expect("long poll");
-    assert_eq!(
-        app.state.store.stats().queries,
-        before,
-        "idle polls must not query the store"
-    );
+    agent.updates(Some(&cursor), 20, 1).await.expect("long poll");
+    assert_eq!(app.state.store.stats().queries, before, "idle polls must not query the store");
     app.stop().await;
 }
 
@@ -142,13 +109,7 @@ async fn a_new_poll_ends_the_previous_one_with_204() {
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 30).await })
     };
     // Wait until the first poll is parked (it is the agent's second poll).
-    let stream = app
-        .state
-        .streams
-        .get(app.state.store.as_ref(), pair.agent_id)
-        .await
-        .expect("store")
-        .expect("agent");
+    let stream = app.state.streams.get(app.state.store.as_ref(), pair.agent_id).await.expect("store").expect("agent");
     for _ in 0..500 {
         if stream.state().poll_gen >= 2 {
             break;
@@ -159,10 +120,7 @@ async fn a_new_poll_ends_the_previous_one_with_204() {
         let (agent, cursor) = (agent.clone(), cursor.clone());
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 2).await })
     };
-    let ended = tokio::time::timeout(Duration::from_secs(10), old)
-        .await
-        .expect("old poll ended early")
-        .expect("join");
+    let ended = tokio::time::timeout(Duration::from_secs(10), old).await.expect("old poll ended early").expect("join");
     assert!(matches!(ended, Ok(Poll::Idle { .. })), "{ended:?}");
     newer.await.expect("join").expect("newer poll");
     app.stop().await;
@@ -172,30 +130,13 @@ async fn a_new_poll_ends_the_previous_one_with_204() {
 async fn cursor_from_the_future_or_another_epoch_is_expired() {
     let app = spawn_app().await;
     let (agent, _) = app.agent(&[]).await;
-    let cursor: Cursor = cursor_of(&agent.updates(None, 20, 0).await.expect("poll"))
-        .parse()
-        .expect("cursor");
-    for bad in [
-        Cursor {
-            seq: cursor.seq + 5,
-            ..cursor
-        },
-        Cursor {
-            epoch: cursor.epoch - 1,
-            ..cursor
-        },
-    ] {
-        let err = agent
-            .updates(Some(&bad.to_string()), 20, 0)
-            .await
-            .expect_err("must fail");
+    let cursor: Cursor = cursor_of(&agent.updates(None, 20, 0).await.expect("poll")).parse().expect("cursor");
+    for bad in [Cursor { seq: cursor.seq + 5, ..cursor }, Cursor { epoch: cursor.epoch - 1, ..cursor }] {
+        let err = agent.updates(Some(&bad.to_string()), 20, 0).await.expect_err("must fail");
         assert_eq!(err.status(), Some(409));
         assert_eq!(err.key(), Some(ErrorKey::CursorExpired), "{err}");
     }
-    let err = agent
-        .updates(Some("garbage"), 20, 0)
-        .await
-        .expect_err("must fail");
+    let err = agent.updates(Some("garbage"), 20, 0).await.expect_err("must fail");
     assert_eq!(err.key(), Some(ErrorKey::BadRequest));
     app.stop().await;
 }
@@ -205,10 +146,7 @@ async fn poll_parameters_are_range_checked() {
     let app = spawn_app().await;
     let (agent, _) = app.agent(&[]).await;
     for (limit, wait) in [(0, 0), (101, 0), (20, 31)] {
-        let err = agent
-            .updates(None, limit, wait)
-            .await
-            .expect_err("out of range");
+        let err = agent.updates(None, limit, wait).await.expect_err("out of range");
         assert_eq!(err.status(), Some(400), "limit={limit} wait={wait}");
         assert_eq!(err.key(), Some(ErrorKey::BadRequest));
     }
@@ -225,28 +163,19 @@ async fn revocation_ends_the_waiting_poll_with_device_revoked() {
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 30).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    app.admin
-        .revoke_agent(pair.agent_id, "decommissioned")
-        .await
-        .expect("revoke");
+    app.admin.revoke_agent(pair.agent_id, "decommissioned").await.expect("revoke");
     let err = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("the poll ends at once")
         .expect("join")
         .expect_err("revoked");
     assert_eq!(err.key(), Some(ErrorKey::DeviceRevoked), "{err}");
-    let ClientError::Api { body, .. } = &err else {
-        panic!("{err}")
-    };
+    let ClientError::Api { body, .. } = &err else { panic!("{err}") };
     assert_eq!(body.params["reason"], "decommissioned");
     // Every further call is refused too, including refresh.
     let err = agent.updates(None, 20, 0).await.expect_err("revoked");
     assert_eq!(err.key(), Some(ErrorKey::DeviceRevoked));
-    let err = app
-        .anon()
-        .refresh(&pair.refresh_token, pair.agent_id)
-        .await
-        .expect_err("revoked");
+    let err = app.anon().refresh(&pair.refresh_token, pair.agent_id).await.expect_err("revoked");
     assert_eq!(err.key(), Some(ErrorKey::DeviceRevoked));
     app.stop().await;
 }
@@ -262,20 +191,9 @@ async fn simple_command_api_hands_out_by_priority_and_marks_delivered() {
     high.priority = 9;
     app.admin.create_command(&low).await.expect("low");
     app.admin.create_command(&high).await.expect("high");
-    let first = agent
-        .next_command(0)
-        .await
-        .expect("next")
-        .expect("a command");
-    assert_eq!(
-        (first.name.as_str(), first.status),
-        ("high", CommandStatus::Delivered)
-    );
-    let second = agent
-        .next_command(0)
-        .await
-        .expect("next")
-        .expect("a command");
+    let first = agent.next_command(0).await.expect("next").expect("a command");
+    assert_eq!((first.name.as_str(), first.status), ("high", CommandStatus::Delivered));
+    let second = agent.next_command(0).await.expect("next").expect("a command");
     assert_eq!(second.name, "low");
     // A waiting call is woken by a new command.
     let waiting = {
@@ -283,15 +201,8 @@ async fn simple_command_api_hands_out_by_priority_and_marks_delivered() {
         tokio::spawn(async move { agent.next_command(30).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    app.admin
-        .create_command(&CreateCommand::new(Target::all(), "later"))
-        .await
-        .expect("create");
-    let third = waiting
-        .await
-        .expect("join")
-        .expect("next")
-        .expect("woken with the command");
+    app.admin.create_command(&CreateCommand::new(Target::all(), "later")).await.expect("create");
+    let third = waiting.await.expect("join").expect("next").expect("woken with the command");
     assert_eq!(third.name, "later");
     app.stop().await;
 }

@@ -40,6 +40,8 @@ CREATE TABLE agents (
     public_key          BLOB NOT NULL,
     version             TEXT,
     applied_config_hash TEXT,
+    -- The last heartbeat body as the agent sent it (free-form, capped by the server).
+    heartbeat           TEXT,
     -- Stream generation and position (SPEC §4): signals (floor_seq, head_seq] are retained.
     epoch               INTEGER NOT NULL,
     head_seq            INTEGER NOT NULL DEFAULT 0,

@@ -10,22 +10,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 use tether_proto::command::{
-    Batch, BatchStatus, Command, CommandStatus, DEFAULT_EXPIRY_S, Event, LOST_GRACE_S,
-    ResultReport, TargetSpec,
+    Batch, BatchStatus, Command, CommandStatus, DEFAULT_EXPIRY_S, Event, LOST_GRACE_S, ResultReport, TargetSpec,
 };
 use tether_proto::signal::{self, CommandCancelled, CommandQueued};
 use tether_proto::{AgentId, BatchId, CommandId, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::{
-    AgentFilter, AgentRecord, CancelOutcome, CommandFilter, CreatedBatch, EnrollTokenRecord, Head,
-    Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role, Store,
-    StoreError, StoreStats, SweepOutcome, User,
+    AgentFilter, AgentRecord, ApiTokenRecord, CancelOutcome, CommandFilter, CreatedBatch, EnrollTokenRecord, Head,
+    Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role, Store, StoreError,
+    StoreStats, SweepOutcome, User,
 };
 use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
@@ -55,21 +52,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .connect_with(options.clone())
-            .await?;
+        let writer =
+            SqlitePoolOptions::new().max_connections(1).min_connections(1).connect_with(options.clone()).await?;
         MIGRATOR.run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
-        Ok(Self {
-            writer,
-            reader,
-            queries: AtomicU64::new(0),
-        })
+        let reader = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        Ok(Self { writer, reader, queries: AtomicU64::new(0) })
     }
 
     fn count(&self) {
@@ -87,15 +74,7 @@ fn uuid_text<T: std::fmt::Display>(id: T) -> String {
 }
 
 fn result_hash(r: &ResultReport) -> Vec<u8> {
-    let canonical = serde_json::json!([
-        r.status,
-        r.exit_code,
-        r.stdout,
-        r.stderr,
-        r.output,
-        r.truncated,
-        r.reason
-    ]);
+    let canonical = serde_json::json!([r.status, r.exit_code, r.stdout, r.stderr, r.output, r.truncated, r.reason]);
     Sha256::digest(canonical.to_string().as_bytes()).to_vec()
 }
 
@@ -107,12 +86,10 @@ async fn append_signal(
     reference: &serde_json::Value,
     now: Millis,
 ) -> Result<Head> {
-    let row = sqlx::query(
-        "UPDATE agents SET head_seq = head_seq + 1 WHERE id = ? RETURNING head_seq, epoch",
-    )
-    .bind(uuid_text(agent_id))
-    .fetch_one(&mut **tx)
-    .await?;
+    let row = sqlx::query("UPDATE agents SET head_seq = head_seq + 1 WHERE id = ? RETURNING head_seq, epoch")
+        .bind(uuid_text(agent_id))
+        .fetch_one(&mut **tx)
+        .await?;
     let seq: i64 = row.get(0);
     let epoch: i64 = row.get(1);
     sqlx::query("INSERT INTO signals (agent_id, seq, kind, ts_ms, ref) VALUES (?, ?, ?, ?, ?)")
@@ -123,11 +100,7 @@ async fn append_signal(
         .bind(reference.to_string())
         .execute(&mut **tx)
         .await?;
-    Ok(Head {
-        agent_id,
-        epoch: epoch as u64,
-        seq: seq as u64,
-    })
+    Ok(Head { agent_id, epoch: epoch as u64, seq: seq as u64 })
 }
 
 fn queued_ref(c: &Command) -> serde_json::Value {
@@ -142,14 +115,9 @@ fn queued_ref(c: &Command) -> serde_json::Value {
     .expect("command.queued ref serializes")
 }
 
-async fn load_command(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: CommandId,
-) -> Result<Option<Command>> {
-    let row = q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?")
-        .bind(uuid_text(id))
-        .fetch_optional(&mut **tx)
-        .await?;
+async fn load_command(tx: &mut Transaction<'static, Sqlite>, id: CommandId) -> Result<Option<Command>> {
+    let row =
+        q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?").bind(uuid_text(id)).fetch_optional(&mut **tx).await?;
     row.map(|r| command_from_row(&r)).transpose()
 }
 
@@ -165,14 +133,8 @@ fn last_heads(heads: Vec<Head>) -> Vec<Head> {
     out
 }
 
-async fn cancel_in_tx(
-    tx: &mut Transaction<'static, Sqlite>,
-    cmd: &Command,
-    now: Millis,
-) -> Result<Option<Head>> {
-    cmd.status
-        .apply(Event::Cancel)
-        .map_err(|e| StoreError::Conflict(e.to_string()))?;
+async fn cancel_in_tx(tx: &mut Transaction<'static, Sqlite>, cmd: &Command, now: Millis) -> Result<Option<Head>> {
+    cmd.status.apply(Event::Cancel).map_err(|e| StoreError::Conflict(e.to_string()))?;
     sqlx::query("UPDATE commands SET status = 'cancelled', finished_at = ?, reason = COALESCE(reason, 'cancelled by operator') WHERE id = ?")
         .bind(now)
         .bind(uuid_text(cmd.id))
@@ -184,11 +146,8 @@ async fn cancel_in_tx(
         .fetch_one(&mut **tx)
         .await?;
     if released == 1 {
-        let reference =
-            serde_json::to_value(CommandCancelled { command_id: cmd.id }).expect("serializes");
-        return Ok(Some(
-            append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?,
-        ));
+        let reference = serde_json::to_value(CommandCancelled { command_id: cmd.id }).expect("serializes");
+        return Ok(Some(append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?));
     }
     Ok(None)
 }
@@ -196,9 +155,7 @@ async fn cancel_in_tx(
 #[async_trait]
 impl Store for SqliteStore {
     fn stats(&self) -> StoreStats {
-        StoreStats {
-            queries: self.queries.load(Ordering::Relaxed),
-        }
+        StoreStats { queries: self.queries.load(Ordering::Relaxed) }
     }
 
     async fn ping(&self) -> Result<()> {
@@ -209,41 +166,29 @@ impl Store for SqliteStore {
 
     async fn user_count(&self) -> Result<u64> {
         self.count();
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&self.reader)
-            .await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await?;
         Ok(n as u64)
     }
 
-    async fn create_user(
-        &self,
-        username: &str,
-        password_hash: &str,
-        role: Role,
-        now: Millis,
-    ) -> Result<User> {
+    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User> {
         self.count();
         let id = uuid::Uuid::now_v7().to_string();
-        let res = sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(username)
-            .bind(password_hash)
-            .bind(role.as_str())
-            .bind(now)
-            .execute(&self.writer)
-            .await;
+        let res =
+            sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(&id)
+                .bind(username)
+                .bind(password_hash)
+                .bind(role.as_str())
+                .bind(now)
+                .execute(&self.writer)
+                .await;
         match res {
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(StoreError::Conflict(format!("user {username:?} exists")))
             }
             other => {
                 other?;
-                Ok(User {
-                    id,
-                    username: username.to_owned(),
-                    role,
-                    password_hash: password_hash.to_owned(),
-                })
+                Ok(User { id, username: username.to_owned(), role, password_hash: password_hash.to_owned() })
             }
         }
     }
@@ -263,10 +208,12 @@ impl Store for SqliteStore {
 
     async fn find_user(&self, username: &str) -> Result<Option<User>> {
         self.count();
-        let row = sqlx::query("SELECT id, username, role, password_hash FROM users WHERE username = ? AND disabled_at IS NULL")
-            .bind(username)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, username, role, password_hash FROM users WHERE username = ? AND disabled_at IS NULL",
+        )
+        .bind(username)
+        .fetch_optional(&self.reader)
+        .await?;
         row.map(|r| rows::user_from_row(&r)).transpose()
     }
 
@@ -280,16 +227,53 @@ impl Store for SqliteStore {
     ) -> Result<String> {
         self.count();
         let id = uuid::Uuid::now_v7().to_string();
-        sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(user_id)
-            .bind(name)
-            .bind(&token_hash[..])
-            .bind(now)
-            .bind(expires_at)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(user_id)
+        .bind(name)
+        .bind(&token_hash[..])
+        .bind(now)
+        .bind(expires_at)
+        .execute(&self.writer)
+        .await?;
         Ok(id)
+    }
+
+    async fn list_api_tokens(&self, user_id: &str) -> Result<Vec<ApiTokenRecord>> {
+        self.count();
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, expires_at, revoked_at FROM api_tokens WHERE user_id = ? ORDER BY id DESC",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ApiTokenRecord {
+                id: r.get(0),
+                name: r.get(1),
+                created_at: r.get(2),
+                expires_at: r.get(3),
+                revoked_at: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis) -> Result<()> {
+        self.count();
+        let done =
+            sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND user_id = ?")
+                .bind(now)
+                .bind(id)
+                .bind(user_id)
+                .execute(&self.writer)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 
     async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>> {
@@ -336,13 +320,11 @@ impl Store for SqliteStore {
 
     async fn revoke_enroll_token(&self, id: &str, now: Millis) -> Result<()> {
         self.count();
-        let done = sqlx::query(
-            "UPDATE enroll_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
+        let done = sqlx::query("UPDATE enroll_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -367,8 +349,7 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        let token_labels: tether_proto::Labels =
-            rows::parse_json(token.get::<String, _>(0).as_str())?;
+        let token_labels: tether_proto::Labels = rows::parse_json(token.get::<String, _>(0).as_str())?;
         // Operator-chosen labels on the token win over what the agent asks for.
         let mut labels = agent.labels;
         labels.extend(token_labels);
@@ -426,14 +407,8 @@ impl Store for SqliteStore {
 
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>> {
         self.count();
-        let like = filter.q.as_ref().map(|q| {
-            format!(
-                "%{}%",
-                q.replace('\\', "\\\\")
-                    .replace('%', "\\%")
-                    .replace('_', "\\_")
-            )
-        });
+        let like =
+            filter.q.as_ref().map(|q| format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
         let rows = q!("SELECT {AGENT_COLUMNS} FROM agents
              WHERE (? IS NULL OR id > ?)
                AND (? IS NULL OR name LIKE ? ESCAPE '\\' OR hostname LIKE ? ESCAPE '\\')
@@ -462,27 +437,44 @@ impl Store for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        sqlx::query(
-            "UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE agent_id = ?",
-        )
-        .bind(now)
-        .bind(uuid_text(id))
-        .execute(&mut *tx)
-        .await?;
-        let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE agent_id = ?")
+            .bind(now)
             .bind(uuid_text(id))
-            .fetch_one(&mut *tx)
+            .execute(&mut *tx)
             .await?;
+        let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?").bind(uuid_text(id)).fetch_one(&mut *tx).await?;
         tx.commit().await?;
         agent_from_row(&row)
+    }
+
+    async fn record_heartbeat(
+        &self,
+        id: AgentId,
+        version: Option<&str>,
+        applied_config_hash: Option<&str>,
+        body: &serde_json::Value,
+        now: Millis,
+    ) -> Result<()> {
+        self.count();
+        sqlx::query(
+            "UPDATE agents SET version = COALESCE(?, version), applied_config_hash = COALESCE(?, applied_config_hash),
+                    heartbeat = ?, last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
+        )
+        .bind(version)
+        .bind(applied_config_hash)
+        .bind(body.to_string())
+        .bind(now)
+        .bind(uuid_text(id))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()> {
         if seen.is_empty() {
             return Ok(());
         }
-        let pairs: Vec<(String, Millis)> =
-            seen.iter().map(|(id, at)| (id.to_string(), *at)).collect();
+        let pairs: Vec<(String, Millis)> = seen.iter().map(|(id, at)| (id.to_string(), *at)).collect();
         let mut tx = self.begin().await?;
         sqlx::query(
             "UPDATE agents SET last_seen = MAX(COALESCE(last_seen, 0), s.value ->> '$[1]')
@@ -534,11 +526,12 @@ impl Store for SqliteStore {
             // A retry of a lost response: inside the grace, and the successor never used.
             let successor_unused = match &successor {
                 Some(s) => {
-                    let used: Option<Option<Millis>> =
-                        sqlx::query_scalar("SELECT used_at FROM refresh_tokens WHERE token_hash = ? AND revoked_at IS NULL")
-                            .bind(s)
-                            .fetch_optional(&mut *tx)
-                            .await?;
+                    let used: Option<Option<Millis>> = sqlx::query_scalar(
+                        "SELECT used_at FROM refresh_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                    )
+                    .bind(s)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                     matches!(used, Some(None))
                 }
                 None => false,
@@ -559,12 +552,14 @@ impl Store for SqliteStore {
                 .await?;
             lost_response_retry = true;
         }
-        sqlx::query("UPDATE refresh_tokens SET used_at = COALESCE(used_at, ?), successor_hash = ? WHERE token_hash = ?")
-            .bind(now)
-            .bind(&new_hash[..])
-            .bind(&presented_hash[..])
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE refresh_tokens SET used_at = COALESCE(used_at, ?), successor_hash = ? WHERE token_hash = ?",
+        )
+        .bind(now)
+        .bind(&new_hash[..])
+        .bind(&presented_hash[..])
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)")
             .bind(&new_hash[..])
             .bind(&family_id)
@@ -573,46 +568,31 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(RefreshOutcome::Rotated {
-            agent_id,
-            lost_response_retry,
-        })
+        Ok(RefreshOutcome::Rotated { agent_id, lost_response_retry })
     }
 
-    async fn read_signals(
-        &self,
-        agent_id: AgentId,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<(u64, Signal)>> {
+    async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>> {
         self.count();
-        let rows = sqlx::query("SELECT seq, kind, ts_ms, ref FROM signals WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?")
-            .bind(uuid_text(agent_id))
-            .bind(after as i64)
-            .bind(limit)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq, kind, ts_ms, ref FROM signals WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(uuid_text(agent_id))
+        .bind(after as i64)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter()
             .map(|r| {
                 let seq: i64 = r.get(0);
                 Ok((
                     seq as u64,
-                    Signal {
-                        kind: r.get(1),
-                        ts_ms: r.get(2),
-                        reference: rows::parse_json(r.get::<&str, _>(3))?,
-                    },
+                    Signal { kind: r.get(1), ts_ms: r.get(2), reference: rows::parse_json(r.get::<&str, _>(3))? },
                 ))
             })
             .collect()
     }
 
-    async fn mark_delivered(
-        &self,
-        agent_id: AgentId,
-        ids: &[CommandId],
-        now: Millis,
-    ) -> Result<u64> {
+    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -635,32 +615,25 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let req = &batch.request;
         if let Some(key) = &req.idempotency_key {
-            let existing = sqlx::query(
-                "SELECT id, request_hash FROM batches WHERE created_by = ? AND idempotency_key = ?",
-            )
-            .bind(&batch.created_by)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let existing =
+                sqlx::query("SELECT id, request_hash FROM batches WHERE created_by = ? AND idempotency_key = ?")
+                    .bind(&batch.created_by)
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if let Some(row) = existing {
                 let hash: Vec<u8> = row.get(1);
                 if hash != batch.request_hash {
-                    return Err(StoreError::Conflict(
-                        "idempotency key was used with a different request".into(),
-                    ));
+                    return Err(StoreError::Conflict("idempotency key was used with a different request".into()));
                 }
                 let batch_id: String = row.get(0);
-                let ids: Vec<String> =
-                    sqlx::query_scalar("SELECT id FROM commands WHERE batch_id = ? ORDER BY id")
-                        .bind(&batch_id)
-                        .fetch_all(&mut *tx)
-                        .await?;
+                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM commands WHERE batch_id = ? ORDER BY id")
+                    .bind(&batch_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
                 return Ok(CreatedBatch {
                     batch_id: rows::parse_id(&batch_id)?,
-                    command_ids: ids
-                        .iter()
-                        .map(|s| rows::parse_id(s))
-                        .collect::<Result<_>>()?,
+                    command_ids: ids.iter().map(|s| rows::parse_id(s)).collect::<Result<_>>()?,
                     created: false,
                     heads: Vec::new(),
                 });
@@ -695,15 +668,9 @@ impl Store for SqliteStore {
             }
         };
         let now = batch.now;
-        let expires_at = req
-            .expires_at
-            .map(rows::to_millis)
-            .unwrap_or(now + DEFAULT_EXPIRY_S * 1000);
+        let expires_at = req.expires_at.map(rows::to_millis).unwrap_or(now + DEFAULT_EXPIRY_S * 1000);
         if expires_at <= now {
-            return Err(StoreError::Invalid {
-                field: "expires_at",
-                message: "must be in the future".into(),
-            });
+            return Err(StoreError::Invalid { field: "expires_at", message: "must be in the future".into() });
         }
         let not_before = req.not_before.map(rows::to_millis).filter(|nb| *nb > now);
         sqlx::query(
@@ -752,20 +719,12 @@ impl Store for SqliteStore {
                     expires_at_ms: Some(expires_at),
                 })
                 .expect("command.queued ref serializes");
-                heads.push(
-                    append_signal(&mut tx, agent_id, signal::COMMAND_QUEUED, &reference, now)
-                        .await?,
-                );
+                heads.push(append_signal(&mut tx, agent_id, signal::COMMAND_QUEUED, &reference, now).await?);
             }
             command_ids.push(id);
         }
         tx.commit().await?;
-        Ok(CreatedBatch {
-            batch_id: batch.id,
-            command_ids,
-            created: true,
-            heads,
-        })
+        Ok(CreatedBatch { batch_id: batch.id, command_ids, created: true, heads })
     }
 
     async fn get_command(&self, id: CommandId) -> Result<Option<Command>> {
@@ -802,25 +761,22 @@ impl Store for SqliteStore {
 
     async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>> {
         self.count();
-        let Some(row) =
-            sqlx::query("SELECT name, created_by, created_at FROM batches WHERE id = ?")
-                .bind(uuid_text(id))
-                .fetch_optional(&self.reader)
-                .await?
+        let Some(row) = sqlx::query("SELECT name, created_by, created_at FROM batches WHERE id = ?")
+            .bind(uuid_text(id))
+            .fetch_optional(&self.reader)
+            .await?
         else {
             return Ok(None);
         };
-        let counts_rows =
-            sqlx::query("SELECT status, COUNT(*) FROM commands WHERE batch_id = ? GROUP BY status")
-                .bind(uuid_text(id))
-                .fetch_all(&self.reader)
-                .await?;
+        let counts_rows = sqlx::query("SELECT status, COUNT(*) FROM commands WHERE batch_id = ? GROUP BY status")
+            .bind(uuid_text(id))
+            .fetch_all(&self.reader)
+            .await?;
         let mut counts = std::collections::BTreeMap::new();
         let mut total = 0;
         let mut active = false;
         for r in &counts_rows {
-            let status =
-                CommandStatus::from_str(r.get::<&str, _>(0)).map_err(StoreError::Corrupt)?;
+            let status = CommandStatus::from_str(r.get::<&str, _>(0)).map_err(StoreError::Corrupt)?;
             let n: i64 = r.get(1);
             total += n as u64;
             active |= !status.is_terminal();
@@ -833,11 +789,7 @@ impl Store for SqliteStore {
             created_at: rows::from_millis(row.get(2))?,
             total,
             counts,
-            status: if active {
-                BatchStatus::Running
-            } else {
-                BatchStatus::Done
-            },
+            status: if active { BatchStatus::Running } else { BatchStatus::Done },
         }))
     }
 
@@ -857,21 +809,10 @@ impl Store for SqliteStore {
         row.map(|r| command_from_row(&r)).transpose()
     }
 
-    async fn report_running(
-        &self,
-        agent_id: AgentId,
-        id: CommandId,
-        now: Millis,
-    ) -> Result<Command> {
+    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command> {
         let mut tx = self.begin().await?;
-        let cmd = load_command(&mut tx, id)
-            .await?
-            .filter(|c| c.agent_id == agent_id)
-            .ok_or(StoreError::NotFound)?;
-        let next = cmd
-            .status
-            .apply(Event::Start)
-            .map_err(|e| StoreError::Conflict(e.to_string()))?;
+        let cmd = load_command(&mut tx, id).await?.filter(|c| c.agent_id == agent_id).ok_or(StoreError::NotFound)?;
+        let next = cmd.status.apply(Event::Start).map_err(|e| StoreError::Conflict(e.to_string()))?;
         if next != cmd.status {
             sqlx::query(
                 "UPDATE commands SET status = 'running', started_at = ?, delivered_at = COALESCE(delivered_at, ?) WHERE id = ?",
@@ -882,9 +823,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        let cmd = load_command(&mut tx, id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await?;
         Ok(cmd)
     }
@@ -897,16 +836,12 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<ResultOutcome> {
         let mut tx = self.begin().await?;
-        let cmd = load_command(&mut tx, id)
-            .await?
-            .filter(|c| c.agent_id == agent_id)
-            .ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id).await?.filter(|c| c.agent_id == agent_id).ok_or(StoreError::NotFound)?;
         let hash = result_hash(report);
-        let stored_hash: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = ?")
-                .bind(uuid_text(id))
-                .fetch_one(&mut *tx)
-                .await?;
+        let stored_hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = ?")
+            .bind(uuid_text(id))
+            .fetch_one(&mut *tx)
+            .await?;
         if stored_hash.as_deref() == Some(&hash[..]) {
             return Ok(ResultOutcome::Unchanged);
         }
@@ -915,9 +850,7 @@ impl Store for SqliteStore {
             && report.status == CommandStatus::Cancelled
             && stored_hash.is_none();
         if !confirms_cancel {
-            cmd.status
-                .apply(Event::Finish(report.status))
-                .map_err(|e| StoreError::Conflict(e.to_string()))?;
+            cmd.status.apply(Event::Finish(report.status)).map_err(|e| StoreError::Conflict(e.to_string()))?;
         }
         let late = cmd.status == CommandStatus::Lost;
         let started_at = report.started_at.map(rows::to_millis);
@@ -942,27 +875,17 @@ impl Store for SqliteStore {
         .bind(uuid_text(id))
         .execute(&mut *tx)
         .await?;
-        let cmd = load_command(&mut tx, id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await?;
-        Ok(ResultOutcome::Recorded {
-            late,
-            command: Box::new(cmd),
-        })
+        Ok(ResultOutcome::Recorded { late, command: Box::new(cmd) })
     }
 
     async fn cancel_command(&self, id: CommandId, now: Millis) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
-        let cmd = load_command(&mut tx, id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         let head = cancel_in_tx(&mut tx, &cmd, now).await?;
         tx.commit().await?;
-        Ok(CancelOutcome {
-            cancelled: vec![id],
-            heads: head.into_iter().collect(),
-        })
+        Ok(CancelOutcome { cancelled: vec![id], heads: head.into_iter().collect() })
     }
 
     async fn cancel_batch(&self, id: BatchId, now: Millis) -> Result<CancelOutcome> {
@@ -974,14 +897,13 @@ impl Store for SqliteStore {
         if exists.is_none() {
             return Err(StoreError::NotFound);
         }
-        let rows = q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE batch_id = ? AND status IN ('queued', 'delivered', 'running')")
+        let rows = q!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE batch_id = ? AND status IN ('queued', 'delivered', 'running')"
+        )
         .bind(uuid_text(id))
         .fetch_all(&mut *tx)
         .await?;
-        let mut out = CancelOutcome {
-            cancelled: Vec::new(),
-            heads: Vec::new(),
-        };
+        let mut out = CancelOutcome { cancelled: Vec::new(), heads: Vec::new() };
         for row in &rows {
             let cmd = command_from_row(row)?;
             out.heads.extend(cancel_in_tx(&mut tx, &cmd, now).await?);
@@ -1016,44 +938,29 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let due = q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE status = 'queued' AND released = 0 AND not_before <= ?
+        let due =
+            q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE status = 'queued' AND released = 0 AND not_before <= ?
              ORDER BY priority DESC, id LIMIT 1000")
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut heads = Vec::with_capacity(due.len());
         for row in &due {
             let cmd = command_from_row(row)?;
-            heads.push(
-                append_signal(
-                    &mut tx,
-                    cmd.agent_id,
-                    signal::COMMAND_QUEUED,
-                    &queued_ref(&cmd),
-                    now,
-                )
-                .await?,
-            );
+            heads.push(append_signal(&mut tx, cmd.agent_id, signal::COMMAND_QUEUED, &queued_ref(&cmd), now).await?);
             sqlx::query("UPDATE commands SET released = 1 WHERE id = ?")
                 .bind(uuid_text(cmd.id))
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok(SweepOutcome {
-            expired,
-            lost,
-            released: due.len() as u64,
-            heads: last_heads(heads),
-        })
+        Ok(SweepOutcome { expired, lost, released: due.len() as u64, heads: last_heads(heads) })
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
         let mut tx = self.begin().await?;
         let prev: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
+            sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetch_optional(&mut *tx).await?;
         let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
         let details = entry.details.to_string();
         let hash = chain_hash(

@@ -40,8 +40,7 @@ pub fn parse_json<T: DeserializeOwned>(text: &str) -> Result<T> {
 }
 
 pub fn parse_id<T: FromStr>(text: &str) -> Result<T> {
-    text.parse()
-        .map_err(|_| StoreError::Corrupt(format!("id {text:?}")))
+    text.parse().map_err(|_| StoreError::Corrupt(format!("id {text:?}")))
 }
 
 pub fn command_from_row(r: &SqliteRow) -> Result<Command> {

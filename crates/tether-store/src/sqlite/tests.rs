@@ -21,10 +21,7 @@ async fn enroll(store: &SqliteStore, labels: &[(&str, &str)]) -> AgentId {
             NewEnrollToken {
                 id: uuid::Uuid::now_v7().to_string(),
                 token_hash,
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 uses: 1,
                 created_by: "admin".into(),
                 expires_at: T0 + 3_600_000,
@@ -40,27 +37,14 @@ async fn enroll(store: &SqliteStore, labels: &[(&str, &str)]) -> AgentId {
         facts: serde_json::json!({}),
         public_key: vec![0; 32],
     };
-    store
-        .enroll_agent(token_hash, agent, rand_hash(), T0)
-        .await
-        .expect("enroll")
-        .id
+    store.enroll_agent(token_hash, agent, rand_hash(), T0).await.expect("enroll").id
 }
 
 fn rand_hash() -> [u8; 32] {
-    *uuid::Uuid::now_v7()
-        .as_bytes()
-        .repeat(2)
-        .first_chunk()
-        .expect("32 bytes")
+    *uuid::Uuid::now_v7().as_bytes().repeat(2).first_chunk().expect("32 bytes")
 }
 
-async fn command(
-    store: &SqliteStore,
-    agent: AgentId,
-    timeout_s: u32,
-    now: i64,
-) -> tether_proto::CommandId {
+async fn command(store: &SqliteStore, agent: AgentId, timeout_s: u32, now: i64) -> tether_proto::CommandId {
     let mut req = CreateCommand::new(Target::agents([agent]), "ping");
     req.timeout_s = timeout_s;
     let batch = NewBatch {
@@ -94,13 +78,8 @@ async fn enroll_token_is_single_use() {
         facts: serde_json::Value::Null,
         public_key: vec![1; 32],
     };
-    store
-        .enroll_agent(token_hash, agent(), rand_hash(), T0)
-        .await
-        .expect("first use");
-    let second = store
-        .enroll_agent(token_hash, agent(), rand_hash(), T0)
-        .await;
+    store.enroll_agent(token_hash, agent(), rand_hash(), T0).await.expect("first use");
+    let second = store.enroll_agent(token_hash, agent(), rand_hash(), T0).await;
     assert!(matches!(second, Err(StoreError::NotFound)), "{second:?}");
 }
 
@@ -110,10 +89,7 @@ async fn sweep_expires_undelivered_and_loses_silent_commands() {
     let agent = enroll(&store, &[]).await;
     let undelivered = command(&store, agent, 10, T0).await;
     let delivered = command(&store, agent, 10, T0).await;
-    store
-        .mark_delivered(agent, &[delivered], T0)
-        .await
-        .expect("deliver");
+    store.mark_delivered(agent, &[delivered], T0).await.expect("deliver");
 
     let before_grace = store.sweep(T0 + 10_000 + 119_000).await.expect("sweep");
     assert_eq!((before_grace.expired, before_grace.lost), (0, 0));
@@ -123,28 +99,12 @@ async fn sweep_expires_undelivered_and_loses_silent_commands() {
     assert_eq!(after_expiry.expired, 1);
 
     let get = |id| store.get_command(id);
-    assert_eq!(
-        get(undelivered).await.expect("get").expect("exists").status,
-        CommandStatus::Expired
-    );
-    assert_eq!(
-        get(delivered).await.expect("get").expect("exists").status,
-        CommandStatus::Lost
-    );
+    assert_eq!(get(undelivered).await.expect("get").expect("exists").status, CommandStatus::Expired);
+    assert_eq!(get(delivered).await.expect("get").expect("exists").status, CommandStatus::Lost);
 
     // A late result still lands on a lost command.
-    let late = store
-        .report_result(
-            agent,
-            delivered,
-            &ResultReport::new(CommandStatus::Succeeded),
-            T0 + 200_000,
-        )
-        .await;
-    assert!(
-        matches!(late, Ok(ResultOutcome::Recorded { late: true, .. })),
-        "{late:?}"
-    );
+    let late = store.report_result(agent, delivered, &ResultReport::new(CommandStatus::Succeeded), T0 + 200_000).await;
+    assert!(matches!(late, Ok(ResultOutcome::Recorded { late: true, .. })), "{late:?}");
 }
 
 #[tokio::test]
@@ -173,61 +133,24 @@ async fn refresh_rotation_grace_and_family_revocation() {
         facts: serde_json::Value::Null,
         public_key: vec![1; 32],
     };
-    let id = store
-        .enroll_agent(token_hash, agent, first, T0)
-        .await
-        .expect("enroll")
-        .id;
+    let id = store.enroll_agent(token_hash, agent, first, T0).await.expect("enroll").id;
     let second = rand_hash();
-    let rotated = store
-        .rotate_refresh_token(Some(id), first, second, 30_000, T0)
-        .await
-        .expect("rotate");
-    assert_eq!(
-        rotated,
-        RefreshOutcome::Rotated {
-            agent_id: id,
-            lost_response_retry: false
-        }
-    );
+    let rotated = store.rotate_refresh_token(Some(id), first, second, 30_000, T0).await.expect("rotate");
+    assert_eq!(rotated, RefreshOutcome::Rotated { agent_id: id, lost_response_retry: false });
     // The response was lost: the same token again within 30 s gets a fresh pair.
     let third = rand_hash();
-    let retried = store
-        .rotate_refresh_token(Some(id), first, third, 30_000, T0 + 5_000)
-        .await
-        .expect("retry");
-    assert_eq!(
-        retried,
-        RefreshOutcome::Rotated {
-            agent_id: id,
-            lost_response_retry: true
-        }
-    );
+    let retried = store.rotate_refresh_token(Some(id), first, third, 30_000, T0 + 5_000).await.expect("retry");
+    assert_eq!(retried, RefreshOutcome::Rotated { agent_id: id, lost_response_retry: true });
     // The abandoned successor is dead.
-    let dead = store
-        .rotate_refresh_token(Some(id), second, rand_hash(), 30_000, T0 + 6_000)
-        .await
-        .expect("dead");
+    let dead = store.rotate_refresh_token(Some(id), second, rand_hash(), 30_000, T0 + 6_000).await.expect("dead");
     assert_eq!(dead, RefreshOutcome::Invalid);
     // Use the live one, then replay the original outside the grace: theft.
     let fourth = rand_hash();
-    store
-        .rotate_refresh_token(Some(id), third, fourth, 30_000, T0 + 7_000)
-        .await
-        .expect("rotate");
-    let replay = store
-        .rotate_refresh_token(Some(id), first, rand_hash(), 30_000, T0 + 60_000)
-        .await
-        .expect("replay");
-    assert!(
-        matches!(replay, RefreshOutcome::ReuseDetected { .. }),
-        "{replay:?}"
-    );
+    store.rotate_refresh_token(Some(id), third, fourth, 30_000, T0 + 7_000).await.expect("rotate");
+    let replay = store.rotate_refresh_token(Some(id), first, rand_hash(), 30_000, T0 + 60_000).await.expect("replay");
+    assert!(matches!(replay, RefreshOutcome::ReuseDetected { .. }), "{replay:?}");
     // The whole family is revoked, including the live token.
-    let after = store
-        .rotate_refresh_token(Some(id), fourth, rand_hash(), 30_000, T0 + 61_000)
-        .await
-        .expect("after");
+    let after = store.rotate_refresh_token(Some(id), fourth, rand_hash(), 30_000, T0 + 61_000).await.expect("after");
     assert_eq!(after, RefreshOutcome::Invalid);
 }
 

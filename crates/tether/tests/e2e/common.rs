@@ -16,11 +16,7 @@ pub fn tether_bin() -> &'static str {
 
 /// A free port on loopback (bound then released, so a restart can reuse it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 pub struct ServerProcess {
@@ -36,12 +32,7 @@ impl ServerProcess {
     /// Starts `tether server` on `data_dir` and waits until it listens.
     pub fn start(data_dir: &Path, port: u16) -> Self {
         let mut child = Command::new(tether_bin())
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
+            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)
             .env("TETHER_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("TETHER_LOG", "warn")
@@ -64,23 +55,15 @@ impl ServerProcess {
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            data_dir: data_dir.to_owned(),
-            port,
-            admin_token,
-        }
+        Self { child, base: format!("http://127.0.0.1:{port}"), data_dir: data_dir.to_owned(), port, admin_token }
     }
 
     /// A client with HTTP Basic admin credentials (slow: argon2 per request).
     pub fn basic_admin(&self) -> Client {
-        Client::new(&self.base).expect("client").with_credentials(
-            tether_client::Credentials::Basic {
-                username: "admin".into(),
-                password: ADMIN_PASSWORD.into(),
-            },
-        )
+        Client::new(&self.base).expect("client").with_credentials(tether_client::Credentials::Basic {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
     }
 
     /// A client with an admin API token (the bootstrap one, or `token`).

@@ -33,14 +33,9 @@ pub async fn spawn_app() -> TestApp {
 /// A server whose config `adjust` may change first.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp data dir");
-    let mut config = ServerConfig::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.path().to_path_buf(),
-    );
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().to_path_buf());
     adjust(&mut config);
-    let (server, bootstrap) = Server::start(config, Some(ADMIN_PASSWORD.into()))
-        .await
-        .expect("server starts");
+    let (server, bootstrap) = Server::start(config, Some(ADMIN_PASSWORD.into())).await.expect("server starts");
     let addr = server.local_addr().expect("bound");
     let state = server.state().clone();
     let shutdown = CancellationToken::new();
@@ -49,29 +44,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestApp {
         server.run(stop).await.expect("server runs");
     });
     let base = format!("http://{addr}");
-    let admin_token = bootstrap
-        .admin_token
-        .expect("first start creates an admin token");
-    let admin = Client::new(&base)
-        .expect("client")
-        .with_bearer(admin_token.clone());
-    TestApp {
-        addr,
-        base,
-        admin,
-        admin_token,
-        state,
-        dir,
-        shutdown,
-        task,
-    }
+    let admin_token = bootstrap.admin_token.expect("first start creates an admin token");
+    let admin = Client::new(&base).expect("client").with_bearer(admin_token.clone());
+    TestApp { addr, base, admin, admin_token, state, dir, shutdown, task }
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 pub fn public_key() -> String {
@@ -85,16 +64,8 @@ impl TestApp {
     }
 
     pub async fn enroll_token(&self, labels: Labels, uses: u32) -> String {
-        let req = CreateEnrollToken {
-            labels,
-            uses,
-            expires_in_s: 3600,
-        };
-        self.admin
-            .create_enroll_token(&req)
-            .await
-            .expect("enroll token")
-            .token
+        let req = CreateEnrollToken { labels, uses, expires_in_s: 3600 };
+        self.admin.create_enroll_token(&req).await.expect("enroll token").token
     }
 
     /// Enrolls a new agent; returns a client authenticated as it and its tokens.
