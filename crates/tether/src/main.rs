@@ -1,5 +1,6 @@
 //! `tether`: one binary for the server, the agent and the operator CLI.
 
+mod cli;
 mod server_cmd;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the tether server (HTTP API, agent stream, background jobs).
     Server(server_cmd::ServerArgs),
+    #[command(flatten)]
+    Operator(cli::OperatorCommand),
 }
 
 fn init_tracing() {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Server(args) => runtime.block_on(server_cmd::run(args)),
+        Command::Operator(command) => runtime.block_on(cli::run(command)),
     }
 }
 
