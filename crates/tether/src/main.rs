@@ -1,7 +1,9 @@
 //! `tether`: one binary for the server, the agent and the operator CLI.
 
+mod agent_cmd;
 mod cli;
 mod server_cmd;
+mod up_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,10 @@ struct Cli {
 enum Command {
     /// Run the tether server (HTTP API, agent stream, background jobs).
     Server(server_cmd::ServerArgs),
+    /// Run the agent daemon, or talk to the one running on this machine.
+    Agent(agent_cmd::AgentArgs),
+    /// Quick start: a server on embedded SQLite plus one local agent enrolled into it.
+    Up(up_cmd::UpArgs),
     #[command(flatten)]
     Operator(cli::OperatorCommand),
 }
@@ -26,17 +32,28 @@ enum Command {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command {
-        Command::Server(args) => runtime.block_on(server_cmd::run(args)),
-        Command::Operator(command) => runtime.block_on(cli::run(command)),
-    }
+    let code = match cli.command {
+        // The agent runs on machines we do not own: keep it on one thread.
+        Command::Agent(args) => agent_cmd::main(args)?,
+        Command::Server(args) => multi_thread()?.block_on(server_cmd::run(args)).map(|()| 0)?,
+        Command::Up(args) => multi_thread()?.block_on(up_cmd::run(args))?,
+        Command::Operator(command) => multi_thread()?.block_on(cli::run(command)).map(|()| 0)?,
+    };
+    Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn multi_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -8,7 +8,10 @@ use tether_server::{Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    pub action: Option<ServerAction>,
     /// Address to listen on.
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -17,7 +20,20 @@ pub struct ServerArgs {
     pub data_dir: PathBuf,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum ServerAction {
+    /// Set a new random password for the `admin` user and print it once.
+    ResetAdmin {
+        /// Data dir of the server (env TETHER_DATA_DIR).
+        #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
+        data_dir: PathBuf,
+    },
+}
+
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    if let Some(ServerAction::ResetAdmin { data_dir }) = args.action {
+        return reset_admin(&data_dir).await;
+    }
     let admin_password = std::env::var("TETHER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
     let config = ServerConfig::new(args.listen, args.data_dir);
     let (server, bootstrap) = Server::start(config, admin_password).await?;
@@ -39,4 +55,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         trigger.cancel();
     });
     server.run(shutdown).await
+}
+
+async fn reset_admin(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use tether_store::Store;
+    anyhow::ensure!(data_dir.join("tether.db").exists(), "no tether database in {}", data_dir.display());
+    let store = tether_store::SqliteStore::open(data_dir).await?;
+    let password = tether_server::auth::secret::new_password();
+    let hash = tokio::task::spawn_blocking({
+        let password = password.clone();
+        move || tether_server::auth::password::hash_password(&password)
+    })
+    .await?;
+    store.set_password("admin", &hash).await?;
+    println!("new password for user 'admin' (shown once): {password}");
+    Ok(())
 }

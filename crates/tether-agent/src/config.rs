@@ -1,0 +1,313 @@
+//! Agent configuration, layered: defaults < `agent.toml` < environment
+//! (`TETHER_*`, plus the seed-000 names) < command-line flags.
+//!
+//! `shell` and named actions can only come from the local `agent.toml`:
+//! nothing the server sends can enable them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tether_proto::Labels;
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// What `agent.toml` may contain.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: Option<String>,
+    pub enroll_token: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+    pub poll_wait_s: Option<u32>,
+    pub heartbeat_s: Option<u64>,
+    pub backoff_base_s: Option<u64>,
+    pub command_timeout_s: Option<u32>,
+    pub max_concurrent_commands: Option<usize>,
+    pub output_cap_bytes: Option<usize>,
+    pub shutdown_grace_s: Option<u64>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_shell: bool,
+    #[serde(default)]
+    pub actions: BTreeMap<String, Action>,
+}
+
+/// A named action: an argv template whose `{param}` elements are replaced
+/// by typed parameters, each as one whole argument (never via a shell).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamType>,
+    pub timeout_s: Option<u32>,
+    pub output_cap_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ParamType {
+    /// `"string"`, `"int"` or `"bool"`.
+    Kind(String),
+    /// One of a fixed list of strings.
+    OneOf(Vec<String>),
+}
+
+/// Values given on the command line (or by `tether up`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub server: Option<String>,
+    pub enroll_token: Option<String>,
+    pub name: Option<String>,
+    pub labels: Labels,
+    pub poll_wait_s: Option<u32>,
+    pub heartbeat_s: Option<u64>,
+    pub command_timeout_s: Option<u32>,
+    pub max_concurrent_commands: Option<usize>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The effective configuration.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub dir: PathBuf,
+    pub server: String,
+    pub enroll_token: Option<String>,
+    /// Name reported at enrollment (default: the hostname).
+    pub name: Option<String>,
+    pub labels: Labels,
+    pub poll_wait_s: u32,
+    pub heartbeat_s: u64,
+    pub backoff_base_s: u64,
+    /// Upper bound on any command's run time.
+    pub command_timeout_s: u32,
+    pub max_concurrent_commands: usize,
+    pub output_cap_bytes: usize,
+    pub shutdown_grace_s: u64,
+    pub ca_file: Option<PathBuf>,
+    pub allow_shell: bool,
+    pub actions: BTreeMap<String, Action>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("dir", &self.dir)
+            .field("server", &self.server)
+            .field("enroll_token", &self.enroll_token.as_ref().map(|_| "<redacted>"))
+            .field("labels", &self.labels)
+            .field("poll_wait_s", &self.poll_wait_s)
+            .field("allow_shell", &self.allow_shell)
+            .field("actions", &self.actions.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{name}: {message}")]
+    Invalid { name: String, message: String },
+}
+
+/// Reads `agent.toml` in `dir` (absent = empty).
+pub fn read_file(dir: &Path) -> Result<FileConfig, ConfigError> {
+    let path = dir.join("agent.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileConfig::default()),
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.to_string() })
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str, value: Option<String>) -> Result<Option<T>, ConfigError> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse().map_err(|_| ConfigError::Invalid { name: name.into(), message: format!("cannot parse {v:?}") })
+        })
+        .transpose()
+}
+
+impl AgentConfig {
+    /// Layers defaults < `file` < environment (`env` looks a variable up) < `flags`.
+    pub fn resolve(
+        dir: &Path,
+        file: FileConfig,
+        env: impl Fn(&str) -> Option<String>,
+        flags: Overrides,
+    ) -> Result<Self, ConfigError> {
+        // TETHER_* wins over the seed-000 alias of the same knob.
+        let var = |name: &str, alias: Option<&str>| env(name).or_else(|| alias.and_then(&env));
+        let mut labels = file.labels;
+        if let Some(hash) = var("TETHER_DEPLOYMENT_HASH", Some("DEPLOYMENT_HASH")) {
+            labels.insert("deployment".into(), hash);
+        }
+        labels.extend(flags.labels);
+        tether_proto::agent::validate_labels(&labels)
+            .map_err(|message| ConfigError::Invalid { name: "labels".into(), message })?;
+        let cfg = Self {
+            dir: dir.to_owned(),
+            server: flags
+                .server
+                .or(var("TETHER_SERVER", Some("DASHBOARD_URL")))
+                .or(file.server)
+                .unwrap_or_else(|| DEFAULT_SERVER.into()),
+            enroll_token: flags.enroll_token.or(var("TETHER_ENROLL_TOKEN", None)).or(file.enroll_token),
+            name: flags.name.or(var("TETHER_AGENT_NAME", Some("AGENT_ID"))).or(file.name),
+            labels,
+            poll_wait_s: flags
+                .poll_wait_s
+                .or(parse_env("POLLING_TIMEOUT_SECS", var("TETHER_POLL_WAIT_S", Some("POLLING_TIMEOUT_SECS")))?)
+                .or(file.poll_wait_s)
+                .unwrap_or(30),
+            heartbeat_s: flags
+                .heartbeat_s
+                .or(parse_env("TETHER_HEARTBEAT_S", var("TETHER_HEARTBEAT_S", None))?)
+                .or(file.heartbeat_s)
+                .unwrap_or(30),
+            backoff_base_s: parse_env(
+                "POLLING_BACKOFF_SECS",
+                var("TETHER_BACKOFF_BASE_S", Some("POLLING_BACKOFF_SECS")),
+            )?
+            .or(file.backoff_base_s)
+            .unwrap_or(1),
+            command_timeout_s: flags
+                .command_timeout_s
+                .or(parse_env("COMMAND_TIMEOUT_SECS", var("TETHER_COMMAND_TIMEOUT_S", Some("COMMAND_TIMEOUT_SECS")))?)
+                .or(file.command_timeout_s)
+                .unwrap_or(tether_proto::command::DEFAULT_TIMEOUT_S),
+            max_concurrent_commands: flags
+                .max_concurrent_commands
+                .or(parse_env("TETHER_MAX_CONCURRENT_COMMANDS", var("TETHER_MAX_CONCURRENT_COMMANDS", None))?)
+                .or(file.max_concurrent_commands)
+                .unwrap_or(4),
+            output_cap_bytes: file.output_cap_bytes.unwrap_or(tether_proto::command::MAX_OUTPUT_BYTES),
+            shutdown_grace_s: file.shutdown_grace_s.unwrap_or(30),
+            ca_file: flags.ca_file.or(var("TETHER_CA_FILE", None).map(PathBuf::from)).or(file.ca_file),
+            allow_shell: file.allow_shell,
+            actions: file.actions,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |name: &str, message: &str| Err(ConfigError::Invalid { name: name.into(), message: message.into() });
+        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
+            return invalid("server", "must be an http:// or https:// URL");
+        }
+        if self.poll_wait_s > 30 {
+            return invalid("poll_wait_s", "must be 0..=30");
+        }
+        if self.heartbeat_s == 0 || self.max_concurrent_commands == 0 || self.command_timeout_s == 0 {
+            return invalid("heartbeat_s/max_concurrent_commands/command_timeout_s", "must be positive");
+        }
+        if self.output_cap_bytes > tether_proto::command::MAX_OUTPUT_BYTES {
+            return invalid("output_cap_bytes", "must be at most 65536");
+        }
+        for (name, action) in &self.actions {
+            if action.argv.is_empty() {
+                return invalid(&format!("actions.{name}"), "argv must not be empty");
+            }
+            for (param, kind) in &action.params {
+                if let ParamType::Kind(k) = kind
+                    && !matches!(k.as_str(), "string" | "int" | "bool")
+                {
+                    return invalid(
+                        &format!("actions.{name}.params.{param}"),
+                        "type must be string, int, bool or a list",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn layers_defaults_file_env_and_flags_in_order() {
+        let file: FileConfig =
+            toml::from_str("server = \"http://file:1\"\npoll_wait_s = 10\nheartbeat_s = 5").expect("toml");
+        let dir = Path::new("/tmp/x");
+        let cfg = AgentConfig::resolve(dir, file.clone(), env_of(&[]), Overrides::default()).expect("resolve");
+        assert_eq!((cfg.server.as_str(), cfg.poll_wait_s, cfg.heartbeat_s), ("http://file:1", 10, 5));
+        assert_eq!(cfg.max_concurrent_commands, 4);
+
+        let env = env_of(&[("TETHER_SERVER", "http://env:2"), ("POLLING_TIMEOUT_SECS", "20")]);
+        let cfg = AgentConfig::resolve(dir, file.clone(), env, Overrides::default()).expect("resolve");
+        assert_eq!((cfg.server.as_str(), cfg.poll_wait_s), ("http://env:2", 20));
+
+        let flags = Overrides { server: Some("http://flag:3".into()), poll_wait_s: Some(25), ..Default::default() };
+        let env = env_of(&[("TETHER_SERVER", "http://env:2"), ("POLLING_TIMEOUT_SECS", "20")]);
+        let cfg = AgentConfig::resolve(dir, file, env, flags).expect("resolve");
+        assert_eq!((cfg.server.as_str(), cfg.poll_wait_s), ("http://flag:3", 25));
+    }
+
+    #[test]
+    fn seed_000_names_are_aliases_and_tether_names_win() {
+        let env = env_of(&[
+            ("DASHBOARD_URL", "http://seed:5000"),
+            ("AGENT_ID", "printer-7"),
+            ("DEPLOYMENT_HASH", "abc123"),
+            ("COMMAND_TIMEOUT_SECS", "60"),
+        ]);
+        let cfg = AgentConfig::resolve(Path::new("/d"), FileConfig::default(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.server, "http://seed:5000");
+        assert_eq!(cfg.name.as_deref(), Some("printer-7"));
+        assert_eq!(cfg.labels.get("deployment").map(String::as_str), Some("abc123"));
+        assert_eq!(cfg.command_timeout_s, 60);
+        let env = env_of(&[("DASHBOARD_URL", "http://seed:5000"), ("TETHER_SERVER", "http://tether:8080")]);
+        let cfg = AgentConfig::resolve(Path::new("/d"), FileConfig::default(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.server, "http://tether:8080");
+    }
+
+    #[test]
+    fn actions_parse_and_bad_values_are_named() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            allow_shell = true
+            [actions.restart]
+            argv = ["systemctl", "restart", "{service}"]
+            params = { service = ["nginx", "redis"] }
+            timeout_s = 30
+            [actions.echo]
+            argv = ["echo", "{text}", "{n}"]
+            params = { text = "string", n = "int" }
+            "#,
+        )
+        .expect("toml");
+        let cfg = AgentConfig::resolve(Path::new("/d"), file, env_of(&[]), Overrides::default()).expect("ok");
+        assert!(cfg.allow_shell);
+        assert_eq!(cfg.actions["restart"].params["service"], ParamType::OneOf(vec!["nginx".into(), "redis".into()]));
+
+        let bad: FileConfig = toml::from_str("[actions.x]\nargv = [\"a\"]\nparams = { p = \"float\" }").expect("toml");
+        let err = AgentConfig::resolve(Path::new("/d"), bad, env_of(&[]), Overrides::default()).expect_err("bad type");
+        assert!(err.to_string().contains("actions.x.params.p"), "{err}");
+        let err = AgentConfig::resolve(
+            Path::new("/d"),
+            FileConfig::default(),
+            env_of(&[("POLLING_TIMEOUT_SECS", "x")]),
+            Overrides::default(),
+        )
+        .expect_err("bad env");
+        assert!(err.to_string().contains("POLLING_TIMEOUT_SECS"), "{err}");
+        assert!(toml::from_str::<FileConfig>("unknown_knob = 1").is_err());
+    }
+}

@@ -1,0 +1,630 @@
+//! The daemon: concurrent loops (stream, executor pool, result spool,
+//! heartbeat, control socket) sharing one [`Shared`] state, and the
+//! lifecycle around them (recovery at start, graceful stop).
+
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tether_client::Poll;
+use tether_proto::CommandId;
+use tether_proto::agent::Heartbeat;
+use tether_proto::command::{CommandStatus, ResultReport};
+use tether_proto::signal::{COMMAND_CANCELLED, COMMAND_QUEUED, CommandCancelled, CommandQueued, Signal};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::config::{self, AgentConfig};
+use crate::executor::{self, Builtin, Plan};
+use crate::journal::Journal;
+use crate::session::{Failure, Session};
+use crate::spool::Spool;
+use crate::state::StateDir;
+
+/// Signals waiting to run are bounded; the stream stops reading when full.
+pub const QUEUE_CAPACITY: usize = 1000;
+
+/// Why the daemon stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGINT/SIGTERM or `once` finished.
+    Stopped,
+    /// `agent.restart`: exit so the service manager starts us again.
+    Restart,
+    /// The server revoked this agent (exit code 78: do not restart).
+    Revoked(String),
+    /// Needs an operator (not enrolled, refresh token rejected, bad state dir).
+    Fatal(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Run until stopped.
+    Daemon,
+    /// One poll (`wait=0`), run what arrived, deliver the results, exit.
+    Once,
+}
+
+/// A command waiting for an executor slot; higher priority first, then older.
+#[derive(Debug)]
+struct Queued {
+    order: u64,
+    cmd: CommandQueued,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.order == other.order
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.cmd.priority.cmp(&other.cmd.priority).then(other.order.cmp(&self.order))
+    }
+}
+
+/// What `tether agent status` prints (seed 003's `status --daemon` block).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub uptime_s: u64,
+    pub server: String,
+    pub agent_id: String,
+    pub connection: String,
+    pub last_poll: Option<String>,
+    pub cursor: Option<String>,
+    pub poll_wait_s: u32,
+    pub next_poll: Option<String>,
+    pub retry_after_s: Option<u64>,
+    pub consecutive_failures: u32,
+    pub circuit_open: bool,
+    pub queue_depth: usize,
+    pub token_expires_at: Option<String>,
+    pub last_signal: Option<String>,
+    pub applied_config_hash: Option<String>,
+    pub running_commands: Vec<CommandId>,
+    pub spooled_results: usize,
+}
+
+struct Shared {
+    cfg: RwLock<AgentConfig>,
+    state: StateDir,
+    session: Session,
+    journal: Mutex<Journal>,
+    spool: Spool,
+    queue: Mutex<BinaryHeap<Queued>>,
+    queue_order: std::sync::atomic::AtomicU64,
+    queue_changed: Notify,
+    running: Mutex<HashMap<CommandId, CancellationToken>>,
+    status: Mutex<Status>,
+    poll_now: Notify,
+    spool_changed: Notify,
+    exit: Mutex<Option<Exit>>,
+    /// Cancelled to stop every loop (signal, fatal error, restart).
+    stop: CancellationToken,
+    started: Instant,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn rfc3339_from_s(s: u64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(s).ok()?).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339).ok()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a loop panicked mid-update; the data is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    fn finish(&self, exit: Exit) {
+        let mut slot = lock(&self.exit);
+        if slot.is_none() {
+            *slot = Some(exit);
+        }
+        self.stop.cancel();
+    }
+
+    fn cfg(&self) -> AgentConfig {
+        self.cfg.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut lock(&self.status));
+    }
+
+    fn queue_len(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
+    /// Takes one signal from the stream.
+    fn accept(&self, signal: &Signal) {
+        self.update_status(|s| s.last_signal = Some(format!("{} at {}", signal.kind, rfc3339_now())));
+        match signal.kind.as_str() {
+            COMMAND_QUEUED => {
+                let Ok(cmd) = serde_json::from_value::<CommandQueued>(signal.reference.clone()) else {
+                    tracing::warn!("Ignoring a malformed command.queued signal");
+                    return;
+                };
+                if lock(&self.journal).get(cmd.command_id).is_some() {
+                    // Redelivered after it started: never run twice.
+                    tracing::debug!(command_id = %cmd.command_id, "Skipping an already started command");
+                    return;
+                }
+                if cmd.expires_at_ms.is_some_and(|exp| exp <= now_ms()) {
+                    tracing::info!(command_id = %cmd.command_id, "Skipping an expired command");
+                    return;
+                }
+                let mut queue = lock(&self.queue);
+                if lock(&self.running).contains_key(&cmd.command_id)
+                    || queue.iter().any(|q| q.cmd.command_id == cmd.command_id)
+                {
+                    return;
+                }
+                let order = self.queue_order.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                queue.push(Queued { order, cmd });
+                drop(queue);
+                self.queue_changed.notify_waiters();
+            }
+            COMMAND_CANCELLED => {
+                let Ok(c) = serde_json::from_value::<CommandCancelled>(signal.reference.clone()) else { return };
+                if let Some(token) = lock(&self.running).get(&c.command_id) {
+                    tracing::info!(command_id = %c.command_id, "Cancelling a running command");
+                    token.cancel();
+                }
+                lock(&self.queue).retain(|q| q.cmd.command_id != c.command_id);
+            }
+            other => tracing::debug!(kind = other, "Ignoring a signal type this agent does not handle"),
+        }
+    }
+}
+
+/// Puts a result in the spool (durable) and wakes the flusher.
+fn spool_result(shared: &Shared, id: CommandId, report: &ResultReport) {
+    if let Err(e) = shared.spool.put(id, report) {
+        tracing::error!(command_id = %id, error = %e, "Could not spool a result");
+    }
+    shared.spool_changed.notify_one();
+}
+
+async fn sleep_or_stop(shared: &Shared, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shared.stop.cancelled() => {}
+        _ = shared.poll_now.notified() => {}
+    }
+}
+
+async fn stream_loop(shared: Arc<Shared>, mode: Mode) {
+    let cfg = shared.cfg();
+    let mut backoff = Backoff::new(Duration::from_secs(cfg.backoff_base_s), Box::new(rand::random::<f64>));
+    let mut cursor = shared.state.read("cursor").ok().flatten();
+    shared.update_status(|s| {
+        s.connection = "long-poll".into();
+        s.cursor = cursor.clone();
+    });
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        // Backpressure: do not read more work than the queue can hold.
+        while shared.queue_len() >= QUEUE_CAPACITY {
+            tokio::select! {
+                _ = shared.queue_changed.notified() => {}
+                _ = shared.stop.cancelled() => return,
+            }
+        }
+        let wait = if mode == Mode::Once { 0 } else { shared.cfg().poll_wait_s };
+        shared.update_status(|s| {
+            s.poll_wait_s = wait;
+            s.next_poll = Some(rfc3339_now());
+        });
+        let c = cursor.clone();
+        let expires = shared.session.token_expires_at().await;
+        shared.update_status(|s| s.token_expires_at = rfc3339_from_s(expires));
+        let res = tokio::select! {
+            r = shared.session.call(|client| { let c = c.clone(); async move { client.updates(c.as_deref(), 100, wait).await } }) => r,
+            _ = shared.stop.cancelled() => return,
+            // `tether agent poll-now`: drop the parked poll and ask again.
+            _ = shared.poll_now.notified() => continue,
+        };
+        let new_cursor = match res {
+            Ok(Poll::Signals(updates)) => {
+                for signal in &updates.signals {
+                    shared.accept(signal);
+                }
+                Some(updates.cursor)
+            }
+            Ok(Poll::Idle { cursor: c }) => Some(c).filter(|c| !c.is_empty()),
+            Err(Failure::CursorExpired) => {
+                tracing::warn!("Stream cursor expired; resyncing from the start of the retained stream");
+                let _ = shared.state.remove("cursor");
+                cursor = None;
+                continue;
+            }
+            Err(Failure::Revoked(msg)) => return shared.finish(Exit::Revoked(msg)),
+            Err(Failure::Fatal(msg)) => return shared.finish(Exit::Fatal(msg)),
+            Err(e @ (Failure::Retry { .. } | Failure::Refused { .. })) => {
+                let retry_after = match &e {
+                    Failure::Retry { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                let delay = backoff.failure(retry_after);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, failures = backoff.failures(), "Poll failed");
+                shared.update_status(|s| {
+                    s.consecutive_failures = backoff.failures();
+                    s.circuit_open = backoff.is_open();
+                    s.retry_after_s = retry_after.map(|d| d.as_secs());
+                    s.next_poll = Some(format!("in {} ms", delay.as_millis()));
+                });
+                if mode == Mode::Once {
+                    return shared.finish(Exit::Fatal(format!("poll failed: {e}")));
+                }
+                sleep_or_stop(&shared, delay).await;
+                continue;
+            }
+        };
+        backoff.success();
+        if new_cursor != cursor {
+            if let Some(c) = &new_cursor
+                && let Err(e) = shared.state.write("cursor", c)
+            {
+                tracing::error!(error = %e, "Could not persist the cursor");
+            }
+            cursor = new_cursor;
+        }
+        shared.update_status(|s| {
+            s.last_poll = Some(rfc3339_now());
+            s.cursor = cursor.clone();
+            s.consecutive_failures = 0;
+            s.circuit_open = false;
+            s.retry_after_s = None;
+            s.queue_depth = shared.queue_len();
+        });
+        if mode == Mode::Once {
+            return;
+        }
+        // Re-poll at once (seed 000: no sleep between polls).
+    }
+}
+
+async fn execute(shared: Arc<Shared>, cmd: CommandQueued, cancel: CancellationToken) {
+    let id = cmd.command_id;
+    let cfg = shared.cfg();
+    let plan = executor::plan(&cfg, &cmd);
+    // Journal before anything runs: a crash from here on never re-runs it.
+    match lock(&shared.journal).start(id, now_ms()) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(command_id = %id, error = %e, "Cannot journal the command; not running it");
+            return;
+        }
+    }
+    tracing::info!(command_id = %id, name = %cmd.name, "Running command");
+    let report = match plan {
+        Plan::Reject(reason) => {
+            tracing::warn!(command_id = %id, name = %cmd.name, reason = %reason, "Rejected command");
+            executor::rejected(reason)
+        }
+        Plan::Builtin(b) => {
+            let _ = shared.session.call(|c| async move { c.report_running(id).await }).await;
+            run_builtin(&shared, b)
+        }
+        Plan::Process { argv, timeout, output_cap } => {
+            if let Err(e) = shared.session.call(|c| async move { c.report_running(id).await }).await {
+                tracing::debug!(command_id = %id, error = %e, "Running report failed; the result will still be sent");
+            }
+            executor::run_process(&argv, timeout, output_cap, &cancel).await
+        }
+    };
+    tracing::info!(command_id = %id, status = %report.status, "Command finished");
+    spool_result(&shared, id, &report);
+    if plan_restarts(&cmd) {
+        shared.finish(Exit::Restart);
+    }
+}
+
+fn plan_restarts(cmd: &CommandQueued) -> bool {
+    cmd.name == "agent.restart"
+}
+
+fn run_builtin(shared: &Shared, builtin: Builtin) -> ResultReport {
+    match builtin {
+        Builtin::Ping => executor::ping(),
+        Builtin::Sysinfo => executor::sysinfo(),
+        Builtin::ConfigReload => {
+            let current = shared.cfg();
+            let reloaded = config::read_file(&current.dir).and_then(|file| {
+                // Flags and environment still win; only the file is re-read.
+                AgentConfig::resolve(
+                    &current.dir,
+                    file,
+                    |k| std::env::var(k).ok(),
+                    config::Overrides { server: Some(current.server.clone()), ..Default::default() },
+                )
+            });
+            match reloaded {
+                Ok(cfg) => {
+                    *shared.cfg.write().unwrap_or_else(std::sync::PoisonError::into_inner) = cfg;
+                    let mut r = ResultReport::new(CommandStatus::Succeeded);
+                    r.exit_code = Some(0);
+                    r.stdout = "configuration reloaded\n".into();
+                    r
+                }
+                Err(e) => {
+                    let mut r = ResultReport::new(CommandStatus::Failed);
+                    r.reason = Some(format!("reload failed: {e}"));
+                    r
+                }
+            }
+        }
+        Builtin::AgentRestart => {
+            let mut r = ResultReport::new(CommandStatus::Succeeded);
+            r.exit_code = Some(0);
+            r.stdout = "restarting\n".into();
+            r
+        }
+    }
+}
+
+async fn executor_loop(shared: Arc<Shared>, tasks: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(shared.cfg().max_concurrent_commands));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shared.stop.cancelled() => return,
+        };
+        let next = loop {
+            let notified = shared.queue_changed.notified();
+            if let Some(q) = lock(&shared.queue).pop() {
+                break q;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = shared.stop.cancelled() => return,
+            }
+        };
+        shared.queue_changed.notify_waiters();
+        let cancel = CancellationToken::new();
+        lock(&shared.running).insert(next.cmd.command_id, cancel.clone());
+        let shared2 = shared.clone();
+        tasks.spawn(async move {
+            let id = next.cmd.command_id;
+            execute(shared2.clone(), next.cmd, cancel).await;
+            lock(&shared2.running).remove(&id);
+            drop(permit);
+        });
+    }
+}
+
+/// Sends every spooled result; returns false when the server was unreachable.
+async fn flush_spool(shared: &Shared) -> Result<bool, Failure> {
+    let results = shared.spool.all().unwrap_or_default();
+    for (id, report) in results {
+        let r = &report;
+        match shared.session.call(|c| async move { c.report_result(id, r).await }).await {
+            Ok(_) => {}
+            Err(Failure::Refused { status, what }) => {
+                // The server has a final answer for it (e.g. cancelled meanwhile): nothing to retry.
+                tracing::warn!(command_id = %id, status, what = %what, "Server refused a result; dropping it");
+            }
+            Err(e @ (Failure::Revoked(_) | Failure::Fatal(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(command_id = %id, error = %e, "Result not delivered yet; will retry");
+                return Ok(false);
+            }
+        }
+        if let Err(e) = lock(&shared.journal).acknowledge(id) {
+            tracing::error!(command_id = %id, error = %e, "Could not journal the acknowledgement");
+        }
+        let _ = shared.spool.remove(id);
+    }
+    shared.update_status(|s| s.spooled_results = shared.spool.len());
+    Ok(true)
+}
+
+async fn spool_loop(shared: Arc<Shared>) {
+    let mut backoff = Backoff::new(Duration::from_secs(shared.cfg().backoff_base_s), Box::new(rand::random::<f64>));
+    loop {
+        let delay = match flush_spool(&shared).await {
+            Ok(true) => {
+                backoff.success();
+                Duration::from_secs(30)
+            }
+            Ok(false) => backoff.failure(None),
+            Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
+            Err(e) => return shared.finish(Exit::Fatal(e.to_string())),
+        };
+        tokio::select! {
+            _ = shared.spool_changed.notified() => {}
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>) {
+    loop {
+        let beat = Heartbeat {
+            uptime_s: shared.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            applied_config_hash: None,
+            running_commands: lock(&shared.running).len() as u32,
+            queue_depth: shared.queue_len() as u32,
+            mem_used_bytes: None,
+            mem_total_bytes: None,
+        };
+        let b = &beat;
+        match shared.session.call(|c| async move { c.heartbeat(b).await }).await {
+            Ok(_) => {}
+            Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
+            Err(e) => tracing::debug!(error = %e, "Heartbeat failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(shared.cfg().heartbeat_s)) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Results of commands a crash interrupted: the command started (journaled)
+/// but no result was ever spooled. It is not run again; the server learns why.
+fn recover_interrupted(shared: &Shared) {
+    let interrupted = lock(&shared.journal).unacknowledged();
+    for id in interrupted {
+        if shared.spool.contains(id) {
+            continue;
+        }
+        tracing::warn!(command_id = %id, "Reporting a command interrupted by an agent restart");
+        let mut report = ResultReport::new(CommandStatus::Failed);
+        report.reason = Some("interrupted: the agent stopped while it ran; it is not run again".into());
+        spool_result(shared, id, &report);
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+/// Runs the agent until `shutdown` fires (or until one cycle in `Once` mode).
+pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> Exit {
+    let state = match StateDir::open(&cfg.dir) {
+        Ok(s) => s,
+        Err(e) => return Exit::Fatal(format!("state dir {}: {e}", cfg.dir.display())),
+    };
+    let session = loop {
+        match Session::establish(&cfg, &state).await {
+            Ok(s) => break s,
+            Err(Failure::Revoked(m)) => return Exit::Revoked(m),
+            Err(Failure::Retry { why, .. }) if mode == Mode::Daemon => {
+                tracing::warn!(error = %why, "Cannot reach the server to enroll; retrying in 5 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    _ = shutdown.cancelled() => return Exit::Stopped,
+                }
+            }
+            Err(e) => return Exit::Fatal(e.to_string()),
+        }
+    };
+    let journal = match Journal::open(&state.path("state/journal"), now_ms()) {
+        Ok(j) => j,
+        Err(e) => return Exit::Fatal(format!("opening the journal: {e}")),
+    };
+    let shared = Arc::new(Shared {
+        status: Mutex::new(Status {
+            server: cfg.server.clone(),
+            agent_id: session.agent_id().to_string(),
+            ..Status::default()
+        }),
+        spool: Spool::new(state.results_dir()),
+        cfg: RwLock::new(cfg),
+        state,
+        session,
+        journal: Mutex::new(journal),
+        queue: Mutex::new(BinaryHeap::new()),
+        queue_order: Default::default(),
+        queue_changed: Notify::new(),
+        running: Mutex::new(HashMap::new()),
+        poll_now: Notify::new(),
+        spool_changed: Notify::new(),
+        exit: Mutex::new(None),
+        stop: shutdown.child_token(),
+        started: Instant::now(),
+    });
+    tracing::info!(agent_id = %shared.session.agent_id(), "Agent started");
+    recover_interrupted(&shared);
+
+    let loops = TaskTracker::new();
+    let commands = TaskTracker::new();
+    match mode {
+        Mode::Once => {
+            stream_loop(shared.clone(), mode).await;
+            // Run everything that arrived, then deliver the results.
+            let drained = tokio::spawn(executor_loop(shared.clone(), commands.clone()));
+            while shared.queue_len() > 0 || !lock(&shared.running).is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            shared.stop.cancel();
+            let _ = drained.await;
+            commands.close();
+            commands.wait().await;
+            if let Err(e) = flush_spool(&shared).await {
+                shared.finish(match e {
+                    Failure::Revoked(m) => Exit::Revoked(m),
+                    other => Exit::Fatal(other.to_string()),
+                });
+            }
+        }
+        Mode::Daemon => {
+            loops.spawn(stream_loop(shared.clone(), mode));
+            loops.spawn(executor_loop(shared.clone(), commands.clone()));
+            loops.spawn(spool_loop(shared.clone()));
+            loops.spawn(heartbeat_loop(shared.clone()));
+            match crate::control::listen(&shared.state.socket()) {
+                Ok(listener) => {
+                    loops.spawn(crate::control::serve(
+                        listener,
+                        shared.clone() as Arc<dyn Control>,
+                        shared.stop.clone(),
+                    ));
+                }
+                Err(e) => tracing::warn!(error = %e, "Control socket unavailable"),
+            }
+            shared.stop.cancelled().await;
+            tracing::info!("Stopping: no new commands; waiting for running ones");
+            loops.close();
+            loops.wait().await;
+            commands.close();
+            let grace = Duration::from_secs(shared.cfg().shutdown_grace_s);
+            if tokio::time::timeout(grace, commands.wait()).await.is_err() {
+                tracing::warn!("Grace period over; cancelling running commands");
+                for token in lock(&shared.running).values() {
+                    token.cancel();
+                }
+                commands.wait().await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), flush_spool(&shared)).await;
+            let _ = std::fs::remove_file(shared.state.socket());
+        }
+    }
+    lock(&shared.exit).clone().unwrap_or(Exit::Stopped)
+}
+
+/// Control-socket access to the daemon's live state.
+pub trait Control: Send + Sync + 'static {
+    fn status(&self) -> Status;
+    fn poll_now(&self);
+}
+
+impl Control for Shared {
+    fn status(&self) -> Status {
+        let mut s = lock(&self.status).clone();
+        s.uptime_s = self.started.elapsed().as_secs();
+        s.queue_depth = self.queue_len();
+        s.running_commands = lock(&self.running).keys().copied().collect();
+        s.spooled_results = self.spool.len();
+        s
+    }
+
+    fn poll_now(&self) {
+        self.poll_now.notify_waiters();
+    }
+}

@@ -1,0 +1,167 @@
+//! The agent's state dir (SPEC §12):
+//!
+//! ```text
+//! DIR/agent.toml        local configuration (never written by the agent)
+//! DIR/state/            agent_id, access_token, refresh_token, cursor, journal,
+//!                       results/ (unacknowledged results), agent.sock
+//! DIR/keys/agent.key    Ed25519 private key (raw 32 bytes)
+//! DIR/certs/ DIR/files/ DIR/logs/
+//! ```
+//!
+//! Directories are 0700 and files 0600; wrong modes are fixed with a
+//! warning. Every write is temp file + fsync + rename + directory fsync.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+const SUBDIRS: [&str; 6] = ["state", "state/results", "keys", "certs", "files", "logs"];
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("path has no parent"))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn fix_mode(path: &Path, want: u32) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode != want {
+        tracing::warn!(path = %path.display(), found = format!("{mode:o}"), fixed_to = format!("{want:o}"), "Fixing permissions");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want))?;
+    }
+    Ok(())
+}
+
+impl StateDir {
+    /// Opens (creating) the state dir and enforces its permissions.
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(root)?;
+        fix_mode(root, DIR_MODE)?;
+        for sub in SUBDIRS {
+            let dir = root.join(sub);
+            std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
+            fix_mode(&dir, DIR_MODE)?;
+        }
+        for dir in ["state", "keys"] {
+            for entry in std::fs::read_dir(root.join(dir))? {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    fix_mode(&entry.path(), FILE_MODE)?;
+                }
+            }
+        }
+        Ok(Self { root: root.to_owned() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.root.join("agent.toml")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("state/agent.sock")
+    }
+
+    pub fn results_dir(&self) -> PathBuf {
+        self.root.join("state/results")
+    }
+
+    /// A small text file under `state/`, trimmed; `None` when absent.
+    pub fn read(&self, name: &str) -> std::io::Result<Option<String>> {
+        match std::fs::read_to_string(self.root.join("state").join(name)) {
+            Ok(s) => Ok(Some(s.trim().to_owned()).filter(|s| !s.is_empty())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn write(&self, name: &str, value: &str) -> std::io::Result<()> {
+        write_atomic(&self.root.join("state").join(name), value.as_bytes())
+    }
+
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.root.join("state").join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The agent's Ed25519 key, generated on first use (the private half never leaves this file).
+    pub fn signing_key(&self) -> std::io::Result<ed25519_dalek::SigningKey> {
+        let path = self.root.join("keys/agent.key");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let raw: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| std::io::Error::other(format!("{} must hold 32 bytes", path.display())))?;
+                Ok(ed25519_dalek::SigningKey::from_bytes(&raw))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+                write_atomic(&path, key.as_bytes())?;
+                Ok(key)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// base64url (no padding) of the raw public key, as enrollment expects.
+pub fn public_key_text(key: &ed25519_dalek::SigningKey) -> String {
+    URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn creates_the_layout_private_and_fixes_loose_modes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("agent");
+        let state = StateDir::open(&root).expect("open");
+        for sub in SUBDIRS {
+            assert_eq!(mode(&root.join(sub)), 0o700, "{sub}");
+        }
+        state.write("cursor", "1-2").expect("write");
+        assert_eq!(mode(&root.join("state/cursor")), 0o600);
+        assert_eq!(state.read("cursor").expect("read").as_deref(), Some("1-2"));
+        let key = state.signing_key().expect("key");
+        assert_eq!(mode(&root.join("keys/agent.key")), 0o600);
+        assert_eq!(state.signing_key().expect("same key").as_bytes(), key.as_bytes());
+
+        std::fs::set_permissions(root.join("state/cursor"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::set_permissions(root.join("state"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        StateDir::open(&root).expect("reopen");
+        assert_eq!(mode(&root.join("state/cursor")), 0o600);
+        assert_eq!(mode(&root.join("state")), 0o700);
+    }
+}

@@ -1,0 +1,178 @@
+//! `tether agent`: the daemon (`once` for a single cycle) and the one-shot
+//! commands that talk to a running daemon over its control socket.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use tether_agent::{AgentConfig, EXIT_REVOKED, Exit, Mode, Overrides};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentAction {
+    /// Do one cycle: poll once (wait=0), run what arrived, deliver results, exit.
+    Once(RunArgs),
+    /// Show the running daemon's status (uptime, server, cursor, queue, tokens …).
+    Status(SocketArgs),
+    /// Make the running daemon poll the server now.
+    PollNow(SocketArgs),
+}
+
+#[derive(Debug, Args)]
+struct SocketArgs {
+    /// State dir of the agent (env TETHER_CONFIG_DIR).
+    #[arg(short = 'c', long = "config-dir", env = "TETHER_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Every knob; flags beat environment, which beats `agent.toml`, which beats defaults.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// State dir holding agent.toml, state/, keys/ (env TETHER_CONFIG_DIR; default
+    /// /var/lib/tether as root, else ~/.local/share/tether).
+    #[arg(short = 'c', long = "config-dir", env = "TETHER_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Server URL (env TETHER_SERVER, seed alias DASHBOARD_URL; default http://127.0.0.1:8080).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Enrollment token for the first start (env TETHER_ENROLL_TOKEN).
+    #[arg(long)]
+    pub enroll_token: Option<String>,
+    /// Name to enroll under (env TETHER_AGENT_NAME, seed alias AGENT_ID; default the hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Label requested at enrollment, k=v; repeatable (env DEPLOYMENT_HASH adds deployment=…).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Long-poll wait in seconds, 0-30 (env TETHER_POLL_WAIT_S, seed alias POLLING_TIMEOUT_SECS; default 30).
+    #[arg(long)]
+    pub poll_wait: Option<u32>,
+    /// Heartbeat interval in seconds (env TETHER_HEARTBEAT_S; default 30).
+    #[arg(long)]
+    pub heartbeat: Option<u64>,
+    /// Upper bound on any command's run time in seconds (env TETHER_COMMAND_TIMEOUT_S,
+    /// seed alias COMMAND_TIMEOUT_SECS; default 300).
+    #[arg(long)]
+    pub command_timeout: Option<u32>,
+    /// Commands run at once (env TETHER_MAX_CONCURRENT_COMMANDS; default 4).
+    #[arg(long)]
+    pub max_concurrent: Option<usize>,
+    /// PEM file with the CA that signed the server's certificate (env TETHER_CA_FILE).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Keep running (the default; accepted for compatibility).
+    #[arg(long, hide = true)]
+    pub keep_running: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be k=v"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// `/var/lib/tether` for root, `~/.local/share/tether` for everyone else.
+pub fn default_dir() -> PathBuf {
+    if nix_is_root() {
+        return PathBuf::from("/var/lib/tether");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/tether")
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+impl RunArgs {
+    pub fn config(&self) -> anyhow::Result<AgentConfig> {
+        let dir = self.config_dir.clone().unwrap_or_else(default_dir);
+        let file = tether_agent::config::read_file(&dir)?;
+        let flags = Overrides {
+            server: self.server.clone(),
+            enroll_token: self.enroll_token.clone(),
+            name: self.name.clone(),
+            labels: self.labels.iter().cloned().collect(),
+            poll_wait_s: self.poll_wait,
+            heartbeat_s: self.heartbeat,
+            command_timeout_s: self.command_timeout,
+            max_concurrent_commands: self.max_concurrent,
+            ca_file: self.ca_file.clone(),
+        };
+        Ok(AgentConfig::resolve(&dir, file, |k| std::env::var(k).ok(), flags)?)
+    }
+}
+
+/// Maps how the daemon stopped to the process exit code (78 = revoked, do not restart).
+pub fn exit_code(exit: &Exit) -> i32 {
+    match exit {
+        Exit::Stopped | Exit::Restart => 0,
+        Exit::Revoked(message) => {
+            eprintln!("tether agent: {message}");
+            EXIT_REVOKED
+        }
+        Exit::Fatal(message) => {
+            eprintln!("tether agent: {message}");
+            1
+        }
+    }
+}
+
+/// Runs the agent on a single-threaded runtime (it is small and mostly waits).
+pub fn main(args: AgentArgs) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match args.action {
+        None => runtime.block_on(run(args.run, Mode::Daemon)),
+        Some(AgentAction::Once(run_args)) => runtime.block_on(run(run_args, Mode::Once)),
+        Some(AgentAction::Status(s)) => runtime.block_on(status(&socket(&s), s.json)),
+        Some(AgentAction::PollNow(s)) => runtime.block_on(async {
+            tether_agent::control::request(&socket(&s), "poll-now").await?;
+            println!("poll requested");
+            Ok(0)
+        }),
+    }
+}
+
+fn socket(args: &SocketArgs) -> PathBuf {
+    args.config_dir.clone().unwrap_or_else(default_dir).join("state/agent.sock")
+}
+
+async fn run(args: RunArgs, mode: Mode) -> anyhow::Result<i32> {
+    let cfg = args.config()?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        tracing::info!("Shutting down");
+        trigger.cancel();
+    });
+    Ok(exit_code(&tether_agent::run(cfg, mode, shutdown).await))
+}
+
+async fn status(socket: &Path, json: bool) -> anyhow::Result<i32> {
+    let status = tether_agent::control::request(socket, "status").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(0);
+    }
+    let Some(fields) = status.as_object() else { anyhow::bail!("unexpected status answer") };
+    for (key, value) in fields {
+        let text = match value {
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{:<22} {text}", format!("{}:", key.replace('_', " ")));
+    }
+    Ok(0)
+}

@@ -1,0 +1,99 @@
+//! `tether up`: the quick start. A server on embedded SQLite plus one local
+//! agent enrolled into it, in one process. Run again on the same data dir,
+//! it reuses everything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use tether_agent::{AgentConfig, Mode, Overrides};
+use tether_server::auth::secret::{ENROLL_TOKEN_PREFIX, hash_token, new_token};
+use tether_server::{Server, ServerConfig};
+use tether_store::NewEnrollToken;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address for the server (env TETHER_LISTEN).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Data dir for the server; the local agent keeps its state in <data-dir>/agent (env TETHER_DATA_DIR).
+    #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
+    data_dir: PathBuf,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
+    let admin_password = std::env::var("TETHER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
+    let (server, bootstrap) =
+        Server::start(ServerConfig::new(args.listen, args.data_dir.clone()), admin_password).await?;
+    let url = format!("http://{}", server.local_addr()?);
+    let agent_dir = args.data_dir.join("agent");
+    let enrolled = agent_dir.join("state/agent_id").exists();
+    let enroll_token = if enrolled {
+        None
+    } else {
+        // Straight into the store: the local agent needs no operator credentials.
+        let token = new_token(ENROLL_TOKEN_PREFIX);
+        let state = server.state();
+        let now = state.clock.now_ms();
+        state
+            .store
+            .create_enroll_token(
+                NewEnrollToken {
+                    id: uuid_like(),
+                    token_hash: hash_token(&token),
+                    labels: [("tether-up".to_owned(), "local".to_owned())].into(),
+                    uses: 1,
+                    created_by: "tether up".into(),
+                    expires_at: now + 600_000,
+                },
+                now,
+            )
+            .await?;
+        Some(token)
+    };
+
+    println!("tether is up: {url}");
+    match (&bootstrap.admin_token, &bootstrap.admin_password) {
+        (Some(token), password) => {
+            println!("  admin API token (shown once): {token}");
+            if let Some(password) = password {
+                println!("  admin password for user 'admin' (shown once): {password}");
+            }
+            println!("  try: TETHER_SERVER={url} TETHER_TOKEN={token} tether run --all -- ping");
+        }
+        (None, _) => {
+            println!("  reusing {}; the admin credentials were shown at first start.", args.data_dir.display());
+            println!("  for a new admin password: tether server reset-admin --data-dir {}", args.data_dir.display());
+        }
+    }
+    println!("  local agent state: {}", agent_dir.display());
+
+    let cfg = AgentConfig::resolve(
+        &agent_dir,
+        tether_agent::config::read_file(&agent_dir)?,
+        |_| None,
+        Overrides { server: Some(url), enroll_token, ..Overrides::default() },
+    )?;
+    let shutdown = CancellationToken::new();
+    let server_task = tokio::spawn(server.run(shutdown.clone()));
+    let agent_shutdown = shutdown.clone();
+    let agent_task = tokio::spawn(async move {
+        loop {
+            match tether_agent::run(cfg.clone(), Mode::Daemon, agent_shutdown.clone()).await {
+                // `agent.restart` restarts the in-process agent.
+                tether_agent::Exit::Restart if !agent_shutdown.is_cancelled() => continue,
+                other => return other,
+            }
+        }
+    });
+    crate::shutdown_signal().await;
+    shutdown.cancel();
+    let exit = agent_task.await?;
+    server_task.await??;
+    Ok(crate::agent_cmd::exit_code(&exit))
+}
+
+fn uuid_like() -> String {
+    tether_proto::BatchId::new().to_string()
+}
