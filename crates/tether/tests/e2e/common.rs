@@ -102,3 +102,108 @@ fn unsafe_kill(pid: i32, sig: i32) -> i32 {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(pid, sig) }
 }
+
+/// A real `tether agent` process with its own state dir; stderr goes to `log`.
+pub struct AgentProcess {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent; `agent_toml` is written to its state dir first (if any).
+    pub fn start(dir: &Path, server: &str, enroll_token: Option<&str>, agent_toml: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).expect("agent dir");
+        if let Some(toml) = agent_toml {
+            std::fs::write(dir.join("agent.toml"), toml).expect("agent.toml");
+        }
+        let log = dir.join(format!(
+            "agent-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_nanos()
+        ));
+        let mut cmd = Command::new(tether_bin());
+        cmd.args(["agent", "-c"]).arg(dir).args(["--server", server, "--heartbeat", "5"]);
+        if let Some(t) = enroll_token {
+            cmd.args(["--enroll-token", t]);
+        }
+        let child = cmd
+            .env("TETHER_LOG", "info,tether_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn tether agent");
+        Self { child, dir: dir.to_owned(), log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent id once it has enrolled (waits up to 30 s).
+    pub fn agent_id(&self) -> tether_proto::AgentId {
+        let path = self.dir.join("state/agent_id");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Ok(id) = text.trim().parse() {
+                    return id;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent never enrolled; log:\n{}", self.log_text());
+    }
+
+    /// Waits for the process to exit (up to `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 100 ms until it returns Some, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// An enrollment token with these labels, via the admin client.
+pub async fn enroll_token(admin: &Client, labels: &[(&str, &str)]) -> String {
+    admin
+        .create_enroll_token(&tether_proto::agent::CreateEnrollToken {
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            uses: 1,
+            expires_in_s: 600,
+        })
+        .await
+        .expect("enroll token")
+        .token
+}

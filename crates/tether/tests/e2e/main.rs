@@ -1,4 +1,5 @@
 //! End-to-end tests driving real `tether` processes.
 
+mod agent;
 mod common;
 mod durability;
