@@ -21,11 +21,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Debug, Parser)]
-#[command(about = "Benchmarks the tether agent stream")]
-struct Args {
+#[command(about = "Benchmarks tether: the agent stream on the server, and the agent itself")]
+struct Cli {
     /// The `tether` binary to benchmark (default: next to this one).
-    #[arg(long)]
+    #[arg(long, global = true)]
     tether: Option<PathBuf>,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Bench {
+    /// Idle-poll throughput and server memory per held long-poll.
+    Stream(Args),
+    /// Agent idle RSS and CPU, and command receipt latency.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// How long to watch the idle agent, in seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+    /// Commands to time from creation to the agent starting them.
+    #[arg(long, default_value_t = 1000)]
+    commands: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct Args {
     /// Concurrent connections for the idle-poll run.
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -258,12 +282,107 @@ async fn held_polls(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<Held
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let bin = match args.tether {
+    let cli = Cli::parse();
+    let bin = match cli.tether {
         Some(b) => b,
         None => std::env::current_exe()?.with_file_name("tether"),
     };
-    let server = start_server(&bin)?;
+    match cli.bench {
+        Bench::Stream(args) => stream(&bin, args).await,
+        Bench::Agent(args) => agent(&bin, args).await,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0.0)
+}
+
+async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
+    let server = start_server(bin)?;
+    let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
+    let token = admin
+        .create_enroll_token(&CreateEnrollToken { labels: Labels::new(), uses: 1, expires_in_s: 600 })
+        .await?
+        .token;
+    let dir = tempfile::tempdir()?;
+    let mut agent = Command::new(bin)
+        .args(["agent", "-c"])
+        .arg(dir.path())
+        .args(["--server", &server.base, "--enroll-token", &token])
+        .env("TETHER_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = agent.id();
+    let agent_id: tether_proto::AgentId = loop {
+        if let Ok(id) = std::fs::read_to_string(dir.path().join("state/agent_id")) {
+            break id.trim().parse()?;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("agent idle for {} s…", args.idle_seconds);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu_before = cpu_seconds(pid)?;
+    let mut peak_rss = 0;
+    for _ in 0..args.idle_seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss = peak_rss.max(rss_bytes(pid)?);
+    }
+    let idle_cpu = cpu_seconds(pid)? - cpu_before;
+    let idle_rss = rss_bytes(pid)?;
+
+    eprintln!("timing {} commands…", args.commands);
+    let mut delivered = Vec::with_capacity(args.commands);
+    let mut started = Vec::with_capacity(args.commands);
+    for _ in 0..args.commands {
+        let req = tether_proto::command::CreateCommand::new(tether_proto::command::Target::agents([agent_id]), "ping");
+        let id = admin.create_command(&req).await?.command_ids[0];
+        let cmd = loop {
+            let cmd = admin.get_command(id).await?;
+            if cmd.status.is_terminal() {
+                break cmd;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let ms = |t: Option<time::OffsetDateTime>| t.map(|t| (t - cmd.created_at).as_seconds_f64() * 1000.0);
+        delivered.extend(ms(cmd.delivered_at));
+        started.extend(ms(cmd.started_at));
+    }
+    let rss_after = rss_bytes(pid)?;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    delivered.sort_by(f64::total_cmp);
+    started.sort_by(f64::total_cmp);
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!(
+        "| agent RSS idle (after {} s) / peak while idle | {:.1} MiB / {:.1} MiB |",
+        args.idle_seconds,
+        idle_rss as f64 / 1048576.0,
+        peak_rss as f64 / 1048576.0
+    );
+    println!(
+        "| agent CPU while idle for {} s | {:.3} s ({:.3} %) |",
+        args.idle_seconds,
+        idle_cpu,
+        idle_cpu * 100.0 / args.idle_seconds as f64
+    );
+    println!("| agent RSS after {} commands | {:.1} MiB |", args.commands, rss_after as f64 / 1048576.0);
+    println!(
+        "| POST /commands → delivered, p50 / p99 ({} commands) | {:.1} ms / {:.1} ms |",
+        delivered.len(),
+        percentile(&delivered, 0.5),
+        percentile(&delivered, 0.99)
+    );
+    println!(
+        "| POST /commands → agent started it, p50 / p99 | {:.1} ms / {:.1} ms |",
+        percentile(&started, 0.5),
+        percentile(&started, 0.99)
+    );
+    Ok(())
+}
+
+async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
+    let server = start_server(bin)?;
     eprintln!("enrolling {} agents…", args.held_polls.max(args.connections));
     let pairs = enroll_many(&server, args.held_polls.max(args.connections)).await?;
 

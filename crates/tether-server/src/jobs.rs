@@ -28,6 +28,28 @@ pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToke
     }
 }
 
+/// Drops signals beyond the retention (age and count) once per `interval`.
+pub async fn retention(state: AppState, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = state.clock.now_ms() - state.config.signal_max_age.as_millis() as i64;
+        match state.store.prune_signals(before, state.config.signal_max_per_agent).await {
+            Ok(floors) => {
+                if !floors.is_empty() {
+                    tracing::info!(agents = floors.len(), "Pruned old signals");
+                }
+                state.streams.set_floors(&floors);
+            }
+            Err(e) => tracing::warn!(error = %e, "Signal retention failed"),
+        }
+    }
+}
+
 /// Writes the `last_seen` of recently active agents in one batch per `interval`,
 /// and once more on shutdown, so requests never write it one by one.
 pub async fn flush_seen(state: AppState, interval: Duration, stop: CancellationToken) {

@@ -131,6 +131,7 @@ impl Server {
         let jobs = TaskTracker::new();
         let stop_jobs = CancellationToken::new();
         jobs.spawn(jobs::sweeper(state.clone(), state.config.sweep_interval, stop_jobs.clone()));
+        jobs.spawn(jobs::retention(state.clone(), state.config.retention_interval, stop_jobs.clone()));
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
 
         let mut builder = hyper::server::conn::http1::Builder::new();

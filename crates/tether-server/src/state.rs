@@ -20,6 +20,12 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How often the sweeper expires, loses and releases commands.
     pub sweep_interval: std::time::Duration,
+    /// Signals older than this are dropped (SPEC §8: 7 days)…
+    pub signal_max_age: std::time::Duration,
+    /// …and at most this many newest are kept per agent (SPEC §8: 10,000).
+    pub signal_max_per_agent: u64,
+    /// How often signal retention runs.
+    pub retention_interval: std::time::Duration,
     /// How often `last_seen` of active agents is written (batched).
     pub seen_flush_interval: std::time::Duration,
     /// Grace for a refresh retry after a lost response (SPEC §3: 30 s).
@@ -33,6 +39,9 @@ impl ServerConfig {
             data_dir,
             sweep_interval: std::time::Duration::from_secs(1),
             seen_flush_interval: std::time::Duration::from_secs(5),
+            signal_max_age: std::time::Duration::from_secs(7 * 86_400),
+            signal_max_per_agent: 10_000,
+            retention_interval: std::time::Duration::from_secs(60),
             refresh_grace_ms: 30_000,
         }
     }

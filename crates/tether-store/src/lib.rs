@@ -296,6 +296,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Marks these commands delivered (those still queued), returns how many changed.
     async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64>;
 
+    /// Drops signals older than `before` or beyond the newest `keep` per
+    /// agent, moving each affected stream's floor; returns the new floors.
+    async fn prune_signals(&self, before: Millis, keep: u64) -> Result<Vec<(AgentId, u64)>>;
+
     // --- commands
     async fn create_batch(&self, batch: NewBatch) -> Result<CreatedBatch>;
     async fn get_command(&self, id: CommandId) -> Result<Option<Command>>;

@@ -113,8 +113,8 @@ pub async fn updates(
     if now.revoked {
         return Err(revoked_error(&agent.stream));
     }
-    if now.epoch != start.epoch {
-        return Err(ApiError::new(ErrorKey::CursorExpired, "the stream was reset; resync"));
+    if now.epoch != start.epoch || from < now.floor {
+        return Err(ApiError::new(ErrorKey::CursorExpired, "the stream was reset or pruned past the cursor; resync"));
     }
     if now.head <= from || now.poll_gen != generation {
         return Ok(with_etag(StatusCode::NO_CONTENT, Cursor { epoch: start.epoch, seq: from }, None));

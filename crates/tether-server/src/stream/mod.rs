@@ -143,6 +143,19 @@ impl Streams {
         }
     }
 
+    /// Moves retention floors of loaded streams (waiters are not woken: a
+    /// parked poll re-checks the floor when it wakes).
+    pub fn set_floors(&self, floors: &[(AgentId, u64)]) {
+        for (id, floor) in floors {
+            if let Some(s) = self.agents.get(id) {
+                s.state.send_if_modified(|st| {
+                    st.floor = st.floor.max(*floor);
+                    false
+                });
+            }
+        }
+    }
+
     /// Marks an agent revoked in memory: every further call is refused and
     /// waiting polls end at once.
     pub fn revoke(&self, rec: &AgentRecord) {

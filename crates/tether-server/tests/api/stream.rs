@@ -206,3 +206,34 @@ async fn simple_command_api_hands_out_by_priority_and_marks_delivered() {
     assert_eq!(third.name, "later");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_cursor_behind_the_retained_window_is_expired_and_a_fresh_start_resyncs() {
+    let app = spawn_app_with(|c| {
+        c.signal_max_per_agent = 2;
+        c.retention_interval = Duration::from_millis(50);
+    })
+    .await;
+    let (agent, pair) = app.agent(&[]).await;
+    let start = cursor_of(&agent.updates(None, 20, 0).await.expect("poll"));
+    for _ in 0..5 {
+        app.admin.create_command(&CreateCommand::new(Target::agents([pair.agent_id]), "ping")).await.expect("create");
+    }
+    // Wait for retention to run (bounded).
+    let mut expired = None;
+    for _ in 0..100 {
+        match agent.updates(Some(&start), 20, 0).await {
+            Err(e) => {
+                expired = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let err = expired.expect("the old cursor expires once signals are pruned");
+    assert_eq!(err.key(), Some(ErrorKey::CursorExpired));
+    // Without a cursor the agent gets the retained backlog: the newest two.
+    let Poll::Signals(backlog) = agent.updates(None, 20, 0).await.expect("resync") else { panic!("signals expected") };
+    assert_eq!(backlog.signals.len(), 2);
+    app.stop().await;
+}

@@ -592,6 +592,33 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn prune_signals(&self, before: Millis, keep: u64) -> Result<Vec<(AgentId, u64)>> {
+        let mut tx = self.begin().await?;
+        let moved = sqlx::query(
+            "WITH target AS (
+                SELECT id, MAX(floor_seq, head_seq - ?,
+                               COALESCE((SELECT MAX(seq) FROM signals s WHERE s.agent_id = agents.id AND s.ts_ms < ?), 0))
+                       AS new_floor
+                FROM agents)
+             UPDATE agents SET floor_seq = target.new_floor FROM target
+             WHERE agents.id = target.id AND target.new_floor > agents.floor_seq
+             RETURNING agents.id, agents.floor_seq",
+        )
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .bind(before)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !moved.is_empty() {
+            sqlx::query(
+                "DELETE FROM signals WHERE seq <= (SELECT floor_seq FROM agents WHERE agents.id = signals.agent_id)",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        moved.iter().map(|r| Ok((rows::parse_id(r.get::<&str, _>(0))?, r.get::<i64, _>(1) as u64))).collect()
+    }
+
     async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);

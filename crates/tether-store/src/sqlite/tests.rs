@@ -202,3 +202,23 @@ async fn audit_chain_links_rows() {
         prev = row.hash.clone();
     }
 }
+
+#[tokio::test]
+async fn pruning_keeps_the_newest_signals_and_moves_the_floor() {
+    let (_dir, store) = store().await;
+    let agent = enroll(&store, &[]).await;
+    for i in 0..5 {
+        command(&store, agent, 10, T0 + i * 1000).await;
+    }
+    // Keep the newest 3: signals 1 and 2 go, the floor becomes 2.
+    let moved = store.prune_signals(T0 - 1, 3).await.expect("prune");
+    assert_eq!(moved, vec![(agent, 2)]);
+    let left: Vec<u64> = store.read_signals(agent, 0, 100).await.expect("read").iter().map(|(s, _)| *s).collect();
+    assert_eq!(left, [3, 4, 5]);
+    // By age: everything older than T0 + 3.5 s goes (seq 4 has ts T0 + 3 s).
+    let moved = store.prune_signals(T0 + 3_500, 10_000).await.expect("prune");
+    assert_eq!(moved, vec![(agent, 4)]);
+    // Nothing more to do: no floors move.
+    assert!(store.prune_signals(T0 + 3_500, 10_000).await.expect("prune").is_empty());
+    assert_eq!(store.get_agent(agent).await.expect("get").expect("agent").floor_seq, 4);
+}
