@@ -4,6 +4,7 @@
 //! across restarts and outages.
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -40,6 +40,9 @@ enum Bench {
 
 #[derive(Debug, clap::Args)]
 struct AgentArgs {
+    /// Run the agent as `tether agent` (the all-in-one binary) instead of the slim `tether-agent`.
+    #[arg(long)]
+    all_in_one: bool,
     /// How long to watch the idle agent, in seconds.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
@@ -305,8 +308,15 @@ async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
         .await?
         .token;
     let dir = tempfile::tempdir()?;
-    let mut agent = Command::new(bin)
-        .args(["agent", "-c"])
+    let mut agent = if args.all_in_one {
+        let mut c = Command::new(bin);
+        c.arg("agent");
+        c
+    } else {
+        Command::new(bin.with_file_name("tether-agent"))
+    };
+    let mut agent = agent
+        .arg("-c")
         .arg(dir.path())
         .args(["--server", &server.base, "--enroll-token", &token])
         .env("TETHER_LOG", "warn")

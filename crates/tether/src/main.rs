@@ -1,6 +1,5 @@
 //! `tether`: one binary for the server, the agent and the operator CLI.
 
-mod agent_cmd;
 mod cli;
 mod server_cmd;
 mod up_cmd;
@@ -22,29 +21,19 @@ enum Command {
     /// Run the tether server (HTTP API, agent stream, background jobs).
     Server(server_cmd::ServerArgs),
     /// Run the agent daemon, or talk to the one running on this machine.
-    Agent(agent_cmd::AgentArgs),
+    Agent(tether_agent::cli::AgentArgs),
     /// Quick start: a server on embedded SQLite plus one local agent enrolled into it.
     Up(up_cmd::UpArgs),
     #[command(flatten)]
     Operator(cli::OperatorCommand),
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    init_tracing();
+    tether_agent::cli::init_tracing();
     let code = match cli.command {
         // The agent runs on machines we do not own: keep it on one thread.
-        Command::Agent(args) => agent_cmd::main(args)?,
+        Command::Agent(args) => tether_agent::cli::main(args)?,
         Command::Server(args) => multi_thread()?.block_on(server_cmd::run(args)).map(|()| 0)?,
         Command::Up(args) => multi_thread()?.block_on(up_cmd::run(args))?,
         Command::Operator(command) => multi_thread()?.block_on(cli::run(command)).map(|()| 0)?,
@@ -56,12 +45,4 @@ fn multi_thread() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
+pub use tether_agent::cli::shutdown_signal;

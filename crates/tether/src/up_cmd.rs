@@ -91,7 +91,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     shutdown.cancel();
     let exit = agent_task.await?;
     server_task.await??;
-    Ok(crate::agent_cmd::exit_code(&exit))
+    Ok(tether_agent::cli::exit_code(&exit))
 }
 
 fn uuid_like() -> String {

@@ -1,10 +1,11 @@
-//! `tether agent`: the daemon (`once` for a single cycle) and the one-shot
-//! commands that talk to a running daemon over its control socket.
+//! The agent's command line, shared by `tether agent` and the slim
+//! `tether-agent` binary: the daemon (`once` for a single cycle) and the
+//! one-shot commands that talk to a running daemon over its control socket.
 
 use std::path::{Path, PathBuf};
 
+use crate::{AgentConfig, EXIT_REVOKED, Exit, Mode, Overrides};
 use clap::{Args, Subcommand};
-use tether_agent::{AgentConfig, EXIT_REVOKED, Exit, Mode, Overrides};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
@@ -97,7 +98,7 @@ fn nix_is_root() -> bool {
 impl RunArgs {
     pub fn config(&self) -> anyhow::Result<AgentConfig> {
         let dir = self.config_dir.clone().unwrap_or_else(default_dir);
-        let file = tether_agent::config::read_file(&dir)?;
+        let file = crate::config::read_file(&dir)?;
         let flags = Overrides {
             server: self.server.clone(),
             enroll_token: self.enroll_token.clone(),
@@ -136,7 +137,7 @@ pub fn main(args: AgentArgs) -> anyhow::Result<i32> {
         Some(AgentAction::Once(run_args)) => runtime.block_on(run(run_args, Mode::Once)),
         Some(AgentAction::Status(s)) => runtime.block_on(status(&socket(&s), s.json)),
         Some(AgentAction::PollNow(s)) => runtime.block_on(async {
-            tether_agent::control::request(&socket(&s), "poll-now").await?;
+            crate::control::request(&socket(&s), "poll-now").await?;
             println!("poll requested");
             Ok(0)
         }),
@@ -152,15 +153,15 @@ async fn run(args: RunArgs, mode: Mode) -> anyhow::Result<i32> {
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        crate::shutdown_signal().await;
+        shutdown_signal().await;
         tracing::info!("Shutting down");
         trigger.cancel();
     });
-    Ok(exit_code(&tether_agent::run(cfg, mode, shutdown).await))
+    Ok(exit_code(&crate::run(cfg, mode, shutdown).await))
 }
 
 async fn status(socket: &Path, json: bool) -> anyhow::Result<i32> {
-    let status = tether_agent::control::request(socket, "status").await?;
+    let status = crate::control::request(socket, "status").await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(0);
@@ -175,4 +176,25 @@ async fn status(socket: &Path, json: bool) -> anyhow::Result<i32> {
         println!("{:<22} {text}", format!("{}:", key.replace('_', " ")));
     }
     Ok(0)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Logs to stderr, filtered by `TETHER_LOG` (default `info`), colored only on a terminal.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }
