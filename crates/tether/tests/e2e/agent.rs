@@ -185,3 +185,120 @@ async fn a_revoked_agent_exits_78_naming_the_revocation() {
     let log = agent.log_text();
     assert!(log.contains("revoked") && log.contains("stolen laptop"), "{log}");
 }
+
+#[tokio::test]
+async fn status_and_poll_now_talk_to_the_running_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
+    let agent = AgentProcess::start(&dir.path().join("a"), &server.base, Some(&enroll_token(&admin, &[]).await), None);
+    let id = agent.agent_id();
+    let socket = agent.dir.join("state/agent.sock");
+    eventually(Duration::from_secs(10), || async { socket.exists().then_some(()) }).await.expect("control socket");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).expect("socket").permissions().mode() & 0o777, 0o600);
+    let out = std::process::Command::new(crate::common::tether_bin())
+        .args(["agent", "status", "--json", "-c"])
+        .arg(&agent.dir)
+        .output()
+        .expect("status");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    assert_eq!(status["agent_id"], id.to_string());
+    assert_eq!(status["connection"], "long-poll");
+    assert_eq!(status["server"], server.base);
+    for key in ["uptime_s", "last_poll", "cursor", "queue_depth", "token_expires_at", "running_commands"] {
+        assert!(status.get(key).is_some(), "status lacks {key}: {status}");
+    }
+    let out = std::process::Command::new(crate::common::tether_bin())
+        .args(["agent", "poll-now", "-c"])
+        .arg(&agent.dir)
+        .output()
+        .expect("poll-now");
+    assert!(out.status.success());
+    // Without a daemon the one-shots fail clearly.
+    let out = std::process::Command::new(crate::common::tether_bin())
+        .args(["agent", "status", "-c"])
+        .arg(dir.path().join("nobody"))
+        .output()
+        .expect("status");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent is running"));
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_command_finish_and_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
+    let mut agent = AgentProcess::start(
+        &dir.path().join("a"),
+        &server.base,
+        Some(&enroll_token(&admin, &[]).await),
+        Some("allow_shell = true"),
+    );
+    let started = dir.path().join("started");
+    let script = format!("touch {}; sleep 2; echo finished", started.display());
+    let id = run_on(&admin, agent.agent_id(), "shell", serde_json::json!({"script": script}), 60).await;
+    eventually(Duration::from_secs(30), || async { started.exists().then_some(()) }).await.expect("command started");
+    crate::common::signal(&agent.child, libc::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(20)).expect("agent stops");
+    assert_eq!(status.code(), Some(0));
+    let cmd = admin.get_command(id).await.expect("get");
+    assert_eq!((cmd.status, cmd.stdout.as_str()), (CommandStatus::Succeeded, "finished\n"), "{}", agent.log_text());
+}
+
+#[tokio::test]
+async fn tether_up_runs_a_server_with_a_local_agent_and_reuses_it() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let up = |dir: &std::path::Path| {
+        let mut child = std::process::Command::new(crate::common::tether_bin())
+            .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir.join("data"))
+            .env("TETHER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("tether up");
+        let mut lines = Vec::new();
+        let stdout = child.stdout.take().expect("stdout");
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("line");
+            let done = line.contains("local agent state");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        (child, lines)
+    };
+    let (mut first, lines) = up(dir.path());
+    let token = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("admin API token (shown once): "))
+        .expect("first start prints the admin token")
+        .to_owned();
+    let admin = Client::new(&format!("http://127.0.0.1:{port}")).expect("client").with_bearer(token.clone());
+    let agents = eventually(Duration::from_secs(30), || async {
+        let page = admin.list_agents(&Default::default()).await.ok()?;
+        (page.data.len() == 1).then_some(page.data)
+    })
+    .await
+    .expect("the local agent enrolls");
+    let id = run_on(&admin, agents[0].id, "ping", serde_json::json!({}), 30).await;
+    assert_eq!(finished(&admin, id, Duration::from_secs(30)).await.stdout, "pong\n");
+    crate::common::signal(&first, libc::SIGTERM);
+    first.wait().expect("wait");
+
+    let (mut second, lines) = up(dir.path());
+    assert!(lines.iter().any(|l| l.contains("reusing")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("tether server reset-admin")), "{lines:?}");
+    // Same data: same token, same single agent.
+    let admin = Client::new(&format!("http://127.0.0.1:{port}")).expect("client").with_bearer(token);
+    let id = run_on(&admin, agents[0].id, "ping", serde_json::json!({}), 30).await;
+    assert_eq!(finished(&admin, id, Duration::from_secs(30)).await.status, CommandStatus::Succeeded);
+    assert_eq!(admin.list_agents(&Default::default()).await.expect("list").data.len(), 1);
+    crate::common::signal(&second, libc::SIGTERM);
+    second.wait().expect("wait");
+}
