@@ -364,6 +364,8 @@ async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
     started.sort_by(f64::total_cmp);
     println!("| metric | value |");
     println!("|---|---|");
+    let which = if args.all_in_one { "tether agent" } else { "tether-agent" };
+    println!("| agent binary | {which} |");
     println!(
         "| agent RSS idle (after {} s) / peak while idle | {:.1} MiB / {:.1} MiB |",
         args.idle_seconds,
