@@ -13,7 +13,7 @@ use tether_proto::agent::{
 };
 use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
 use tether_proto::signal::Updates;
-use tether_proto::user::{ApiToken, CreateApiToken, CreatedApiToken};
+use tether_proto::user::{ApiToken, CreateApiToken, CreateUser, CreatedApiToken, UpdateUser, User};
 use tether_proto::{AgentId, BatchId, CommandId, Data, ErrorBody, ErrorEnvelope, ErrorKey, Page};
 
 /// Extra time allowed beyond a long-poll's `wait` before the request times out.
@@ -267,6 +267,22 @@ impl Client {
 
     pub async fn list_api_tokens(&self) -> Result<Vec<ApiToken>> {
         Ok(self.send_page(self.request(Method::GET, "api/v1/tokens")?).await?.data)
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<User>> {
+        Ok(self.send_page(self.request(Method::GET, "api/v1/users")?).await?.data)
+    }
+
+    pub async fn create_user(&self, req: &CreateUser) -> Result<User> {
+        self.post("api/v1/users", req).await
+    }
+
+    pub async fn update_user(&self, id: &str, req: &UpdateUser) -> Result<User> {
+        self.send(self.request(Method::PATCH, &format!("api/v1/users/{id}"))?.json(req)).await
+    }
+
+    pub async fn delete_user(&self, id: &str) -> Result<()> {
+        self.send_empty(self.request(Method::DELETE, &format!("api/v1/users/{id}"))?).await
     }
 
     pub async fn revoke_api_token(&self, id: &str) -> Result<()> {

@@ -42,3 +42,48 @@ pub struct ApiToken {
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<Timestamp>,
 }
+
+/// A user as admins see it (never with the password hash).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub role: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: Timestamp,
+    pub disabled: bool,
+}
+
+/// `POST /api/v1/users`
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub username: String,
+    pub password: String,
+    pub role: String,
+}
+
+impl std::fmt::Debug for CreateUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateUser").field("username", &self.username).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// `PATCH /api/v1/users/{id}`: any subset.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for UpdateUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpdateUser").field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// Shortest password accepted for a user.
+pub const MIN_PASSWORD_LEN: usize = 12;

@@ -80,14 +80,20 @@ pub struct AuditContext {
     pub request_id: Option<String>,
 }
 
+impl AuditContext {
+    pub fn from_parts(parts: &axum::http::request::Parts) -> Self {
+        Self {
+            ip: parts.extensions.get::<ClientAddr>().map(|a| a.0.ip().to_string()),
+            request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
+        }
+    }
+}
+
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuditContext {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self {
-            ip: parts.extensions.get::<ClientAddr>().map(|a| a.0.ip().to_string()),
-            request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
-        })
+        Ok(Self::from_parts(parts))
     }
 }
 

@@ -79,6 +79,16 @@ pub struct User {
     pub password_hash: String,
 }
 
+/// A user row for listings.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub id: String,
+    pub username: String,
+    pub role: Role,
+    pub created_at: Millis,
+    pub disabled_at: Option<Millis>,
+}
+
 /// An agent with the stream position and secrets-free identity the server needs.
 #[derive(Debug, Clone)]
 pub struct AgentRecord {
@@ -237,6 +247,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn user_count(&self) -> Result<u64>;
     async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User>;
     async fn set_password(&self, username: &str, password_hash: &str) -> Result<()>;
+    async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    /// Changes role and/or password hash; `NotFound` for unknown or disabled users.
+    async fn update_user(&self, id: &str, role: Option<Role>, password_hash: Option<&str>) -> Result<UserRecord>;
+    /// Disables the user and revokes their API tokens.
+    async fn disable_user(&self, id: &str, now: Millis) -> Result<()>;
     async fn find_user(&self, username: &str) -> Result<Option<User>>;
     async fn create_api_token(
         &self,

@@ -11,7 +11,7 @@ use tether_proto::command::{
     Batch, Command, CommandStatus, CreateCommand, CreatedCommands, MAX_OUTPUT_BYTES, ResultReport, StatusReport,
 };
 use tether_proto::{AgentId, BatchId, CommandId, DEFAULT_PAGE_LIMIT, Data, MAX_PAGE_LIMIT, Page};
-use tether_store::{CommandFilter, NewBatch, ResultOutcome, Role, StoreError};
+use tether_store::{CommandFilter, NewBatch, ResultOutcome, StoreError};
 
 use crate::auth::{AgentCaller, Operator};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
@@ -24,7 +24,6 @@ pub async fn create(
     ctx: AuditContext,
     ApiJson(req): ApiJson<CreateCommand>,
 ) -> ApiResult<Response> {
-    op.require(Role::Operator)?;
     let target =
         req.validate().map_err(|(field, what)| ApiError::bad_request(field, format!("invalid {field}: {what}")))?;
     // serde_json maps are sorted, so this serialization is canonical.
@@ -107,29 +106,22 @@ async fn list_page(state: &AppState, q: ListQuery, agent_id: Option<AgentId>) ->
 }
 
 /// `GET /api/v1/commands?status=&agent_id=&batch_id=&cursor=&limit=`
-pub async fn list(
-    State(state): State<AppState>,
-    op: Operator,
-    ApiQuery(q): ApiQuery<ListQuery>,
-) -> ApiResult<Response> {
-    op.require(Role::Viewer)?;
+pub async fn list(State(state): State<AppState>, _: Operator, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Response> {
     Ok(axum::Json(list_page(&state, q, None).await?).into_response())
 }
 
 /// `GET /api/v1/agents/{id}/commands`
 pub async fn list_for_agent(
     State(state): State<AppState>,
-    op: Operator,
+    _: Operator,
     ApiPath(id): ApiPath<AgentId>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    op.require(Role::Viewer)?;
     Ok(axum::Json(list_page(&state, q, Some(id)).await?).into_response())
 }
 
 /// `GET /api/v1/commands/{id}`
-pub async fn get(State(state): State<AppState>, op: Operator, ApiPath(id): ApiPath<CommandId>) -> ApiResult<Response> {
-    op.require(Role::Viewer)?;
+pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<CommandId>) -> ApiResult<Response> {
     let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
 }
@@ -149,7 +141,6 @@ pub async fn cancel(
     ctx: AuditContext,
     ApiPath(id): ApiPath<CommandId>,
 ) -> ApiResult<Response> {
-    op.require(Role::Operator)?;
     let out = state.store.cancel_command(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "command"))?;
     state.notifier.publish(&out.heads);
     state
@@ -172,10 +163,9 @@ pub async fn cancel(
 /// `GET /api/v1/batches/{id}`
 pub async fn get_batch(
     State(state): State<AppState>,
-    op: Operator,
+    _: Operator,
     ApiPath(id): ApiPath<BatchId>,
 ) -> ApiResult<Response> {
-    op.require(Role::Viewer)?;
     let batch: Batch = state.store.get_batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;
     Ok(axum::Json(Data { data: batch }).into_response())
 }
@@ -187,7 +177,6 @@ pub async fn cancel_batch(
     ctx: AuditContext,
     ApiPath(id): ApiPath<BatchId>,
 ) -> ApiResult<Response> {
-    op.require(Role::Operator)?;
     let out = state.store.cancel_batch(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "batch"))?;
     state.notifier.publish(&out.heads);
     state

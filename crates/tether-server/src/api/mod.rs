@@ -6,42 +6,92 @@ pub mod enroll;
 mod heartbeat;
 mod stream;
 mod tokens;
+mod users;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
 
 use crate::state::AppState;
 
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credentials (health, enrollment, token endpoints).
+    Public,
+    /// An agent access token; the agent sees only its own resources.
+    Agent,
+    /// Any signed-in user, acting on their own resources.
+    AnyUser,
+    Viewer,
+    Operator,
+    Admin,
+}
+
+/// One row of the route table.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// Declares every route once: the router and the access table are both
+/// generated from this list, so no route can exist without an access rule.
+macro_rules! route_table {
+    ($( $access:ident $method:ident $path:literal => $handler:path ),* $(,)?) => {
+        /// Every route with the callers it admits (SPEC §15).
+        pub const ROUTES: &[RouteSpec] = &[
+            $( RouteSpec { method: stringify!($method), path: $path, access: Access::$access } ),*
+        ];
+
+        fn router() -> Router<AppState> {
+            Router::new() $( .route($path, axum::routing::$method($handler)) )*
+        }
+    };
+}
+
+route_table! {
+    Public   get    "/healthz" => healthz,
+    // Agent identity.
+    Public   post   "/api/v1/agents/enroll" => enroll::enroll,
+    Public   post   "/api/v1/auth/token/refresh" => enroll::refresh,
+    Public   post   "/oauth/token" => enroll::oauth_token,
+    // The agent's own stream and reports.
+    Agent    get    "/api/v1/agents/self/updates" => stream::updates,
+    Agent    get    "/api/v1/agents/self/commands/next" => stream::next_command,
+    Agent    post   "/api/v1/agents/self/commands/{id}/status" => commands::report_status,
+    Agent    post   "/api/v1/agents/self/commands/{id}/result" => commands::report_result,
+    Agent    post   "/api/v1/agents/self/heartbeat" => heartbeat::heartbeat,
+    // Operators.
+    AnyUser  post   "/api/v1/tokens" => tokens::create,
+    AnyUser  get    "/api/v1/tokens" => tokens::list,
+    AnyUser  delete "/api/v1/tokens/{id}" => tokens::revoke,
+    Admin    get    "/api/v1/users" => users::list,
+    Admin    post   "/api/v1/users" => users::create,
+    Admin    patch  "/api/v1/users/{id}" => users::update,
+    Admin    delete "/api/v1/users/{id}" => users::delete,
+    Viewer   get    "/api/v1/agents" => agents::list,
+    Viewer   get    "/api/v1/agents/{id}" => agents::get,
+    Operator post   "/api/v1/agents/{id}/revoke" => agents::revoke,
+    Viewer   get    "/api/v1/agents/{id}/commands" => commands::list_for_agent,
+    Operator post   "/api/v1/enroll-tokens" => agents::create_enroll_token,
+    Operator get    "/api/v1/enroll-tokens" => agents::list_enroll_tokens,
+    Operator delete "/api/v1/enroll-tokens/{id}" => agents::revoke_enroll_token,
+    Operator post   "/api/v1/commands" => commands::create,
+    Viewer   get    "/api/v1/commands" => commands::list,
+    Viewer   get    "/api/v1/commands/{id}" => commands::get,
+    Operator post   "/api/v1/commands/{id}/cancel" => commands::cancel,
+    Viewer   get    "/api/v1/batches/{id}" => commands::get_batch,
+    Operator post   "/api/v1/batches/{id}/cancel" => commands::cancel_batch,
+}
+
+/// The access rule of the route that matched `method` and `path` (a route template).
+pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
+    ROUTES.iter().find(|r| r.path == path && r.method.eq_ignore_ascii_case(method.as_str())).map(|r| r.access)
+}
+
 pub fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        // Agent identity.
-        .route("/api/v1/agents/enroll", post(enroll::enroll))
-        .route("/api/v1/auth/token/refresh", post(enroll::refresh))
-        .route("/oauth/token", post(enroll::oauth_token))
-        // The agent's own stream and reports.
-        .route("/api/v1/agents/self/updates", get(stream::updates))
-        .route("/api/v1/agents/self/commands/next", get(stream::next_command))
-        .route("/api/v1/agents/self/commands/{id}/status", post(commands::report_status))
-        .route("/api/v1/agents/self/commands/{id}/result", post(commands::report_result))
-        .route("/api/v1/agents/self/heartbeat", post(heartbeat::heartbeat))
-        // Operators.
-        .route("/api/v1/tokens", post(tokens::create).get(tokens::list))
-        .route("/api/v1/tokens/{id}", delete(tokens::revoke))
-        .route("/api/v1/agents", get(agents::list))
-        .route("/api/v1/agents/{id}", get(agents::get))
-        .route("/api/v1/agents/{id}/revoke", post(agents::revoke))
-        .route("/api/v1/agents/{id}/commands", get(commands::list_for_agent))
-        .route("/api/v1/enroll-tokens", post(agents::create_enroll_token).get(agents::list_enroll_tokens))
-        .route("/api/v1/enroll-tokens/{id}", delete(agents::revoke_enroll_token))
-        .route("/api/v1/commands", post(commands::create).get(commands::list))
-        .route("/api/v1/commands/{id}", get(commands::get))
-        .route("/api/v1/commands/{id}/cancel", post(commands::cancel))
-        .route("/api/v1/batches/{id}", get(commands::get_batch))
-        .route("/api/v1/batches/{id}/cancel", post(commands::cancel_batch))
-        .layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT))
-        .with_state(state)
+    router().layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT)).with_state(state)
 }
 
 /// `GET /healthz`: the process is up and serving.

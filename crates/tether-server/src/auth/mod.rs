@@ -15,6 +15,7 @@ use serde_json::json;
 use tether_proto::{AgentId, ErrorKey};
 use tether_store::{Role, User};
 
+use crate::api::Access;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::stream::AgentStream;
@@ -71,17 +72,30 @@ pub struct Operator {
     pub user: User,
 }
 
-impl Operator {
-    /// Fails with 403 unless the user's role includes `role`.
-    pub fn require(&self, role: Role) -> Result<(), ApiError> {
-        let rank = |r: Role| match r {
-            Role::Viewer => 0,
-            Role::Operator => 1,
-            Role::Admin => 2,
-        };
-        if rank(self.user.role) >= rank(role) { Ok(()) } else { Err(ApiError::forbidden()) }
+fn rank(role: Role) -> u8 {
+    match role {
+        Role::Viewer => 0,
+        Role::Operator => 1,
+        Role::Admin => 2,
     }
+}
 
+/// The role the route table (`api::ROUTES`) demands for this request.
+fn required_role(parts: &Parts) -> Result<Role, ApiError> {
+    let path = parts.extensions.get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    match crate::api::access_of(&parts.method, &path) {
+        Some(Access::AnyUser | Access::Viewer) => Ok(Role::Viewer),
+        Some(Access::Operator) => Ok(Role::Operator),
+        Some(Access::Admin) => Ok(Role::Admin),
+        other => {
+            // Fail closed: an operator handler on a route the table does not give to users.
+            tracing::error!(path = %path, access = ?other, "Operator credentials on a route without a user rule");
+            Err(ApiError::forbidden())
+        }
+    }
+}
+
+impl Operator {
     pub fn name(&self) -> &str {
         &self.user.username
     }
@@ -111,7 +125,26 @@ impl FromRequestParts<AppState> for Operator {
         } else {
             None
         };
-        user.map(|user| Self { user }).ok_or_else(ApiError::unauthenticated)
+        let user = user.ok_or_else(ApiError::unauthenticated)?;
+        let required = required_role(parts)?;
+        if rank(user.role) < rank(required) {
+            let ctx = crate::state::AuditContext::from_parts(parts);
+            state
+                .audit(
+                    &ctx,
+                    crate::state::AuditEvent {
+                        actor: &user.username,
+                        actor_kind: "user",
+                        action: "rbac.denied",
+                        target: format!("{} {}", parts.method, parts.uri.path()),
+                        outcome: "denied",
+                        details: json!({"role": user.role.as_str(), "required": required.as_str()}),
+                    },
+                )
+                .await;
+            return Err(ApiError::forbidden());
+        }
+        Ok(Self { user })
     }
 }
 

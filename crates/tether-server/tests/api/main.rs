@@ -4,4 +4,5 @@ mod auth;
 mod commands;
 mod common;
 mod limits;
+mod rbac;
 mod stream;

@@ -22,7 +22,7 @@ use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::{
     AgentFilter, AgentRecord, ApiTokenRecord, CancelOutcome, CommandFilter, CreatedBatch, EnrollTokenRecord, Head,
     Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role, Store, StoreError,
-    StoreStats, SweepOutcome, User,
+    StoreStats, SweepOutcome, User, UserRecord,
 };
 use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
@@ -203,6 +203,48 @@ impl Store for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        Ok(())
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        self.count();
+        let rows = sqlx::query("SELECT id, username, role, created_at, disabled_at FROM users ORDER BY username")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(rows::user_record_from_row).collect()
+    }
+
+    async fn update_user(&self, id: &str, role: Option<Role>, password_hash: Option<&str>) -> Result<UserRecord> {
+        self.count();
+        let row = sqlx::query(
+            "UPDATE users SET role = COALESCE(?, role), password_hash = COALESCE(?, password_hash)
+             WHERE id = ? AND disabled_at IS NULL RETURNING id, username, role, created_at, disabled_at",
+        )
+        .bind(role.map(Role::as_str))
+        .bind(password_hash)
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        rows::user_record_from_row(&row)
+    }
+
+    async fn disable_user(&self, id: &str, now: Millis) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE user_id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 

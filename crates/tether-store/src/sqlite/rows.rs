@@ -9,7 +9,7 @@ use sqlx::sqlite::SqliteRow;
 use tether_proto::command::{Command, CommandStatus};
 use time::OffsetDateTime;
 
-use crate::{AgentRecord, AuditRecord, EnrollTokenRecord, Millis, Result, Role, StoreError, User};
+use crate::{AgentRecord, AuditRecord, EnrollTokenRecord, Millis, Result, Role, StoreError, User, UserRecord};
 
 pub const COMMAND_COLUMNS: &str = "id, batch_id, agent_id, name, args, timeout_s, priority, created_by, status, \
      exit_code, stdout, stderr, output, truncated, reason, created_at, not_before, delivered_at, started_at, \
@@ -125,5 +125,16 @@ pub fn audit_from_row(r: &SqliteRow) -> Result<AuditRecord> {
         details: parse_json(r.get(9))?,
         prev_hash: r.get(10),
         hash: r.get(11),
+    })
+}
+
+pub fn user_record_from_row(r: &SqliteRow) -> Result<UserRecord> {
+    let role: &str = r.get(2);
+    Ok(UserRecord {
+        id: r.get(0),
+        username: r.get(1),
+        role: Role::parse(role).ok_or_else(|| StoreError::Corrupt(format!("role {role:?}")))?,
+        created_at: r.get(3),
+        disabled_at: r.get(4),
     })
 }

@@ -1,0 +1,141 @@
+//! Users and roles (admin only, SPEC §3, §15).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tether_proto::user::{CreateUser, MIN_PASSWORD_LEN, UpdateUser, User};
+use tether_proto::{Data, Page};
+use tether_store::{Role, StoreError, UserRecord};
+
+use crate::api::agents::rfc3339;
+use crate::auth::Operator;
+use crate::auth::password::hash_password;
+use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
+use crate::state::{AppState, AuditContext, AuditEvent};
+
+fn view(u: UserRecord) -> User {
+    User {
+        id: u.id,
+        username: u.username,
+        role: u.role.as_str().into(),
+        created_at: rfc3339(u.created_at),
+        disabled: u.disabled_at.is_some(),
+    }
+}
+
+fn parse_role(role: &str) -> ApiResult<Role> {
+    Role::parse(role).ok_or_else(|| ApiError::bad_request("role", "role must be admin, operator or viewer"))
+}
+
+fn check_password(password: &str) -> ApiResult<()> {
+    if password.chars().count() < MIN_PASSWORD_LEN || password.len() > 1024 {
+        return Err(ApiError::bad_request("password", format!("password must be {MIN_PASSWORD_LEN}-1024 characters")));
+    }
+    Ok(())
+}
+
+async fn hash(password: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || hash_password(&password)).await.map_err(ApiError::internal)
+}
+
+pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
+    let data: Vec<User> = state.store.list_users().await?.into_iter().map(view).collect();
+    Ok(axum::Json(Page { data, next_cursor: None }).into_response())
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiJson(req): ApiJson<CreateUser>,
+) -> ApiResult<Response> {
+    let username_ok = (1..=64).contains(&req.username.len())
+        && req.username.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if !username_ok {
+        return Err(ApiError::bad_request("username", "username must be 1-64 chars of [A-Za-z0-9._@-]"));
+    }
+    let role = parse_role(&req.role)?;
+    check_password(&req.password)?;
+    let now = state.clock.now_ms();
+    let user = state.store.create_user(&req.username, &hash(req.password).await?, role, now).await?;
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "user.create",
+                target: user.id.clone(),
+                outcome: "ok",
+                details: json!({"username": user.username, "role": role.as_str()}),
+            },
+        )
+        .await;
+    let record = UserRecord { id: user.id, username: user.username, role, created_at: now, disabled_at: None };
+    Ok((StatusCode::CREATED, axum::Json(Data { data: view(record) })).into_response())
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateUser>,
+) -> ApiResult<Response> {
+    let role = req.role.as_deref().map(parse_role).transpose()?;
+    let password_hash = match req.password {
+        Some(p) => {
+            check_password(&p)?;
+            Some(hash(p).await?)
+        }
+        None => None,
+    };
+    let user = state.store.update_user(&id, role, password_hash.as_deref()).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::not_found("user"),
+        other => other.into(),
+    })?;
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "user.update",
+                target: id,
+                outcome: "ok",
+                details: json!({"role": role.map(Role::as_str), "password_changed": password_hash.is_some()}),
+            },
+        )
+        .await;
+    Ok(axum::Json(Data { data: view(user) }).into_response())
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    if id == op.user.id {
+        return Err(ApiError::conflict("you cannot delete yourself"));
+    }
+    state.store.disable_user(&id, state.clock.now_ms()).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::not_found("user"),
+        other => other.into(),
+    })?;
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: op.name(),
+                actor_kind: "user",
+                action: "user.delete",
+                target: id,
+                outcome: "ok",
+                details: json!({}),
+            },
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
