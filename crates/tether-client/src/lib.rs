@@ -13,7 +13,10 @@ use tether_proto::agent::{
 };
 use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
 use tether_proto::signal::Updates;
-use tether_proto::user::{ApiToken, CreateApiToken, CreateUser, CreatedApiToken, UpdateUser, User};
+use tether_proto::user::{
+    AgentAuditEvent, ApiToken, AuditRow, AuditVerification, CreateApiToken, CreateUser, CreatedApiToken, UpdateUser,
+    User,
+};
 use tether_proto::{AgentId, BatchId, CommandId, Data, ErrorBody, ErrorEnvelope, ErrorKey, Page};
 
 /// Extra time allowed beyond a long-poll's `wait` before the request times out.
@@ -107,6 +110,24 @@ pub struct CommandQuery {
     pub agent_id: Option<AgentId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<BatchId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -267,6 +288,18 @@ impl Client {
 
     pub async fn list_api_tokens(&self) -> Result<Vec<ApiToken>> {
         Ok(self.send_page(self.request(Method::GET, "api/v1/tokens")?).await?.data)
+    }
+
+    pub async fn list_audit(&self, query: &AuditQuery) -> Result<Page<AuditRow>> {
+        self.send_page(self.request(Method::GET, "api/v1/audit")?.query(query)).await
+    }
+
+    pub async fn verify_audit(&self) -> Result<AuditVerification> {
+        self.get("api/v1/audit/verify").await
+    }
+
+    pub async fn agent_audit(&self, event: &AgentAuditEvent) -> Result<serde_json::Value> {
+        self.post("api/v1/agents/self/audit", event).await
     }
 
     pub async fn list_users(&self) -> Result<Vec<User>> {

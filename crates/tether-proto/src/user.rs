@@ -87,3 +87,41 @@ impl std::fmt::Debug for UpdateUser {
 
 /// Shortest password accepted for a user.
 pub const MIN_PASSWORD_LEN: usize = 12;
+
+/// One audit row (SPEC §10).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditRow {
+    pub id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ts: Timestamp,
+    pub actor: String,
+    pub actor_kind: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    pub details: serde_json::Value,
+    /// Hex sha256 chaining this row to the previous one.
+    pub hash: String,
+}
+
+/// `POST /api/v1/agents/self/audit`: an event the agent reports about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAuditEvent {
+    /// Stored as `agent.<action>`.
+    pub action: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// `GET /api/v1/audit/verify`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditVerification {
+    pub ok: bool,
+    pub checked: u64,
+    pub first_bad_id: Option<i64>,
+}

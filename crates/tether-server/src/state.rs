@@ -102,7 +102,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuditContext {
 pub struct AuditEvent<'a> {
     pub actor: &'a str,
     pub actor_kind: &'static str,
-    pub action: &'static str,
+    pub action: &'a str,
     pub target: String,
     pub outcome: &'static str,
     pub details: serde_json::Value,
@@ -116,7 +116,7 @@ impl AppState {
             ts: self.clock.now_ms(),
             actor: event.actor.to_owned(),
             actor_kind: event.actor_kind,
-            action: event.action,
+            action: event.action.to_owned(),
             target: event.target,
             outcome: event.outcome,
             ip: ctx.ip.clone(),

@@ -17,7 +17,7 @@ pub struct AuditEntry {
     pub ts: Millis,
     pub actor: String,
     pub actor_kind: &'static str,
-    pub action: &'static str,
+    pub action: String,
     pub target: String,
     pub outcome: &'static str,
     pub ip: Option<String>,

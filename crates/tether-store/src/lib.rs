@@ -185,6 +185,45 @@ pub struct CommandFilter {
     pub limit: u32,
 }
 
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    /// Rows whose actor or target is this agent.
+    pub agent_id: Option<AgentId>,
+    pub action: Option<String>,
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// Walks the whole audit chain: the first row whose hash does not follow.
+pub async fn verify_audit(store: &dyn Store) -> Result<AuditVerification> {
+    let mut prev = GENESIS_HASH.to_vec();
+    let mut after = 0;
+    let mut checked = 0;
+    loop {
+        let rows = store.list_audit(after, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        for row in &rows {
+            if row.prev_hash != prev || row.hash != row.expected_hash(&prev) {
+                return Ok(AuditVerification { checked, first_bad: Some(row.id) });
+            }
+            prev = row.hash.clone();
+            checked += 1;
+        }
+    }
+    Ok(AuditVerification { checked, first_bad: None })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditVerification {
+    pub checked: u64,
+    /// Id of the first row that breaks the chain (altered, or after a removed row).
+    pub first_bad: Option<i64>,
+}
+
 /// One `POST /api/v1/commands`, checked and ready to write.
 #[derive(Debug, Clone)]
 pub struct NewBatch {
@@ -341,4 +380,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     // --- audit
     async fn append_audit(&self, entry: AuditEntry) -> Result<()>;
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>>;
+    /// Newest first, filtered; `before` is the keyset cursor (an audit id).
+    async fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
 }

@@ -1,6 +1,7 @@
 //! The route table: every endpoint of the server, in one place.
 
 mod agents;
+mod audit;
 mod commands;
 pub mod enroll;
 mod heartbeat;
@@ -62,6 +63,7 @@ route_table! {
     Agent    post   "/api/v1/agents/self/commands/{id}/status" => commands::report_status,
     Agent    post   "/api/v1/agents/self/commands/{id}/result" => commands::report_result,
     Agent    post   "/api/v1/agents/self/heartbeat" => heartbeat::heartbeat,
+    Agent    post   "/api/v1/agents/self/audit" => audit::agent_append,
     // Operators.
     AnyUser  post   "/api/v1/tokens" => tokens::create,
     AnyUser  get    "/api/v1/tokens" => tokens::list,
@@ -83,6 +85,8 @@ route_table! {
     Operator post   "/api/v1/commands/{id}/cancel" => commands::cancel,
     Viewer   get    "/api/v1/batches/{id}" => commands::get_batch,
     Operator post   "/api/v1/batches/{id}/cancel" => commands::cancel_batch,
+    AnyUser  get    "/api/v1/audit" => audit::list,
+    Admin    get    "/api/v1/audit/verify" => audit::verify,
 }
 
 /// The access rule of the route that matched `method` and `path` (a route template).

@@ -20,9 +20,9 @@ use tether_proto::{AgentId, BatchId, CommandId, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::{
-    AgentFilter, AgentRecord, ApiTokenRecord, CancelOutcome, CommandFilter, CreatedBatch, EnrollTokenRecord, Head,
-    Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role, Store, StoreError,
-    StoreStats, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch,
+    EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role,
+    Store, StoreError, StoreStats, SweepOutcome, User, UserRecord,
 };
 use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
@@ -1037,7 +1037,7 @@ impl Store for SqliteStore {
             entry.ts,
             &entry.actor,
             entry.actor_kind,
-            entry.action,
+            &entry.action,
             &entry.target,
             entry.outcome,
             entry.ip.as_deref(),
@@ -1051,7 +1051,7 @@ impl Store for SqliteStore {
         .bind(entry.ts)
         .bind(&entry.actor)
         .bind(entry.actor_kind)
-        .bind(entry.action)
+        .bind(&entry.action)
         .bind(&entry.target)
         .bind(entry.outcome)
         .bind(&entry.ip)
@@ -1063,6 +1063,35 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn query_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        self.count();
+        let agent = f.agent_id.map(uuid_text);
+        let rows = sqlx::query(
+            "SELECT id, ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash
+             FROM audit
+             WHERE (? IS NULL OR id < ?) AND (? IS NULL OR actor = ?) AND (? IS NULL OR action = ?)
+               AND (? IS NULL OR actor = ? OR target = ?) AND (? IS NULL OR ts >= ?) AND (? IS NULL OR ts < ?)
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(f.before)
+        .bind(f.before)
+        .bind(&f.actor)
+        .bind(&f.actor)
+        .bind(&f.action)
+        .bind(&f.action)
+        .bind(&agent)
+        .bind(&agent)
+        .bind(&agent)
+        .bind(f.from)
+        .bind(f.from)
+        .bind(f.to)
+        .bind(f.to)
+        .bind(f.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(rows::audit_from_row).collect()
     }
 
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>> {

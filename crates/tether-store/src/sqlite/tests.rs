@@ -184,7 +184,7 @@ async fn audit_chain_links_rows() {
                 ts: T0,
                 actor: "admin".into(),
                 actor_kind: "user",
-                action: if action == "a" { "one" } else { "two" },
+                action: if action == "a" { "one".into() } else { "two".into() },
                 target: action.into(),
                 outcome: "ok",
                 ip: None,

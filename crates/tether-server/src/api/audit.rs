@@ -1,0 +1,116 @@
+//! The audit log (SPEC §10): read with filters, verify the hash chain, and
+//! let agents append events about themselves. There is no update or delete.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tether_proto::user::{AgentAuditEvent, AuditRow, AuditVerification};
+use tether_proto::{Data, Page};
+use tether_store::{AuditFilter, AuditRecord, Role};
+
+use crate::api::agents::rfc3339;
+use crate::api::commands::{page_limit, parse_param};
+use crate::auth::{AgentCaller, Operator};
+use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
+use crate::state::{AppState, AuditContext, AuditEvent};
+
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    actor: Option<String>,
+    agent_id: Option<String>,
+    action: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+fn parse_time(field: &'static str, v: Option<&str>) -> ApiResult<Option<i64>> {
+    v.filter(|s| !s.is_empty())
+        .map(|s| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                .map_err(|_| ApiError::bad_request(field, format!("{field} must be an RFC 3339 time")))
+        })
+        .transpose()
+}
+
+fn row(r: AuditRecord) -> AuditRow {
+    AuditRow {
+        id: r.id,
+        ts: rfc3339(r.ts),
+        actor: r.actor,
+        actor_kind: r.actor_kind,
+        action: r.action,
+        target: r.target,
+        outcome: r.outcome,
+        ip: r.ip,
+        request_id: r.request_id,
+        details: r.details,
+        hash: hex::encode(&r.hash),
+    }
+}
+
+/// `GET /api/v1/audit?actor=&agent_id=&action=&from=&to=&cursor=&limit=`:
+/// admins see every row, other users only their own.
+pub async fn list(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Response> {
+    let limit = page_limit(q.limit)?;
+    let actor = if op.user.role == Role::Admin { q.actor } else { Some(op.user.username.clone()) };
+    let filter = AuditFilter {
+        actor,
+        agent_id: parse_param("agent_id", q.agent_id.as_deref())?,
+        action: q.action.filter(|a| !a.is_empty()),
+        from: parse_time("from", q.from.as_deref())?,
+        to: parse_time("to", q.to.as_deref())?,
+        before: parse_param("cursor", q.cursor.as_deref())?,
+        limit,
+    };
+    let rows = state.store.query_audit(&filter).await?;
+    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
+    Ok(axum::Json(Page { data: rows.into_iter().map(row).collect(), next_cursor }).into_response())
+}
+
+/// `GET /api/v1/audit/verify`: walks the hash chain from the first row.
+pub async fn verify(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
+    let v = tether_store::verify_audit(state.store.as_ref()).await?;
+    let body = AuditVerification { ok: v.first_bad.is_none(), checked: v.checked, first_bad_id: v.first_bad };
+    Ok(axum::Json(Data { data: body }).into_response())
+}
+
+/// `POST /api/v1/agents/self/audit {action, target, details}`
+pub async fn agent_append(
+    State(state): State<AppState>,
+    agent: AgentCaller,
+    ctx: AuditContext,
+    ApiJson(event): ApiJson<AgentAuditEvent>,
+) -> ApiResult<Response> {
+    let action_ok = (1..=64).contains(&event.action.len())
+        && event.action.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !action_ok {
+        return Err(ApiError::bad_request("action", "action must be 1-64 chars of [A-Za-z0-9._-]"));
+    }
+    if event.target.len() > 256 || event.details.to_string().len() > 4096 {
+        return Err(ApiError::bad_request("details", "target ≤ 256 bytes and details ≤ 4 KiB"));
+    }
+    let actor = agent.id.to_string();
+    let action = format!("agent.{}", event.action);
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: &actor,
+                actor_kind: "agent",
+                action: &action,
+                target: event.target,
+                outcome: "reported",
+                details: event.details,
+            },
+        )
+        .await;
+    Ok((StatusCode::CREATED, axum::Json(Data { data: serde_json::json!({}) })).into_response())
+}
