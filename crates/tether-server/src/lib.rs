@@ -10,6 +10,7 @@ pub mod clock;
 pub mod error;
 mod fsutil;
 mod jobs;
+pub mod limits;
 pub mod state;
 pub mod stream;
 
@@ -107,6 +108,7 @@ impl Server {
             notifier: Arc::new(LocalNotifier(streams.clone())),
             streams,
             tokens,
+            limits: limits::Limits::new(config.limits.clone()),
             clock,
             config,
             shutdown: CancellationToken::new(),

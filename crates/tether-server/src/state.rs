@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub signal_max_per_agent: u64,
     /// How often signal retention runs.
     pub retention_interval: std::time::Duration,
+    /// Rate limits (SPEC §11).
+    pub limits: crate::limits::LimitConfig,
     /// How often `last_seen` of active agents is written (batched).
     pub seen_flush_interval: std::time::Duration,
     /// Grace for a refresh retry after a lost response (SPEC §3: 30 s).
@@ -39,6 +41,7 @@ impl ServerConfig {
             data_dir,
             sweep_interval: std::time::Duration::from_secs(1),
             seen_flush_interval: std::time::Duration::from_secs(5),
+            limits: crate::limits::LimitConfig::default(),
             signal_max_age: std::time::Duration::from_secs(7 * 86_400),
             signal_max_per_agent: 10_000,
             retention_interval: std::time::Duration::from_secs(60),
@@ -53,6 +56,7 @@ pub struct Inner {
     pub streams: Arc<Streams>,
     pub notifier: Arc<dyn Notifier>,
     pub tokens: AccessTokens,
+    pub limits: crate::limits::Limits,
     pub clock: Arc<dyn Clock>,
     pub config: ServerConfig,
     /// Cancelled when the server starts shutting down: waiting polls answer 204.
@@ -78,6 +82,28 @@ pub struct ClientAddr(pub SocketAddr);
 pub struct AuditContext {
     pub ip: Option<String>,
     pub request_id: Option<String>,
+}
+
+/// Passes only while the client IP is within its bucket; put on every
+/// unauthenticated route that does real work (SPEC §11).
+#[derive(Debug, Clone, Copy)]
+pub struct PublicCaller {
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl axum::extract::FromRequestParts<AppState> for PublicCaller {
+    type Rejection = crate::error::ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+        if let Some(ip) = ip {
+            state.limits.ip(ip)?;
+        }
+        Ok(Self { ip })
+    }
 }
 
 impl AuditContext {

@@ -15,7 +15,7 @@ use tether_store::{NewAgent, RefreshOutcome, StoreError};
 use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
 use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
 use crate::error::{ApiError, ApiJson, ApiResult};
-use crate::state::{AppState, AuditContext, AuditEvent};
+use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
 
 const MAX_HOSTNAME_LEN: usize = 253;
 
@@ -41,6 +41,7 @@ fn parse_public_key(text: &str) -> ApiResult<Vec<u8>> {
 /// `POST /api/v1/agents/enroll`
 pub async fn enroll(
     State(state): State<AppState>,
+    _: PublicCaller,
     ctx: AuditContext,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> ApiResult<Response> {
@@ -166,6 +167,7 @@ async fn rotate(
 /// `POST /api/v1/auth/token/refresh {refresh_token, device_public_id}` (seed 003).
 pub async fn refresh(
     State(state): State<AppState>,
+    _: PublicCaller,
     ctx: AuditContext,
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> ApiResult<Response> {
@@ -193,6 +195,7 @@ pub fn oauth_error(status: StatusCode, error: &str, description: &str) -> Respon
 /// `POST /oauth/token` (form-encoded, RFC 6749). Only the refresh grant for now.
 pub async fn oauth_token(
     State(state): State<AppState>,
+    _: PublicCaller,
     ctx: AuditContext,
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {

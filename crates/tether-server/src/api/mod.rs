@@ -89,6 +89,9 @@ route_table! {
     Admin    get    "/api/v1/audit/verify" => audit::verify,
 }
 
+/// The stream long-poll route, rate-limited by its own rule (SPEC §4).
+pub const UPDATES_PATH: &str = "/api/v1/agents/self/updates";
+
 /// The access rule of the route that matched `method` and `path` (a route template).
 pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
     ROUTES.iter().find(|r| r.path == path && r.method.eq_ignore_ascii_case(method.as_str())).map(|r| r.access)

@@ -103,6 +103,10 @@ pub async fn updates(
                 .with("cursor", format!("{}-{}", start.epoch, start.floor)));
         }
     };
+    // Only polls answered at once count against the poll bucket; a poll that waits is free.
+    if start.head > from || wait == 0 {
+        state.limits.immediate_poll(agent.id)?;
+    }
     if start.head <= from && wait > 0 {
         park(&state, &mut rx, wait, |s| {
             s.head > from || s.poll_gen != generation || s.revoked || s.epoch != start.epoch

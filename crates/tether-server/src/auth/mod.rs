@@ -62,6 +62,11 @@ impl FromRequestParts<AppState> for AgentCaller {
             return Err(revoked_error(&stream));
         }
         stream.seen(state.clock.now_ms());
+        // Stream polls have their own bucket, charged only when answered at once.
+        let path = parts.extensions.get::<axum::extract::MatchedPath>().map(|p| p.as_str());
+        if path != Some(crate::api::UPDATES_PATH) {
+            state.limits.agent(id)?;
+        }
         Ok(Self { id, stream })
     }
 }
@@ -120,12 +125,14 @@ impl FromRequestParts<AppState> for Operator {
                 // Seed 002: an API token may be sent as the Basic password.
                 api_token_user(state, password).await?
             } else {
-                basic_user(state, username, password).await?
+                let ip = parts.extensions.get::<crate::state::ClientAddr>().map(|a| a.0.ip());
+                basic_user(state, ip, username, password).await?
             }
         } else {
             None
         };
         let user = user.ok_or_else(ApiError::unauthenticated)?;
+        state.limits.user(&user.id)?;
         let required = required_role(parts)?;
         if rank(user.role) < rank(required) {
             let ctx = crate::state::AuditContext::from_parts(parts);
@@ -152,7 +159,15 @@ async fn api_token_user(state: &AppState, token: &str) -> Result<Option<User>, A
     Ok(state.store.find_api_token(secret::hash_token(token), state.clock.now_ms()).await?)
 }
 
-async fn basic_user(state: &AppState, username: &str, password: &str) -> Result<Option<User>, ApiError> {
+/// Checks a username and password, under the login failure limits. Unknown
+/// users take the same path (and time) as wrong passwords.
+pub async fn basic_user(
+    state: &AppState,
+    ip: Option<std::net::IpAddr>,
+    username: &str,
+    password: &str,
+) -> Result<Option<User>, ApiError> {
+    state.limits.login_allowed(ip, username, state.clock.now_ms())?;
     let user = state.store.find_user(username).await?;
     let stored = user.as_ref().map(|u| u.password_hash.clone());
     let password = password.to_owned();
@@ -160,5 +175,22 @@ async fn basic_user(state: &AppState, username: &str, password: &str) -> Result<
     let ok = tokio::task::spawn_blocking(move || password::verify_password(&password, stored.as_deref()))
         .await
         .map_err(ApiError::internal)?;
+    if !ok {
+        state.limits.login_failed(ip, username, state.clock.now_ms());
+        let ctx_ip = ip.map(|i| i.to_string());
+        state
+            .audit(
+                &crate::state::AuditContext { ip: ctx_ip, request_id: None },
+                crate::state::AuditEvent {
+                    actor: username,
+                    actor_kind: "user",
+                    action: "login.failed",
+                    target: username.to_owned(),
+                    outcome: "denied",
+                    details: json!({}),
+                },
+            )
+            .await;
+    }
     Ok(if ok { user } else { None })
 }

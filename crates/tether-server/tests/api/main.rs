@@ -1,5 +1,6 @@
 //! Black-box tests: the real server on port 0, driven over HTTP.
 
+mod abuse;
 mod audit;
 mod auth;
 mod commands;

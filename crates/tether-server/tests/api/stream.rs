@@ -84,6 +84,7 @@ async fn idle_polls_never_touch_the_store() {
     let app = spawn_app_with(|c| {
         c.sweep_interval = Duration::from_secs(3600);
         c.seen_flush_interval = Duration::from_secs(3600);
+        c.limits.poll_burst = 1000;
     })
     .await;
     let (agent, _) = app.agent(&[]).await;
@@ -212,6 +213,7 @@ async fn a_cursor_behind_the_retained_window_is_expired_and_a_fresh_start_resync
     let app = spawn_app_with(|c| {
         c.signal_max_per_agent = 2;
         c.retention_interval = Duration::from_millis(50);
+        c.limits.poll_burst = 1000;
     })
     .await;
     let (agent, pair) = app.agent(&[]).await;

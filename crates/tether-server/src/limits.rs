@@ -1,0 +1,207 @@
+//! Abuse limits (SPEC §11): token buckets per agent, per user and per
+//! client IP (unauthenticated routes only), and the login failure windows.
+//! Buckets are per replica. A refused request gets 429 with `Retry-After`.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use tether_proto::{AgentId, ErrorKey};
+use tether_store::Millis;
+
+use crate::error::ApiError;
+
+/// Limits, all configurable; the defaults are SPEC §11's.
+#[derive(Debug, Clone)]
+pub struct LimitConfig {
+    pub agent_per_s: u32,
+    pub agent_burst: u32,
+    /// Stream polls answered at once (a poll that waited is free).
+    pub poll_per_s: u32,
+    pub poll_burst: u32,
+    pub user_per_s: u32,
+    pub user_burst: u32,
+    pub ip_per_s: u32,
+    pub ip_burst: u32,
+    pub login_failures_per_user_ip: usize,
+    pub login_failures_per_ip: usize,
+    pub login_window: Duration,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        Self {
+            agent_per_s: 10,
+            agent_burst: 20,
+            poll_per_s: 1,
+            poll_burst: 10,
+            user_per_s: 20,
+            user_burst: 100,
+            ip_per_s: 50,
+            ip_burst: 500,
+            login_failures_per_user_ip: 5,
+            login_failures_per_ip: 20,
+            login_window: Duration::from_secs(60),
+        }
+    }
+}
+
+fn quota(per_s: u32, burst: u32) -> Quota {
+    let nz = |v: u32| NonZeroU32::new(v.max(1)).expect("max(1) is non-zero");
+    Quota::per_second(nz(per_s)).allow_burst(nz(burst))
+}
+
+/// Failed logins in a sliding window, per key.
+#[derive(Debug, Default)]
+struct FailureWindow {
+    seen: DashMap<String, VecDeque<Millis>>,
+}
+
+impl FailureWindow {
+    /// Seconds until `key` may try again, if it has `max` failures in the window.
+    fn blocked(&self, key: &str, max: usize, window_ms: Millis, now: Millis) -> Option<u64> {
+        let mut entry = self.seen.get_mut(key)?;
+        while entry.front().is_some_and(|t| now - t >= window_ms) {
+            entry.pop_front();
+        }
+        (entry.len() >= max).then(|| entry.front().map_or(1, |first| ((first + window_ms - now) / 1000 + 1) as u64))
+    }
+
+    fn record(&self, key: String, now: Millis) {
+        self.seen.entry(key).or_default().push_back(now);
+    }
+
+    fn prune(&self, window_ms: Millis, now: Millis) {
+        self.seen.retain(|_, v| v.back().is_some_and(|t| now - t < window_ms));
+    }
+}
+
+#[derive(Debug)]
+pub struct Limits {
+    config: LimitConfig,
+    agent: DefaultKeyedRateLimiter<AgentId>,
+    poll: DefaultKeyedRateLimiter<AgentId>,
+    user: DefaultKeyedRateLimiter<String>,
+    ip: DefaultKeyedRateLimiter<IpAddr>,
+    login: FailureWindow,
+}
+
+/// The 429 answer: envelope params and `Retry-After` (SPEC §2).
+pub fn rate_limited(retry_after_s: u64, allowed: String) -> ApiError {
+    ApiError::new(ErrorKey::RateLimited, "too many requests; slow down")
+        .with("retry_after", retry_after_s.max(1))
+        .with("allowed_rate", allowed)
+}
+
+fn check<K: Clone + std::hash::Hash + Eq>(
+    limiter: &DefaultKeyedRateLimiter<K>,
+    key: &K,
+    per_s: u32,
+    burst: u32,
+) -> Result<(), ApiError> {
+    limiter.check_key(key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+        rate_limited(wait.as_secs_f64().ceil() as u64, format!("{per_s}/s, burst {burst}"))
+    })
+}
+
+impl Limits {
+    pub fn new(config: LimitConfig) -> Self {
+        Self {
+            agent: DefaultKeyedRateLimiter::keyed(quota(config.agent_per_s, config.agent_burst)),
+            poll: DefaultKeyedRateLimiter::keyed(quota(config.poll_per_s, config.poll_burst)),
+            user: DefaultKeyedRateLimiter::keyed(quota(config.user_per_s, config.user_burst)),
+            ip: DefaultKeyedRateLimiter::keyed(quota(config.ip_per_s, config.ip_burst)),
+            login: FailureWindow::default(),
+            config,
+        }
+    }
+
+    pub fn agent(&self, id: AgentId) -> Result<(), ApiError> {
+        check(&self.agent, &id, self.config.agent_per_s, self.config.agent_burst)
+    }
+
+    pub fn immediate_poll(&self, id: AgentId) -> Result<(), ApiError> {
+        check(&self.poll, &id, self.config.poll_per_s, self.config.poll_burst)
+    }
+
+    pub fn user(&self, user_id: &str) -> Result<(), ApiError> {
+        check(&self.user, &user_id.to_owned(), self.config.user_per_s, self.config.user_burst)
+    }
+
+    pub fn ip(&self, ip: IpAddr) -> Result<(), ApiError> {
+        check(&self.ip, &ip, self.config.ip_per_s, self.config.ip_burst)
+    }
+
+    /// Refuses a password check while this IP (or this IP and username) has
+    /// too many recent failures.
+    pub fn login_allowed(&self, ip: Option<IpAddr>, username: &str, now: Millis) -> Result<(), ApiError> {
+        let window = self.config.login_window.as_millis() as Millis;
+        let ip = ip.map(|i| i.to_string()).unwrap_or_default();
+        let pair = format!("{ip}\u{0}{username}");
+        let blocked = self
+            .login
+            .blocked(&pair, self.config.login_failures_per_user_ip, window, now)
+            .or_else(|| self.login.blocked(&ip, self.config.login_failures_per_ip, window, now));
+        match blocked {
+            Some(retry) => {
+                Err(rate_limited(retry, format!("{} failed logins per minute", self.config.login_failures_per_user_ip)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub fn login_failed(&self, ip: Option<IpAddr>, username: &str, now: Millis) {
+        let ip = ip.map(|i| i.to_string()).unwrap_or_default();
+        self.login.record(format!("{ip}\u{0}{username}"), now);
+        self.login.record(ip, now);
+    }
+
+    /// Forgets idle keys so the maps stay bounded.
+    pub fn prune(&self, now: Millis) {
+        self.agent.retain_recent();
+        self.poll.retain_recent();
+        self.user.retain_recent();
+        self.ip.retain_recent();
+        self.login.prune(self.config.login_window.as_millis() as Millis, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_failures_block_the_pair_then_the_ip_until_the_window_passes() {
+        let limits = Limits::new(LimitConfig::default());
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        for _ in 0..5 {
+            assert!(limits.login_allowed(Some(a), "admin", 0).is_ok());
+            limits.login_failed(Some(a), "admin", 0);
+        }
+        assert!(limits.login_allowed(Some(a), "admin", 1_000).is_err());
+        assert!(limits.login_allowed(Some(a), "bob", 1_000).is_ok(), "another user from the same IP");
+        assert!(limits.login_allowed(Some(b), "admin", 1_000).is_ok(), "the same user from another IP");
+        assert!(limits.login_allowed(Some(a), "admin", 60_000).is_ok(), "the window passed");
+        for i in 0..20 {
+            limits.login_failed(Some(b), &format!("user{i}"), 0);
+        }
+        assert!(limits.login_allowed(Some(b), "fresh-name", 10).is_err(), "20 per IP");
+    }
+
+    #[test]
+    fn buckets_allow_the_burst_then_refuse_with_retry_after() {
+        let limits = Limits::new(LimitConfig { ip_per_s: 1, ip_burst: 3, ..LimitConfig::default() });
+        let ip: IpAddr = "10.0.0.9".parse().expect("ip");
+        for _ in 0..3 {
+            limits.ip(ip).expect("within burst");
+        }
+        let err = limits.ip(ip).expect_err("over");
+        assert_eq!(err.key, ErrorKey::RateLimited);
+        assert!(err.params["retry_after"].as_u64().expect("retry_after") >= 1);
+    }
+}
