@@ -83,9 +83,18 @@ fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
+    // Idle polls at full speed would hit the SPEC §11 poll limit (1/s per agent):
+    // lift it, since this measures the cost of an answer, not the limit.
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[limits]\npoll_per_s = 1000000\npoll_burst = 1000000\nip_burst = 1000000\nip_per_s = 1000000\n",
+    )?;
     let mut child = Command::new(bin)
-        .args(["server", "--listen", &addr, "--data-dir"])
-        .arg(dir.path())
+        .args(["server", "--listen", &addr, "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
         .env("TETHER_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::time::Duration;
 
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -14,8 +13,10 @@ use tether_store::Millis;
 
 use crate::error::ApiError;
 
-/// Limits, all configurable; the defaults are SPEC §11's.
-#[derive(Debug, Clone)]
+/// Limits, all configurable (`[limits]` in the server's `--config` file);
+/// the defaults are SPEC §11's.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitConfig {
     pub agent_per_s: u32,
     pub agent_burst: u32,
@@ -28,7 +29,7 @@ pub struct LimitConfig {
     pub ip_burst: u32,
     pub login_failures_per_user_ip: usize,
     pub login_failures_per_ip: usize,
-    pub login_window: Duration,
+    pub login_window_s: u64,
 }
 
 impl Default for LimitConfig {
@@ -44,7 +45,7 @@ impl Default for LimitConfig {
             ip_burst: 500,
             login_failures_per_user_ip: 5,
             login_failures_per_ip: 20,
-            login_window: Duration::from_secs(60),
+            login_window_s: 60,
         }
     }
 }
@@ -139,7 +140,7 @@ impl Limits {
     /// Refuses a password check while this IP (or this IP and username) has
     /// too many recent failures.
     pub fn login_allowed(&self, ip: Option<IpAddr>, username: &str, now: Millis) -> Result<(), ApiError> {
-        let window = self.config.login_window.as_millis() as Millis;
+        let window = self.config.login_window_s as Millis * 1000;
         let ip = ip.map(|i| i.to_string()).unwrap_or_default();
         let pair = format!("{ip}\u{0}{username}");
         let blocked = self
@@ -166,7 +167,7 @@ impl Limits {
         self.poll.retain_recent();
         self.user.retain_recent();
         self.ip.retain_recent();
-        self.login.prune(self.config.login_window.as_millis() as Millis, now);
+        self.login.prune(self.config.login_window_s as Millis * 1000, now);
     }
 }
 

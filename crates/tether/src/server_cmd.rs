@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 use tether_server::{Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,17 @@ pub struct ServerArgs {
     /// Directory for the embedded SQLite database and server keys.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
+    /// TOML file with further settings (`[limits]`: see docs/operations.md).
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// What the `--config` file may set.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    limits: tether_server::limits::LimitConfig,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -35,7 +47,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         return reset_admin(&data_dir).await;
     }
     let admin_password = std::env::var("TETHER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
-    let config = ServerConfig::new(args.listen, args.data_dir);
+    let mut config = ServerConfig::new(args.listen, args.data_dir);
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: FileConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        config.limits = file.limits;
+    }
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let addr = server.local_addr()?;
     // Printed, not logged: secrets never go to the log, and the operator sees them once.
