@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub signal_max_per_agent: u64,
     /// How often signal retention runs.
     pub retention_interval: std::time::Duration,
+    /// Mark session cookies `Secure` (set when serving TLS).
+    pub secure_cookies: bool,
     /// Rate limits (SPEC §11).
     pub limits: crate::limits::LimitConfig,
     /// How often `last_seen` of active agents is written (batched).
@@ -42,6 +44,7 @@ impl ServerConfig {
             sweep_interval: std::time::Duration::from_secs(1),
             seen_flush_interval: std::time::Duration::from_secs(5),
             limits: crate::limits::LimitConfig::default(),
+            secure_cookies: false,
             signal_max_age: std::time::Duration::from_secs(7 * 86_400),
             signal_max_per_agent: 10_000,
             retention_interval: std::time::Duration::from_secs(60),

@@ -303,6 +303,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn list_api_tokens(&self, user_id: &str) -> Result<Vec<ApiTokenRecord>>;
     /// Revokes one of the user's tokens; `NotFound` if it is not theirs.
     async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis) -> Result<()>;
+    async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        user_id: &str,
+        csrf: &str,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<()>;
+    /// The live session's user and CSRF token.
+    async fn find_session(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, String)>>;
+    async fn delete_session(&self, token_hash: [u8; 32]) -> Result<()>;
     /// The live (unexpired, unrevoked) token with this hash and its owner.
     async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>>;
 

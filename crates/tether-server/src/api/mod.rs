@@ -5,6 +5,7 @@ mod audit;
 mod commands;
 pub mod enroll;
 mod heartbeat;
+mod session;
 mod stream;
 mod tokens;
 mod users;
@@ -65,6 +66,8 @@ route_table! {
     Agent    post   "/api/v1/agents/self/heartbeat" => heartbeat::heartbeat,
     Agent    post   "/api/v1/agents/self/audit" => audit::agent_append,
     // Operators.
+    Public   post   "/api/v1/auth/login" => session::login,
+    AnyUser  post   "/api/v1/auth/logout" => session::logout,
     AnyUser  post   "/api/v1/tokens" => tokens::create,
     AnyUser  get    "/api/v1/tokens" => tokens::list,
     AnyUser  delete "/api/v1/tokens/{id}" => tokens::revoke,

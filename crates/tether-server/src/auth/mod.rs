@@ -27,6 +27,36 @@ pub struct AgentCaller {
     pub stream: Arc<AgentStream>,
 }
 
+/// Name of the dashboard session cookie.
+pub const SESSION_COOKIE: &str = "tether_session";
+/// Header that must carry the session's CSRF token on mutating requests.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The session cookie's value, if the request carries one.
+pub fn session_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+}
+
+async fn session_user(state: &AppState, parts: &Parts) -> Result<Option<User>, ApiError> {
+    let Some(token) = session_token(&parts.headers) else { return Ok(None) };
+    let Some((user, csrf)) = state.store.find_session(secret::hash_token(token), state.clock.now_ms()).await? else {
+        return Ok(None);
+    };
+    let safe = matches!(parts.method, axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS);
+    if !safe {
+        let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !secret::constant_time_eq(sent.as_bytes(), csrf.as_bytes()) {
+            return Err(ApiError::new(ErrorKey::Forbidden, "missing or wrong CSRF token"));
+        }
+    }
+    Ok(Some(user))
+}
+
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -128,6 +158,8 @@ impl FromRequestParts<AppState> for Operator {
                 let ip = parts.extensions.get::<crate::state::ClientAddr>().map(|a| a.0.ip());
                 basic_user(state, ip, username, password).await?
             }
+        } else if header.is_empty() {
+            session_user(state, parts).await?
         } else {
             None
         };

@@ -193,3 +193,82 @@ async fn agent_and_operator_credentials_do_not_cross() {
     basic(&app.admin_token).list_agents(&Default::default()).await.expect("token as basic password");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn login_sessions_use_a_strict_http_only_cookie_and_csrf_on_mutations() {
+    let app = spawn_app().await;
+    let http = app.http();
+    let res = http
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({"username": "admin", "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let cookie = res.headers()["set-cookie"].to_str().expect("cookie").to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let body: serde_json::Value = res.json().await.expect("json");
+    let csrf = body["data"]["csrf_token"].as_str().expect("csrf").to_owned();
+    assert_eq!(body["data"]["user"]["role"], "admin");
+    let session = cookie.split(';').next().expect("pair").to_owned();
+
+    let get = http.get(app.url("/api/v1/agents")).header("cookie", &session).send().await.expect("get");
+    assert_eq!(get.status(), 200);
+    let body = json!({"labels": {}, "uses": 1});
+    let no_csrf =
+        http.post(app.url("/api/v1/enroll-tokens")).header("cookie", &session).json(&body).send().await.expect("post");
+    assert_eq!(no_csrf.status(), 403);
+    let wrong = http
+        .post(app.url("/api/v1/enroll-tokens"))
+        .header("cookie", &session)
+        .header("x-csrf-token", "ttc_forged")
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(wrong.status(), 403);
+    let ok = http
+        .post(app.url("/api/v1/enroll-tokens"))
+        .header("cookie", &session)
+        .header("x-csrf-token", &csrf)
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(ok.status(), 201);
+
+    let out = http
+        .post(app.url("/api/v1/auth/logout"))
+        .header("cookie", &session)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(out.status(), 204);
+    let after = http.get(app.url("/api/v1/agents")).header("cookie", &session).send().await.expect("get");
+    assert_eq!(after.status(), 401);
+    let bad = http
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({"username": "admin", "password": "nope-nope-nope"}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(bad.status(), 401);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_api_tokens_stop_working_on_the_next_request() {
+    let app = spawn_app().await;
+    let created = app
+        .admin
+        .create_api_token(&tether_proto::user::CreateApiToken { name: "ci".into(), expires_in_s: Some(3600) })
+        .await
+        .expect("token");
+    let client = app.anon().with_bearer(created.token.clone());
+    client.list_agents(&Default::default()).await.expect("works");
+    app.admin.revoke_api_token(&created.id).await.expect("revoke");
+    assert_eq!(client.list_agents(&Default::default()).await.expect_err("revoked").status(), Some(401));
+    app.stop().await;
+}

@@ -318,6 +318,47 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        user_id: &str,
+        csrf: &str,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(now).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO sessions (token_hash, user_id, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&token_hash[..])
+            .bind(user_id)
+            .bind(csrf)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_session(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, String)>> {
+        self.count();
+        let row = sqlx::query(
+            "SELECT u.id, u.username, u.role, u.password_hash, s.csrf FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.token_hash = ? AND s.expires_at > ? AND u.disabled_at IS NULL",
+        )
+        .bind(&token_hash[..])
+        .bind(now)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| Ok((rows::user_from_row(&r)?, r.get::<String, _>(4)))).transpose()
+    }
+
+    async fn delete_session(&self, token_hash: [u8; 32]) -> Result<()> {
+        self.count();
+        sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(&token_hash[..]).execute(&self.writer).await?;
+        Ok(())
+    }
+
     async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>> {
         self.count();
         let row = sqlx::query(

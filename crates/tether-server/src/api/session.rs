@@ -1,0 +1,81 @@
+//! Dashboard login sessions (SPEC §3): an HttpOnly, SameSite=Strict cookie
+//! plus a CSRF token that every mutating request must echo.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use tether_proto::{Data, ErrorKey};
+
+use crate::api::enroll::no_store;
+use crate::auth::secret::{hash_token, new_token};
+use crate::auth::{Operator, SESSION_COOKIE, basic_user, session_token};
+use crate::error::{ApiError, ApiJson, ApiResult};
+use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
+
+/// Sessions last 12 hours.
+const SESSION_TTL_MS: i64 = 12 * 3_600_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    username: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// `POST /api/v1/auth/login {username, password}`
+pub async fn login(
+    State(state): State<AppState>,
+    caller: PublicCaller,
+    ctx: AuditContext,
+    ApiJson(req): ApiJson<Login>,
+) -> ApiResult<Response> {
+    let user = basic_user(&state, caller.ip, &req.username, &req.password)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorKey::Unauthenticated, "wrong username or password"))?;
+    let token = new_token("tts_");
+    let csrf = new_token("ttc_");
+    let now = state.clock.now_ms();
+    state.store.create_session(hash_token(&token), &user.id, &csrf, now + SESSION_TTL_MS, now).await?;
+    state
+        .audit(
+            &ctx,
+            AuditEvent {
+                actor: &user.username,
+                actor_kind: "user",
+                action: "login.ok",
+                target: user.id.clone(),
+                outcome: "ok",
+                details: json!({"method": "password"}),
+            },
+        )
+        .await;
+    let secure = if state.config.secure_cookies { "; Secure" } else { "" };
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+        SESSION_TTL_MS / 1000
+    );
+    let body =
+        json!({"csrf_token": csrf, "user": {"id": user.id, "username": user.username, "role": user.role.as_str()}});
+    let mut res = axum::Json(Data { data: body }).into_response();
+    res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(ApiError::internal)?);
+    Ok(no_store(res))
+}
+
+/// `POST /api/v1/auth/logout`: ends the cookie session (if that is how the caller signed in).
+pub async fn logout(State(state): State<AppState>, _: Operator, headers: HeaderMap) -> ApiResult<Response> {
+    if let Some(token) = session_token(&headers) {
+        state.store.delete_session(hash_token(token)).await?;
+    }
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    let expired = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&expired).map_err(ApiError::internal)?);
+    Ok(res)
+}
