@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub signal_max_per_agent: u64,
     /// How often signal retention runs.
     pub retention_interval: std::time::Duration,
+    /// Lifetime of an RFC 8628 device code (SPEC §3: 600 s).
+    pub device_code_ttl_s: u64,
     /// Mark session cookies `Secure` (set when serving TLS).
     pub secure_cookies: bool,
     /// Rate limits (SPEC §11).
@@ -45,6 +47,7 @@ impl ServerConfig {
             seen_flush_interval: std::time::Duration::from_secs(5),
             limits: crate::limits::LimitConfig::default(),
             secure_cookies: false,
+            device_code_ttl_s: 600,
             signal_max_age: std::time::Duration::from_secs(7 * 86_400),
             signal_max_per_agent: 10_000,
             retention_interval: std::time::Duration::from_secs(60),

@@ -79,6 +79,32 @@ pub struct User {
     pub password_hash: String,
 }
 
+#[derive(Debug, Clone)]
+pub struct NewDeviceGrant {
+    pub device_code_hash: [u8; 32],
+    pub user_code: String,
+    pub public_key: Vec<u8>,
+    pub hostname: String,
+    pub expires_at: Millis,
+    pub interval_s: u32,
+    pub now: Millis,
+}
+
+/// The answer to a device-code poll (RFC 8628 §3.5).
+#[derive(Debug, Clone)]
+pub enum DevicePoll {
+    Pending,
+    /// Polled faster than the interval; the interval is now this many seconds.
+    SlowDown {
+        interval_s: u32,
+    },
+    Denied,
+    Expired,
+    /// Unknown or already redeemed device code.
+    Invalid,
+    Approved(Box<AgentRecord>),
+}
+
 /// A user row for listings.
 #[derive(Debug, Clone)]
 pub struct UserRecord {
@@ -354,6 +380,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         grace_ms: Millis,
         now: Millis,
     ) -> Result<RefreshOutcome>;
+
+    // --- RFC 8628 device grants
+    async fn create_device_grant(&self, grant: NewDeviceGrant) -> Result<()>;
+    /// Approves (with labels) or denies a pending, unexpired grant; `NotFound` otherwise.
+    async fn decide_device_grant(
+        &self,
+        user_code: &str,
+        approve: bool,
+        labels: &Labels,
+        decided_by: &str,
+        now: Millis,
+    ) -> Result<()>;
+    /// One token-endpoint poll: enforces the interval (slow_down) and, once
+    /// approved, creates the agent with its first refresh token.
+    async fn poll_device_grant(
+        &self,
+        device_code_hash: [u8; 32],
+        new_agent: AgentId,
+        refresh_hash: [u8; 32],
+        now: Millis,
+    ) -> Result<DevicePoll>;
 
     // --- the stream
     /// Signals with `seq > after`, oldest first.

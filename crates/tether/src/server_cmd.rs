@@ -30,6 +30,8 @@ pub struct ServerArgs {
 struct FileConfig {
     #[serde(default)]
     limits: tether_server::limits::LimitConfig,
+    /// Lifetime of RFC 8628 device codes in seconds (default 600).
+    device_code_ttl_s: Option<u64>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -52,6 +54,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file: FileConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         config.limits = file.limits;
+        if let Some(ttl) = file.device_code_ttl_s {
+            config.device_code_ttl_s = ttl;
+        }
     }
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let addr = server.local_addr()?;

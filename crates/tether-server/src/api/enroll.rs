@@ -6,7 +6,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
 use serde_json::json;
 use tether_proto::agent::{EnrollRequest, RefreshRequest, TokenPair, validate_labels};
 use tether_proto::{AgentId, Data, ErrorKey};
@@ -25,7 +24,7 @@ pub fn no_store(mut res: Response) -> Response {
     res
 }
 
-fn parse_public_key(text: &str) -> ApiResult<Vec<u8>> {
+pub fn parse_public_key(text: &str) -> ApiResult<Vec<u8>> {
     let bytes = URL_SAFE_NO_PAD
         .decode(text.trim_end_matches('='))
         .map_err(|_| ApiError::bad_request("public_key", "public_key must be base64url"))?;
@@ -179,10 +178,40 @@ pub async fn refresh(
     }
 }
 
-#[derive(Debug, Deserialize)]
-pub struct TokenForm {
-    grant_type: String,
-    refresh_token: Option<String>,
+/// A form-encoded OAuth request as name → value. A name may repeat only
+/// with the same value (some clients send `client_id` twice).
+#[derive(Debug, Default)]
+pub struct OAuthForm(std::collections::HashMap<String, String>);
+
+impl OAuthForm {
+    /// Parses the body; on failure, the `invalid_request` answer to send.
+    pub fn parse(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Self, Box<Response>> {
+        Self::parse_pairs(headers, body)
+            .map_err(|description| Box::new(oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &description)))
+    }
+
+    fn parse_pairs(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Self, String> {
+        let ctype = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !ctype.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
+            return Err("expected a form-encoded request".to_owned());
+        }
+        let mut map = std::collections::HashMap::new();
+        for (k, v) in url_pairs(body) {
+            if map.get(&k).is_some_and(|old: &String| *old != v) {
+                return Err(format!("{k} given twice"));
+            }
+            map.insert(k, v);
+        }
+        Ok(Self(map))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+}
+
+fn url_pairs(body: &[u8]) -> Vec<(String, String)> {
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).unwrap_or_default()
 }
 
 /// An RFC 6749 §5.2 error answer.
@@ -192,23 +221,32 @@ pub fn oauth_error(status: StatusCode, error: &str, description: &str) -> Respon
     no_store(res)
 }
 
-/// `POST /oauth/token` (form-encoded, RFC 6749). Only the refresh grant for now.
+/// `POST /oauth/token` (form-encoded, RFC 6749): refresh and device-code grants.
 pub async fn oauth_token(
     State(state): State<AppState>,
     _: PublicCaller,
     ctx: AuditContext,
-    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
-    let Ok(axum::Form(form)) = form else {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "expected a form-encoded token request");
+    let form = match OAuthForm::parse(&headers, &body) {
+        Ok(f) => f,
+        Err(res) => return *res,
     };
-    if form.grant_type != "refresh_token" {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type is not supported");
+    match form.get("grant_type") {
+        Some(crate::api::device::DEVICE_GRANT_TYPE) => {
+            return crate::api::device::token(&state, &ctx, form.get("device_code"), form.get("client_id")).await;
+        }
+        Some("refresh_token") => {}
+        Some(_) => {
+            return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type is not supported");
+        }
+        None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required"),
     }
-    let Some(presented) = form.refresh_token else {
+    let Some(presented) = form.get("refresh_token") else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required");
     };
-    match rotate(&state, &ctx, &presented, None).await {
+    match rotate(&state, &ctx, presented, None).await {
         Ok(pair) => no_store(
             axum::Json(json!({
                 "access_token": pair.access_token,

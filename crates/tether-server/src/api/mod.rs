@@ -3,6 +3,7 @@
 mod agents;
 mod audit;
 mod commands;
+pub mod device;
 pub mod enroll;
 mod heartbeat;
 mod session;
@@ -58,6 +59,11 @@ route_table! {
     Public   post   "/api/v1/agents/enroll" => enroll::enroll,
     Public   post   "/api/v1/auth/token/refresh" => enroll::refresh,
     Public   post   "/oauth/token" => enroll::oauth_token,
+    Public   post   "/oauth/device_authorization" => device::authorization,
+    Public   get    "/device" => device::page_get,
+    Public   post   "/device" => device::page_post,
+    Operator post   "/api/v1/device/approve" => device::approve,
+    Operator post   "/api/v1/device/deny" => device::deny,
     // The agent's own stream and reports.
     Agent    get    "/api/v1/agents/self/updates" => stream::updates,
     Agent    get    "/api/v1/agents/self/commands/next" => stream::next_command,

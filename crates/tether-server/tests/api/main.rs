@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod commands;
 mod common;
+mod device;
 mod limits;
 mod rbac;
 mod stream;

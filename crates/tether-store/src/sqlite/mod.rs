@@ -20,13 +20,19 @@ use tether_proto::{AgentId, BatchId, CommandId, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::{
-    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch,
-    EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, Result, ResultOutcome, Role,
-    Store, StoreError, StoreStats, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch, DevicePoll,
+    EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewDeviceGrant, NewEnrollToken, RefreshOutcome, Result,
+    ResultOutcome, Role, Store, StoreError, StoreStats, SweepOutcome, User, UserRecord,
 };
 use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
 /// A query whose text is built from the column-list constants above (never from input).
+macro_rules! q_text {
+    ($($fmt:tt)*) => {
+        sqlx::AssertSqlSafe(format!($($fmt)*))
+    };
+}
+
 macro_rules! q {
     ($($fmt:tt)*) => {
         sqlx::query(sqlx::AssertSqlSafe(format!($($fmt)*)))
@@ -652,6 +658,146 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(RefreshOutcome::Rotated { agent_id, lost_response_retry })
+    }
+
+    async fn create_device_grant(&self, g: NewDeviceGrant) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM device_grants WHERE expires_at <= ?")
+            .bind(g.now - 3_600_000)
+            .execute(&mut *tx)
+            .await?;
+        let res = sqlx::query(
+            "INSERT INTO device_grants (device_code_hash, user_code, public_key, hostname, created_at, expires_at, interval_s, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+        )
+        .bind(&g.device_code_hash[..])
+        .bind(&g.user_code)
+        .bind(&g.public_key)
+        .bind(&g.hostname)
+        .bind(g.now)
+        .bind(g.expires_at)
+        .bind(g.interval_s)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::Conflict("user code collision".into()));
+            }
+            other => other?,
+        };
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn decide_device_grant(
+        &self,
+        user_code: &str,
+        approve: bool,
+        labels: &tether_proto::Labels,
+        decided_by: &str,
+        now: Millis,
+    ) -> Result<()> {
+        self.count();
+        let done = sqlx::query(
+            "UPDATE device_grants SET status = ?, labels = ?, decided_by = ?
+             WHERE user_code = ? AND status = 'pending' AND expires_at > ?",
+        )
+        .bind(if approve { "approved" } else { "denied" })
+        .bind(json_text(labels))
+        .bind(decided_by)
+        .bind(user_code)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn poll_device_grant(
+        &self,
+        device_code_hash: [u8; 32],
+        new_agent: AgentId,
+        refresh_hash: [u8; 32],
+        now: Millis,
+    ) -> Result<DevicePoll> {
+        let mut tx = self.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT status, expires_at, interval_s, last_poll_at, public_key, hostname, labels
+             FROM device_grants WHERE device_code_hash = ?",
+        )
+        .bind(&device_code_hash[..])
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(DevicePoll::Invalid);
+        };
+        let status: String = row.get(0);
+        let expires_at: Millis = row.get(1);
+        let mut interval_s: i64 = row.get(2);
+        let last_poll: Option<Millis> = row.get(3);
+        if status == "redeemed" {
+            return Ok(DevicePoll::Invalid);
+        }
+        if expires_at <= now {
+            return Ok(DevicePoll::Expired);
+        }
+        let too_fast = last_poll.is_some_and(|t| now - t < interval_s * 1000);
+        if too_fast {
+            interval_s += 5;
+        }
+        sqlx::query("UPDATE device_grants SET last_poll_at = ?, interval_s = ? WHERE device_code_hash = ?")
+            .bind(now)
+            .bind(interval_s)
+            .bind(&device_code_hash[..])
+            .execute(&mut *tx)
+            .await?;
+        let outcome = match status.as_str() {
+            _ if too_fast => DevicePoll::SlowDown { interval_s: interval_s as u32 },
+            "pending" => DevicePoll::Pending,
+            "denied" => DevicePoll::Denied,
+            "approved" => {
+                let labels: tether_proto::Labels = rows::parse_json(row.get::<&str, _>(6))?;
+                let hostname: String = row.get(5);
+                let epoch = (now / 1000) as u64;
+                sqlx::query(
+                    "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen)
+                     VALUES (?, ?, ?, ?, '{}', ?, ?, ?, ?)",
+                )
+                .bind(uuid_text(new_agent))
+                .bind(&hostname)
+                .bind(&hostname)
+                .bind(json_text(&labels))
+                .bind(row.get::<Vec<u8>, _>(4))
+                .bind(epoch as i64)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&refresh_hash[..])
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(uuid_text(new_agent))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("UPDATE device_grants SET status = 'redeemed' WHERE device_code_hash = ?")
+                    .bind(&device_code_hash[..])
+                    .execute(&mut *tx)
+                    .await?;
+                let rec = sqlx::query(q_text!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+                    .bind(uuid_text(new_agent))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                DevicePoll::Approved(Box::new(agent_from_row(&rec)?))
+            }
+            other => return Err(StoreError::Corrupt(format!("device grant status {other:?}"))),
+        };
+        tx.commit().await?;
+        Ok(outcome)
     }
 
     async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>> {

@@ -31,9 +31,15 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `tether server` on `data_dir` and waits until it listens.
     pub fn start(data_dir: &Path, port: u16) -> Self {
+        Self::start_with(data_dir, port, &[])
+    }
+
+    /// Like `start`, with extra server arguments.
+    pub fn start_with(data_dir: &Path, port: u16, extra: &[&std::ffi::OsStr]) -> Self {
         let mut child = Command::new(tether_bin())
             .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .env("TETHER_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("TETHER_LOG", "warn")
             .stdout(Stdio::piped())
@@ -144,10 +150,10 @@ impl AgentProcess {
         let path = self.dir.join("state/agent_id");
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                if let Ok(id) = text.trim().parse() {
-                    return id;
-                }
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(id) = text.trim().parse()
+            {
+                return id;
             }
             std::thread::sleep(Duration::from_millis(50));
         }

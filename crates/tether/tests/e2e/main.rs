@@ -3,3 +3,4 @@
 mod agent;
 mod common;
 mod durability;
+mod python;
