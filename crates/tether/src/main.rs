@@ -21,7 +21,7 @@ enum Command {
     /// Run the tether server (HTTP API, agent stream, background jobs).
     Server(server_cmd::ServerArgs),
     /// Run the agent daemon, or talk to the one running on this machine.
-    Agent(tether_agent::cli::AgentArgs),
+    Agent(Box<tether_agent::cli::AgentArgs>),
     /// Quick start: a server on embedded SQLite plus one local agent enrolled into it.
     Up(up_cmd::UpArgs),
     #[command(flatten)]
@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     tether_agent::cli::init_tracing();
     let code = match cli.command {
         // The agent runs on machines we do not own: keep it on one thread.
-        Command::Agent(args) => tether_agent::cli::main(args)?,
+        Command::Agent(args) => tether_agent::cli::main(*args)?,
         Command::Server(args) => multi_thread()?.block_on(server_cmd::run(args)).map(|()| 0)?,
         Command::Up(args) => multi_thread()?.block_on(up_cmd::run(args))?,
         Command::Operator(command) => multi_thread()?.block_on(cli::run(command)).map(|()| 0)?,

@@ -1,0 +1,511 @@
+//! Black-box tests of the operator CLI: a real `tether server` process on a
+//! free port, the real `tether` binary with its config dir in a temp dir, and
+//! agents played in-test through `tether-client`.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::Value;
+use tether_client::{Client, CommandQuery, Poll};
+use tether_proto::agent::{CreateEnrollToken, EnrollRequest};
+use tether_proto::command::{CommandStatus, ResultReport};
+use tether_proto::signal::{COMMAND_QUEUED, CommandQueued};
+use tether_proto::{AgentId, BatchId, CommandId, Labels};
+
+const ADMIN_PASSWORD: &str = "cli-test-admin-password";
+
+/// A `tether server` on a free port with its own temp data dir.
+struct Server {
+    child: Child,
+    base: String,
+    admin_token: String,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Self {
+        let data = tempfile::tempdir().expect("data dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(data.path())
+            .env("TETHER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("TETHER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tether server");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut admin_token = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for line in lines.by_ref() {
+            let line = line.expect("read server stdout");
+            if let Some(token) = line.strip_prefix("admin API token (shown once): ") {
+                admin_token = Some(token.to_owned());
+            }
+            if line.starts_with("tether server listening on ") || Instant::now() > deadline {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let admin_token = admin_token.expect("first start prints the admin API token");
+        Self { child, base: format!("http://127.0.0.1:{port}"), admin_token, _data: data }
+    }
+
+    fn admin(&self) -> Client {
+        Client::new(&self.base).expect("client").with_bearer(self.admin_token.clone())
+    }
+
+    /// Enrolls an agent with these labels; returns a client authenticated as it.
+    async fn agent(&self, labels: &[(&str, &str)]) -> (Client, AgentId) {
+        let labels: Labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let token = self
+            .admin()
+            .create_enroll_token(&CreateEnrollToken { labels, uses: 1, expires_in_s: 600 })
+            .await
+            .expect("enroll token")
+            .token;
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let req = EnrollRequest {
+            enroll_token: token,
+            public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes()),
+            hostname: "cli-test-host".into(),
+            labels: Labels::new(),
+            facts: serde_json::json!({"os": "linux"}),
+        };
+        let pair = Client::new(&self.base).expect("client").enroll(&req).await.expect("enroll");
+        (Client::new(&self.base).expect("client").with_bearer(pair.access_token), pair.agent_id)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `tether` binary with a private config dir and none of the caller's
+/// TETHER_* settings.
+fn tether(home: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    for var in ["TETHER_SERVER", "TETHER_TOKEN", "TETHER_USER", "TETHER_PASSWORD"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("RUST_BACKTRACE", "0")
+        .env("TETHER_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+
+    #[track_caller]
+    fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, Some(0), "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+async fn output(mut cmd: tokio::process::Command) -> Out {
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the CLI finishes within 60 s")
+        .expect("run tether");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The CLI authenticated with `token` against `server`.
+async fn cli(server: &Server, home: &Path, token: &str, args: &[&str]) -> Out {
+    let mut cmd = tether(home);
+    cmd.env("TETHER_SERVER", &server.base).env("TETHER_TOKEN", token).args(args);
+    output(cmd).await
+}
+
+/// Plays one agent: waits for its next queued command, reports it running,
+/// then reports `result`. Returns the command's id.
+async fn answer_next_command(agent: &Client, result: ResultReport) -> CommandId {
+    let play = async {
+        let mut cursor: Option<String> = None;
+        loop {
+            match agent.updates(cursor.as_deref(), 100, 5).await.expect("poll") {
+                Poll::Idle { cursor: next } => cursor = Some(next),
+                Poll::Signals(updates) => {
+                    cursor = Some(updates.cursor.clone());
+                    let queued = updates.signals.into_iter().find(|s| s.kind == COMMAND_QUEUED);
+                    if let Some(signal) = queued {
+                        let cmd: CommandQueued = serde_json::from_value(signal.reference).expect("command.queued ref");
+                        agent.report_running(cmd.command_id).await.expect("report running");
+                        agent.report_result(cmd.command_id, &result).await.expect("report result");
+                        return cmd.command_id;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), play).await.expect("a command arrives within 30 s")
+}
+
+fn result(status: CommandStatus, exit_code: i32, stdout: &str, stderr: &str) -> ResultReport {
+    ResultReport {
+        exit_code: Some(exit_code),
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        ..ResultReport::new(status)
+    }
+}
+
+async fn batch_agents(server: &Server, batch: BatchId) -> Vec<AgentId> {
+    let query = CommandQuery { batch_id: Some(batch), ..CommandQuery::default() };
+    let mut agents: Vec<_> =
+        server.admin().list_commands(&query).await.expect("list").data.into_iter().map(|c| c.agent_id).collect();
+    agents.sort();
+    agents
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_saves_private_credentials_that_later_commands_use() {
+    let server = Server::start();
+    let (_agent, agent_id) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+
+    let mut login = tether(home.path());
+    login.args(["login", "--server", &server.base, "--user", "admin"]).env("TETHER_PASSWORD", ADMIN_PASSWORD);
+    let out = output(login).await;
+    out.assert_ok();
+
+    let path = home.path().join("config/tether/credentials.json");
+    let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().expect("dir")), 0o700);
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    assert_eq!(saved["server"], server.base.as_str());
+    let token = saved["token"].as_str().expect("token saved");
+    assert!(token.starts_with("tth_"), "an API token was saved");
+    assert!(!out.stdout.contains(token) && !out.stderr.contains(token), "the token is never printed");
+
+    // No --server, no token: everything comes from the saved login.
+    let mut list = tether(home.path());
+    list.args(["agents", "list", "-o", "json"]);
+    let out = output(list).await;
+    out.assert_ok();
+    let agents = out.json();
+    let ids: Vec<&str> = agents.as_array().expect("array").iter().filter_map(|a| a["id"].as_str()).collect();
+    assert_eq!(ids, vec![agent_id.to_string()]);
+
+    // The saved token is a personal API token named after this host.
+    let tokens = server.admin().list_api_tokens().await.expect("tokens");
+    assert!(tokens.iter().any(|t| t.name.starts_with("cli@")), "{tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_with_a_wrong_password_fails_and_saves_nothing() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let mut login = tether(home.path());
+    login.args(["login", "--server", &server.base, "--user", "admin"]).env("TETHER_PASSWORD", "wrong");
+    let out = output(login).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("login failed") && out.stderr.contains("UNAUTHENTICATED"), "{}", out.stderr);
+    assert!(!home.path().join("config/tether/credentials.json").exists());
+
+    // --token is checked before it is saved.
+    let mut login = tether(home.path());
+    login.args(["login", "--server", &server.base, "--token", "tth_bogus"]);
+    let out = output(login).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(!home.path().join("config/tether/credentials.json").exists());
+
+    let mut login = tether(home.path());
+    login.args(["login", "--server", &server.base, "--token", &server.admin_token]);
+    output(login).await.assert_ok();
+    assert!(home.path().join("config/tether/credentials.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enroll_tokens_are_created_listed_and_revoked() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let token = server.admin_token.clone();
+
+    let out =
+        cli(&server, home.path(), &token, &["enroll-tokens", "create", "--label", "role=web", "--uses", "3"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("tether agent --server {} --enroll-token ", server.base)), "{}", out.stdout);
+
+    let out = cli(&server, home.path(), &token, &["enroll-tokens", "create", "--label", "role=db", "-o", "json"]).await;
+    out.assert_ok();
+    let created = out.json();
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert!(created["token"].as_str().is_some_and(|t| !t.is_empty()));
+
+    let out = cli(&server, home.path(), &token, &["enroll-tokens", "list", "-o", "json"]).await;
+    out.assert_ok();
+    let listed = out.json();
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 2);
+    let mine = listed.iter().find(|t| t["id"] == id.as_str()).expect("created token listed");
+    assert_eq!(mine["labels"], serde_json::json!({"role": "db"}));
+    assert!(mine["revoked_at"].is_null());
+    assert!(listed.iter().all(|t| t.get("token").is_none()), "secrets are never listed");
+
+    cli(&server, home.path(), &token, &["enroll-tokens", "revoke", &id]).await.assert_ok();
+    let out = cli(&server, home.path(), &token, &["enroll-tokens", "list", "-o", "json"]).await;
+    let listed = out.json();
+    let mine = listed.as_array().expect("array").iter().find(|t| t["id"] == id.as_str()).cloned().expect("listed");
+    assert!(!mine["revoked_at"].is_null(), "{mine}");
+
+    let out = cli(&server, home.path(), &token, &["enroll-tokens", "list"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("revoked") && out.stdout.contains("role=web"), "{}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_tokens_are_created_used_and_revoked() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let admin = server.admin_token.clone();
+
+    let out = cli(&server, home.path(), &admin, &["tokens", "create", "ci-deploy", "-o", "json"]).await;
+    out.assert_ok();
+    let created = out.json();
+    let (id, secret) = (created["id"].as_str().expect("id"), created["token"].as_str().expect("secret"));
+
+    cli(&server, home.path(), secret, &["agents", "list"]).await.assert_ok();
+    let out = cli(&server, home.path(), &admin, &["tokens", "list"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("ci-deploy"), "{}", out.stdout);
+
+    cli(&server, home.path(), &admin, &["tokens", "revoke", id]).await.assert_ok();
+    let out = cli(&server, home.path(), secret, &["agents", "list"]).await;
+    assert_eq!(out.code, Some(1), "a revoked token no longer works");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_no_wait_targets_only_the_labelled_agents() {
+    let server = Server::start();
+    let (_w1, web1) = server.agent(&[("role", "web"), ("dc", "a")]).await;
+    let (_w2, web2) = server.agent(&[("role", "web"), ("dc", "b")]).await;
+    let (_d, _db) = server.agent(&[("role", "db")]).await;
+    let home = tempfile::tempdir().expect("home");
+    let token = server.admin_token.clone();
+
+    let args = ["run", "--label", "role=web", "--no-wait", "-o", "json", "--", "ping"];
+    let out = cli(&server, home.path(), &token, &args).await;
+    out.assert_ok();
+    let batch: BatchId = out.json()["batch_id"].as_str().expect("batch id").parse().expect("uuid");
+    let mut expected = vec![web1, web2];
+    expected.sort();
+    assert_eq!(batch_agents(&server, batch).await, expected);
+
+    // Several labels must all match.
+    let args = ["run", "--label", "role=web", "--label", "dc=b", "--no-wait", "--", "ping", "count=2", "note=hi"];
+    let out = cli(&server, home.path(), &token, &args).await;
+    out.assert_ok();
+    let batch: BatchId = out
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|w| w.trim_end_matches(':').parse().ok())
+        .unwrap_or_else(|| panic!("batch id in {:?}", out.stdout));
+    assert_eq!(batch_agents(&server, batch).await, vec![web2]);
+    let query = CommandQuery { batch_id: Some(batch), ..CommandQuery::default() };
+    let cmd = server.admin().list_commands(&query).await.expect("list").data.remove(0);
+    assert_eq!(cmd.args, serde_json::json!({"count": 2, "note": "hi"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_waits_for_every_result_and_exits_zero_when_all_succeed() {
+    let server = Server::start();
+    let (a, a_id) = server.agent(&[("role", "web")]).await;
+    let (b, b_id) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+
+    let mut cmd = tether(home.path());
+    cmd.env("TETHER_SERVER", &server.base)
+        .env("TETHER_TOKEN", &server.admin_token)
+        .args(["run", "--label", "role=web", "--", "ping"]);
+    let (out, _, _) = tokio::join!(
+        output(cmd),
+        answer_next_command(&a, result(CommandStatus::Succeeded, 0, "pong from a\n", "")),
+        answer_next_command(&b, result(CommandStatus::Succeeded, 0, "pong from b\nsecond line\n", "")),
+    );
+    out.assert_ok();
+    for (id, text) in [(a_id, "pong from a"), (b_id, "pong from b")] {
+        let row = out.stdout.lines().find(|l| l.contains(&id.to_string())).unwrap_or_else(|| panic!("{}", out.stdout));
+        assert!(row.contains("succeeded") && row.contains(text), "{row}");
+    }
+    assert!(!out.stdout.contains("second line"), "only the first line is shown");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_exits_one_when_a_command_fails_and_json_lists_every_command() {
+    let server = Server::start();
+    let (a, a_id) = server.agent(&[("role", "web")]).await;
+    let (b, b_id) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+
+    let mut cmd = tether(home.path());
+    cmd.env("TETHER_SERVER", &server.base).env("TETHER_TOKEN", &server.admin_token).args([
+        "run",
+        "--agent",
+        &a_id.to_string(),
+        "--agent",
+        &b_id.to_string(),
+        "-o",
+        "json",
+        "--",
+        "ping",
+    ]);
+    let (out, _, _) = tokio::join!(
+        output(cmd),
+        answer_next_command(&a, result(CommandStatus::Succeeded, 0, "pong\n", "")),
+        answer_next_command(&b, result(CommandStatus::Failed, 3, "", "boom\n")),
+    );
+    assert_eq!(out.code, Some(1), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("1 of 2 command(s) did not succeed"), "{}", out.stderr);
+    let commands = out.json();
+    let commands = commands.as_array().expect("array");
+    assert_eq!(commands.len(), 2);
+    let failed = commands.iter().find(|c| c["agent_id"] == b_id.to_string().as_str()).expect("b's command");
+    assert_eq!((failed["status"].as_str(), failed["exit_code"].as_i64()), (Some("failed"), Some(3)));
+    assert_eq!(failed["stderr"], "boom\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_table_shows_the_failure_and_exits_one() {
+    let server = Server::start();
+    let (a, a_id) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+
+    let mut cmd = tether(home.path());
+    cmd.env("TETHER_SERVER", &server.base)
+        .env("TETHER_TOKEN", &server.admin_token)
+        .args(["run", "--all", "--", "ping"]);
+    let (out, _) =
+        tokio::join!(output(cmd), answer_next_command(&a, result(CommandStatus::Failed, 3, "", "disk full\n")));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let row = out.stdout.lines().find(|l| l.contains(&a_id.to_string())).unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(row.contains("failed") && row.contains('3') && row.contains("disk full"), "{row}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_gives_up_after_the_wait_timeout_and_exits_one() {
+    let server = Server::start();
+    let (_silent, _) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+    let started = Instant::now();
+    let out =
+        cli(&server, home.path(), &server.admin_token, &["run", "--all", "--wait-timeout", "1", "--", "ping"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("gave up waiting after 1s"), "{}", out.stderr);
+    assert!(out.stdout.contains("queued"), "the table shows where things stand: {}", out.stdout);
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_on_a_label_no_agent_has_says_so_and_exits_one() {
+    let server = Server::start();
+    let (_a, _) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+    let out = cli(&server, home.path(), &server.admin_token, &["run", "--label", "role=nope", "--", "ping"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("matched no agents"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_and_batches_can_be_inspected_and_cancelled() {
+    let server = Server::start();
+    let (_a, a_id) = server.agent(&[("role", "web")]).await;
+    let (_b, _) = server.agent(&[("role", "web")]).await;
+    let home = tempfile::tempdir().expect("home");
+    let token = server.admin_token.clone();
+
+    let out = cli(&server, home.path(), &token, &["run", "--all", "--no-wait", "-o", "json", "--", "ping"]).await;
+    out.assert_ok();
+    let created = out.json();
+    let batch = created["batch_id"].as_str().expect("batch").to_owned();
+
+    let out =
+        cli(&server, home.path(), &token, &["commands", "list", "--batch", &batch, "--agent", &a_id.to_string()]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains(&a_id.to_string()) && out.stdout.contains("1 command(s)"), "{}", out.stdout);
+
+    let out =
+        cli(&server, home.path(), &token, &["commands", "list", "--status", "queued,delivered", "-o", "json"]).await;
+    out.assert_ok();
+    let first = out.json()[0]["id"].as_str().expect("a command").to_owned();
+
+    let out = cli(&server, home.path(), &token, &["commands", "show", &first]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains(&batch) && out.stdout.contains("--- stdout ---"), "{}", out.stdout);
+
+    cli(&server, home.path(), &token, &["commands", "cancel", &first]).await.assert_ok();
+    let out = cli(&server, home.path(), &token, &["commands", "cancel", &first]).await;
+    assert_eq!(out.code, Some(1), "a terminal command cannot be cancelled again");
+    assert!(out.stderr.contains("CONFLICT"), "{}", out.stderr);
+
+    let out = cli(&server, home.path(), &token, &["batches", "cancel", &batch, "-o", "json"]).await;
+    out.assert_ok();
+    let done = out.json();
+    assert_eq!(done["status"], "done");
+    assert_eq!(done["counts"]["cancelled"], 2);
+    let out = cli(&server, home.path(), &token, &["batches", "show", &batch]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("cancelled=2"), "{}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_token_gives_a_clear_error() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let out = cli(&server, home.path(), "tth_not_a_real_token", &["agents", "list"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(out.stderr.contains("UNAUTHENTICATED") && out.stderr.contains("tether login"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn no_credentials_at_all_says_to_log_in() {
+    let home = tempfile::tempdir().expect("home");
+    let mut cmd = tether(home.path());
+    cmd.args(["agents", "list"]);
+    let out = output(cmd).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("run `tether login` or set TETHER_TOKEN"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn run_without_a_target_is_a_usage_error() {
+    let home = tempfile::tempdir().expect("home");
+    let mut cmd = tether(home.path());
+    cmd.env("TETHER_TOKEN", "tth_x").args(["run", "--", "ping"]);
+    let out = output(cmd).await;
+    assert_eq!(out.code, Some(2), "clap's usage-error exit code");
+    assert!(out.stderr.contains("--agent") && out.stderr.contains("--all"), "{}", out.stderr);
+
+    let mut cmd = tether(home.path());
+    cmd.env("TETHER_TOKEN", "tth_x").args(["run", "--all", "--label", "a=b", "--", "ping"]);
+    assert_eq!(output(cmd).await.code, Some(2), "two kinds of target");
+}
