@@ -27,6 +27,9 @@ pub struct LimitConfig {
     pub user_burst: u32,
     pub ip_per_s: u32,
     pub ip_burst: u32,
+    /// Refreshes per refresh-token family (one family per agent identity).
+    pub refresh_per_s: u32,
+    pub refresh_burst: u32,
     pub login_failures_per_user_ip: usize,
     pub login_failures_per_ip: usize,
     pub login_window_s: u64,
@@ -43,6 +46,10 @@ impl Default for LimitConfig {
             user_burst: 100,
             ip_per_s: 50,
             ip_burst: 500,
+            // An agent refreshes every ~15 min; a few quick retries after
+            // lost responses are normal, a loop is not.
+            refresh_per_s: 1,
+            refresh_burst: 5,
             login_failures_per_user_ip: 5,
             login_failures_per_ip: 20,
             login_window_s: 60,
@@ -87,6 +94,7 @@ pub struct Limits {
     poll: DefaultKeyedRateLimiter<AgentId>,
     user: DefaultKeyedRateLimiter<String>,
     ip: DefaultKeyedRateLimiter<IpAddr>,
+    refresh: DefaultKeyedRateLimiter<String>,
     login: FailureWindow,
 }
 
@@ -116,6 +124,7 @@ impl Limits {
             poll: DefaultKeyedRateLimiter::keyed(quota(config.poll_per_s, config.poll_burst)),
             user: DefaultKeyedRateLimiter::keyed(quota(config.user_per_s, config.user_burst)),
             ip: DefaultKeyedRateLimiter::keyed(quota(config.ip_per_s, config.ip_burst)),
+            refresh: DefaultKeyedRateLimiter::keyed(quota(config.refresh_per_s, config.refresh_burst)),
             login: FailureWindow::default(),
             config,
         }
@@ -135,6 +144,10 @@ impl Limits {
 
     pub fn ip(&self, ip: IpAddr) -> Result<(), ApiError> {
         check(&self.ip, &ip, self.config.ip_per_s, self.config.ip_burst)
+    }
+
+    pub fn refresh_family(&self, family_id: &str) -> Result<(), ApiError> {
+        check(&self.refresh, &family_id.to_owned(), self.config.refresh_per_s, self.config.refresh_burst)
     }
 
     /// Refuses a password check while this IP (or this IP and username) has
@@ -167,6 +180,7 @@ impl Limits {
         self.poll.retain_recent();
         self.user.retain_recent();
         self.ip.retain_recent();
+        self.refresh.retain_recent();
         self.login.prune(self.config.login_window_s as Millis * 1000, now);
     }
 }

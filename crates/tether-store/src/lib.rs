@@ -370,6 +370,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<()>;
     /// Batched `last_seen` updates.
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
+    /// The family a refresh token belongs to, for the per-family rate limit.
+    async fn refresh_family(&self, presented_hash: [u8; 32]) -> Result<Option<String>>;
     /// Rotates a refresh token; `expected_agent` (the seed-003 `device_public_id`)
     /// must own it when given.
     async fn rotate_refresh_token(

@@ -116,6 +116,12 @@ async fn rotate(
     presented: &str,
     expected_agent: Option<AgentId>,
 ) -> Result<TokenPair, RefreshFailure> {
+    // Per-family bucket (SPEC §11): one agent stuck in a refresh loop must
+    // not use up the per-IP budget of the rest of its NAT'ed fleet.
+    let family = state.store.refresh_family(hash_token(presented)).await.map_err(|e| RefreshFailure::Api(e.into()))?;
+    if let Some(family) = family {
+        state.limits.refresh_family(&family).map_err(RefreshFailure::Api)?;
+    }
     let refresh_token = new_token(REFRESH_TOKEN_PREFIX);
     let now = state.clock.now_ms();
     let outcome = state
@@ -261,6 +267,15 @@ pub async fn oauth_token(
             oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "refresh token is invalid")
         }
         Err(RefreshFailure::Revoked) => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "agent has been revoked"),
+        Err(RefreshFailure::Api(e)) if e.key == ErrorKey::RateLimited => {
+            // RFC 6749 has no rate-limit error; keep its format and add the
+            // usual 429 + Retry-After.
+            let mut res = oauth_error(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", &e.what);
+            if let Some(retry) = e.params.get("retry_after").and_then(serde_json::Value::as_u64) {
+                res.headers_mut().insert(axum::http::header::RETRY_AFTER, retry.into());
+            }
+            res
+        }
         Err(RefreshFailure::Api(_)) => oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "try again"),
     }
 }

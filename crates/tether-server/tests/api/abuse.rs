@@ -93,3 +93,48 @@ async fn immediate_polls_are_limited_but_waiting_polls_are_free() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_refresh_family_in_a_loop_is_limited_without_touching_the_others() {
+    let app = spawn_app().await;
+    let (_, mut pair) = app.agent(&[]).await;
+    let (_, other) = app.agent(&[]).await;
+    let anon = app.anon();
+    // Default: 1/s with a burst of 5 per family.
+    for i in 0..5 {
+        pair = anon.refresh(&pair.refresh_token, pair.agent_id).await.unwrap_or_else(|e| panic!("refresh {i}: {e}"));
+    }
+    let err = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect_err("sixth refresh in a burst");
+    assert_eq!(err.status(), Some(429));
+    assert_eq!(err.key(), Some(ErrorKey::RateLimited));
+    assert!(err.retry_after().is_some_and(|r| r >= 1), "{:?}", err.retry_after());
+    // The limited token was not consumed: after the wait it still rotates.
+    anon.refresh(&other.refresh_token, other.agent_id).await.expect("another family is unaffected");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("same token works once the bucket refills");
+
+    // The OAuth form answers in RFC 6749 style, with the same 429 and Retry-After.
+    let (_, third) = app.agent(&[]).await;
+    let mut token = third.refresh_token;
+    let mut last = None;
+    for _ in 0..6 {
+        let res = app
+            .http()
+            .post(app.url("/oauth/token"))
+            .form(&[("grant_type", "refresh_token"), ("refresh_token", token.as_str())])
+            .send()
+            .await
+            .expect("send");
+        let status = res.status().as_u16();
+        let retry_after = res.headers().get("retry-after").cloned();
+        let body: serde_json::Value = res.json().await.expect("json");
+        if status == 200 {
+            token = body["refresh_token"].as_str().expect("refresh_token").to_owned();
+        }
+        last = Some((status, body, retry_after));
+    }
+    let (status, body, retry_after) = last.expect("six answers");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "temporarily_unavailable");
+    assert!(retry_after.is_some());
+}

@@ -576,6 +576,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn refresh_family(&self, presented_hash: [u8; 32]) -> Result<Option<String>> {
+        self.count();
+        Ok(sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = ?")
+            .bind(&presented_hash[..])
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
     async fn rotate_refresh_token(
         &self,
         expected_agent: Option<AgentId>,
