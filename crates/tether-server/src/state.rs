@@ -140,6 +140,13 @@ pub struct AuditEvent<'a> {
     pub details: serde_json::Value,
 }
 
+impl<'a> AuditEvent<'a> {
+    /// A successful action by an operator (the common case).
+    pub fn by_user(actor: &'a str, action: &'a str, target: String, details: serde_json::Value) -> Self {
+        Self { actor, actor_kind: "user", action, target, outcome: "ok", details }
+    }
+}
+
 impl AppState {
     /// Appends to the audit log. A failure is logged, not returned: the
     /// action it describes has already been committed.

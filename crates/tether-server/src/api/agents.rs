@@ -110,19 +110,7 @@ pub async fn revoke(
     let rec = state.store.revoke_agent(id, &reason, state.clock.now_ms()).await?;
     state.streams.revoke(&rec);
     tracing::info!(agent_id = %id, "Agent revoked");
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "agent.revoke",
-                target: id.to_string(),
-                outcome: "ok",
-                details: json!({"reason": reason}),
-            },
-        )
-        .await;
+    state.audit(&ctx, AuditEvent::by_user(op.name(), "agent.revoke", id.to_string(), json!({"reason": reason}))).await;
     Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
 
@@ -160,14 +148,12 @@ pub async fn create_enroll_token(
     state
         .audit(
             &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "enroll_token.create",
-                target: id.clone(),
-                outcome: "ok",
-                details: json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
-            },
+            AuditEvent::by_user(
+                op.name(),
+                "enroll_token.create",
+                id.clone(),
+                json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
+            ),
         )
         .await;
     let body = Data { data: CreatedEnrollToken { id, token } };
@@ -205,18 +191,6 @@ pub async fn revoke_enroll_token(
         tether_store::StoreError::NotFound => ApiError::not_found("enrollment token"),
         other => other.into(),
     })?;
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "enroll_token.revoke",
-                target: id,
-                outcome: "ok",
-                details: json!({}),
-            },
-        )
-        .await;
+    state.audit(&ctx, AuditEvent::by_user(op.name(), "enroll_token.revoke", id, json!({}))).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

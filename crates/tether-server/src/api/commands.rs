@@ -44,14 +44,12 @@ pub async fn create(
         state
             .audit(
                 &ctx,
-                AuditEvent {
-                    actor: op.name(),
-                    actor_kind: "user",
-                    action: "command.create",
-                    target: created.batch_id.to_string(),
-                    outcome: "ok",
-                    details: json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
-                },
+                AuditEvent::by_user(
+                    op.name(),
+                    "command.create",
+                    created.batch_id.to_string(),
+                    json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
+                ),
             )
             .await;
     }
@@ -143,19 +141,7 @@ pub async fn cancel(
 ) -> ApiResult<Response> {
     let out = state.store.cancel_command(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "command"))?;
     state.notifier.publish(&out.heads);
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "command.cancel",
-                target: id.to_string(),
-                outcome: "ok",
-                details: json!({}),
-            },
-        )
-        .await;
+    state.audit(&ctx, AuditEvent::by_user(op.name(), "command.cancel", id.to_string(), json!({}))).await;
     let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
 }
@@ -182,14 +168,7 @@ pub async fn cancel_batch(
     state
         .audit(
             &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "batch.cancel",
-                target: id.to_string(),
-                outcome: "ok",
-                details: json!({"cancelled": out.cancelled.len()}),
-            },
+            AuditEvent::by_user(op.name(), "batch.cancel", id.to_string(), json!({"cancelled": out.cancelled.len()})),
         )
         .await;
     let batch = state.store.get_batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;

@@ -203,14 +203,12 @@ async fn decide(
     state
         .audit(
             ctx,
-            AuditEvent {
-                actor: who,
-                actor_kind: "user",
-                action: if approve { "device.approve" } else { "device.deny" },
-                target: display(&code),
-                outcome: "ok",
-                details: json!({"labels": decision.labels}),
-            },
+            AuditEvent::by_user(
+                who,
+                if approve { "device.approve" } else { "device.deny" },
+                display(&code),
+                json!({"labels": decision.labels}),
+            ),
         )
         .await;
     Ok(())

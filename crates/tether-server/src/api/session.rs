@@ -45,17 +45,7 @@ pub async fn login(
     let now = state.clock.now_ms();
     state.store.create_session(hash_token(&token), &user.id, &csrf, now + SESSION_TTL_MS, now).await?;
     state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: &user.username,
-                actor_kind: "user",
-                action: "login.ok",
-                target: user.id.clone(),
-                outcome: "ok",
-                details: json!({"method": "password"}),
-            },
-        )
+        .audit(&ctx, AuditEvent::by_user(&user.username, "login.ok", user.id.clone(), json!({"method": "password"})))
         .await;
     let secure = if state.config.secure_cookies { "; Secure" } else { "" };
     let cookie = format!(

@@ -38,14 +38,12 @@ pub async fn create(
     state
         .audit(
             &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "api_token.create",
-                target: id.clone(),
-                outcome: "ok",
-                details: json!({"name": req.name, "expires_in_s": req.expires_in_s}),
-            },
+            AuditEvent::by_user(
+                op.name(),
+                "api_token.create",
+                id.clone(),
+                json!({"name": req.name, "expires_in_s": req.expires_in_s}),
+            ),
         )
         .await;
     let body = CreatedApiToken { id, name: req.name, token, expires_at: expires_at.map(rfc3339) };
@@ -81,18 +79,6 @@ pub async fn revoke(
         StoreError::NotFound => ApiError::not_found("token"),
         other => other.into(),
     })?;
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "api_token.revoke",
-                target: id,
-                outcome: "ok",
-                details: json!({}),
-            },
-        )
-        .await;
+    state.audit(&ctx, AuditEvent::by_user(op.name(), "api_token.revoke", id, json!({}))).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -62,14 +62,12 @@ pub async fn create(
     state
         .audit(
             &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "user.create",
-                target: user.id.clone(),
-                outcome: "ok",
-                details: json!({"username": user.username, "role": role.as_str()}),
-            },
+            AuditEvent::by_user(
+                op.name(),
+                "user.create",
+                user.id.clone(),
+                json!({"username": user.username, "role": role.as_str()}),
+            ),
         )
         .await;
     let record = UserRecord { id: user.id, username: user.username, role, created_at: now, disabled_at: None };
@@ -98,14 +96,12 @@ pub async fn update(
     state
         .audit(
             &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "user.update",
-                target: id,
-                outcome: "ok",
-                details: json!({"role": role.map(Role::as_str), "password_changed": password_hash.is_some()}),
-            },
+            AuditEvent::by_user(
+                op.name(),
+                "user.update",
+                id,
+                json!({"role": role.map(Role::as_str), "password_changed": password_hash.is_some()}),
+            ),
         )
         .await;
     Ok(axum::Json(Data { data: view(user) }).into_response())
@@ -124,18 +120,6 @@ pub async fn delete(
         StoreError::NotFound => ApiError::not_found("user"),
         other => other.into(),
     })?;
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: op.name(),
-                actor_kind: "user",
-                action: "user.delete",
-                target: id,
-                outcome: "ok",
-                details: json!({}),
-            },
-        )
-        .await;
+    state.audit(&ctx, AuditEvent::by_user(op.name(), "user.delete", id, json!({}))).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
