@@ -2,5 +2,6 @@
 
 mod agent;
 mod common;
+mod device;
 mod durability;
 mod python;
