@@ -50,6 +50,13 @@ pub struct RunArgs {
     /// Enrollment token for the first start (env TETHER_ENROLL_TOKEN).
     #[arg(long)]
     pub enroll_token: Option<String>,
+    /// Enroll with the RFC 8628 device flow when not enrolled and no enrollment token is
+    /// given (env TETHER_DEVICE_FLOW, agent.toml device_flow): the agent prints a code and
+    /// a URL, an operator approves it (`tether device approve CODE --label k=v` or the
+    /// /device page), and the agent enrolls and keeps its identity for later starts.
+    /// It exits non-zero when the code is denied or expires.
+    #[arg(long)]
+    pub device_flow: bool,
     /// Name to enroll under (env TETHER_AGENT_NAME, seed alias AGENT_ID; default the hostname).
     #[arg(long)]
     pub name: Option<String>,
@@ -102,6 +109,8 @@ impl RunArgs {
         let flags = Overrides {
             server: self.server.clone(),
             enroll_token: self.enroll_token.clone(),
+            // Absent flag = no opinion, so the environment and agent.toml still count.
+            device_flow: self.device_flow.then_some(true),
             name: self.name.clone(),
             labels: self.labels.iter().cloned().collect(),
             poll_wait_s: self.poll_wait,

@@ -18,6 +18,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 pub struct FileConfig {
     pub server: Option<String>,
     pub enroll_token: Option<String>,
+    pub device_flow: Option<bool>,
     pub name: Option<String>,
     #[serde(default)]
     pub labels: Labels,
@@ -61,6 +62,7 @@ pub enum ParamType {
 pub struct Overrides {
     pub server: Option<String>,
     pub enroll_token: Option<String>,
+    pub device_flow: Option<bool>,
     pub name: Option<String>,
     pub labels: Labels,
     pub poll_wait_s: Option<u32>,
@@ -76,6 +78,9 @@ pub struct AgentConfig {
     pub dir: PathBuf,
     pub server: String,
     pub enroll_token: Option<String>,
+    /// Enroll through the RFC 8628 device flow when not enrolled and no
+    /// enrollment token is given: an operator approves the printed code.
+    pub device_flow: bool,
     /// Name reported at enrollment (default: the hostname).
     pub name: Option<String>,
     pub labels: Labels,
@@ -98,6 +103,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("dir", &self.dir)
             .field("server", &self.server)
             .field("enroll_token", &self.enroll_token.as_ref().map(|_| "<redacted>"))
+            .field("device_flow", &self.device_flow)
             .field("labels", &self.labels)
             .field("poll_wait_s", &self.poll_wait_s)
             .field("allow_shell", &self.allow_shell)
@@ -136,6 +142,16 @@ fn parse_env<T: std::str::FromStr>(name: &str, value: Option<String>) -> Result<
         .transpose()
 }
 
+/// A boolean from the environment: `1/true/yes/on` or `0/false/no/off`.
+fn parse_bool(name: &str, value: Option<String>) -> Result<Option<bool>, ConfigError> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else { return Ok(None) };
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(Some(true)),
+        "0" | "false" | "no" | "off" => Ok(Some(false)),
+        _ => Err(ConfigError::Invalid { name: name.into(), message: format!("expected true or false, got {v:?}") }),
+    }
+}
+
 impl AgentConfig {
     /// Layers defaults < `file` < environment (`env` looks a variable up) < `flags`.
     pub fn resolve(
@@ -161,6 +177,11 @@ impl AgentConfig {
                 .or(file.server)
                 .unwrap_or_else(|| DEFAULT_SERVER.into()),
             enroll_token: flags.enroll_token.or(var("TETHER_ENROLL_TOKEN", None)).or(file.enroll_token),
+            device_flow: flags
+                .device_flow
+                .or(parse_bool("TETHER_DEVICE_FLOW", var("TETHER_DEVICE_FLOW", None))?)
+                .or(file.device_flow)
+                .unwrap_or(false),
             name: flags.name.or(var("TETHER_AGENT_NAME", Some("AGENT_ID"))).or(file.name),
             labels,
             poll_wait_s: flags
@@ -258,6 +279,39 @@ mod tests {
         let env = env_of(&[("TETHER_SERVER", "http://env:2"), ("POLLING_TIMEOUT_SECS", "20")]);
         let cfg = AgentConfig::resolve(dir, file, env, flags).expect("resolve");
         assert_eq!((cfg.server.as_str(), cfg.poll_wait_s), ("http://flag:3", 25));
+    }
+
+    #[test]
+    fn device_flow_layers_file_env_and_flag() {
+        let dir = Path::new("/d");
+        let off = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[]), Overrides::default()).expect("ok");
+        assert!(!off.device_flow);
+        let file: FileConfig = toml::from_str("device_flow = true").expect("toml");
+        let cfg = AgentConfig::resolve(dir, file.clone(), env_of(&[]), Overrides::default()).expect("ok");
+        assert!(cfg.device_flow);
+        let cfg =
+            AgentConfig::resolve(dir, file, env_of(&[("TETHER_DEVICE_FLOW", "0")]), Overrides::default()).expect("ok");
+        assert!(!cfg.device_flow, "the environment beats agent.toml");
+        let flags = Overrides { device_flow: Some(true), ..Overrides::default() };
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[("TETHER_DEVICE_FLOW", "no")]), flags)
+            .expect("ok");
+        assert!(cfg.device_flow, "the flag beats the environment");
+        let on = AgentConfig::resolve(
+            dir,
+            FileConfig::default(),
+            env_of(&[("TETHER_DEVICE_FLOW", "YES")]),
+            Overrides::default(),
+        )
+        .expect("ok");
+        assert!(on.device_flow);
+        let err = AgentConfig::resolve(
+            dir,
+            FileConfig::default(),
+            env_of(&[("TETHER_DEVICE_FLOW", "maybe")]),
+            Overrides::default(),
+        )
+        .expect_err("not a boolean");
+        assert!(err.to_string().contains("TETHER_DEVICE_FLOW"), "{err}");
     }
 
     #[test]

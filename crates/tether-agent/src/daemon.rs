@@ -511,7 +511,13 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         Err(e) => return Exit::Fatal(format!("state dir {}: {e}", cfg.dir.display())),
     };
     let session = loop {
-        match Session::establish(&cfg, &state).await {
+        // Enrollment can wait minutes for a person (device flow): a signal
+        // must still stop it.
+        let established = tokio::select! {
+            r = Session::establish(&cfg, &state) => r,
+            _ = shutdown.cancelled() => return Exit::Stopped,
+        };
+        match established {
             Ok(s) => break s,
             Err(Failure::Revoked(m)) => return Exit::Revoked(m),
             Err(Failure::Retry { why, .. }) if mode == Mode::Daemon => {

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod device_flow;
 pub mod executor;
 pub mod journal;
 pub mod session;

@@ -1,6 +1,7 @@
 //! The agent's identity and tokens: enrollment on first start, access
 //! tokens refreshed 60 s before expiry (and once on TOKEN_EXPIRED), refresh
-//! tokens rotated and persisted before use. Every API error is classified
+//! tokens rotated and persisted before use. Enrollment is with an
+//! enrollment token or, with `device_flow`, through [`crate::device_flow`]. Every API error is classified
 //! into what the loops should do about it.
 
 use std::time::Duration;
@@ -43,7 +44,8 @@ impl std::fmt::Display for Failure {
     }
 }
 
-fn classify(e: &ClientError) -> Failure {
+/// What a failed call means; shared with the device flow.
+pub(crate) fn classify(e: &ClientError) -> Failure {
     let retry_after = e.retry_after().map(Duration::from_secs);
     match (e.key(), e.status()) {
         (Some(ErrorKey::DeviceRevoked), _) => {
@@ -127,28 +129,37 @@ impl Session {
             let tokens = Tokens { access, refresh, expires_at_s };
             return Ok(Self { base, state: state.clone(), agent_id, tokens: Mutex::new(tokens) });
         }
-        let Some(enroll_token) = cfg.enroll_token.clone() else {
-            return Err(Failure::Fatal(
-                "this agent is not enrolled: pass --enroll-token (or TETHER_ENROLL_TOKEN) from `tether enroll-tokens create`"
-                    .into(),
-            ));
-        };
         let key = state.signing_key().map_err(io)?;
         let hostname =
             std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-        let req = EnrollRequest {
-            enroll_token,
-            public_key: public_key_text(&key),
-            hostname: cfg.name.clone().unwrap_or(if hostname.is_empty() { "unknown".into() } else { hostname }),
-            labels: cfg.labels.clone(),
-            facts: serde_json::json!({"os": std::env::consts::OS, "arch": std::env::consts::ARCH, "agent_version": env!("CARGO_PKG_VERSION")}),
-        };
-        let pair = base.enroll(&req).await.map_err(|e| match classify(&e) {
-            Failure::Refused { status: 401, .. } => {
-                Failure::Fatal("the enrollment token was rejected (invalid, expired or used up)".into())
+        let hostname = cfg.name.clone().unwrap_or(if hostname.is_empty() { "unknown".into() } else { hostname });
+        let pair = if let Some(enroll_token) = cfg.enroll_token.clone() {
+            let req = EnrollRequest {
+                enroll_token,
+                public_key: public_key_text(&key),
+                hostname,
+                labels: cfg.labels.clone(),
+                facts: serde_json::json!({"os": std::env::consts::OS, "arch": std::env::consts::ARCH, "agent_version": env!("CARGO_PKG_VERSION")}),
+            };
+            base.enroll(&req).await.map_err(|e| match classify(&e) {
+                Failure::Refused { status: 401, .. } => {
+                    Failure::Fatal("the enrollment token was rejected (invalid, expired or used up)".into())
+                }
+                other => other,
+            })?
+        } else if cfg.device_flow {
+            if !cfg.labels.is_empty() {
+                // The device authorization request carries no labels.
+                tracing::warn!("Labels are chosen by the operator who approves the device; --label is ignored");
             }
-            other => other,
-        })?;
+            crate::device_flow::enroll(&base, &public_key_text(&key), &hostname).await?
+        } else {
+            return Err(Failure::Fatal(
+                "this agent is not enrolled: pass --enroll-token (or TETHER_ENROLL_TOKEN) from `tether enroll-tokens create`, \
+                 or --device-flow to have an operator approve it"
+                    .into(),
+            ));
+        };
         tracing::info!(agent_id = %pair.agent_id, "Enrolled");
         state.write("agent_id", &pair.agent_id.to_string()).map_err(io)?;
         let session = Self {

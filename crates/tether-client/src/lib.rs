@@ -9,7 +9,8 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::agent::{
-    Agent, CreateEnrollToken, CreatedEnrollToken, EnrollRequest, EnrollToken, RefreshRequest, RevokeRequest, TokenPair,
+    Agent, CreateEnrollToken, CreatedEnrollToken, DEVICE_CLIENT_ID, DEVICE_GRANT_TYPE, DeviceAuthorization,
+    DeviceDecision, EnrollRequest, EnrollToken, OAuthError, RefreshRequest, RevokeRequest, TokenPair,
 };
 use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
 use tether_proto::signal::Updates;
@@ -84,6 +85,23 @@ impl std::fmt::Debug for Credentials {
             Self::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
         }
     }
+}
+
+/// The answer of one RFC 8628 token poll (`POST /oauth/token`, device_code grant).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceToken {
+    /// An operator approved: the agent's first token pair.
+    Issued(TokenPair),
+    /// `authorization_pending`: ask again after the interval.
+    Pending,
+    /// `slow_down`: ask again, 5 s more apart than before (RFC 8628 §3.5).
+    SlowDown,
+    /// `access_denied`: an operator denied this device.
+    Denied,
+    /// `expired_token`: the device code expired; start over.
+    Expired,
+    /// Any other OAuth error (`invalid_grant`, `invalid_client` …).
+    Refused(OAuthError),
 }
 
 /// The answer of a stream poll.
@@ -233,6 +251,42 @@ impl Client {
         self.post("api/v1/auth/token/refresh", &body).await
     }
 
+    /// `POST /oauth/device_authorization`: asks for a user code for this key.
+    pub async fn device_authorization(&self, public_key: &str, hostname: &str) -> Result<DeviceAuthorization> {
+        let form = [("client_id", DEVICE_CLIENT_ID), ("public_key", public_key), ("hostname", hostname)];
+        let res = self.request(Method::POST, "oauth/device_authorization")?.form(&form).send().await?;
+        if res.status().is_success() {
+            return Ok(res.json().await?);
+        }
+        Err(error_from(res).await)
+    }
+
+    /// One `POST /oauth/token` poll with the device code. OAuth error bodies
+    /// are answers here, not failures; only transport trouble and answers
+    /// that are not RFC 6749 bodies (e.g. 5xx pages, 429) are errors.
+    pub async fn device_token(&self, device_code: &str) -> Result<DeviceToken> {
+        let form = [("grant_type", DEVICE_GRANT_TYPE), ("device_code", device_code), ("client_id", DEVICE_CLIENT_ID)];
+        let res = self.request(Method::POST, "oauth/token")?.form(&form).send().await?;
+        let status = res.status();
+        if status.is_success() {
+            return Ok(DeviceToken::Issued(res.json().await?));
+        }
+        if !status.is_client_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(error_from(res).await);
+        }
+        let text = res.text().await.unwrap_or_default();
+        let Ok(err) = serde_json::from_str::<OAuthError>(&text) else {
+            return Err(ClientError::Unexpected { status: status.as_u16(), text });
+        };
+        Ok(match err.error.as_str() {
+            "authorization_pending" => DeviceToken::Pending,
+            "slow_down" => DeviceToken::SlowDown,
+            "access_denied" => DeviceToken::Denied,
+            "expired_token" => DeviceToken::Expired,
+            _ => DeviceToken::Refused(err),
+        })
+    }
+
     /// One stream poll from `cursor` (None = from the start of the retained stream).
     pub async fn updates(&self, cursor: Option<&str>, limit: u32, wait_s: u32) -> Result<Poll> {
         let mut req = self
@@ -356,6 +410,17 @@ impl Client {
 
     pub async fn cancel_batch(&self, id: BatchId) -> Result<Batch> {
         self.post(&format!("api/v1/batches/{id}/cancel"), &serde_json::json!({})).await
+    }
+
+    /// Approves a pending device (RFC 8628) with these labels.
+    pub async fn approve_device(&self, req: &DeviceDecision) -> Result<serde_json::Value> {
+        self.post("api/v1/device/approve", req).await
+    }
+
+    /// Denies a pending device; its agent stops polling with `access_denied`.
+    pub async fn deny_device(&self, user_code: &str) -> Result<serde_json::Value> {
+        let req = DeviceDecision { user_code: user_code.to_owned(), labels: Default::default() };
+        self.post("api/v1/device/deny", &req).await
     }
 
     pub async fn list_agents(&self, query: &AgentQuery) -> Result<Page<Agent>> {

@@ -182,3 +182,60 @@ pub struct Heartbeat {
 
 /// Largest heartbeat body the server keeps.
 pub const MAX_HEARTBEAT_BYTES: usize = 4096;
+
+/// The `client_id` agents use on the RFC 8628 endpoints.
+pub const DEVICE_CLIENT_ID: &str = "tether-agent";
+/// `grant_type` of the RFC 8628 token poll.
+pub const DEVICE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// The answer of `POST /oauth/device_authorization` (RFC 8628 §3.2).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceAuthorization {
+    /// The secret the agent polls with; never shown to people.
+    pub device_code: String,
+    /// What a person types at the verification page, shown as `XXXX-XXXX`.
+    pub user_code: String,
+    pub verification_uri: String,
+    #[serde(default)]
+    pub verification_uri_complete: Option<String>,
+    /// Seconds until the codes expire.
+    pub expires_in: u64,
+    /// Seconds to wait between token polls.
+    #[serde(default = "default_device_interval")]
+    pub interval: u64,
+}
+
+/// RFC 8628 §3.2: "If no value is provided, clients MUST use 5 as the default."
+fn default_device_interval() -> u64 {
+    5
+}
+
+impl std::fmt::Debug for DeviceAuthorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAuthorization")
+            .field("device_code", &"<redacted>")
+            .field("user_code", &self.user_code)
+            .field("verification_uri", &self.verification_uri)
+            .field("expires_in", &self.expires_in)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An RFC 6749 §5.2 error body, as the `/oauth/*` endpoints answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OAuthError {
+    pub error: String,
+    #[serde(default)]
+    pub error_description: Option<String>,
+}
+
+/// `POST /api/v1/device/approve {user_code, labels}` and `…/deny {user_code}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceDecision {
+    /// `XXXX-XXXX`; the server also accepts it without the dash and in any case.
+    pub user_code: String,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+}

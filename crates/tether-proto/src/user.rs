@@ -124,4 +124,7 @@ pub struct AuditVerification {
     pub ok: bool,
     pub checked: u64,
     pub first_bad_id: Option<i64>,
+    /// What is wrong with the first bad row (absent from older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }

@@ -233,14 +233,21 @@ pub async fn verify_audit(store: &dyn Store) -> Result<AuditVerification> {
         let Some(last) = rows.last() else { break };
         after = last.id;
         for row in &rows {
-            if row.prev_hash != prev || row.hash != row.expected_hash(&prev) {
-                return Ok(AuditVerification { checked, first_bad: Some(row.id) });
+            let problem = if row.prev_hash != prev {
+                Some("its prev_hash does not match the previous row's hash (a row before it was removed or altered)")
+            } else if row.hash != row.expected_hash(&prev) {
+                Some("its content does not match its hash (the row was altered)")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Ok(AuditVerification { checked, first_bad: Some(row.id), problem: Some(problem.to_owned()) });
             }
             prev = row.hash.clone();
             checked += 1;
         }
     }
-    Ok(AuditVerification { checked, first_bad: None })
+    Ok(AuditVerification { checked, first_bad: None, problem: None })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -248,6 +255,8 @@ pub struct AuditVerification {
     pub checked: u64,
     /// Id of the first row that breaks the chain (altered, or after a removed row).
     pub first_bad: Option<i64>,
+    /// What is wrong with that row.
+    pub problem: Option<String>,
 }
 
 /// One `POST /api/v1/commands`, checked and ready to write.

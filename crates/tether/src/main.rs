@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Agent(args) => tether_agent::cli::main(*args)?,
         Command::Server(args) => multi_thread()?.block_on(server_cmd::run(args)).map(|()| 0)?,
         Command::Up(args) => multi_thread()?.block_on(up_cmd::run(args))?,
-        Command::Operator(command) => multi_thread()?.block_on(cli::run(command)).map(|()| 0)?,
+        Command::Operator(command) => multi_thread()?.block_on(cli::run(command))?,
     };
     Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::Value;
+use tether_client::DeviceToken;
 use tether_client::{Client, CommandQuery, Poll};
 use tether_proto::agent::{CreateEnrollToken, EnrollRequest};
 use tether_proto::command::{CommandStatus, ResultReport};
@@ -23,7 +24,8 @@ struct Server {
     child: Child,
     base: String,
     admin_token: String,
-    _data: tempfile::TempDir,
+    /// The data dir; `tether.db` in it is the server's SQLite database.
+    data: tempfile::TempDir,
 }
 
 impl Server {
@@ -54,7 +56,7 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         let admin_token = admin_token.expect("first start prints the admin API token");
-        Self { child, base: format!("http://127.0.0.1:{port}"), admin_token, _data: data }
+        Self { child, base: format!("http://127.0.0.1:{port}"), admin_token, data }
     }
 
     fn admin(&self) -> Client {
@@ -508,4 +510,269 @@ async fn run_without_a_target_is_a_usage_error() {
     let mut cmd = tether(home.path());
     cmd.env("TETHER_TOKEN", "tth_x").args(["run", "--all", "--label", "a=b", "--", "ping"]);
     assert_eq!(output(cmd).await.code, Some(2), "two kinds of target");
+}
+
+/// Like [`cli`], with `input` on the CLI's stdin.
+async fn cli_stdin(server: &Server, home: &Path, token: &str, args: &[&str], input: &str) -> Out {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tether(home);
+    cmd.env("TETHER_SERVER", &server.base).env("TETHER_TOKEN", token).args(args);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run tether");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).await.expect("write stdin");
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the CLI finishes within 60 s")
+        .expect("wait for tether");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The CLI with HTTP Basic credentials (TETHER_USER / TETHER_PASSWORD).
+async fn cli_as(server: &Server, home: &Path, user: &str, password: &str, args: &[&str]) -> Out {
+    let mut cmd = tether(home);
+    cmd.env("TETHER_SERVER", &server.base).env("TETHER_USER", user).env("TETHER_PASSWORD", password).args(args);
+    output(cmd).await
+}
+
+/// `users list -o json` as `{username: (role, disabled)}`.
+async fn users_by_name(server: &Server, home: &Path) -> std::collections::BTreeMap<String, (String, bool)> {
+    let out = cli(server, home, &server.admin_token, &["users", "list", "-o", "json"]).await;
+    out.assert_ok();
+    out.json()
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|u| {
+            let name = u["username"].as_str().expect("username").to_owned();
+            (name, (u["role"].as_str().expect("role").to_owned(), u["disabled"].as_bool().expect("disabled")))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_are_created_listed_re_roled_and_deleted_and_a_viewer_is_forbidden() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let admin = server.admin_token.clone();
+    let alice_pw = "alice-password-1234";
+
+    let out = cli_stdin(
+        &server,
+        home.path(),
+        &admin,
+        &["users", "create", "alice", "--role", "viewer", "--password-stdin"],
+        &format!("{alice_pw}\n"),
+    )
+    .await;
+    out.assert_ok();
+    assert!(out.stdout.contains("created user alice") && out.stdout.contains("viewer"), "{}", out.stdout);
+    assert!(!out.stdout.contains(alice_pw), "a password given on stdin is never echoed");
+    assert_eq!(users_by_name(&server, home.path()).await.get("alice"), Some(&("viewer".to_owned(), false)));
+
+    // Without a terminal and without a flag there is nowhere to take a password from.
+    let out = cli(&server, home.path(), &admin, &["users", "create", "nopw", "--role", "viewer"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("--password-stdin"), "{}", out.stderr);
+
+    // A viewer gets a clear forbidden error, not a crash or a login hint.
+    let out = cli_as(
+        &server,
+        home.path(),
+        "alice",
+        alice_pw,
+        &["users", "create", "mallory", "--role", "admin", "--generate-password"],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("FORBIDDEN") && out.stderr.contains("your role does not allow this"), "{}", out.stderr);
+    assert!(!users_by_name(&server, home.path()).await.contains_key("mallory"));
+
+    // A generated password is printed once and works.
+    let out =
+        cli(&server, home.path(), &admin, &["users", "create", "carol", "--role", "operator", "--generate-password"])
+            .await;
+    out.assert_ok();
+    let carol_pw = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("password (shown only this once): "))
+        .unwrap_or_else(|| panic!("generated password printed:\n{}", out.stdout))
+        .to_owned();
+    assert!(carol_pw.len() >= 12, "{carol_pw:?}");
+    let out = cli_as(&server, home.path(), "carol", &carol_pw, &["agents", "list", "-o", "json"]).await;
+    out.assert_ok();
+
+    let out = cli(&server, home.path(), &admin, &["users", "set-role", "alice", "operator"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("alice now has role operator"), "{}", out.stdout);
+    assert_eq!(users_by_name(&server, home.path()).await.get("alice"), Some(&("operator".to_owned(), false)));
+
+    let new_pw = "alice-new-password-5678";
+    let out = cli_stdin(
+        &server,
+        home.path(),
+        &admin,
+        &["users", "set-password", "alice", "--password-stdin"],
+        &format!("{new_pw}\n"),
+    )
+    .await;
+    out.assert_ok();
+    let out = cli_as(&server, home.path(), "alice", alice_pw, &["agents", "list"]).await;
+    assert!(out.stderr.contains("UNAUTHENTICATED"), "the old password stops working: {}", out.stderr);
+    cli_as(&server, home.path(), "alice", new_pw, &["agents", "list"]).await.assert_ok();
+
+    let out = cli(&server, home.path(), &admin, &["users", "delete", "alice"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("deleted user alice"), "{}", out.stdout);
+    assert_eq!(users_by_name(&server, home.path()).await.get("alice"), Some(&("operator".to_owned(), true)));
+    let out = cli_as(&server, home.path(), "alice", new_pw, &["agents", "list"]).await;
+    assert!(out.stderr.contains("UNAUTHENTICATED"), "a deleted user cannot log in: {}", out.stderr);
+
+    let out = cli(&server, home.path(), &admin, &["users", "set-role", "nobody", "viewer"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("no user named \"nobody\""), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_list_applies_the_filters() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let admin = server.admin_token.clone();
+    for name in ["dave", "erin"] {
+        cli(&server, home.path(), &admin, &["users", "create", name, "--role", "viewer", "--generate-password"])
+            .await
+            .assert_ok();
+    }
+    cli(&server, home.path(), &admin, &["enroll-tokens", "create"]).await.assert_ok();
+
+    let rows = |out: Out| -> Vec<Value> {
+        out.assert_ok();
+        out.json().as_array().expect("array").clone()
+    };
+    let created =
+        rows(cli(&server, home.path(), &admin, &["audit", "list", "--action", "user.create", "-o", "json"]).await);
+    assert_eq!(created.len(), 2, "{created:?}");
+    assert!(created.iter().all(|r| r["action"] == "user.create" && r["actor"] == "admin"), "{created:?}");
+    assert!(created[0]["id"].as_i64() > created[1]["id"].as_i64(), "newest first");
+
+    let all = rows(cli(&server, home.path(), &admin, &["audit", "list", "-o", "json"]).await);
+    assert!(all.len() > created.len() && all.iter().any(|r| r["action"] != "user.create"), "{all:?}");
+    assert_eq!(
+        rows(cli(&server, home.path(), &admin, &["audit", "list", "--limit", "1", "-o", "json"]).await).len(),
+        1
+    );
+    assert!(
+        rows(cli(&server, home.path(), &admin, &["audit", "list", "--actor", "nobody", "-o", "json"]).await).is_empty()
+    );
+    let recent = rows(
+        cli(&server, home.path(), &admin, &["audit", "list", "--action", "user.create", "--since", "1h", "-o", "json"])
+            .await,
+    );
+    assert_eq!(recent.len(), 2);
+    let old = rows(
+        cli(&server, home.path(), &admin, &["audit", "list", "--until", "2000-01-01T00:00:00Z", "-o", "json"]).await,
+    );
+    assert!(old.is_empty(), "{old:?}");
+
+    let out = cli(&server, home.path(), &admin, &["audit", "list", "--action", "user.create"]).await;
+    out.assert_ok();
+    assert!(out.stdout.starts_with("ID") || out.stdout.trim_start().starts_with("ID"), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().filter(|l| l.contains("user.create")).count(), 2, "{}", out.stdout);
+
+    let out = cli(&server, home.path(), &admin, &["audit", "list", "--since", "yesterday"]).await;
+    assert_eq!(out.code, Some(2), "a bad time is a usage error: {}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_is_ok_on_a_clean_log_and_names_the_first_altered_row() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let admin = server.admin_token.clone();
+    for name in ["frank", "grace", "heidi"] {
+        cli(&server, home.path(), &admin, &["users", "create", name, "--role", "viewer", "--generate-password"])
+            .await
+            .assert_ok();
+    }
+    let out = cli(&server, home.path(), &admin, &["audit", "verify"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("audit log OK"), "{}", out.stdout);
+    let total = server.admin().list_audit(&Default::default()).await.expect("audit").data.len();
+    assert!(out.stdout.contains(&format!("{total} rows")), "the row count is printed ({total}): {}", out.stdout);
+
+    // Alter the row for grace directly in the database, as someone with
+    // access to the file could.
+    let rows = server
+        .admin()
+        .list_audit(&tether_client::AuditQuery { action: Some("user.create".into()), ..Default::default() })
+        .await
+        .expect("audit")
+        .data;
+    let victim = rows.iter().find(|r| r.details["username"] == "grace").expect("grace's row").id;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(server.data.path().join("tether.db"))
+        .busy_timeout(Duration::from_secs(10));
+    let db = sqlx::SqlitePool::connect_with(opts).await.expect("open the server's database");
+    let changed = sqlx::query("UPDATE audit SET outcome = 'denied' WHERE id = ?")
+        .bind(victim)
+        .execute(&db)
+        .await
+        .expect("tamper")
+        .rows_affected();
+    assert_eq!(changed, 1);
+    db.close().await;
+
+    let out = cli(&server, home.path(), &admin, &["audit", "verify"]).await;
+    assert_eq!(out.code, Some(1), "a broken chain fails the check:\n{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains(&format!("BROKEN at row {victim}:")), "{}", out.stdout);
+    assert!(out.stdout.contains("altered"), "says what is wrong: {}", out.stdout);
+    let out = cli(&server, home.path(), &admin, &["audit", "verify", "-o", "json"]).await;
+    assert_eq!(out.code, Some(1));
+    let v = out.json();
+    assert_eq!((v["ok"].as_bool(), v["first_bad_id"].as_i64()), (Some(false), Some(victim)), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_approve_and_deny_accept_any_code_form_and_set_labels() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let admin = server.admin_token.clone();
+    let anon = Client::new(&server.base).expect("client");
+    let key = |seed: u8| {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes())
+    };
+
+    let auth = anon.device_authorization(&key(1), "dev-box").await.expect("device authorization");
+    // Typed lowercase and without the dash: the server normalizes.
+    let typed = auth.user_code.replace('-', "").to_lowercase();
+    let out =
+        cli(&server, home.path(), &admin, &["device", "approve", &typed, "--label", "role=dev", "--label", "env=test"])
+            .await;
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("approved device {}", auth.user_code)), "{}", out.stdout);
+    let DeviceToken::Issued(pair) = anon.device_token(&auth.device_code).await.expect("poll") else {
+        panic!("an approved device gets tokens");
+    };
+    let agent = server.admin().get_agent(pair.agent_id).await.expect("agent");
+    let expected: Labels =
+        [("env", "test"), ("role", "dev")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    assert_eq!(agent.labels, expected);
+    assert_eq!(agent.hostname, "dev-box");
+
+    let auth = anon.device_authorization(&key(2), "other-box").await.expect("device authorization");
+    let out = cli(&server, home.path(), &admin, &["device", "deny", &auth.user_code]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("denied device {}", auth.user_code)), "{}", out.stdout);
+    assert_eq!(anon.device_token(&auth.device_code).await.expect("poll"), DeviceToken::Denied);
+
+    // Nothing is pending under a code that was already decided.
+    let out = cli(&server, home.path(), &admin, &["device", "approve", &auth.user_code]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("NOT_FOUND"), "{}", out.stderr);
 }

@@ -78,7 +78,12 @@ pub async fn list(
 /// `GET /api/v1/audit/verify`: walks the hash chain from the first row.
 pub async fn verify(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let v = tether_store::verify_audit(state.store.as_ref()).await?;
-    let body = AuditVerification { ok: v.first_bad.is_none(), checked: v.checked, first_bad_id: v.first_bad };
+    let body = AuditVerification {
+        ok: v.first_bad.is_none(),
+        checked: v.checked,
+        first_bad_id: v.first_bad,
+        problem: v.problem,
+    };
     Ok(axum::Json(Data { data: body }).into_response())
 }
 

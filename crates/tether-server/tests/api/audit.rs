@@ -66,5 +66,23 @@ async fn verify_names_the_first_altered_row() {
     assert!(!broken.ok);
     assert_eq!(broken.first_bad_id, Some(3));
     assert_eq!(broken.checked, 2);
+    assert!(broken.problem.as_deref().is_some_and(|p| p.contains("altered")), "{broken:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn verify_names_the_row_after_a_removed_one() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        app.agent(&[]).await;
+    }
+    let url = format!("sqlite://{}", app.dir.path().join("tether.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
+    sqlx::query("DELETE FROM audit WHERE id = 3").execute(&pool).await.expect("tamper");
+    pool.close().await;
+
+    let broken = app.admin.verify_audit().await.expect("verify");
+    assert_eq!((broken.ok, broken.first_bad_id), (false, Some(4)), "{broken:?}");
+    assert!(broken.problem.as_deref().is_some_and(|p| p.contains("removed")), "{broken:?}");
     app.stop().await;
 }

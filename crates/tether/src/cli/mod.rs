@@ -3,10 +3,13 @@
 //! operator command shares, credential resolution and the output helpers.
 
 mod agents;
+mod audit;
 mod commands;
+mod device;
 mod login;
 mod run;
 mod tokens;
+mod users;
 
 use std::future::Future;
 
@@ -64,9 +67,32 @@ pub enum OperatorCommand {
         #[command(subcommand)]
         command: tokens::ApiTokensCommand,
     },
+    /// Approve or deny an agent waiting in the device flow (`tether agent --device-flow`).
+    Device {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: device::DeviceCommand,
+    },
+    /// Manage users and their roles (admin only).
+    Users {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: users::UsersCommand,
+    },
+    /// Read the audit log and verify its hash chain.
+    Audit {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
 }
 
-pub async fn run(command: OperatorCommand) -> anyhow::Result<()> {
+/// Runs one operator command; the result is the process exit code (a check
+/// such as `audit verify` can fail without an error).
+pub async fn run(command: OperatorCommand) -> anyhow::Result<i32> {
     match command {
         OperatorCommand::Login(args) => login::run(args).await,
         OperatorCommand::Agents { global, command } => agents::run(&global.connect()?, command).await,
@@ -75,7 +101,11 @@ pub async fn run(command: OperatorCommand) -> anyhow::Result<()> {
         OperatorCommand::Batches { global, command } => commands::run_batches(&global.connect()?, command).await,
         OperatorCommand::EnrollTokens { global, command } => tokens::run_enroll(&global.connect()?, command).await,
         OperatorCommand::Tokens { global, command } => tokens::run_api(&global.connect()?, command).await,
+        OperatorCommand::Device { global, command } => device::run(&global.connect()?, command).await,
+        OperatorCommand::Users { global, command } => users::run(&global.connect()?, command).await,
+        OperatorCommand::Audit { global, command } => return audit::run(&global.connect()?, command).await,
     }
+    .map(|()| 0)
 }
 
 /// Options every operator command takes (besides `login`, which has its own).

@@ -2,6 +2,7 @@
 
 mod agent;
 mod common;
+mod device;
 mod durability;
 mod python;
 mod run;
