@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// PEM file with the CA that signed the server's certificate (env TETHER_CA_FILE).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Sign every agent request with this agent's Ed25519 key (X-Tether-Signature;
+    /// env TETHER_SIGN_REQUESTS=true|false, agent.toml sign_requests; default off).
+    /// Needed when the server sets require_signed_requests.
+    #[arg(long)]
+    pub sign_requests: bool,
     /// Keep running (the default; accepted for compatibility).
     #[arg(long, hide = true)]
     pub keep_running: bool,
@@ -118,6 +123,8 @@ impl RunArgs {
             command_timeout_s: self.command_timeout,
             max_concurrent_commands: self.max_concurrent,
             ca_file: self.ca_file.clone(),
+            // A bare flag can only turn signing on; absent, env and file decide.
+            sign_requests: self.sign_requests.then_some(true),
         };
         Ok(AgentConfig::resolve(&dir, file, |k| std::env::var(k).ok(), flags)?)
     }

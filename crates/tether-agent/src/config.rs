@@ -30,6 +30,7 @@ pub struct FileConfig {
     pub output_cap_bytes: Option<usize>,
     pub shutdown_grace_s: Option<u64>,
     pub ca_file: Option<PathBuf>,
+    pub sign_requests: Option<bool>,
     #[serde(default)]
     pub allow_shell: bool,
     #[serde(default)]
@@ -70,6 +71,8 @@ pub struct Overrides {
     pub command_timeout_s: Option<u32>,
     pub max_concurrent_commands: Option<usize>,
     pub ca_file: Option<PathBuf>,
+    /// `--sign-requests`: only ever turns signing on.
+    pub sign_requests: Option<bool>,
 }
 
 /// The effective configuration.
@@ -93,6 +96,8 @@ pub struct AgentConfig {
     pub output_cap_bytes: usize,
     pub shutdown_grace_s: u64,
     pub ca_file: Option<PathBuf>,
+    /// Sign every agent request with the agent's Ed25519 key (SPEC §3).
+    pub sign_requests: bool,
     pub allow_shell: bool,
     pub actions: BTreeMap<String, Action>,
 }
@@ -106,6 +111,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("device_flow", &self.device_flow)
             .field("labels", &self.labels)
             .field("poll_wait_s", &self.poll_wait_s)
+            .field("sign_requests", &self.sign_requests)
             .field("allow_shell", &self.allow_shell)
             .field("actions", &self.actions.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
@@ -213,6 +219,11 @@ impl AgentConfig {
             output_cap_bytes: file.output_cap_bytes.unwrap_or(tether_proto::command::MAX_OUTPUT_BYTES),
             shutdown_grace_s: file.shutdown_grace_s.unwrap_or(30),
             ca_file: flags.ca_file.or(var("TETHER_CA_FILE", None).map(PathBuf::from)).or(file.ca_file),
+            sign_requests: flags
+                .sign_requests
+                .or(parse_env::<bool>("TETHER_SIGN_REQUESTS", var("TETHER_SIGN_REQUESTS", None))?)
+                .or(file.sign_requests)
+                .unwrap_or(false),
             allow_shell: file.allow_shell,
             actions: file.actions,
         };
@@ -330,6 +341,26 @@ mod tests {
         let env = env_of(&[("DASHBOARD_URL", "http://seed:5000"), ("TETHER_SERVER", "http://tether:8080")]);
         let cfg = AgentConfig::resolve(Path::new("/d"), FileConfig::default(), env, Overrides::default()).expect("ok");
         assert_eq!(cfg.server, "http://tether:8080");
+    }
+
+    #[test]
+    fn sign_requests_is_off_by_default_and_layers_file_env_flag() {
+        let dir = Path::new("/d");
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[]), Overrides::default()).expect("ok");
+        assert!(!cfg.sign_requests);
+        let file: FileConfig = toml::from_str("sign_requests = true").expect("toml");
+        let cfg = AgentConfig::resolve(dir, file.clone(), env_of(&[]), Overrides::default()).expect("ok");
+        assert!(cfg.sign_requests);
+        let env = env_of(&[("TETHER_SIGN_REQUESTS", "false")]);
+        let cfg = AgentConfig::resolve(dir, file, env, Overrides::default()).expect("ok");
+        assert!(!cfg.sign_requests, "environment beats the file");
+        let env = env_of(&[("TETHER_SIGN_REQUESTS", "false")]);
+        let flags = Overrides { sign_requests: Some(true), ..Default::default() };
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env, flags).expect("ok");
+        assert!(cfg.sign_requests, "the flag beats the environment");
+        let env = env_of(&[("TETHER_SIGN_REQUESTS", "yes")]);
+        let err = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect_err("bad bool");
+        assert!(err.to_string().contains("TETHER_SIGN_REQUESTS"), "{err}");
     }
 
     #[test]

@@ -356,7 +356,12 @@ fn run_builtin(shared: &Shared, builtin: Builtin) -> ResultReport {
                     &current.dir,
                     file,
                     |k| std::env::var(k).ok(),
-                    config::Overrides { server: Some(current.server.clone()), ..Default::default() },
+                    config::Overrides {
+                        server: Some(current.server.clone()),
+                        // The session was built signing or not; keep reporting what it does.
+                        sign_requests: Some(current.sign_requests),
+                        ..Default::default()
+                    },
                 )
             });
             match reloaded {

@@ -119,8 +119,12 @@ pub fn http_client(cfg: &AgentConfig) -> Result<Client, Failure> {
 impl Session {
     /// Loads the saved identity, or enrolls with the configured enrollment token.
     pub async fn establish(cfg: &AgentConfig, state: &StateDir) -> Result<Self, Failure> {
-        let base = http_client(cfg)?;
+        let mut base = http_client(cfg)?;
         let io = |e: std::io::Error| Failure::Fatal(format!("state dir {}: {e}", state.root().display()));
+        if cfg.sign_requests {
+            // The client signs agent routes only; enrollment and refresh below stay unsigned.
+            base = base.with_signing_key(state.signing_key().map_err(io)?);
+        }
         let saved = (state.read("agent_id").map_err(io)?, state.read("refresh_token").map_err(io)?);
         if let (Some(id), Some(refresh)) = saved {
             let agent_id = id.parse().map_err(|_| Failure::Fatal(format!("state/agent_id is corrupt: {id:?}")))?;

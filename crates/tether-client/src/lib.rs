@@ -2,6 +2,9 @@
 //! tests and the benchmarks. Every non-2xx answer becomes
 //! [`ClientError::Api`] with the server's error envelope.
 
+pub mod signing;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_NONE_MATCH, RETRY_AFTER};
@@ -118,6 +121,8 @@ pub struct Client {
     http: reqwest::Client,
     base: url::Url,
     credentials: Credentials,
+    /// Signs agent-route requests when set (SPEC §3); `Arc` keeps clones cheap.
+    signer: Option<Arc<ed25519_dalek::SigningKey>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -180,7 +185,7 @@ impl Client {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        Ok(Self { http, base, credentials: Credentials::None })
+        Ok(Self { http, base, credentials: Credentials::None, signer: None })
     }
 
     pub fn with_credentials(mut self, credentials: Credentials) -> Self {
@@ -190,6 +195,13 @@ impl Client {
 
     pub fn with_bearer(self, token: impl Into<String>) -> Self {
         self.with_credentials(Credentials::Bearer(token.into()))
+    }
+
+    /// Signs every request to an agent route (`/api/v1/agents/self/…`) with
+    /// `key` (SPEC §3). Other routes, enrollment and refresh included, stay unsigned.
+    pub fn with_signing_key(mut self, key: ed25519_dalek::SigningKey) -> Self {
+        self.signer = Some(Arc::new(key));
+        self
     }
 
     pub fn base_url(&self) -> &url::Url {
@@ -207,8 +219,22 @@ impl Client {
         })
     }
 
+    /// Sends a request built from [`Client::request`], signing it first when
+    /// this client signs and the target is an agent route.
+    pub async fn execute(&self, req: RequestBuilder) -> Result<reqwest::Response> {
+        let mut req = req.build()?;
+        if let Some(key) = &self.signer {
+            let relative = req.url().path().strip_prefix(self.base.path()).unwrap_or_default();
+            let agent_prefix = tether_proto::signing::AGENT_ROUTES_PREFIX.trim_start_matches('/');
+            if relative.starts_with(agent_prefix) {
+                signing::sign_request(key, &mut req);
+            }
+        }
+        Ok(self.http.execute(req).await?)
+    }
+
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
-        let res = req.send().await?;
+        let res = self.execute(req).await?;
         let status = res.status();
         if status.is_success() {
             return Ok(res.json::<Data<T>>().await?.data);
@@ -217,7 +243,7 @@ impl Client {
     }
 
     async fn send_page<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<Page<T>> {
-        let res = req.send().await?;
+        let res = self.execute(req).await?;
         if res.status().is_success() {
             return Ok(res.json::<Page<T>>().await?);
         }
@@ -225,7 +251,7 @@ impl Client {
     }
 
     async fn send_empty(&self, req: RequestBuilder) -> Result<()> {
-        let res = req.send().await?;
+        let res = self.execute(req).await?;
         if res.status().is_success() {
             return Ok(());
         }
@@ -299,7 +325,7 @@ impl Client {
                 HeaderValue::from_str(&format!("\"{c}\"")).unwrap_or(HeaderValue::from_static("")),
             );
         }
-        let res = req.send().await?;
+        let res = self.execute(req).await?;
         match res.status() {
             StatusCode::OK => Ok(Poll::Signals(res.json::<Data<Updates>>().await?.data)),
             StatusCode::NO_CONTENT => Ok(Poll::Idle { cursor: etag_cursor(res.headers()).unwrap_or_default() }),
@@ -313,7 +339,7 @@ impl Client {
             .request(Method::GET, "api/v1/agents/self/commands/next")?
             .query(&[("wait", wait_s)])
             .timeout(Duration::from_secs(wait_s.into()) + POLL_SLACK);
-        let res = req.send().await?;
+        let res = self.execute(req).await?;
         match res.status() {
             StatusCode::OK => Ok(Some(res.json::<Data<Command>>().await?.data)),
             StatusCode::NO_CONTENT => Ok(None),

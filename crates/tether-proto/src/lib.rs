@@ -7,6 +7,7 @@ pub mod cursor;
 pub mod error;
 pub mod ids;
 pub mod signal;
+pub mod signing;
 pub mod user;
 
 pub use cursor::Cursor;

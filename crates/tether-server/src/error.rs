@@ -254,7 +254,7 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(
     Ok(value)
 }
 
-fn too_large(limit: usize) -> ApiError {
+pub(crate) fn too_large(limit: usize) -> ApiError {
     ApiError::new(ErrorKey::PayloadTooLarge, "request body is too large").with("limit", limit)
 }
 

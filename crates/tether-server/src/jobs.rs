@@ -28,8 +28,8 @@ pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToke
     }
 }
 
-/// Drops signals beyond the retention (age and count) and idle rate-limit
-/// keys once per `interval`.
+/// Drops signals beyond the retention (age and count), idle rate-limit keys
+/// and expired request nonces once per `interval`.
 pub async fn retention(state: AppState, interval: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -39,6 +39,7 @@ pub async fn retention(state: AppState, interval: Duration, stop: CancellationTo
             _ = tick.tick() => {}
         }
         state.limits.prune(state.clock.now_ms());
+        state.nonces.prune(state.clock.now_s());
         let before = state.clock.now_ms() - state.config.signal_max_age.as_millis() as i64;
         match state.store.prune_signals(before, state.config.signal_max_per_agent).await {
             Ok(floors) => {

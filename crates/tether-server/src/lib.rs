@@ -109,6 +109,7 @@ impl Server {
             streams,
             tokens,
             limits: limits::Limits::new(config.limits.clone()),
+            nonces: auth::signing::NonceCache::new(config.max_remembered_nonces),
             clock,
             config,
             shutdown: CancellationToken::new(),

@@ -36,6 +36,12 @@ pub struct ServerConfig {
     pub seen_flush_interval: std::time::Duration,
     /// Grace for a refresh retry after a lost response (SPEC §3: 30 s).
     pub refresh_grace_ms: i64,
+    /// Refuse agent requests without a valid signature (SPEC §3). Signed
+    /// requests are verified either way.
+    pub require_signed_requests: bool,
+    /// Most nonces of signed requests remembered at once; beyond it signed
+    /// requests get 503 until older nonces leave the 300 s window.
+    pub max_remembered_nonces: usize,
 }
 
 impl ServerConfig {
@@ -52,6 +58,8 @@ impl ServerConfig {
             signal_max_per_agent: 10_000,
             retention_interval: std::time::Duration::from_secs(60),
             refresh_grace_ms: 30_000,
+            require_signed_requests: false,
+            max_remembered_nonces: 1_000_000,
         }
     }
 }
@@ -63,6 +71,8 @@ pub struct Inner {
     pub notifier: Arc<dyn Notifier>,
     pub tokens: AccessTokens,
     pub limits: crate::limits::Limits,
+    /// Nonces of accepted signed agent requests (per process).
+    pub nonces: crate::auth::signing::NonceCache,
     pub clock: Arc<dyn Clock>,
     pub config: ServerConfig,
     /// Cancelled when the server starts shutting down: waiting polls answer 204.

@@ -19,7 +19,8 @@ pub struct ServerArgs {
     /// Directory for the embedded SQLite database and server keys.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
-    /// TOML file with further settings (`[limits]`: see docs/operations.md).
+    /// TOML file with further settings (`[limits]`, `require_signed_requests`:
+    /// see docs/operations.md).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -32,6 +33,11 @@ struct FileConfig {
     limits: tether_server::limits::LimitConfig,
     /// Lifetime of RFC 8628 device codes in seconds (default 600).
     device_code_ttl_s: Option<u64>,
+    /// Refuse unsigned agent requests (SPEC §3; default false).
+    #[serde(default)]
+    require_signed_requests: bool,
+    /// Cap on remembered request nonces (default 1,000,000).
+    max_remembered_nonces: Option<usize>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -56,6 +62,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         config.limits = file.limits;
         if let Some(ttl) = file.device_code_ttl_s {
             config.device_code_ttl_s = ttl;
+        }
+        config.require_signed_requests = file.require_signed_requests;
+        if let Some(cap) = file.max_remembered_nonces {
+            config.max_remembered_nonces = cap;
         }
     }
     let (server, bootstrap) = Server::start(config, admin_password).await?;

@@ -48,7 +48,7 @@ macro_rules! route_table {
         ];
 
         fn router() -> Router<AppState> {
-            Router::new() $( .route($path, axum::routing::$method($handler)) )*
+            Router::new() $( .route($path, crate::auth::signing::for_access(Access::$access, axum::routing::$method($handler))) )*
         }
     };
 }

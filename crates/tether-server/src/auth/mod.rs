@@ -4,6 +4,7 @@
 pub mod jwt;
 pub mod password;
 pub mod secret;
+pub mod signing;
 
 use std::sync::Arc;
 
@@ -97,6 +98,7 @@ impl FromRequestParts<AppState> for AgentCaller {
         if path != Some(crate::api::UPDATES_PATH) {
             state.limits.agent(id)?;
         }
+        signing::verify(parts, state, id, stream.public_key())?;
         Ok(Self { id, stream })
     }
 }

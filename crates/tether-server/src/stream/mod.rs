@@ -33,6 +33,11 @@ pub struct AgentStream {
     last_seen: AtomicI64,
     flushed_seen: AtomicI64,
     revocation: std::sync::OnceLock<(Millis, String)>,
+    /// The enrolled Ed25519 key, for signed requests (SPEC §3). An agent's
+    /// key never changes (re-enrolling makes a new agent), so this copy
+    /// cannot go stale. Raw bytes keep idle streams small (a decoded key
+    /// is ~190 bytes); only signed requests pay for decoding it.
+    public_key: Option<[u8; 32]>,
 }
 
 impl AgentStream {
@@ -54,7 +59,13 @@ impl AgentStream {
             last_seen: AtomicI64::new(seen),
             flushed_seen: AtomicI64::new(seen),
             revocation,
+            public_key: rec.public_key.as_slice().try_into().ok(),
         }
+    }
+
+    /// The agent's enrolled public key (raw), if it enrolled with one.
+    pub fn public_key(&self) -> Option<&[u8; 32]> {
+        self.public_key.as_ref()
     }
 
     pub fn state(&self) -> StreamState {

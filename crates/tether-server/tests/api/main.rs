@@ -8,4 +8,5 @@ mod common;
 mod device;
 mod limits;
 mod rbac;
+mod signing;
 mod stream;

@@ -6,3 +6,4 @@ mod device;
 mod durability;
 mod python;
 mod run;
+mod signing;
