@@ -69,7 +69,8 @@ pub struct RunArgs {
     /// Commands run at once (env TETHER_MAX_CONCURRENT_COMMANDS; default 4).
     #[arg(long)]
     pub max_concurrent: Option<usize>,
-    /// PEM file with the CA that signed the server's certificate (env TETHER_CA_FILE).
+    /// PEM file with the CA(s) that signed the server's certificate, for a private CA;
+    /// only these are trusted for https:// (env TETHER_CA_FILE, agent.toml ca_file).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Keep running (the default; accepted for compatibility).

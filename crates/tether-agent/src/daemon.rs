@@ -510,8 +510,12 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         Ok(s) => s,
         Err(e) => return Exit::Fatal(format!("state dir {}: {e}", cfg.dir.display())),
     };
+    let client = match crate::session::http_client(&cfg) {
+        Ok(c) => c,
+        Err(e) => return Exit::Fatal(e.to_string()),
+    };
     let session = loop {
-        match Session::establish(&cfg, &state).await {
+        match Session::establish(client.clone(), &cfg, &state).await {
             Ok(s) => break s,
             Err(Failure::Revoked(m)) => return Exit::Revoked(m),
             Err(Failure::Retry { why, .. }) if mode == Mode::Daemon => {

@@ -9,3 +9,4 @@ mod device;
 mod limits;
 mod rbac;
 mod stream;
+mod tls;

@@ -4,3 +4,4 @@ mod agent;
 mod common;
 mod durability;
 mod python;
+mod tls;
