@@ -71,7 +71,7 @@ pub struct RunArgs {
     pub max_concurrent: Option<usize>,
     /// PEM file with the CA(s) that signed the server's certificate, for a private CA;
     /// only these are trusted for https:// (env TETHER_CA_FILE, agent.toml ca_file).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// Keep running (the default; accepted for compatibility).
     #[arg(long, hide = true)]

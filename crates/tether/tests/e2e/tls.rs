@@ -127,6 +127,26 @@ async fn an_agent_with_ca_file_runs_ping_against_a_tls_server() {
             .await;
     assert!(refused.is_some(), "no certificate error in: {}", stranger.log_text());
     assert!(!stranger.dir.join("state/agent_id").exists(), "the agent must not enroll");
+
+    // The operator CLI: --ca-file makes the same server reachable.
+    let cli = |extra: &[&std::ffi::OsStr]| {
+        Command::new(tether_bin())
+            .args(["agents", "list", "-o", "json", "--server", &server.base])
+            .args(extra)
+            .env("TETHER_TOKEN", server.admin_token.as_deref().expect("token"))
+            .env_remove("TETHER_CA_FILE")
+            .env("HOME", dir.path())
+            .output()
+            .expect("run tether agents list")
+    };
+    let out = cli(&["--ca-file".as_ref(), ca.as_os_str()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&agent.agent_id().to_string()), "{stdout}");
+    let out = cli(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("certificate"), "the CLI names the certificate problem: {stderr}");
 }
 
 #[tokio::test]
