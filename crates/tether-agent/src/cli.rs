@@ -76,8 +76,9 @@ pub struct RunArgs {
     /// Commands run at once (env TETHER_MAX_CONCURRENT_COMMANDS; default 4).
     #[arg(long)]
     pub max_concurrent: Option<usize>,
-    /// PEM file with the CA that signed the server's certificate (env TETHER_CA_FILE).
-    #[arg(long)]
+    /// PEM file with the CA(s) that signed the server's certificate, for a private CA;
+    /// only these are trusted for https:// (env TETHER_CA_FILE, agent.toml ca_file).
+    #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// Sign every agent request with this agent's Ed25519 key (X-Tether-Signature;
     /// env TETHER_SIGN_REQUESTS=true|false, agent.toml sign_requests; default off).

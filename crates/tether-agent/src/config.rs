@@ -326,6 +326,20 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_layers_file_then_env_then_flag() {
+        let dir = Path::new("/d");
+        let file: FileConfig = toml::from_str("ca_file = \"/etc/tether/file-ca.pem\"").expect("toml");
+        let cfg = AgentConfig::resolve(dir, file.clone(), env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.ca_file, Some(PathBuf::from("/etc/tether/file-ca.pem")));
+        let env = env_of(&[("TETHER_CA_FILE", "/env-ca.pem")]);
+        let cfg = AgentConfig::resolve(dir, file.clone(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.ca_file, Some(PathBuf::from("/env-ca.pem")));
+        let flags = Overrides { ca_file: Some("/flag-ca.pem".into()), ..Default::default() };
+        let cfg = AgentConfig::resolve(dir, file, env_of(&[("TETHER_CA_FILE", "/env-ca.pem")]), flags).expect("ok");
+        assert_eq!(cfg.ca_file, Some(PathBuf::from("/flag-ca.pem")));
+    }
+
+    #[test]
     fn seed_000_names_are_aliases_and_tether_names_win() {
         let env = env_of(&[
             ("DASHBOARD_URL", "http://seed:5000"),

@@ -515,11 +515,15 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         Ok(s) => s,
         Err(e) => return Exit::Fatal(format!("state dir {}: {e}", cfg.dir.display())),
     };
+    let client = match crate::session::http_client(&cfg) {
+        Ok(c) => c,
+        Err(e) => return Exit::Fatal(e.to_string()),
+    };
     let session = loop {
         // Enrollment can wait minutes for a person (device flow): a signal
         // must still stop it.
         let established = tokio::select! {
-            r = Session::establish(&cfg, &state) => r,
+            r = Session::establish(client.clone(), &cfg, &state) => r,
             _ = shutdown.cancelled() => return Exit::Stopped,
         };
         match established {

@@ -60,7 +60,9 @@ pub(crate) fn classify(e: &ClientError) -> Failure {
             Failure::Revoked(detail)
         }
         (Some(ErrorKey::CursorExpired), _) => Failure::CursorExpired,
-        (_, Some(429 | 500..=599) | None) => Failure::Retry { retry_after, why: e.to_string() },
+        // The causes matter here: "certificate unknown" and "connection refused"
+        // call for different fixes, and the transport error alone says neither.
+        (_, Some(429 | 500..=599) | None) => Failure::Retry { retry_after, why: e.detail() },
         (_, Some(status)) => Failure::Refused { status, what: e.to_string() },
     }
 }
@@ -95,31 +97,46 @@ fn jwt_exp(token: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The HTTP client for the configured server (custom CA when given).
+/// The HTTP client for the configured server (trusting only `ca_file` when
+/// given). Built once per run, so the plain-HTTP warning appears once.
 pub fn http_client(cfg: &AgentConfig) -> Result<Client, Failure> {
-    let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("tether-agent/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(10));
+    let mut builder = Client::builder(&cfg.server).user_agent(concat!("tether-agent/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &cfg.ca_file {
         let pem = std::fs::read(ca).map_err(|e| Failure::Fatal(format!("reading CA file {}: {e}", ca.display())))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| Failure::Fatal(format!("CA file {}: {e}", ca.display())))?;
-        builder = builder.add_root_certificate(cert);
+        builder = builder.ca_pem(pem);
     }
-    let http = builder.build().map_err(|e| Failure::Fatal(format!("building the HTTP client: {e}")))?;
-    let client = Client::with_http(http, &cfg.server).map_err(|e| Failure::Fatal(format!("server URL: {e}")))?;
-    let host = client.base_url().host_str().unwrap_or_default().to_owned();
-    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if client.base_url().scheme() == "http" && !loopback {
-        tracing::warn!(server = %cfg.server, "Talking plain HTTP to a remote server: tokens and commands travel unencrypted");
+    let client = builder.build().map_err(|e| match e {
+        ClientError::Ca(why) => match &cfg.ca_file {
+            Some(ca) => Failure::Fatal(format!("CA file {}: {why}", ca.display())),
+            None => Failure::Fatal(why),
+        },
+        ClientError::Url(e) => Failure::Fatal(format!("server URL {}: {e}", cfg.server)),
+        other => Failure::Fatal(format!("building the HTTP client: {other}")),
+    })?;
+    if is_plain_remote(client.base_url()) {
+        tracing::warn!(
+            server = %cfg.server,
+            "Talking plain HTTP to a non-loopback server: tokens and commands travel unencrypted; use https:// (and --ca-file for a private CA)"
+        );
     }
     Ok(client)
 }
 
+/// `http://` to anything but this machine: the agent's tokens would cross a
+/// network in clear.
+fn is_plain_remote(url: &url::Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    url.scheme() == "http" && !loopback
+}
+
 impl Session {
     /// Loads the saved identity, or enrolls with the configured enrollment token.
-    pub async fn establish(cfg: &AgentConfig, state: &StateDir) -> Result<Self, Failure> {
-        let mut base = http_client(cfg)?;
+    pub async fn establish(mut base: Client, cfg: &AgentConfig, state: &StateDir) -> Result<Self, Failure> {
         let io = |e: std::io::Error| Failure::Fatal(format!("state dir {}: {e}", state.root().display()));
         if cfg.sign_requests {
             // The client signs agent routes only; enrollment and refresh below stay unsigned.
@@ -230,5 +247,51 @@ impl Session {
             }
             Err(e) => Err(classify(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_to_another_machine_counts_as_plain_remote() {
+        let plain_remote = |u: &str| is_plain_remote(&url::Url::parse(u).expect("url"));
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://127.8.0.1",
+            "http://localhost:8080",
+            "http://LOCALHOST",
+            "http://[::1]:80",
+        ] {
+            assert!(!plain_remote(local), "{local} is loopback");
+        }
+        for tls in ["https://fleet.example.com", "https://10.0.0.5:8443"] {
+            assert!(!plain_remote(tls), "{tls} is TLS");
+        }
+        for remote in
+            ["http://fleet.example.com", "http://10.0.0.5:8080", "http://[2001:db8::1]", "http://localhost.example"]
+        {
+            assert!(plain_remote(remote), "{remote} is plain and remote");
+        }
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_a_fatal_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        let flags = crate::Overrides {
+            server: Some("https://fleet.example.com".into()),
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::resolve(dir.path(), Default::default(), |_| None, flags).expect("config");
+        let err = http_client(&cfg).expect_err("no certificate in the CA file");
+        assert!(matches!(&err, Failure::Fatal(m) if m.contains(&ca.display().to_string())), "{err}");
+
+        let cfg = AgentConfig { ca_file: Some(dir.path().join("absent.pem")), ..cfg };
+        let err = http_client(&cfg).expect_err("missing CA file");
+        assert!(err.to_string().starts_with("reading CA file "), "{err}");
     }
 }

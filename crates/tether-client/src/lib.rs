@@ -37,6 +37,8 @@ pub enum ClientError {
     Http(#[from] reqwest::Error),
     #[error("invalid server url: {0}")]
     Url(#[from] url::ParseError),
+    #[error("invalid CA certificate: {0}")]
+    Ca(String),
 }
 
 impl ClientError {
@@ -52,8 +54,26 @@ impl ClientError {
         match self {
             Self::Api { status, .. } | Self::Unexpected { status, .. } => Some(*status),
             Self::Http(e) => e.status().map(|s| s.as_u16()),
-            Self::Url(_) => None,
+            Self::Url(_) | Self::Ca(_) => None,
         }
+    }
+
+    /// This error with its causes, e.g. "request failed: error sending
+    /// request …: invalid peer certificate: UnknownIssuer": a transport
+    /// error's own message rarely says what went wrong.
+    pub fn detail(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            // `request failed: {0}` already shows the first cause.
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        text
     }
 
     /// Seconds the server asked us to wait (`Retry-After`).
@@ -169,17 +189,61 @@ pub struct AgentQuery {
     pub limit: Option<u32>,
 }
 
+/// Builds a [`Client`] that needs more than the defaults, e.g. a private CA:
+/// `Client::builder(base).ca_pem(pem).build()`.
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    base: String,
+    user_agent: String,
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl ClientBuilder {
+    /// Sent as `User-Agent` (default `tether-client/<version>`).
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        self.user_agent = user_agent.into();
+        self
+    }
+
+    /// Trusts only the CA certificates in this PEM bundle for `https://`
+    /// servers (like `curl --cacert`): a fleet behind a private CA should
+    /// not also accept any publicly trusted certificate for its server name.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    pub fn build(self) -> Result<Client> {
+        let mut http = reqwest::Client::builder().user_agent(self.user_agent).connect_timeout(Duration::from_secs(10));
+        if let Some(pem) = &self.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ClientError::Ca(e.to_string()))?;
+            // Text without any PEM block parses as an empty bundle; trusting
+            // nothing would only fail later with a confusing handshake error.
+            if certs.is_empty() {
+                return Err(ClientError::Ca("no CERTIFICATE block found".into()));
+            }
+            http = http.tls_certs_only(certs);
+        }
+        Client::with_http(http.build()?, &self.base)
+    }
+}
+
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("tether-client/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
-        Self::with_http(http, base)
+        Self::builder(base).build()
     }
 
-    /// A client sharing an existing connection pool (custom CA, proxies …).
+    /// A builder for a client with a private CA or its own user agent.
+    pub fn builder(base: &str) -> ClientBuilder {
+        ClientBuilder {
+            base: base.to_owned(),
+            user_agent: concat!("tether-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+            ca_pem: None,
+        }
+    }
+
+    /// A client sharing an existing connection pool (proxies …).
     pub fn with_http(http: reqwest::Client, base: &str) -> Result<Self> {
         let mut base = url::Url::parse(base)?;
         if !base.path().ends_with('/') {

@@ -1,8 +1,9 @@
 //! The tether server: HTTP API, agent stream and background jobs.
 //!
-//! [`Server::start`] opens the store, bootstraps the first admin and binds
-//! the listener; [`Server::run`] serves until the shutdown token fires, then
-//! ends long-polls with 204, drains connections and flushes batched writes.
+//! [`Server::start`] loads the TLS certificate (if any), opens the store,
+//! bootstraps the first admin and binds the listener; [`Server::run`] serves
+//! until the shutdown token fires, then ends long-polls with 204, drains
+//! connections and flushes batched writes.
 
 pub mod api;
 pub mod auth;
@@ -13,6 +14,7 @@ mod jobs;
 pub mod limits;
 pub mod state;
 pub mod stream;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,8 @@ use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tether_store::{Role, SqliteStore, Store};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -35,6 +38,9 @@ use crate::stream::{LocalNotifier, Streams};
 
 /// How long shutdown waits for open connections before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that opens a TCP connection but never finishes the TLS handshake
+/// must not hold a task and a socket forever.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Credentials created on first start; shown to the operator once.
 #[derive(Clone, Default)]
@@ -53,10 +59,36 @@ impl std::fmt::Debug for Bootstrap {
     }
 }
 
-#[derive(Debug)]
 pub struct Server {
     state: AppState,
     listener: TcpListener,
+    /// Set when serving HTTPS (`ServerConfig::tls`).
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("state", &self.state)
+            .field("listener", &self.listener)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Runs hyper's HTTP/2 stream tasks on the server's task tracker, so that
+/// shutdown waits for them like for every other task it owns.
+#[derive(Debug, Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
 }
 
 /// Creates the data dir (0700) if needed.
@@ -95,7 +127,13 @@ async fn bootstrap_admin(
 
 impl Server {
     /// Opens the store, bootstraps the first admin and binds the listener.
-    pub async fn start(config: ServerConfig, admin_password: Option<String>) -> anyhow::Result<(Self, Bootstrap)> {
+    pub async fn start(mut config: ServerConfig, admin_password: Option<String>) -> anyhow::Result<(Self, Bootstrap)> {
+        // First, so that a bad certificate fails before anything is created on disk.
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        if tls.is_some() {
+            // A cookie that could leak over plain HTTP would defeat the point of TLS.
+            config.secure_cookies = true;
+        }
         ensure_data_dir(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir).await.context("opening the store")?);
         let tokens = AccessTokens::load_or_create(&config.data_dir).context("loading the token signing key")?;
@@ -114,11 +152,17 @@ impl Server {
             config,
             shutdown: CancellationToken::new(),
         }));
-        Ok((Self { state, listener }, bootstrap))
+        Ok((Self { state, listener, tls }, bootstrap))
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// `https://addr` when serving TLS, else `http://addr`.
+    pub fn url(&self) -> std::io::Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}", self.local_addr()?))
     }
 
     pub fn state(&self) -> &AppState {
@@ -127,7 +171,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { state, listener } = self;
+        let Self { state, listener, tls } = self;
         let app = api::routes(state.clone())
             .layer(tower_http::catch_panic::CatchPanicLayer::new())
             .layer(error::EnvelopeLayer);
@@ -137,10 +181,16 @@ impl Server {
         jobs.spawn(jobs::retention(state.clone(), state.config.retention_interval, stop_jobs.clone()));
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
 
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(hyper_util::rt::TokioTimer::new());
+        // Plain connections are HTTP/1.1 only: the auto builder costs memory
+        // on every parked long-poll (docs/decisions.md). Over TLS, ALPN has
+        // already chosen the protocol, so the auto builder serves both.
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1.timer(hyper_util::rt::TokioTimer::new());
+        let mut auto = hyper_util::server::conn::auto::Builder::new(TrackedExecutor(jobs.clone()));
+        auto.http1().timer(hyper_util::rt::TokioTimer::new());
+        auto.http2().timer(hyper_util::rt::TokioTimer::new());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        tracing::info!(addr = %listener.local_addr()?, "Server listening");
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "Server listening");
         loop {
             let (tcp, addr) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -155,15 +205,31 @@ impl Server {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let svc = app.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ClientAddr(addr));
-                req
-            });
-            let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc));
-            let conn = graceful.watch(conn);
-            jobs.spawn(async move {
-                let _ = conn.await;
-            });
+            let svc = TowerToHyperService::new(app.clone().map_request(
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ClientAddr(addr));
+                    req
+                },
+            ));
+            match &tls {
+                None => {
+                    let conn = graceful.watch(http1.serve_connection(TokioIo::new(tcp), svc));
+                    jobs.spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                Some(acceptor) => {
+                    // The handshake runs in the connection's own task so a slow
+                    // client cannot stall the accept loop; the watcher makes
+                    // shutdown wait for a connection still in its handshake.
+                    let handshake = tls_handshake(acceptor.clone(), tcp, addr, shutdown.clone());
+                    let (auto, watcher) = (auto.clone(), graceful.watcher());
+                    jobs.spawn(async move {
+                        let Some(stream) = handshake.await else { return };
+                        let _ = watcher.watch(auto.serve_connection(TokioIo::new(stream), svc)).await;
+                    });
+                }
+            }
         }
         drop(listener);
         // Waiting polls answer 204 now; then connections close as they go idle.
@@ -176,5 +242,31 @@ impl Server {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, jobs.wait()).await;
         tracing::info!("Server stopped");
         Ok(())
+    }
+}
+
+/// Completes the TLS handshake, or gives up on this one connection: a failed
+/// handshake (a scanner, plain HTTP sent to the TLS port, an untrusted
+/// certificate on the client side) is the client's problem, logged at debug.
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        done = handshake => match done {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        },
     }
 }

@@ -28,8 +28,11 @@ pub struct ServerConfig {
     pub retention_interval: std::time::Duration,
     /// Lifetime of an RFC 8628 device code (SPEC §3: 600 s).
     pub device_code_ttl_s: u64,
-    /// Mark session cookies `Secure` (set when serving TLS).
+    /// Mark session cookies `Secure`; [`crate::Server::start`] turns it on
+    /// when `tls` is set (it may also be set behind a TLS-terminating proxy).
     pub secure_cookies: bool,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Rate limits (SPEC §11).
     pub limits: crate::limits::LimitConfig,
     /// How often `last_seen` of active agents is written (batched).
@@ -53,6 +56,7 @@ impl ServerConfig {
             seen_flush_interval: std::time::Duration::from_secs(5),
             limits: crate::limits::LimitConfig::default(),
             secure_cookies: false,
+            tls: None,
             device_code_ttl_s: 600,
             signal_max_age: std::time::Duration::from_secs(7 * 86_400),
             signal_max_per_agent: 10_000,

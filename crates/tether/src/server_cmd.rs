@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use tether_server::tls::TlsFiles;
 use tether_server::{Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -19,10 +20,17 @@ pub struct ServerArgs {
     /// Directory for the embedded SQLite database and server keys.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
-    /// TOML file with further settings (`[limits]`, `require_signed_requests`:
-    /// see docs/operations.md).
+    /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `require_signed_requests`,
+    /// `max_remembered_nonces`, `tls_cert`, `tls_key`).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); plain HTTP
+    /// otherwise, e.g. behind a TLS-terminating proxy.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// What the `--config` file may set.
@@ -38,6 +46,9 @@ struct FileConfig {
     require_signed_requests: bool,
     /// Cap on remembered request nonces (default 1,000,000).
     max_remembered_nonces: Option<usize>,
+    /// PEM certificate chain and key for HTTPS; the flags win over these.
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -56,20 +67,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let admin_password = std::env::var("TETHER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
     let mut config = ServerConfig::new(args.listen, args.data_dir);
-    if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let file: FileConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        config.limits = file.limits;
-        if let Some(ttl) = file.device_code_ttl_s {
-            config.device_code_ttl_s = ttl;
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
         }
-        config.require_signed_requests = file.require_signed_requests;
-        if let Some(cap) = file.max_remembered_nonces {
-            config.max_remembered_nonces = cap;
-        }
+        None => FileConfig::default(),
+    };
+    config.limits = file.limits;
+    if let Some(ttl) = file.device_code_ttl_s {
+        config.device_code_ttl_s = ttl;
     }
+    config.require_signed_requests = file.require_signed_requests;
+    if let Some(cap) = file.max_remembered_nonces {
+        config.max_remembered_nonces = cap;
+    }
+    config.tls = tls_files(args.tls_cert, args.tls_key, file.tls_cert, file.tls_key)?;
     let (server, bootstrap) = Server::start(config, admin_password).await?;
-    let addr = server.local_addr()?;
+    let url = server.url()?;
     // Printed, not logged: secrets never go to the log, and the operator sees them once.
     if let Some(token) = &bootstrap.admin_token {
         println!("admin API token (shown once): {token}");
@@ -78,7 +93,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         println!("admin password for user 'admin' (shown once): {password}");
     }
     // Last, so whoever waits for this line has seen the credentials.
-    println!("tether server listening on http://{addr}");
+    println!("tether server listening on {url}");
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -87,6 +102,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         trigger.cancel();
     });
     server.run(shutdown).await
+}
+
+/// The certificate and key to serve HTTPS with: the flags as a pair win over
+/// the config file's pair, so a flag never combines with the other file half.
+fn tls_files(
+    flag_cert: Option<PathBuf>,
+    flag_key: Option<PathBuf>,
+    file_cert: Option<PathBuf>,
+    file_key: Option<PathBuf>,
+) -> anyhow::Result<Option<TlsFiles>> {
+    let (cert, key) =
+        if flag_cert.is_some() || flag_key.is_some() { (flag_cert, flag_key) } else { (file_cert, file_key) };
+    Ok(TlsFiles::from_pair(cert, key)?)
 }
 
 async fn reset_admin(data_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -102,4 +130,32 @@ async fn reset_admin(data_dir: &std::path::Path) -> anyhow::Result<()> {
     store.set_password("admin", &hash).await?;
     println!("new password for user 'admin' (shown once): {password}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Option<PathBuf> {
+        Some(PathBuf::from(s))
+    }
+
+    #[test]
+    fn tls_flags_win_as_a_pair_over_the_config_file() {
+        let files = |cert: &str, key: &str| Some(TlsFiles { cert: cert.into(), key: key.into() });
+        assert_eq!(tls_files(None, None, None, None).expect("plain"), None);
+        assert_eq!(tls_files(None, None, p("f.crt"), p("f.key")).expect("file"), files("f.crt", "f.key"));
+        assert_eq!(tls_files(p("c.crt"), p("c.key"), p("f.crt"), p("f.key")).expect("flags"), files("c.crt", "c.key"));
+        let err = tls_files(p("c.crt"), None, p("f.crt"), p("f.key")).expect_err("half a flag pair");
+        assert!(err.to_string().contains("--tls-key"), "{err}");
+        let err = tls_files(None, None, None, p("f.key")).expect_err("half a file pair");
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
+    }
+
+    #[test]
+    fn config_file_accepts_tls_paths() {
+        let file: FileConfig =
+            toml::from_str("tls_cert = \"/etc/tether/cert.pem\"\ntls_key = \"/etc/tether/key.pem\"").expect("toml");
+        assert_eq!((file.tls_cert, file.tls_key), (p("/etc/tether/cert.pem"), p("/etc/tether/key.pem")));
+    }
 }

@@ -41,8 +41,14 @@ pub fn normalize_user_code(input: &str) -> Option<String> {
     (code.len() == 8 && code.bytes().all(|b| USER_CODE_ALPHABET.contains(&b))).then_some(code)
 }
 
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+fn base_url(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> String {
+    // HTTP/2 (over TLS) carries the host in `:authority`, which hyper puts in
+    // the URI rather than a Host header.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("localhost");
     let scheme = if state.config.secure_cookies { "https" } else { "http" };
     format!("{scheme}://{host}")
 }
@@ -52,6 +58,7 @@ pub async fn authorization(
     State(state): State<AppState>,
     _: PublicCaller,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     body: axum::body::Bytes,
 ) -> Response {
     let form = match OAuthForm::parse(&headers, &body) {
@@ -91,7 +98,7 @@ pub async fn authorization(
             }
         }
     }
-    let base = base_url(&state, &headers);
+    let base = base_url(&state, &headers, &uri);
     let shown = display(&user_code);
     no_store(
         axum::Json(json!({

@@ -10,3 +10,4 @@ mod limits;
 mod rbac;
 mod signing;
 mod stream;
+mod tls;

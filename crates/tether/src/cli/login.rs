@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tether_client::{Client, ClientError, Credentials};
+use tether_client::{ClientError, Credentials};
 use tether_proto::user::CreateApiToken;
 
 use super::{DEFAULT_SERVER, normalize_server};
@@ -29,6 +29,9 @@ pub struct LoginArgs {
     /// Save this existing API token instead of creating one with a password (it is checked first)
     #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
+    /// PEM file with the CA(s) of a server whose certificate a private CA signed; only these are trusted
+    #[arg(long, env = "TETHER_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// What `tether login` saves.
@@ -52,7 +55,7 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
         None => load_from(&path).ok().flatten().map_or_else(|| DEFAULT_SERVER.to_owned(), |s| s.server),
     };
     let server = normalize_server(&server);
-    let anon = Client::new(&server).with_context(|| format!("invalid server url {server:?}"))?;
+    let anon = super::client_for(&server, args.ca_file.as_deref())?;
 
     let token = match args.token.filter(|t| !t.is_empty()) {
         Some(token) => {

@@ -12,6 +12,7 @@ mod tokens;
 mod users;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
@@ -117,6 +118,9 @@ pub struct GlobalOpts {
     /// Operator API token (tth_…); TETHER_USER and TETHER_PASSWORD give HTTP Basic instead
     #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// PEM file with the CA(s) of a server whose certificate a private CA signed; only these are trusted
+    #[arg(long, env = "TETHER_CA_FILE", global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format: human tables or JSON for scripts
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
@@ -151,11 +155,23 @@ impl GlobalOpts {
         // The saved login only matters when something is missing.
         let saved = if given.server.is_none() || !given.has_credentials() { login::load()? } else { None };
         let (server, credentials) = resolve(given, saved.as_ref())?;
-        let client = Client::new(&server)
-            .with_context(|| format!("invalid server url {server:?}"))?
-            .with_credentials(credentials);
+        let client = client_for(&server, self.ca_file.as_deref())?.with_credentials(credentials);
         Ok(Ctx { client, server, output: self.output })
     }
+}
+
+/// An unauthenticated client for `server`, trusting only the CA(s) in
+/// `ca_file` when one is given.
+pub fn client_for(server: &str, ca_file: Option<&Path>) -> anyhow::Result<Client> {
+    let mut builder = Client::builder(server);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
+        builder = builder.ca_pem(pem);
+    }
+    builder.build().map_err(|e| match (e, ca_file) {
+        (ClientError::Ca(why), Some(path)) => anyhow::anyhow!("CA file {}: {why}", path.display()),
+        (e, _) => anyhow::Error::new(e).context(format!("invalid server url {server:?}")),
+    })
 }
 
 /// Server and credentials as given on the command line or in the environment.

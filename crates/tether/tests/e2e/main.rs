@@ -7,3 +7,4 @@ mod durability;
 mod python;
 mod run;
 mod signing;
+mod tls;
