@@ -47,8 +47,8 @@ macro_rules! route_table {
             $( RouteSpec { method: stringify!($method), path: $path, access: Access::$access } ),*
         ];
 
-        fn router() -> Router<AppState> {
-            Router::new() $( .route($path, crate::auth::signing::for_access(Access::$access, axum::routing::$method($handler))) )*
+        fn router(state: &AppState) -> Router<AppState> {
+            Router::new() $( .route($path, crate::auth::signing::for_access(state, Access::$access, axum::routing::$method($handler))) )*
         }
     };
 }
@@ -107,7 +107,7 @@ pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
 }
 
 pub fn routes(state: AppState) -> Router {
-    router().layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT)).with_state(state)
+    router(&state).layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT)).with_state(state)
 }
 
 /// `GET /healthz`: the process is up and serving.

@@ -59,7 +59,12 @@ async fn session_user(state: &AppState, parts: &Parts) -> Result<Option<User>, A
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    bearer_token(&parts.headers)
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -92,13 +97,15 @@ impl FromRequestParts<AppState> for AgentCaller {
         if stream.state().revoked {
             return Err(revoked_error(&stream));
         }
-        stream.seen(state.clock.now_ms());
         // Stream polls have their own bucket, charged only when answered at once.
         let path = parts.extensions.get::<axum::extract::MatchedPath>().map(|p| p.as_str());
         if path != Some(crate::api::UPDATES_PATH) {
             state.limits.agent(id)?;
         }
         signing::verify(parts, state, id, stream.public_key())?;
+        // Only a fully verified request counts as the agent being online: a
+        // stolen token without the key must not keep it looking alive.
+        stream.seen(state.clock.now_ms());
         Ok(Self { id, stream })
     }
 }

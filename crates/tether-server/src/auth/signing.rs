@@ -17,7 +17,7 @@
 //! docs/decisions.md for what that means with several replicas).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -50,23 +50,27 @@ const EMPTY_SHA256: [u8; 32] = [
 
 /// Puts [`BodyDigestLayer`] on the routes agents call; the route table calls
 /// this for every row, so no agent route can miss it.
-pub fn for_access(access: Access, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
-    if access == Access::Agent { route.route_layer(BodyDigestLayer) } else { route }
+pub fn for_access(state: &AppState, access: Access, route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    if access == Access::Agent { route.route_layer(BodyDigestLayer { state: state.clone() }) } else { route }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BodyDigestLayer;
+#[derive(Debug, Clone)]
+pub struct BodyDigestLayer {
+    state: AppState,
+}
 
 impl<S> tower::Layer<S> for BodyDigestLayer {
     type Service = BodyDigestService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        BodyDigestService { inner }
+        BodyDigestService { inner, state: self.state.clone() }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct BodyDigestService<S> {
     inner: S,
+    /// For the access-token check done before a body is buffered.
+    state: AppState,
 }
 
 impl<S> tower::Service<Request> for BodyDigestService<S>
@@ -84,6 +88,13 @@ where
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         if !req.headers().contains_key(SIGNATURE_HEADER) {
+            return Either::Left(self.inner.call(req));
+        }
+        // Buffering costs up to 1 MiB: only for a caller whose access token
+        // verifies. Anyone else goes on unbuffered and the extractor refuses
+        // it from the headers alone, as for an unsigned request.
+        let authenticated = super::bearer_token(req.headers()).is_some_and(|t| self.state.tokens.verify(t).is_ok());
+        if !authenticated {
             return Either::Left(self.inner.call(req));
         }
         if axum::body::HttpBody::is_end_stream(req.body()) {
@@ -212,11 +223,13 @@ pub struct NonceCache {
     /// Tracked apart from the map: `DashMap::len` locks every shard.
     len: AtomicUsize,
     capacity: usize,
+    /// The second of the last prune forced by a full cache.
+    last_full_prune: AtomicU64,
 }
 
 impl NonceCache {
     pub fn new(capacity: usize) -> Self {
-        Self { seen: DashMap::new(), len: AtomicUsize::new(0), capacity }
+        Self { seen: DashMap::new(), len: AtomicUsize::new(0), capacity, last_full_prune: AtomicU64::new(0) }
     }
 
     /// Records `nonce` for `agent`; 401 if it is already remembered, 503 when full.
@@ -231,7 +244,14 @@ impl NonceCache {
             return Err(rejected("request nonce was already used (replay)"));
         }
         if self.len.load(Ordering::Relaxed) >= self.capacity {
-            self.prune(now);
+            // A full scan at most once a second, however many requests find
+            // the cache full: entries expire by the second anyway.
+            let last = self.last_full_prune.load(Ordering::Relaxed);
+            if last != now
+                && self.last_full_prune.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            {
+                self.prune(now);
+            }
             if self.len.load(Ordering::Relaxed) >= self.capacity {
                 tracing::warn!(
                     capacity = self.capacity,

@@ -305,3 +305,43 @@ async fn idle_signed_polls_never_touch_the_store() {
     assert!(app.state.nonces.len() >= 101, "every poll was signed and its nonce remembered");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_signed_body_from_a_caller_without_a_valid_token_is_refused_unread() {
+    let app = spawn_app().await;
+    let mut signer = enroll(&app).await;
+    signer.pair.access_token = "not-a-jwt".into();
+    // Had the body been buffered, its size would answer 413 first.
+    let big = vec![b' '; tether_server::error::DEFAULT_BODY_LIMIT + 1];
+    let res = send_signed(&app, &signer, &signer.key, reqwest::Method::POST, HEARTBEAT, &big).await;
+    assert_unauthenticated(res, "refused from the headers").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_badly_signed_request_does_not_make_the_agent_look_online() {
+    let app = spawn_app_with(|c| c.seen_flush_interval = Duration::from_millis(50)).await;
+    let signer = enroll(&app).await;
+    let before = app.admin.get_agent(signer.pair.agent_id).await.expect("agent").last_seen;
+    let stranger = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    for _ in 0..3 {
+        let res = send_signed(&app, &signer, &stranger, reqwest::Method::GET, POLL, b"").await;
+        assert_unauthenticated(res, "signed with another key").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = app.admin.get_agent(signer.pair.agent_id).await.expect("agent").last_seen;
+    assert_eq!(after, before, "a token without its key is not a sign of life");
+    // A correctly signed poll is.
+    let res = send_signed(&app, &signer, &signer.key, reqwest::Method::GET, POLL, b"").await;
+    assert_eq!(res.status(), 204);
+    let mut seen = false;
+    for _ in 0..50 {
+        if app.admin.get_agent(signer.pair.agent_id).await.expect("agent").last_seen != before {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "a verified poll updates last_seen");
+    app.stop().await;
+}
