@@ -216,9 +216,22 @@ async fn login_saves_private_credentials_that_later_commands_use() {
     let ids: Vec<&str> = agents.as_array().expect("array").iter().filter_map(|a| a["id"].as_str()).collect();
     assert_eq!(ids, vec![agent_id.to_string()]);
 
-    // The saved token is a personal API token named after this host.
+    // The saved token is a personal API token named after this host, and it expires.
     let tokens = server.admin().list_api_tokens().await.expect("tokens");
-    assert!(tokens.iter().any(|t| t.name.starts_with("cli@")), "{tokens:?}");
+    let cli_tokens: Vec<_> = tokens.iter().filter(|t| t.name.starts_with("cli@")).collect();
+    assert_eq!(cli_tokens.len(), 1, "{tokens:?}");
+    assert!(cli_tokens[0].expires_at.is_some(), "login tokens expire");
+
+    // Logging in again replaces the token and revokes the one it replaced.
+    let mut again = tether(home.path());
+    again.args(["login", "--user", "admin"]).env("TETHER_PASSWORD", ADMIN_PASSWORD);
+    output(again).await.assert_ok();
+    let tokens = server.admin().list_api_tokens().await.expect("tokens");
+    let live: Vec<_> = tokens.iter().filter(|t| t.name.starts_with("cli@") && t.revoked_at.is_none()).collect();
+    assert_eq!(live.len(), 1, "only the new login token is live: {tokens:?}");
+    assert_ne!(live[0].id, cli_tokens[0].id);
+    let err = Client::new(&server.base).expect("client").with_bearer(token).list_api_tokens().await;
+    assert_eq!(err.expect_err("old token revoked").status(), Some(401));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,6 +256,21 @@ async fn login_with_a_wrong_password_fails_and_saves_nothing() {
     login.args(["login", "--server", &server.base, "--token", &server.admin_token]);
     output(login).await.assert_ok();
     assert!(home.path().join("config/tether/credentials.json").exists());
+
+    // --token-stdin keeps the token out of the process list.
+    let other = tempfile::tempdir().expect("home");
+    let mut login = tether(other.path());
+    login.args(["login", "--server", &server.base, "--token-stdin"]).stdin(Stdio::piped());
+    let mut child = login.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, format!("{}\n", server.admin_token).as_bytes())
+        .await
+        .expect("write");
+    drop(stdin);
+    let status = child.wait().await.expect("wait");
+    assert!(status.success());
+    let saved = std::fs::read_to_string(other.path().join("config/tether/credentials.json")).expect("saved");
+    assert!(saved.contains(&server.admin_token));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -254,7 +282,10 @@ async fn enroll_tokens_are_created_listed_and_revoked() {
     let out =
         cli(&server, home.path(), &token, &["enroll-tokens", "create", "--label", "role=web", "--uses", "3"]).await;
     out.assert_ok();
-    assert!(out.stdout.contains(&format!("tether agent --server {} --enroll-token ", server.base)), "{}", out.stdout);
+    let secret = out.stdout.split_whitespace().find(|w| w.starts_with("tte_")).expect("secret printed");
+    assert_eq!(out.stdout.matches(secret).count(), 1, "the secret is printed once: {}", out.stdout);
+    assert!(out.stdout.contains("TETHER_ENROLL_TOKEN="), "{}", out.stdout);
+    assert!(out.stdout.contains(&format!("tether agent --server {}", server.base)), "{}", out.stdout);
 
     let out = cli(&server, home.path(), &token, &["enroll-tokens", "create", "--label", "role=db", "-o", "json"]).await;
     out.assert_ok();

@@ -8,7 +8,7 @@ use tether_proto::agent::Agent;
 
 use super::{
     Ctx, Output, api_error, collect_pages, fields_table, fmt_labels, fmt_opt, fmt_time, labels_from, parse_label,
-    print_json, table, wire_name,
+    print_json, print_table, table, wire_name,
 };
 
 #[derive(Debug, Subcommand)]
@@ -91,7 +91,7 @@ fn print_list(output: Output, agents: &[Agent]) -> anyhow::Result<()> {
             fmt_time(a.last_seen),
         ]);
     }
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     println!("{} agent(s)", agents.len());
     Ok(())
 }
@@ -114,6 +114,6 @@ fn print_one(output: Output, a: &Agent) -> anyhow::Result<()> {
         ("revoked", fmt_time(a.revoked_at)),
         ("facts", facts),
     ]);
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     Ok(())
 }

@@ -9,7 +9,7 @@ use tether_proto::user::AuditRow;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Ctx, Output, api_error, collect_pages, fmt_opt, fmt_time, print_json, table};
+use super::{Ctx, Output, api_error, collect_pages, fmt_opt, fmt_time, print_json, print_table, table};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -125,7 +125,7 @@ fn print_rows(output: Output, rows: &[AuditRow]) -> anyhow::Result<()> {
             fmt_opt(r.ip.as_deref()),
         ]);
     }
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     Ok(())
 }
 

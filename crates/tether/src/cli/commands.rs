@@ -1,11 +1,16 @@
 //! `tether commands list|show|cancel` and `tether batches show|cancel`.
 
+use std::io::IsTerminal;
+
 use clap::Subcommand;
 use tether_client::CommandQuery;
 use tether_proto::command::{Batch, Command, CommandStatus};
 use tether_proto::{AgentId, BatchId, CommandId};
 
-use super::{Ctx, Output, api_error, collect_pages, fields_table, fmt_opt, fmt_time, print_json, table, wire_name};
+use super::{
+    Ctx, Output, api_error, collect_pages, fields_table, fmt_opt, fmt_time, print_json, print_table, table,
+    terminal_safe, wire_name,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum CommandsCommand {
@@ -114,7 +119,7 @@ fn print_list(output: Output, commands: &[Command]) -> anyhow::Result<()> {
             fmt_time(c.finished_at),
         ]);
     }
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     println!("{} command(s)", commands.len());
     Ok(())
 }
@@ -145,11 +150,14 @@ fn print_one(output: Output, c: &Command) -> anyhow::Result<()> {
         ("finished", fmt_time(c.finished_at)),
         ("expires", fmt_time(Some(c.expires_at))),
     ]);
-    println!("{}", t.trim_fmt());
-    // Output verbatim, outside the table, so it can be copied as is.
+    print_table(&t);
+    // Output outside the table, so it can be copied as is; verbatim only
+    // when it goes to a file or pipe, not to a terminal it could drive.
+    let to_terminal = std::io::stdout().is_terminal();
     for (label, text) in [("stdout", &c.stdout), ("stderr", &c.stderr)] {
         println!("--- {label} ---");
         if !text.is_empty() {
+            let text = if to_terminal { terminal_safe(text) } else { std::borrow::Cow::Borrowed(text.as_str()) };
             print!("{text}");
             if !text.ends_with('\n') {
                 println!();
@@ -174,6 +182,6 @@ fn print_batch(output: Output, b: &Batch) -> anyhow::Result<()> {
         ("commands", b.total.to_string()),
         ("counts", if counts.is_empty() { "-".to_owned() } else { counts }),
     ]);
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     Ok(())
 }

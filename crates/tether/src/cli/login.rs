@@ -26,19 +26,31 @@ pub struct LoginArgs {
     /// User to log in as (asked for when missing)
     #[arg(long, env = "TETHER_USER", value_name = "NAME")]
     user: Option<String>,
-    /// Save this existing API token instead of creating one with a password (it is checked first)
-    #[arg(long, value_name = "TOKEN")]
+    /// Save this existing API token instead of creating one with a password
+    /// (it is checked first). Visible to other users in `ps`: prefer --token-stdin
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_stdin")]
     token: Option<String>,
+    /// Read the API token to save from the first line of standard input
+    #[arg(long)]
+    token_stdin: bool,
     /// PEM file with the CA(s) of a server whose certificate a private CA signed; only these are trusted
     #[arg(long, env = "TETHER_CA_FILE", value_name = "FILE")]
     ca_file: Option<std::path::PathBuf>,
 }
+
+/// Lifetime of the API token `tether login` creates: a forgotten laptop
+/// login should not stay valid forever.
+const LOGIN_TOKEN_LIFETIME_S: u64 = 30 * 86_400;
 
 /// What `tether login` saves.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct SavedLogin {
     pub server: String,
     pub token: String,
+    /// Set when `tether login` created the token, so that logging in again
+    /// can revoke it; a token the user brought is theirs to manage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_token_id: Option<String>,
 }
 
 impl std::fmt::Debug for SavedLogin {
@@ -57,11 +69,13 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
     let server = normalize_server(&server);
     let anon = super::client_for(&server, args.ca_file.as_deref())?;
 
-    let token = match args.token.filter(|t| !t.is_empty()) {
+    let previous = load_from(&path).ok().flatten().filter(|p| normalize_server(&p.server) == server);
+    let given = if args.token_stdin { Some(read_token_line()?) } else { args.token.filter(|t| !t.is_empty()) };
+    let (token, created_token_id) = match given {
         Some(token) => {
             // Any authenticated read proves the token works.
             anon.clone().with_bearer(token.clone()).list_api_tokens().await.map_err(login_error)?;
-            token
+            (token, None)
         }
         None => {
             let user = match args.user.filter(|u| !u.is_empty()) {
@@ -73,13 +87,24 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
                 None => rpassword::prompt_password(format!("password for {user} at {server}: "))
                     .context("cannot read the password (no terminal?); set TETHER_PASSWORD")?,
             };
-            let basic = anon.with_credentials(Credentials::Basic { username: user, password });
-            let req = CreateApiToken { name: format!("cli@{}", hostname()), expires_in_s: None };
-            basic.create_api_token(&req).await.map_err(login_error)?.token
+            let basic = anon.clone().with_credentials(Credentials::Basic { username: user, password });
+            let req =
+                CreateApiToken { name: format!("cli@{}", hostname()), expires_in_s: Some(LOGIN_TOKEN_LIFETIME_S) };
+            let created = basic.create_api_token(&req).await.map_err(login_error)?;
+            (created.token, Some(created.id))
         }
     };
 
-    save_to(&path, &SavedLogin { server: server.clone(), token })?;
+    save_to(&path, &SavedLogin { server: server.clone(), token: token.clone(), created_token_id })?;
+    // The token this login replaces would otherwise live on unused: revoke it
+    // with itself (best effort: it may have expired or been revoked already).
+    if let Some(old) = previous
+        && old.token != token
+        && let Some(id) = &old.created_token_id
+        && let Err(e) = anon.with_bearer(old.token.clone()).revoke_api_token(id).await
+    {
+        tracing::debug!(error = %e, "Could not revoke the previously saved login token");
+    }
     println!("logged in to {server}; credentials saved in {}", path.display());
     Ok(())
 }
@@ -91,6 +116,16 @@ fn login_error(e: ClientError) -> anyhow::Error {
         ClientError::Http(_) => anyhow::Error::new(e).context("cannot reach the server"),
         _ => anyhow::Error::new(e),
     }
+}
+
+fn read_token_line() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("cannot read the token from standard input")?;
+    let token = line.trim().to_owned();
+    if token.is_empty() {
+        bail!("--token-stdin: standard input held no token");
+    }
+    Ok(token)
 }
 
 fn ask_user() -> anyhow::Result<String> {
@@ -207,7 +242,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("cfg/tether/credentials.json");
         assert_eq!(load_from(&path).expect("missing is fine"), None);
-        let login = SavedLogin { server: "http://a:1".into(), token: "tth_secret".into() };
+        let login =
+            SavedLogin { server: "http://a:1".into(), token: "tth_secret".into(), created_token_id: Some("id".into()) };
         save_to(&path, &login).expect("saves");
         let replaced = SavedLogin { token: "tth_other".into(), ..login };
         save_to(&path, &replaced).expect("replaces");
@@ -230,7 +266,8 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_token() {
-        let login = SavedLogin { server: "http://a:1".into(), token: "tth_secret".into() };
+        let login =
+            SavedLogin { server: "http://a:1".into(), token: "tth_secret".into(), created_token_id: Some("id".into()) };
         assert!(!format!("{login:?}").contains("tth_secret"));
     }
 }

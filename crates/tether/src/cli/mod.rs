@@ -11,6 +11,7 @@ mod run;
 mod tokens;
 mod users;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
@@ -283,6 +284,29 @@ where
     Ok(items)
 }
 
+/// Text an agent controls (its output, name, hostname) shown on the
+/// operator's terminal: control characters other than newline and tab are
+/// printed escaped, so a compromised agent cannot drive the terminal with
+/// escape sequences.
+pub fn terminal_safe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+pub fn print_table(table: &Table) {
+    println!("{}", terminal_safe(&table.trim_fmt()));
+}
+
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value).context("cannot encode the answer as JSON")?);
     Ok(())
@@ -335,7 +359,7 @@ mod tests {
     use login::SavedLogin;
 
     fn saved(server: &str) -> SavedLogin {
-        SavedLogin { server: server.into(), token: "tth_saved".into() }
+        SavedLogin { server: server.into(), token: "tth_saved".into(), created_token_id: None }
     }
 
     fn bearer(c: &Credentials) -> Option<&str> {
@@ -408,6 +432,13 @@ mod tests {
             assert!(parse_label(bad).is_err(), "{bad:?}");
         }
         assert!(parse_label(&format!("{}=v", "k".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn control_characters_from_agents_are_shown_escaped() {
+        assert!(matches!(terminal_safe("plain\ttext\n"), Cow::Borrowed(_)));
+        assert_eq!(terminal_safe("\u{1b}]0;pwned\u{7}ok\r"), "\\u{1b}]0;pwned\\u{7}ok\\r");
+        assert_eq!(terminal_safe("a\u{9b}31mb"), "a\\u{9b}31mb", "C1 controls too");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tether_proto::command::{
 use tether_proto::{AgentId, BatchId};
 use tokio::time::Instant;
 
-use super::{GlobalOpts, Output, api_error, collect_pages, labels_from, parse_label, print_json, table};
+use super::{GlobalOpts, Output, api_error, collect_pages, labels_from, parse_label, print_json, print_table, table};
 
 const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Width of the stdout/stderr excerpts in the results table.
@@ -118,7 +118,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     commands.sort_by_key(|c| c.agent_id);
     match ctx.output {
         Output::Json => print_json(&commands)?,
-        Output::Table => println!("{}", results_table(&commands).trim_fmt()),
+        Output::Table => print_table(&results_table(&commands)),
     }
 
     let finished = commands.iter().filter(|c| c.status.is_terminal()).count();

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use tether_proto::agent::{CreateEnrollToken, EnrollToken};
 use tether_proto::user::{ApiToken, CreateApiToken};
 
-use super::{Ctx, Output, api_error, fmt_labels, fmt_time, labels_from, parse_label, print_json, table};
+use super::{Ctx, Output, api_error, fmt_labels, fmt_time, labels_from, parse_label, print_json, print_table, table};
 
 #[derive(Debug, Subcommand)]
 pub enum EnrollTokensCommand {
@@ -61,8 +61,9 @@ pub async fn run_enroll(ctx: &Ctx, command: EnrollTokensCommand) -> anyhow::Resu
             println!("enrollment token {} created ({uses} use(s), valid for {expires_in}s)", created.id);
             println!("secret (shown only this once): {}", created.token);
             println!();
-            println!("on the machine to enroll, run:");
-            println!("  tether agent --server {} --enroll-token {}", ctx.server, created.token);
+            // Through the environment: a flag would show the secret in `ps` there.
+            println!("on the machine to enroll, run (with the secret above):");
+            println!("  TETHER_ENROLL_TOKEN=tte_… tether agent --server {}", ctx.server);
             Ok(())
         }
         EnrollTokensCommand::List => {
@@ -144,7 +145,7 @@ fn print_enroll_tokens(output: Output, tokens: &[EnrollToken]) -> anyhow::Result
             fmt_time(Some(tok.expires_at)),
         ]);
     }
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     Ok(())
 }
 
@@ -162,6 +163,6 @@ fn print_api_tokens(output: Output, tokens: &[ApiToken]) -> anyhow::Result<()> {
             fmt_time(tok.revoked_at),
         ]);
     }
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     Ok(())
 }

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use rand::distr::{Alphanumeric, SampleString};
 use tether_proto::user::{CreateUser, MIN_PASSWORD_LEN, UpdateUser, User};
 
-use super::{Ctx, Output, api_error, fmt_time, print_json, table};
+use super::{Ctx, Output, api_error, fmt_time, print_json, print_table, table};
 
 /// Length of a generated password: ~119 bits from [A-Za-z0-9].
 const GENERATED_PASSWORD_LEN: usize = 20;
@@ -212,6 +212,6 @@ fn print_users(output: Output, users: &[User]) -> anyhow::Result<()> {
             fmt_time(Some(u.created_at)),
         ]);
     }
-    println!("{}", t.trim_fmt());
+    print_table(&t);
     Ok(())
 }
