@@ -109,4 +109,19 @@ grant = authorize(short_base)
 time.sleep(grant["expires_in"] + 0.5)
 expect_error(session, grant["device_code"], "expired_token", short_base)
 
+# RFC 8628 §3.4: client_id is required on the poll; a wrong one is
+# invalid_client, answered 400 (RFC 6749 §5.2: 401 only with WWW-Authenticate)
+grant = authorize()
+for form, status, error in [
+    ({}, 400, "invalid_request"),
+    ({"client_id": "someone-else"}, 400, "invalid_client"),
+]:
+    r = requests.post(
+        f"{base}/oauth/token",
+        data={"grant_type": DEVICE_GRANT, "device_code": grant["device_code"], **form},
+        timeout=10,
+    )
+    assert (r.status_code, r.json()["error"]) == (status, error), (form, r.status_code, r.text)
+    assert "WWW-Authenticate" not in r.headers, r.headers
+
 print("device flow OK")

@@ -30,7 +30,7 @@ pub async fn enroll(base: &Client, public_key: &str, hostname: &str) -> Result<T
         }
         other => other,
     })?;
-    announce(&auth);
+    announce(&auth, &fingerprint(public_key));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(auth.expires_in);
     let mut interval_s = auth.interval.max(MIN_INTERVAL_S);
     loop {
@@ -96,7 +96,19 @@ fn expired() -> Failure {
 /// Tells the person at the console what to do. The user code is not a
 /// secret (approving needs operator credentials); the device code is, and
 /// is never printed.
-fn announce(auth: &DeviceAuthorization) {
+/// The fingerprint the approval page and `tether device approve` show for
+/// this key, so the person approving can match code and machine.
+fn fingerprint(public_key: &str) -> String {
+    use base64::Engine;
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(public_key) {
+        Ok(raw) => tether_proto::agent::key_fingerprint(&raw),
+        // The key is our own, encoded by `public_key_text`; should that ever
+        // change, show no fingerprint rather than a wrong one.
+        Err(_) => "unknown".to_owned(),
+    }
+}
+
+fn announce(auth: &DeviceAuthorization, fingerprint: &str) {
     let minutes = auth.expires_in.div_ceil(60);
     let mut text = String::new();
     text.push_str("\nThis agent is not enrolled. To enroll it, approve this code within ");
@@ -106,6 +118,7 @@ fn announce(auth: &DeviceAuthorization) {
         text.push_str(&format!("  or open  {complete}\n"));
     }
     text.push_str(&format!("  or run   tether device approve {} --label key=value\n\n", auth.user_code));
+    text.push_str(&format!("Approve only if the server shows this key fingerprint: {fingerprint}\n\n"));
     eprint!("{text}");
     tracing::info!(user_code = %auth.user_code, verification_uri = %auth.verification_uri, "Waiting for device approval");
 }

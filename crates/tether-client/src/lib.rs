@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::agent::{
     Agent, CreateEnrollToken, CreatedEnrollToken, DEVICE_CLIENT_ID, DEVICE_GRANT_TYPE, DeviceAuthorization,
-    DeviceDecision, EnrollRequest, EnrollToken, OAuthError, RefreshRequest, RevokeRequest, TokenPair,
+    DeviceDecision, DeviceDetails, EnrollRequest, EnrollToken, OAuthError, RefreshRequest, RevokeRequest, TokenPair,
 };
 use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
 use tether_proto::signal::Updates;
@@ -502,13 +502,14 @@ impl Client {
         self.post(&format!("api/v1/batches/{id}/cancel"), &serde_json::json!({})).await
     }
 
-    /// Approves a pending device (RFC 8628) with these labels.
-    pub async fn approve_device(&self, req: &DeviceDecision) -> Result<serde_json::Value> {
+    /// Approves a pending device (RFC 8628) with these labels; returns what
+    /// the server knows about the device that asked.
+    pub async fn approve_device(&self, req: &DeviceDecision) -> Result<DeviceDetails> {
         self.post("api/v1/device/approve", req).await
     }
 
     /// Denies a pending device; its agent stops polling with `access_denied`.
-    pub async fn deny_device(&self, user_code: &str) -> Result<serde_json::Value> {
+    pub async fn deny_device(&self, user_code: &str) -> Result<DeviceDetails> {
         let req = DeviceDecision { user_code: user_code.to_owned(), labels: Default::default() };
         self.post("api/v1/device/deny", &req).await
     }

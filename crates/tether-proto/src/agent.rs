@@ -5,6 +5,8 @@ use serde_json::Value;
 
 use crate::{AgentId, Labels, Timestamp};
 
+pub mod user_code;
+
 /// Limits on labels (SPEC §11 caps).
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_LEN: usize = 63;
@@ -238,4 +240,52 @@ pub struct DeviceDecision {
     pub user_code: String,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+}
+
+/// Hex digits of an agent key fingerprint: 64 bits, enough for a person to
+/// compare by eye, not meant to resist a targeted second-preimage search.
+pub const KEY_FINGERPRINT_LEN: usize = 16;
+
+/// The short fingerprint of a raw Ed25519 public key: the first
+/// [`KEY_FINGERPRINT_LEN`] lowercase hex digits of its SHA-256. The agent
+/// prints it beside its user code and the approval page shows it, so an
+/// operator can check that the code belongs to the machine in front of them.
+pub fn key_fingerprint(raw_public_key: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(raw_public_key);
+    digest.iter().take(KEY_FINGERPRINT_LEN / 2).map(|b| format!("{b:02x}")).collect()
+}
+
+/// What an operator deciding a user code is told about the device behind it
+/// (RFC 8628 §5.4: a person must be able to tell whether this is the device
+/// they meant before approving). The `data` of `POST /api/v1/device/approve`
+/// and `…/deny`, with `approved: true` or `denied: true` beside it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceDetails {
+    /// `XXXX-XXXX`.
+    pub user_code: String,
+    /// The hostname the agent sent; the agent chose it, so it proves nothing alone.
+    pub hostname: String,
+    /// The address the authorization request came from, as the server saw it.
+    #[serde(default)]
+    pub requested_ip: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: Timestamp,
+    /// First 16 hex digits of SHA-256 over the raw 32-byte agent public key;
+    /// the agent prints the same next to its code.
+    pub key_fingerprint: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_fingerprints_are_16_hex_digits_of_sha256() {
+        // SHA-256 of 32 zero bytes is 66687aadf862bd77…
+        assert_eq!(key_fingerprint(&[0; 32]), "66687aadf862bd77");
+        assert_ne!(key_fingerprint(&[1; 32]), key_fingerprint(&[0; 32]));
+    }
 }

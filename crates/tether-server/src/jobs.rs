@@ -1,11 +1,18 @@
-//! Background jobs owned by the server's task tracker: the command sweeper
-//! and the batched `last_seen` flush. Each stops when shutdown is signalled.
+//! Background jobs owned by the server's task tracker: the command sweeper,
+//! retention (signals, device grants, limiter keys, nonces) and the batched
+//! `last_seen` flush. Each stops when shutdown is signalled.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::state::AppState;
+
+/// Device grants are deleted this long after they expire. Redemption
+/// happens before expiry and a lost-response retry within 30 s of it, so
+/// an hour keeps every grant a poll can still use, and meanwhile a late
+/// poll hears `expired_token` rather than `invalid_grant`.
+const DEVICE_GRANT_KEEP_MS: i64 = 3_600_000;
 
 /// Expires, loses and releases commands once per `interval`.
 pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToken) {
@@ -28,8 +35,8 @@ pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToke
     }
 }
 
-/// Drops signals beyond the retention (age and count), idle rate-limit keys
-/// and expired request nonces once per `interval`.
+/// Drops signals beyond the retention (age and count), old device grants,
+/// idle rate-limit keys and expired request nonces once per `interval`.
 pub async fn retention(state: AppState, interval: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -49,6 +56,13 @@ pub async fn retention(state: AppState, interval: Duration, stop: CancellationTo
                 state.streams.set_floors(&floors);
             }
             Err(e) => tracing::warn!(error = %e, "Signal retention failed"),
+        }
+        // Here rather than on each authorization request: one indexed delete
+        // per interval instead of a write on the hot path of a flood.
+        match state.store.prune_device_grants(state.clock.now_ms() - DEVICE_GRANT_KEEP_MS).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(grants = n, "Deleted expired device grants"),
+            Err(e) => tracing::warn!(error = %e, "Device grant retention failed"),
         }
     }
 }

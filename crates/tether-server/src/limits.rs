@@ -1,5 +1,6 @@
 //! Abuse limits (SPEC §11): token buckets per agent, per user and per
-//! client IP (unauthenticated routes only), and the login failure windows.
+//! client IP (unauthenticated routes only), the login failure windows and
+//! the wrong-user-code window of the device flow.
 //! Buckets are per replica. A refused request gets 429 with `Retry-After`.
 
 use std::collections::VecDeque;
@@ -33,6 +34,12 @@ pub struct LimitConfig {
     pub login_failures_per_user_ip: usize,
     pub login_failures_per_ip: usize,
     pub login_window_s: u64,
+    /// Wrong or unknown RFC 8628 user codes per client IP in
+    /// `device_code_window_s` (approvals, denials and `/device` lookups
+    /// together); a window of its own so mistyped codes behind one NAT do
+    /// not lock out password logins, nor failed logins code entry.
+    pub device_code_failures_per_ip: usize,
+    pub device_code_window_s: u64,
 }
 
 impl Default for LimitConfig {
@@ -53,6 +60,12 @@ impl Default for LimitConfig {
             login_failures_per_user_ip: 5,
             login_failures_per_ip: 20,
             login_window_s: 60,
+            // 10 a minute is plenty for people typing codes; with 20^8
+            // codes and at most 10,000 pending, one IP guessing at this rate
+            // hits a pending code about once in 2.6 × 10^5 minutes (half a
+            // year), and a hit shows the device's details, never approves it.
+            device_code_failures_per_ip: 10,
+            device_code_window_s: 60,
         }
     }
 }
@@ -96,6 +109,7 @@ pub struct Limits {
     ip: DefaultKeyedRateLimiter<IpAddr>,
     refresh: DefaultKeyedRateLimiter<String>,
     login: FailureWindow,
+    device_codes: FailureWindow,
 }
 
 /// The 429 answer: envelope params and `Retry-After` (SPEC §2).
@@ -126,6 +140,7 @@ impl Limits {
             ip: DefaultKeyedRateLimiter::keyed(quota(config.ip_per_s, config.ip_burst)),
             refresh: DefaultKeyedRateLimiter::keyed(quota(config.refresh_per_s, config.refresh_burst)),
             login: FailureWindow::default(),
+            device_codes: FailureWindow::default(),
             config,
         }
     }
@@ -174,6 +189,27 @@ impl Limits {
         self.login.record(ip, now);
     }
 
+    /// Refuses user-code checks from an IP with too many recent wrong codes.
+    pub fn device_code_allowed(&self, ip: Option<IpAddr>, now: Millis) -> Result<(), ApiError> {
+        let window = self.config.device_code_window_s as Millis * 1000;
+        let key = ip.map(|i| i.to_string()).unwrap_or_default();
+        match self.device_codes.blocked(&key, self.config.device_code_failures_per_ip, window, now) {
+            Some(retry) => Err(rate_limited(
+                retry,
+                format!(
+                    "{} wrong user codes per {} s",
+                    self.config.device_code_failures_per_ip, self.config.device_code_window_s
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a wrong, malformed or unknown user code against this IP.
+    pub fn device_code_failed(&self, ip: Option<IpAddr>, now: Millis) {
+        self.device_codes.record(ip.map(|i| i.to_string()).unwrap_or_default(), now);
+    }
+
     /// Forgets idle keys so the maps stay bounded.
     pub fn prune(&self, now: Millis) {
         self.agent.retain_recent();
@@ -182,6 +218,7 @@ impl Limits {
         self.ip.retain_recent();
         self.refresh.retain_recent();
         self.login.prune(self.config.login_window_s as Millis * 1000, now);
+        self.device_codes.prune(self.config.device_code_window_s as Millis * 1000, now);
     }
 }
 
@@ -206,6 +243,27 @@ mod tests {
             limits.login_failed(Some(b), &format!("user{i}"), 0);
         }
         assert!(limits.login_allowed(Some(b), "fresh-name", 10).is_err(), "20 per IP");
+    }
+
+    #[test]
+    fn wrong_user_codes_have_their_own_window_apart_from_logins() {
+        let limits = Limits::new(LimitConfig::default());
+        let nat: IpAddr = "10.0.0.3".parse().expect("ip");
+        for _ in 0..10 {
+            assert!(limits.device_code_allowed(Some(nat), 0).is_ok());
+            limits.device_code_failed(Some(nat), 0);
+        }
+        assert!(limits.device_code_allowed(Some(nat), 1_000).is_err(), "10 wrong codes per IP");
+        assert!(limits.login_allowed(Some(nat), "admin", 1_000).is_ok(), "password logins are not affected");
+        assert!(limits.device_code_allowed(Some("10.0.0.4".parse().expect("ip")), 1_000).is_ok(), "another IP");
+        assert!(limits.device_code_allowed(Some(nat), 60_000).is_ok(), "the window passed");
+
+        // And the other way round: failed logins do not block code entry.
+        for i in 0..20 {
+            limits.login_failed(Some(nat), &format!("user{i}"), 70_000);
+        }
+        assert!(limits.login_allowed(Some(nat), "admin", 70_000).is_err());
+        assert!(limits.device_code_allowed(Some(nat), 70_000).is_ok());
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub retention_interval: std::time::Duration,
     /// Lifetime of an RFC 8628 device code (SPEC §3: 600 s).
     pub device_code_ttl_s: u64,
+    /// Most unexpired device grants waiting for an operator; beyond it
+    /// `/oauth/device_authorization` answers 503 `temporarily_unavailable`.
+    pub max_pending_device_grants: u64,
     /// Mark session cookies `Secure`; [`crate::Server::start`] turns it on
     /// when `tls` is set (it may also be set behind a TLS-terminating proxy).
     pub secure_cookies: bool,
@@ -58,6 +61,7 @@ impl ServerConfig {
             secure_cookies: false,
             tls: None,
             device_code_ttl_s: 600,
+            max_pending_device_grants: 10_000,
             signal_max_age: std::time::Duration::from_secs(7 * 86_400),
             signal_max_per_agent: 10_000,
             retention_interval: std::time::Duration::from_secs(60),

@@ -87,7 +87,45 @@ pub struct NewDeviceGrant {
     pub hostname: String,
     pub expires_at: Millis,
     pub interval_s: u32,
+    /// The address the request came from, shown to the approving operator.
+    pub requested_ip: Option<String>,
+    /// Refuse the grant when this many unexpired grants are already pending.
+    pub max_pending: u64,
     pub now: Millis,
+}
+
+/// Whether a device grant was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewGrantOutcome {
+    Created,
+    /// `max_pending` unexpired grants are waiting for an operator already.
+    TooManyPending,
+}
+
+/// A device grant as the approving operator sees it (RFC 8628 §5.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGrantInfo {
+    /// Canonical form (8 letters, no dash).
+    pub user_code: String,
+    pub hostname: String,
+    pub requested_ip: Option<String>,
+    pub requested_at: Millis,
+    /// Raw 32-byte Ed25519 key of the requesting agent.
+    pub public_key: Vec<u8>,
+    pub labels: Labels,
+}
+
+/// An approved grant turned into an agent by a token poll.
+#[derive(Debug, Clone)]
+pub struct DeviceRedeemed {
+    pub agent: AgentRecord,
+    /// The user who approved the grant (`decided_by`).
+    pub approved_by: String,
+    /// Canonical form (8 letters, no dash).
+    pub user_code: String,
+    /// A repeat of the redeeming poll within the grace whose first answer
+    /// was lost: same agent, new refresh token, the earlier one revoked.
+    pub lost_response_retry: bool,
 }
 
 /// The answer to a device-code poll (RFC 8628 §3.5).
@@ -102,7 +140,7 @@ pub enum DevicePoll {
     Expired,
     /// Unknown or already redeemed device code.
     Invalid,
-    Approved(Box<AgentRecord>),
+    Approved(Box<DeviceRedeemed>),
 }
 
 /// A user row for listings.
@@ -393,8 +431,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<RefreshOutcome>;
 
     // --- RFC 8628 device grants
-    async fn create_device_grant(&self, grant: NewDeviceGrant) -> Result<()>;
-    /// Approves (with labels) or denies a pending, unexpired grant; `NotFound` otherwise.
+    /// Creates a pending grant unless `max_pending` unexpired ones are
+    /// pending already; `Conflict` when the user code is taken.
+    async fn create_device_grant(&self, grant: NewDeviceGrant) -> Result<NewGrantOutcome>;
+    /// The pending, unexpired grant with this (canonical) user code.
+    async fn pending_device_grant(&self, user_code: &str, now: Millis) -> Result<Option<DeviceGrantInfo>>;
+    /// Approves (with labels) or denies a pending, unexpired grant and
+    /// returns what it was; `NotFound` otherwise.
     async fn decide_device_grant(
         &self,
         user_code: &str,
@@ -402,16 +445,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         labels: &Labels,
         decided_by: &str,
         now: Millis,
-    ) -> Result<()>;
+    ) -> Result<DeviceGrantInfo>;
     /// One token-endpoint poll: enforces the interval (slow_down) and, once
-    /// approved, creates the agent with its first refresh token.
+    /// approved, creates the agent with its first refresh token. A repeat of
+    /// the redeeming poll within `grace_ms`, while the refresh token it
+    /// issued is unused, re-issues for the same agent (a lost response).
     async fn poll_device_grant(
         &self,
         device_code_hash: [u8; 32],
         new_agent: AgentId,
         refresh_hash: [u8; 32],
+        grace_ms: Millis,
         now: Millis,
     ) -> Result<DevicePoll>;
+    /// Deletes grants that expired before `before`; returns how many.
+    async fn prune_device_grants(&self, before: Millis) -> Result<u64>;
 
     // --- the stream
     /// Signals with `seq > after`, oldest first.

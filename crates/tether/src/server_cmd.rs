@@ -20,8 +20,8 @@ pub struct ServerArgs {
     /// Directory for the embedded SQLite database and server keys.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
-    /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `require_signed_requests`,
-    /// `max_remembered_nonces`, `tls_cert`, `tls_key`).
+    /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `max_pending_device_grants`,
+    /// `require_signed_requests`, `max_remembered_nonces`, `tls_cert`, `tls_key`).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key); plain HTTP
@@ -41,6 +41,8 @@ struct FileConfig {
     limits: tether_server::limits::LimitConfig,
     /// Lifetime of RFC 8628 device codes in seconds (default 600).
     device_code_ttl_s: Option<u64>,
+    /// Cap on device grants waiting for approval (default 10,000).
+    max_pending_device_grants: Option<u64>,
     /// Refuse unsigned agent requests (SPEC §3; default false).
     #[serde(default)]
     require_signed_requests: bool,
@@ -77,6 +79,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.limits = file.limits;
     if let Some(ttl) = file.device_code_ttl_s {
         config.device_code_ttl_s = ttl;
+    }
+    if let Some(cap) = file.max_pending_device_grants {
+        config.max_pending_device_grants = cap;
     }
     config.require_signed_requests = file.require_signed_requests;
     if let Some(cap) = file.max_remembered_nonces {

@@ -787,6 +787,18 @@ async fn device_approve_and_deny_accept_any_code_form_and_set_labels() {
             .await;
     out.assert_ok();
     assert!(out.stdout.contains(&format!("approved device {}", auth.user_code)), "{}", out.stdout);
+    // What the server knows about the device is shown (RFC 8628 §5.4).
+    let fingerprint = tether_proto::agent::key_fingerprint(
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key().as_bytes(),
+    );
+    for shown in [
+        "hostname         dev-box",
+        "requested from   127.0.0.1",
+        "requested at",
+        &format!("key fingerprint  {fingerprint}"),
+    ] {
+        assert!(out.stdout.contains(shown), "{shown:?} missing from\n{}", out.stdout);
+    }
     let DeviceToken::Issued(pair) = anon.device_token(&auth.device_code).await.expect("poll") else {
         panic!("an approved device gets tokens");
     };
@@ -806,4 +818,9 @@ async fn device_approve_and_deny_accept_any_code_form_and_set_labels() {
     let out = cli(&server, home.path(), &admin, &["device", "approve", &auth.user_code]).await;
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("NOT_FOUND"), "{}", out.stderr);
+
+    // What cannot be a code is refused before it reaches the server.
+    let out = cli(&server, home.path(), &admin, &["device", "approve", "AEIO-UAEI"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("is not a device code"), "{}", out.stderr);
 }

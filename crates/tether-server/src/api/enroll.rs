@@ -16,7 +16,13 @@ use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
 
-const MAX_HOSTNAME_LEN: usize = 253;
+/// Longest DNS name (RFC 1035), for hostnames agents send at enrollment.
+pub const MAX_HOSTNAME_LEN: usize = 253;
+
+/// A hostname an agent may enroll with: 1–253 printable characters.
+pub fn hostname_ok(hostname: &str) -> bool {
+    !hostname.is_empty() && hostname.len() <= MAX_HOSTNAME_LEN && !hostname.chars().any(char::is_control)
+}
 
 /// Adds `Cache-Control: no-store`, required on every credential response.
 pub fn no_store(mut res: Response) -> Response {
@@ -45,7 +51,7 @@ pub async fn enroll(
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> ApiResult<Response> {
     let public_key = parse_public_key(&req.public_key)?;
-    if req.hostname.is_empty() || req.hostname.len() > MAX_HOSTNAME_LEN || req.hostname.chars().any(char::is_control) {
+    if !hostname_ok(&req.hostname) {
         return Err(ApiError::bad_request(
             "hostname",
             format!("hostname must be 1-{MAX_HOSTNAME_LEN} printable chars"),
@@ -227,14 +233,37 @@ pub fn oauth_error(status: StatusCode, error: &str, description: &str) -> Respon
     no_store(res)
 }
 
+/// An [`ApiError`] met on an `/oauth/*` route (the per-IP bucket of the
+/// `PublicCaller` extractor, the refresh-family bucket, the store) in RFC
+/// 6749 form: that RFC has no rate-limit error, so a 429 or 503 keeps its
+/// status and `Retry-After` and says `temporarily_unavailable`.
+pub fn oauth_api_error(e: &ApiError) -> Response {
+    let status = match e.key {
+        ErrorKey::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKey::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => {
+            tracing::error!(error = %e.what, "OAuth request failed");
+            return oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "try again");
+        }
+    };
+    let mut res = oauth_error(status, "temporarily_unavailable", &e.what);
+    if let Some(retry) = e.params.get("retry_after").and_then(serde_json::Value::as_u64) {
+        res.headers_mut().insert(header::RETRY_AFTER, retry.into());
+    }
+    res
+}
+
 /// `POST /oauth/token` (form-encoded, RFC 6749): refresh and device-code grants.
 pub async fn oauth_token(
     State(state): State<AppState>,
-    _: PublicCaller,
+    caller: Result<PublicCaller, ApiError>,
     ctx: AuditContext,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    if let Err(e) = caller {
+        return oauth_api_error(&e);
+    }
     let form = match OAuthForm::parse(&headers, &body) {
         Ok(f) => f,
         Err(res) => return *res,
@@ -267,15 +296,6 @@ pub async fn oauth_token(
             oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "refresh token is invalid")
         }
         Err(RefreshFailure::Revoked) => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "agent has been revoked"),
-        Err(RefreshFailure::Api(e)) if e.key == ErrorKey::RateLimited => {
-            // RFC 6749 has no rate-limit error; keep its format and add the
-            // usual 429 + Retry-After.
-            let mut res = oauth_error(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", &e.what);
-            if let Some(retry) = e.params.get("retry_after").and_then(serde_json::Value::as_u64) {
-                res.headers_mut().insert(axum::http::header::RETRY_AFTER, retry.into());
-            }
-            res
-        }
-        Err(RefreshFailure::Api(_)) => oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "try again"),
+        Err(RefreshFailure::Api(e)) => oauth_api_error(&e),
     }
 }

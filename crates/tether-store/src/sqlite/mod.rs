@@ -20,19 +20,14 @@ use tether_proto::{AgentId, BatchId, CommandId, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::{
-    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch, DevicePoll,
-    EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewDeviceGrant, NewEnrollToken, RefreshOutcome, Result,
-    ResultOutcome, Role, Store, StoreError, StoreStats, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch, DeviceGrantInfo,
+    DevicePoll, DeviceRedeemed, EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewDeviceGrant, NewEnrollToken,
+    NewGrantOutcome, RefreshOutcome, Result, ResultOutcome, Role, Store, StoreError, StoreStats, SweepOutcome, User,
+    UserRecord,
 };
 use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
-/// A query whose text is built from the column-list constants above (never from input).
-macro_rules! q_text {
-    ($($fmt:tt)*) => {
-        sqlx::AssertSqlSafe(format!($($fmt)*))
-    };
-}
-
+/// A query whose text is built from the column-list constants (never from input).
 macro_rules! q {
     ($($fmt:tt)*) => {
         sqlx::query(sqlx::AssertSqlSafe(format!($($fmt)*)))
@@ -108,6 +103,70 @@ async fn append_signal(
         .await?;
     Ok(Head { agent_id, epoch: epoch as u64, seq: seq as u64 })
 }
+
+/// Inserts a new agent (labels already final) and the first refresh token of
+/// a new family inside `tx`: the common half of both enrollment ways.
+async fn insert_agent(
+    tx: &mut Transaction<'static, Sqlite>,
+    agent: NewAgent,
+    refresh_hash: [u8; 32],
+    now: Millis,
+) -> Result<AgentRecord> {
+    let epoch = (now / 1000) as u64;
+    sqlx::query(
+        "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(uuid_text(agent.id))
+    .bind(&agent.hostname)
+    .bind(&agent.hostname)
+    .bind(json_text(&agent.labels))
+    .bind(agent.facts.to_string())
+    .bind(&agent.public_key)
+    .bind(epoch as i64)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)")
+        .bind(&refresh_hash[..])
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(uuid_text(agent.id))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(AgentRecord {
+        id: agent.id,
+        name: agent.hostname.clone(),
+        hostname: agent.hostname,
+        labels: agent.labels,
+        facts: agent.facts,
+        public_key: agent.public_key,
+        version: None,
+        applied_config_hash: None,
+        epoch,
+        head_seq: 0,
+        floor_seq: 0,
+        created_at: now,
+        last_seen: Some(now),
+        revoked_at: None,
+        revoke_reason: None,
+    })
+}
+
+/// The operator's view of a device grant row selected with [`GRANT_INFO_COLUMNS`].
+fn grant_info(row: &sqlx::sqlite::SqliteRow) -> Result<DeviceGrantInfo> {
+    Ok(DeviceGrantInfo {
+        user_code: row.get(0),
+        hostname: row.get(1),
+        requested_ip: row.get(2),
+        requested_at: row.get(3),
+        public_key: row.get(4),
+        labels: rows::parse_json(row.get::<&str, _>(5))?,
+    })
+}
+
+const GRANT_INFO_COLUMNS: &str = "user_code, hostname, requested_ip, created_at, public_key, labels";
 
 fn queued_ref(c: &Command) -> serde_json::Value {
     serde_json::to_value(CommandQueued {
@@ -442,47 +501,9 @@ impl Store for SqliteStore {
         // Operator-chosen labels on the token win over what the agent asks for.
         let mut labels = agent.labels;
         labels.extend(token_labels);
-        let epoch = (now / 1000) as u64;
-        sqlx::query(
-            "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(uuid_text(agent.id))
-        .bind(&agent.hostname)
-        .bind(&agent.hostname)
-        .bind(json_text(&labels))
-        .bind(agent.facts.to_string())
-        .bind(&agent.public_key)
-        .bind(epoch as i64)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)")
-            .bind(&refresh_hash[..])
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(uuid_text(agent.id))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let rec = insert_agent(&mut tx, NewAgent { labels, ..agent }, refresh_hash, now).await?;
         tx.commit().await?;
-        Ok(AgentRecord {
-            id: agent.id,
-            name: agent.hostname.clone(),
-            hostname: agent.hostname,
-            labels,
-            facts: agent.facts,
-            public_key: agent.public_key,
-            version: None,
-            applied_config_hash: None,
-            epoch,
-            head_seq: 0,
-            floor_seq: 0,
-            created_at: now,
-            last_seen: Some(now),
-            revoked_at: None,
-            revoke_reason: None,
-        })
+        Ok(rec)
     }
 
     async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>> {
@@ -668,20 +689,31 @@ impl Store for SqliteStore {
         Ok(RefreshOutcome::Rotated { agent_id, lost_response_retry })
     }
 
-    async fn create_device_grant(&self, g: NewDeviceGrant) -> Result<()> {
+    async fn create_device_grant(&self, g: NewDeviceGrant) -> Result<NewGrantOutcome> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM device_grants WHERE expires_at <= ?")
-            .bind(g.now - 3_600_000)
-            .execute(&mut *tx)
-            .await?;
+        // Counting stops at the cap, over the expires_at index: bounded work
+        // however many grants a flood left behind (retention deletes them).
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM device_grants
+             WHERE expires_at > ? AND status = 'pending' LIMIT ?)",
+        )
+        .bind(g.now)
+        .bind(g.max_pending as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        if pending as u64 >= g.max_pending {
+            return Ok(NewGrantOutcome::TooManyPending);
+        }
         let res = sqlx::query(
-            "INSERT INTO device_grants (device_code_hash, user_code, public_key, hostname, created_at, expires_at, interval_s, status)
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+            "INSERT INTO device_grants (device_code_hash, user_code, public_key, hostname, requested_ip,
+                                        created_at, expires_at, interval_s, status)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
         )
         .bind(&g.device_code_hash[..])
         .bind(&g.user_code)
         .bind(&g.public_key)
         .bind(&g.hostname)
+        .bind(&g.requested_ip)
         .bind(g.now)
         .bind(g.expires_at)
         .bind(g.interval_s)
@@ -694,7 +726,18 @@ impl Store for SqliteStore {
             other => other?,
         };
         tx.commit().await?;
-        Ok(())
+        Ok(NewGrantOutcome::Created)
+    }
+
+    async fn pending_device_grant(&self, user_code: &str, now: Millis) -> Result<Option<DeviceGrantInfo>> {
+        self.count();
+        let row = q!("SELECT {GRANT_INFO_COLUMNS} FROM device_grants
+             WHERE user_code = ? AND status = 'pending' AND expires_at > ?")
+        .bind(user_code)
+        .bind(now)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(grant_info).transpose()
     }
 
     async fn decide_device_grant(
@@ -704,23 +747,20 @@ impl Store for SqliteStore {
         labels: &tether_proto::Labels,
         decided_by: &str,
         now: Millis,
-    ) -> Result<()> {
+    ) -> Result<DeviceGrantInfo> {
         self.count();
-        let done = sqlx::query(
-            "UPDATE device_grants SET status = ?, labels = ?, decided_by = ?
-             WHERE user_code = ? AND status = 'pending' AND expires_at > ?",
-        )
+        let row = q!("UPDATE device_grants SET status = ?, labels = ?, decided_by = ?
+             WHERE user_code = ? AND status = 'pending' AND expires_at > ?
+             RETURNING {GRANT_INFO_COLUMNS}")
         .bind(if approve { "approved" } else { "denied" })
         .bind(json_text(labels))
         .bind(decided_by)
         .bind(user_code)
         .bind(now)
-        .execute(&self.writer)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        grant_info(&row)
     }
 
     async fn poll_device_grant(
@@ -728,11 +768,13 @@ impl Store for SqliteStore {
         device_code_hash: [u8; 32],
         new_agent: AgentId,
         refresh_hash: [u8; 32],
+        grace_ms: Millis,
         now: Millis,
     ) -> Result<DevicePoll> {
         let mut tx = self.begin().await?;
         let Some(row) = sqlx::query(
-            "SELECT status, expires_at, interval_s, last_poll_at, public_key, hostname, labels
+            "SELECT status, expires_at, interval_s, last_poll_at, public_key, hostname, labels, decided_by,
+                    user_code, redeemed_at, agent_id, refresh_token_hash
              FROM device_grants WHERE device_code_hash = ?",
         )
         .bind(&device_code_hash[..])
@@ -745,8 +787,58 @@ impl Store for SqliteStore {
         let expires_at: Millis = row.get(1);
         let mut interval_s: i64 = row.get(2);
         let last_poll: Option<Millis> = row.get(3);
+        let approved_by: Option<String> = row.get(7);
+        let user_code: String = row.get(8);
         if status == "redeemed" {
-            return Ok(DevicePoll::Invalid);
+            // Checked before expiry and interval: the redeeming poll may have
+            // been the last moment of the grant, and its retry comes at once.
+            let redeemed_at: Option<Millis> = row.get(9);
+            let agent_id: Option<String> = row.get(10);
+            let issued: Option<Vec<u8>> = row.get(11);
+            let (Some(redeemed_at), Some(agent_id), Some(issued)) = (redeemed_at, agent_id, issued) else {
+                return Ok(DevicePoll::Invalid);
+            };
+            if now - redeemed_at > grace_ms {
+                return Ok(DevicePoll::Invalid);
+            }
+            // Only while the agent never used what it was given: once it
+            // has, the answer was not lost and a repeat is not the agent.
+            let family: Option<String> = sqlx::query_scalar(
+                "SELECT t.family_id FROM refresh_tokens t JOIN agents a ON a.id = t.agent_id
+                 WHERE t.token_hash = ? AND t.used_at IS NULL AND t.revoked_at IS NULL AND a.revoked_at IS NULL",
+            )
+            .bind(&issued)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(family) = family else {
+                return Ok(DevicePoll::Invalid);
+            };
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE token_hash = ?")
+                .bind(now)
+                .bind(&issued)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)")
+                .bind(&refresh_hash[..])
+                .bind(&family)
+                .bind(&agent_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE device_grants SET refresh_token_hash = ? WHERE device_code_hash = ?")
+                .bind(&refresh_hash[..])
+                .bind(&device_code_hash[..])
+                .execute(&mut *tx)
+                .await?;
+            let rec = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?").bind(&agent_id).fetch_one(&mut *tx).await?;
+            let agent = agent_from_row(&rec)?;
+            tx.commit().await?;
+            return Ok(DevicePoll::Approved(Box::new(DeviceRedeemed {
+                agent,
+                approved_by: approved_by.unwrap_or_default(),
+                user_code,
+                lost_response_retry: true,
+            })));
         }
         if expires_at <= now {
             return Ok(DevicePoll::Expired);
@@ -766,46 +858,42 @@ impl Store for SqliteStore {
             "pending" => DevicePoll::Pending,
             "denied" => DevicePoll::Denied,
             "approved" => {
-                let labels: tether_proto::Labels = rows::parse_json(row.get::<&str, _>(6))?;
-                let hostname: String = row.get(5);
-                let epoch = (now / 1000) as u64;
+                let agent = NewAgent {
+                    id: new_agent,
+                    hostname: row.get(5),
+                    labels: rows::parse_json(row.get::<&str, _>(6))?,
+                    facts: serde_json::json!({}),
+                    public_key: row.get(4),
+                };
+                let agent = insert_agent(&mut tx, agent, refresh_hash, now).await?;
                 sqlx::query(
-                    "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen)
-                     VALUES (?, ?, ?, ?, '{}', ?, ?, ?, ?)",
+                    "UPDATE device_grants SET status = 'redeemed', redeemed_at = ?, agent_id = ?, refresh_token_hash = ?
+                     WHERE device_code_hash = ?",
                 )
+                .bind(now)
                 .bind(uuid_text(new_agent))
-                .bind(&hostname)
-                .bind(&hostname)
-                .bind(json_text(&labels))
-                .bind(row.get::<Vec<u8>, _>(4))
-                .bind(epoch as i64)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)",
-                )
                 .bind(&refresh_hash[..])
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(uuid_text(new_agent))
-                .bind(now)
+                .bind(&device_code_hash[..])
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("UPDATE device_grants SET status = 'redeemed' WHERE device_code_hash = ?")
-                    .bind(&device_code_hash[..])
-                    .execute(&mut *tx)
-                    .await?;
-                let rec = sqlx::query(q_text!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
-                    .bind(uuid_text(new_agent))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                DevicePoll::Approved(Box::new(agent_from_row(&rec)?))
+                DevicePoll::Approved(Box::new(DeviceRedeemed {
+                    agent,
+                    approved_by: approved_by.unwrap_or_default(),
+                    user_code,
+                    lost_response_retry: false,
+                }))
             }
             other => return Err(StoreError::Corrupt(format!("device grant status {other:?}"))),
         };
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    async fn prune_device_grants(&self, before: Millis) -> Result<u64> {
+        self.count();
+        let done =
+            sqlx::query("DELETE FROM device_grants WHERE expires_at < ?").bind(before).execute(&self.writer).await?;
+        Ok(done.rows_affected())
     }
 
     async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>> {

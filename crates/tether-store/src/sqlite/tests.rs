@@ -4,7 +4,10 @@ use tether_proto::command::{CommandStatus, CreateCommand, ResultReport, Target, 
 use tether_proto::{AgentId, BatchId, Labels};
 
 use super::SqliteStore;
-use crate::{NewAgent, NewBatch, NewEnrollToken, RefreshOutcome, ResultOutcome, Store, StoreError};
+use crate::{
+    DevicePoll, NewAgent, NewBatch, NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, ResultOutcome,
+    Store, StoreError,
+};
 
 const T0: i64 = 1_800_000_000_000;
 
@@ -221,4 +224,101 @@ async fn pruning_keeps_the_newest_signals_and_moves_the_floor() {
     // Nothing more to do: no floors move.
     assert!(store.prune_signals(T0 + 3_500, 10_000).await.expect("prune").is_empty());
     assert_eq!(store.get_agent(agent).await.expect("get").expect("agent").floor_seq, 4);
+}
+
+fn grant(user_code: &str, device_code_hash: [u8; 32], now: i64) -> NewDeviceGrant {
+    NewDeviceGrant {
+        device_code_hash,
+        user_code: user_code.into(),
+        public_key: vec![7; 32],
+        hostname: "printer-1".into(),
+        expires_at: now + 600_000,
+        interval_s: 5,
+        requested_ip: Some("192.0.2.7".into()),
+        max_pending: 10_000,
+        now,
+    }
+}
+
+/// Creates and approves a grant, then redeems it with the first poll; returns
+/// (device code hash, agent id, the refresh token hash issued).
+async fn redeemed_grant(store: &SqliteStore) -> ([u8; 32], AgentId, [u8; 32]) {
+    let code = rand_hash();
+    assert_eq!(store.create_device_grant(grant("BCDFGHJK", code, T0)).await.expect("create"), NewGrantOutcome::Created);
+    store.decide_device_grant("BCDFGHJK", true, &Labels::new(), "alice", T0 + 1_000).await.expect("approve");
+    let issued = rand_hash();
+    let DevicePoll::Approved(first) =
+        store.poll_device_grant(code, AgentId::new(), issued, 30_000, T0 + 2_000).await.expect("poll")
+    else {
+        panic!("an approved grant is redeemed by its first poll");
+    };
+    assert_eq!((first.approved_by.as_str(), first.user_code.as_str()), ("alice", "BCDFGHJK"));
+    assert!(!first.lost_response_retry);
+    (code, first.agent.id, issued)
+}
+
+#[tokio::test]
+async fn a_repeated_redeeming_poll_within_the_grace_reissues_for_the_same_agent() {
+    let (_dir, store) = store().await;
+    let (code, agent, issued) = redeemed_grant(&store).await;
+
+    // The answer was lost: the same device code 30 s later gets a new token for the same agent.
+    let again = rand_hash();
+    let DevicePoll::Approved(retry) =
+        store.poll_device_grant(code, AgentId::new(), again, 30_000, T0 + 32_000).await.expect("retry")
+    else {
+        panic!("a retry within the grace is answered");
+    };
+    assert_eq!((retry.agent.id, retry.lost_response_retry, retry.approved_by.as_str()), (agent, true, "alice"));
+    assert_eq!(
+        store.list_agents(&crate::AgentFilter { limit: 10, ..Default::default() }).await.expect("list").len(),
+        1,
+        "no second agent"
+    );
+    // The token of the lost answer is dead; the new one works.
+    let dead = store.rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
+    assert_eq!(dead, RefreshOutcome::Invalid);
+    let live = store.rotate_refresh_token(None, again, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
+    assert_eq!(live, RefreshOutcome::Rotated { agent_id: agent, lost_response_retry: false });
+    // Its token has been used now: a further repeat, even inside the grace, is refused.
+    let used = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 34_000).await.expect("poll");
+    assert!(matches!(used, DevicePoll::Invalid), "{used:?}");
+}
+
+#[tokio::test]
+async fn a_repeated_redeeming_poll_after_the_grace_is_invalid() {
+    let (_dir, store) = store().await;
+    let (code, _agent, issued) = redeemed_grant(&store).await;
+    let late = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 32_001).await.expect("poll");
+    assert!(matches!(late, DevicePoll::Invalid), "{late:?}");
+    // Nothing was revoked by the refused repeat.
+    let live = store.rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
+    assert!(matches!(live, RefreshOutcome::Rotated { lost_response_retry: false, .. }), "{live:?}");
+}
+
+#[tokio::test]
+async fn pending_grants_are_capped_and_pruned_after_they_expire() {
+    let (_dir, store) = store().await;
+    let capped = |code: &str, now| NewDeviceGrant { max_pending: 2, ..grant(code, rand_hash(), now) };
+    assert_eq!(store.create_device_grant(capped("BCDFGHJK", T0)).await.expect("1"), NewGrantOutcome::Created);
+    assert_eq!(store.create_device_grant(capped("BCDFGHJL", T0)).await.expect("2"), NewGrantOutcome::Created);
+    assert_eq!(store.create_device_grant(capped("BCDFGHJM", T0)).await.expect("3"), NewGrantOutcome::TooManyPending);
+    // A decided grant no longer counts as pending.
+    store.decide_device_grant("BCDFGHJK", false, &Labels::new(), "alice", T0).await.expect("deny");
+    assert_eq!(store.create_device_grant(capped("BCDFGHJM", T0)).await.expect("4"), NewGrantOutcome::Created);
+    // Nor does an expired one, before retention has deleted it.
+    let later = T0 + 600_000;
+    assert_eq!(store.create_device_grant(capped("BCDFGHJN", later)).await.expect("5"), NewGrantOutcome::Created);
+
+    let info = store.pending_device_grant("BCDFGHJN", later).await.expect("lookup").expect("pending");
+    assert_eq!(
+        (info.hostname.as_str(), info.requested_ip.as_deref(), info.requested_at, info.public_key),
+        ("printer-1", Some("192.0.2.7"), later, vec![7; 32])
+    );
+    assert_eq!(store.pending_device_grant("BCDFGHJK", later).await.expect("lookup"), None, "denied");
+    assert_eq!(store.pending_device_grant("BCDFGHJL", later).await.expect("lookup"), None, "expired");
+
+    assert_eq!(store.prune_device_grants(later).await.expect("prune"), 0, "expired at `later`, not before it");
+    assert_eq!(store.prune_device_grants(later + 1).await.expect("prune"), 3);
+    assert!(store.pending_device_grant("BCDFGHJN", later).await.expect("lookup").is_some(), "still live");
 }

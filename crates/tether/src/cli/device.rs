@@ -3,7 +3,8 @@
 //! the agent gets) lets the agent's next token poll enroll it.
 
 use clap::Subcommand;
-use tether_proto::agent::DeviceDecision;
+use tether_proto::agent::user_code::UserCode;
+use tether_proto::agent::{DeviceDecision, DeviceDetails};
 
 use super::{Ctx, Output, api_error, fmt_labels, labels_from, parse_label, print_json};
 
@@ -27,28 +28,31 @@ pub enum DeviceCommand {
 pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
     match command {
         DeviceCommand::Approve { code, labels } => {
+            let code = parse_code(&code)?;
             let labels = labels_from(&labels)?;
-            let req = DeviceDecision { user_code: code.clone(), labels };
-            ctx.client.approve_device(&req).await.map_err(api_error)?;
-            let shown = display(&code);
+            let req = DeviceDecision { user_code: code.to_string(), labels };
+            let device = ctx.client.approve_device(&req).await.map_err(api_error)?;
             match ctx.output {
-                Output::Json => {
-                    print_json(&serde_json::json!({"user_code": shown, "approved": true, "labels": req.labels}))
-                }
+                Output::Json => print_json(&decided("approved", &device)?),
                 Output::Table => {
-                    let labels = if req.labels.is_empty() { "none".to_owned() } else { fmt_labels(&req.labels) };
-                    println!("approved device {shown} (labels: {labels}); the agent enrolls at its next poll");
+                    let labels = if device.labels.is_empty() { "none".to_owned() } else { fmt_labels(&device.labels) };
+                    println!(
+                        "approved device {} (labels: {labels}); the agent enrolls at its next poll",
+                        device.user_code
+                    );
+                    print_device(&device);
                     Ok(())
                 }
             }
         }
         DeviceCommand::Deny { code } => {
-            ctx.client.deny_device(&code).await.map_err(api_error)?;
-            let shown = display(&code);
+            let code = parse_code(&code)?;
+            let device = ctx.client.deny_device(&code.to_string()).await.map_err(api_error)?;
             match ctx.output {
-                Output::Json => print_json(&serde_json::json!({"user_code": shown, "denied": true})),
+                Output::Json => print_json(&decided("denied", &device)?),
                 Output::Table => {
-                    println!("denied device {shown}");
+                    println!("denied device {}", device.user_code);
+                    print_device(&device);
                     Ok(())
                 }
             }
@@ -56,25 +60,24 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The code as the agent showed it (`XXXX-XXXX`), whatever form was typed;
-/// the server does the authoritative normalization.
-fn display(code: &str) -> String {
-    let plain: String = code.chars().filter(|c| !matches!(c, '-' | ' ')).map(|c| c.to_ascii_uppercase()).collect();
-    match (plain.get(..4), plain.get(4..)) {
-        (Some(a), Some(b)) if plain.len() == 8 => format!("{a}-{b}"),
-        _ => plain,
-    }
+/// Refuses what cannot be a code before asking the server (which parses it
+/// the same way, through `tether_proto`).
+fn parse_code(typed: &str) -> anyhow::Result<UserCode> {
+    UserCode::parse(typed).map_err(|e| anyhow::anyhow!("{typed:?} is not a device code: {e}"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::display;
+fn decided(flag: &str, device: &DeviceDetails) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(device)?;
+    value[flag] = serde_json::Value::Bool(true);
+    Ok(value)
+}
 
-    #[test]
-    fn codes_display_as_the_agent_showed_them() {
-        assert_eq!(display("bcdf-ghjk"), "BCDF-GHJK");
-        assert_eq!(display("BCDFGHJK"), "BCDF-GHJK");
-        assert_eq!(display("bcdf ghjk"), "BCDF-GHJK");
-        assert_eq!(display("abc"), "ABC");
-    }
+/// What the server knows about the device that asked (RFC 8628 §5.4), so
+/// the operator can tell a phished code from their own machine.
+fn print_device(device: &DeviceDetails) {
+    let at = device.requested_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    println!("  hostname         {}", device.hostname);
+    println!("  requested from   {}", device.requested_ip.as_deref().unwrap_or("unknown"));
+    println!("  requested at     {at}");
+    println!("  key fingerprint  {}", device.key_fingerprint);
 }

@@ -134,6 +134,14 @@ async fn an_approved_device_enrolls_with_the_operators_labels_and_runs_commands(
 
     let out = device_cli(&server, &["approve", &code, "--label", "role=dev"]);
     assert!(out.contains(&format!("approved device {code}")), "{out}");
+    // The operator can match the machine: the agent printed the fingerprint the CLI shows.
+    let fingerprint = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key fingerprint"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("the CLI shows the key fingerprint:\n{out}"));
+    assert_eq!(fingerprint.len(), 16, "{out}");
+    assert!(text.contains(&format!("key fingerprint: {fingerprint}")), "the agent printed it too:\n{text}");
 
     let id_path = agent_dir.join("state/agent_id");
     let agent_id: AgentId =
