@@ -72,6 +72,16 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
+/// A child process killed when dropped, so a failed run leaves nothing behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -83,13 +93,15 @@ fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
-    // Idle polls at full speed would hit the SPEC §11 poll limit (1/s per agent):
-    // lift it, since this measures the cost of an answer, not the limit.
+    // Polls, commands and reports at full speed would hit the SPEC §11 limits
+    // (1 immediate poll/s per agent, 10 req/s per agent, 20 req/s per user):
+    // lift them, since this measures the cost of an answer, not the limits.
     let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        "[limits]\npoll_per_s = 1000000\npoll_burst = 1000000\nip_burst = 1000000\nip_per_s = 1000000\n",
-    )?;
+    let mut limits = String::from("[limits]\n");
+    for name in ["poll", "ip", "agent", "user"] {
+        limits.push_str(&format!("{name}_per_s = 1000000\n{name}_burst = 1000000\n"));
+    }
+    std::fs::write(&config, limits)?;
     let mut child = Command::new(bin)
         .args(["server", "--listen", &addr, "--config"])
         .arg(&config)
@@ -324,14 +336,15 @@ async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
     } else {
         Command::new(bin.with_file_name("tether-agent"))
     };
-    let mut agent = agent
+    let agent = agent
         .arg("-c")
         .arg(dir.path())
         .args(["--server", &server.base, "--enroll-token", &token])
         .env("TETHER_LOG", "warn")
         .stdout(Stdio::null())
-        .spawn()?;
-    let pid = agent.id();
+        .spawn()
+        .map(Reaped)?;
+    let pid = agent.0.id();
     let agent_id: tether_proto::AgentId = loop {
         if let Ok(id) = std::fs::read_to_string(dir.path().join("state/agent_id")) {
             break id.trim().parse()?;
@@ -367,8 +380,7 @@ async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
         started.extend(ms(cmd.started_at));
     }
     let rss_after = rss_bytes(pid)?;
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     delivered.sort_by(f64::total_cmp);
     started.sort_by(f64::total_cmp);
     println!("| metric | value |");
