@@ -26,6 +26,8 @@ pub struct ServerProcess {
     pub port: u16,
     /// Printed once on first start.
     pub admin_token: Option<String>,
+    /// The URL of the server's "listening on" line.
+    pub url: Option<String>,
 }
 
 impl ServerProcess {
@@ -47,7 +49,7 @@ impl ServerProcess {
             .spawn()
             .expect("spawn tether server");
         let stdout = child.stdout.take().expect("stdout");
-        let mut admin_token = None;
+        let (mut admin_token, mut url) = (None, None);
         let mut lines = BufReader::new(stdout).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
         for line in lines.by_ref() {
@@ -55,13 +57,18 @@ impl ServerProcess {
             if let Some(token) = line.strip_prefix("admin API token (shown once): ") {
                 admin_token = Some(token.to_owned());
             }
-            if line.starts_with("tether server listening on ") || Instant::now() > deadline {
+            if let Some(printed) = line.strip_prefix("tether server listening on ") {
+                url = Some(printed.to_owned());
+                break;
+            }
+            if Instant::now() > deadline {
                 break;
             }
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self { child, base: format!("http://127.0.0.1:{port}"), data_dir: data_dir.to_owned(), port, admin_token }
+        let base = format!("http://127.0.0.1:{port}");
+        Self { child, base, data_dir: data_dir.to_owned(), port, admin_token, url }
     }
 
     /// A client with HTTP Basic admin credentials (slow: argon2 per request).
@@ -119,6 +126,17 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts an agent; `agent_toml` is written to its state dir first (if any).
     pub fn start(dir: &Path, server: &str, enroll_token: Option<&str>, agent_toml: Option<&str>) -> Self {
+        Self::start_with(dir, server, enroll_token, agent_toml, &[])
+    }
+
+    /// Like `start`, with extra agent arguments.
+    pub fn start_with(
+        dir: &Path,
+        server: &str,
+        enroll_token: Option<&str>,
+        agent_toml: Option<&str>,
+        extra: &[&std::ffi::OsStr],
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         if let Some(toml) = agent_toml {
             std::fs::write(dir.join("agent.toml"), toml).expect("agent.toml");
@@ -133,7 +151,9 @@ impl AgentProcess {
             cmd.args(["--enroll-token", t]);
         }
         let child = cmd
+            .args(extra)
             .env("TETHER_LOG", "info,tether_agent=debug")
+            .env_remove("TETHER_CA_FILE")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

@@ -1,29 +1,12 @@
 //! Signed agent requests end to end: a real `tether agent --sign-requests`
 //! against a real server whose `--config` sets `require_signed_requests`.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tether_proto::ErrorKey;
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 
-use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, free_port, tether_bin};
-
-/// Starts `tether agent --sign-requests` (the shared helper has no flag hook).
-fn signing_agent(dir: &std::path::Path, server: &str, token: &str) -> AgentProcess {
-    std::fs::create_dir_all(dir).expect("agent dir");
-    let log = dir.join("agent.log");
-    let child = Command::new(tether_bin())
-        .args(["agent", "-c"])
-        .arg(dir)
-        .args(["--server", server, "--heartbeat", "5", "--enroll-token", token, "--sign-requests"])
-        .env("TETHER_LOG", "info,tether_agent=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn tether agent");
-    AgentProcess { child, dir: dir.to_owned(), log }
-}
+use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, free_port};
 
 #[tokio::test]
 async fn a_signing_agent_runs_ping_on_a_server_that_requires_signatures() {
@@ -33,7 +16,14 @@ async fn a_signing_agent_runs_ping_on_a_server_that_requires_signatures() {
     let server =
         ServerProcess::start_with(&dir.path().join("server"), free_port(), &["--config".as_ref(), config.as_os_str()]);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
-    let agent = signing_agent(&dir.path().join("a"), &server.base, &enroll_token(&admin, &[]).await);
+    let token = enroll_token(&admin, &[]).await;
+    let agent = AgentProcess::start_with(
+        &dir.path().join("a"),
+        &server.base,
+        Some(&token),
+        None,
+        &["--sign-requests".as_ref()],
+    );
     let agent_id = agent.agent_id();
 
     let created = admin.create_command(&CreateCommand::new(Target::agents([agent_id]), "ping")).await.expect("create");

@@ -1,15 +1,14 @@
 //! TLS end to end: `tether server --tls-cert --tls-key` and `tether agent
 //! --ca-file` as real processes, and the agent's plain-HTTP warning.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tether_client::Client;
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 
-use crate::common::{ADMIN_PASSWORD, AgentProcess, ServerProcess, enroll_token, eventually, free_port, tether_bin};
+use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, free_port, tether_bin};
 
 const PLAIN_HTTP_WARNING: &str = "Talking plain HTTP to a non-loopback server";
 
@@ -32,60 +31,12 @@ fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
-/// `tether server` with TLS; returns the process, the URL it printed and the admin token.
-fn start_tls_server(data_dir: &Path, port: u16, cert: &Path, key: &Path) -> (ServerProcess, String, String) {
-    let mut child = Command::new(tether_bin())
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(data_dir)
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .env("TETHER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .env("TETHER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn tether server");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let (mut token, mut url) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for line in lines.by_ref() {
-        let line = line.expect("read stdout");
-        if let Some(t) = line.strip_prefix("admin API token (shown once): ") {
-            token = Some(t.to_owned());
-        }
-        if let Some(u) = line.strip_prefix("tether server listening on ") {
-            url = Some(u.to_owned());
-            break;
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-    }
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let base = format!("https://localhost:{port}");
-    let server = ServerProcess { child, base, data_dir: data_dir.to_owned(), port, admin_token: token.clone() };
-    (server, url.expect("the server printed its URL"), token.expect("first start prints an admin token"))
-}
-
-/// `tether agent` with `extra` arguments; stderr goes to a log in `dir`.
-fn start_agent(dir: &Path, server: &str, enroll_token: &str, extra: &[&std::ffi::OsStr]) -> AgentProcess {
-    std::fs::create_dir_all(dir).expect("agent dir");
-    let log = dir.join("agent.log");
-    let child = Command::new(tether_bin())
-        .args(["agent", "-c"])
-        .arg(dir)
-        .args(["--server", server, "--enroll-token", enroll_token, "--heartbeat", "5"])
-        .args(extra)
-        .env("TETHER_LOG", "info")
-        .env_remove("TETHER_CA_FILE")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn tether agent");
-    AgentProcess { child, dir: dir.to_owned(), log }
+/// `tether server --tls-cert --tls-key`, addressed by the name its certificate is for.
+fn start_tls_server(data_dir: &Path, port: u16, cert: &Path, key: &Path) -> ServerProcess {
+    let tls = ["--tls-cert".as_ref(), cert.as_os_str(), "--tls-key".as_ref(), key.as_os_str()];
+    let mut server = ServerProcess::start_with(data_dir, port, &tls);
+    server.base = format!("https://localhost:{port}");
+    server
 }
 
 async fn ping(admin: &Client, agent: tether_proto::AgentId) -> tether_proto::command::Command {
@@ -105,15 +56,17 @@ async fn an_agent_with_ca_file_runs_ping_against_a_tls_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, cert, key) = private_ca(&dir.path().join("pki"));
     let port = free_port();
-    let (server, url, token) = start_tls_server(&dir.path().join("server"), port, &cert, &key);
-    assert_eq!(url, format!("https://127.0.0.1:{port}"), "the startup line names the https URL");
+    let server = start_tls_server(&dir.path().join("server"), port, &cert, &key);
+    assert_eq!(server.url, Some(format!("https://127.0.0.1:{port}")), "the startup line names the https URL");
+    let token = server.admin_token.clone().expect("first start prints an admin token");
     let pem = std::fs::read(&ca).expect("read CA");
     let admin = Client::builder(&server.base).ca_pem(pem).build().expect("client").with_bearer(token);
 
-    let agent = start_agent(
+    let agent = AgentProcess::start_with(
         &dir.path().join("agent"),
         &server.base,
-        &enroll_token(&admin, &[]).await,
+        Some(&enroll_token(&admin, &[]).await),
+        None,
         &["--ca-file".as_ref(), ca.as_os_str()],
     );
     let cmd = ping(&admin, agent.agent_id()).await;
@@ -121,7 +74,8 @@ async fn an_agent_with_ca_file_runs_ping_against_a_tls_server() {
     assert!(!agent.log_text().contains(PLAIN_HTTP_WARNING), "{}", agent.log_text());
 
     // Without the CA the agent cannot enroll: it never trusts the unknown certificate.
-    let stranger = start_agent(&dir.path().join("stranger"), &server.base, &enroll_token(&admin, &[]).await, &[]);
+    let stranger =
+        AgentProcess::start(&dir.path().join("stranger"), &server.base, Some(&enroll_token(&admin, &[]).await), None);
     let refused =
         eventually(Duration::from_secs(15), || async { stranger.log_text().contains("certificate").then_some(()) })
             .await;
@@ -157,12 +111,13 @@ async fn the_agent_warns_once_when_it_talks_plain_http_to_a_non_loopback_address
     // 0.0.0.0 reaches this machine's listener but is not a loopback address,
     // so it stands in for a remote server without sending traffic anywhere.
     let remote = format!("http://0.0.0.0:{}", server.port);
-    let agent = start_agent(&dir.path().join("agent"), &remote, &enroll_token(&admin, &[]).await, &[]);
+    let agent = AgentProcess::start(&dir.path().join("agent"), &remote, Some(&enroll_token(&admin, &[]).await), None);
     let cmd = ping(&admin, agent.agent_id()).await;
     assert_eq!(cmd.status, CommandStatus::Succeeded, "{cmd:?}\n{}", agent.log_text());
     assert_eq!(agent.log_text().matches(PLAIN_HTTP_WARNING).count(), 1, "{}", agent.log_text());
 
-    let local = start_agent(&dir.path().join("local"), &server.base, &enroll_token(&admin, &[]).await, &[]);
+    let local =
+        AgentProcess::start(&dir.path().join("local"), &server.base, Some(&enroll_token(&admin, &[]).await), None);
     let cmd = ping(&admin, local.agent_id()).await;
     assert_eq!(cmd.status, CommandStatus::Succeeded);
     assert!(!local.log_text().contains(PLAIN_HTTP_WARNING), "loopback is fine: {}", local.log_text());
