@@ -2,10 +2,9 @@
 //! free port, the real `tether` binary with its config dir in a temp dir, and
 //! agents played in-test through `tether-client`.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -17,13 +16,16 @@ use tether_proto::command::{CommandStatus, ResultReport};
 use tether_proto::signal::{COMMAND_QUEUED, CommandQueued};
 use tether_proto::{AgentId, BatchId, CommandId, Labels};
 
-const ADMIN_PASSWORD: &str = "cli-test-admin-password";
+#[path = "e2e/common.rs"]
+mod common;
+
+use common::ADMIN_PASSWORD;
 
 /// A `tether server` on a free port with its own temp data dir.
 struct Server {
-    child: Child,
     base: String,
     admin_token: String,
+    _process: common::ServerProcess,
     /// The data dir; `tether.db` in it is the server's SQLite database.
     data: tempfile::TempDir,
 }
@@ -31,32 +33,9 @@ struct Server {
 impl Server {
     fn start() -> Self {
         let data = tempfile::tempdir().expect("data dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(data.path())
-            .env("TETHER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("TETHER_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tether server");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut admin_token = None;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for line in lines.by_ref() {
-            let line = line.expect("read server stdout");
-            if let Some(token) = line.strip_prefix("admin API token (shown once): ") {
-                admin_token = Some(token.to_owned());
-            }
-            if line.starts_with("tether server listening on ") || Instant::now() > deadline {
-                break;
-            }
-        }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let admin_token = admin_token.expect("first start prints the admin API token");
-        Self { child, base: format!("http://127.0.0.1:{port}"), admin_token, data }
+        let process = common::ServerProcess::start(data.path(), common::free_port());
+        let admin_token = process.admin_token.clone().expect("first start prints the admin API token");
+        Self { base: process.base.clone(), admin_token, _process: process, data }
     }
 
     fn admin(&self) -> Client {
@@ -82,13 +61,6 @@ impl Server {
         };
         let pair = Client::new(&self.base).expect("client").enroll(&req).await.expect("enroll");
         (Client::new(&self.base).expect("client").with_bearer(pair.access_token), pair.agent_id)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
