@@ -14,7 +14,7 @@ use tether_proto::{AgentId, Data, ErrorKey, Labels};
 use tether_store::{DeviceGrantInfo, DevicePoll, NewDeviceGrant, NewGrantOutcome, StoreError};
 
 use crate::api::agents::rfc3339;
-use crate::api::enroll::{OAuthForm, hostname_ok, no_store, oauth_api_error, oauth_error, parse_public_key};
+use crate::api::enroll::{OAuthForm, hostname_ok, no_store, oauth_error, parse_public_key};
 use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
 use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
 use crate::auth::{Operator, basic_user};
@@ -68,12 +68,8 @@ pub async fn authorization(
     uri: axum::http::Uri,
     body: axum::body::Bytes,
 ) -> Response {
-    let caller = match caller {
-        Ok(c) => c,
-        Err(e) => return oauth_api_error(&e),
-    };
-    let form = match OAuthForm::parse(&headers, &body) {
-        Ok(f) => f,
+    let (caller, form) = match OAuthForm::accept(caller, &headers, &body) {
+        Ok(accepted) => accepted,
         Err(res) => return *res,
     };
     if let Some(res) = client_refusal(form.get("client_id")) {

@@ -196,8 +196,19 @@ pub async fn refresh(
 pub struct OAuthForm(std::collections::HashMap<String, String>);
 
 impl OAuthForm {
+    /// The start of every `/oauth/*` handler: the caller passed the per-IP
+    /// limit and the body parses; otherwise the RFC 6749 answer to send.
+    pub fn accept(
+        caller: Result<PublicCaller, ApiError>,
+        headers: &axum::http::HeaderMap,
+        body: &[u8],
+    ) -> Result<(PublicCaller, Self), Box<Response>> {
+        let caller = caller.map_err(|e| Box::new(oauth_api_error(&e)))?;
+        Ok((caller, Self::parse(headers, body)?))
+    }
+
     /// Parses the body; on failure, the `invalid_request` answer to send.
-    pub fn parse(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Self, Box<Response>> {
+    fn parse(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Self, Box<Response>> {
         Self::parse_pairs(headers, body)
             .map_err(|description| Box::new(oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &description)))
     }
@@ -261,11 +272,8 @@ pub async fn oauth_token(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(e) = caller {
-        return oauth_api_error(&e);
-    }
-    let form = match OAuthForm::parse(&headers, &body) {
-        Ok(f) => f,
+    let (_, form) = match OAuthForm::accept(caller, &headers, &body) {
+        Ok(accepted) => accepted,
         Err(res) => return *res,
     };
     match form.get("grant_type") {

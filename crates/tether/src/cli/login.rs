@@ -61,15 +61,16 @@ impl std::fmt::Debug for SavedLogin {
 
 pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
     let path = credentials_path()?;
+    // A broken saved file must not stop the user from logging in again.
+    let saved = load_from(&path).ok().flatten();
     let server = match args.server.filter(|s| !s.is_empty()) {
         Some(s) => s,
-        // A broken saved file must not stop the user from logging in again.
-        None => load_from(&path).ok().flatten().map_or_else(|| DEFAULT_SERVER.to_owned(), |s| s.server),
+        None => saved.as_ref().map_or_else(|| DEFAULT_SERVER.to_owned(), |s| s.server.clone()),
     };
     let server = normalize_server(&server);
     let anon = super::client_for(&server, args.ca_file.as_deref())?;
 
-    let previous = load_from(&path).ok().flatten().filter(|p| normalize_server(&p.server) == server);
+    let previous = saved.filter(|p| normalize_server(&p.server) == server);
     let given = if args.token_stdin { Some(read_token_line()?) } else { args.token.filter(|t| !t.is_empty()) };
     let (token, created_token_id) = match given {
         Some(token) => {
