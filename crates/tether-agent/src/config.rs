@@ -467,4 +467,15 @@ mod tests {
         assert!(err.to_string().contains("POLLING_TIMEOUT_SECS"), "{err}");
         assert!(toml::from_str::<FileConfig>("unknown_knob = 1").is_err());
     }
+
+    #[test]
+    fn the_shipped_example_agent_toml_is_valid() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../../../deploy/agent.toml.example")).expect("the example parses");
+        let cfg = AgentConfig::resolve(Path::new("/d"), file, env_of(&[]), Overrides::default()).expect("and resolves");
+        assert!(!cfg.allow_shell);
+        assert_eq!(cfg.actions["backup-db"].env.get("PGHOST").map(String::as_str), Some("/run/postgresql"));
+        let unit = cfg.actions["unit-logs"].params["unit"].spec().expect("a table");
+        assert!(unit.regex().expect("compiles").is_some_and(|re| re.is_match("nginx.service") && !re.is_match("x")));
+    }
 }
