@@ -47,15 +47,57 @@ pub struct Action {
     pub params: BTreeMap<String, ParamType>,
     pub timeout_s: Option<u32>,
     pub output_cap_bytes: Option<usize>,
+    /// Variables added to the minimal command environment (protocol.md §5).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
+/// A parameter's type, as written in `agent.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum ParamType {
-    /// `"string"`, `"int"` or `"bool"`.
+    /// `"string"`, `"int"`, `"bool"` or `"path"`.
     Kind(String),
     /// One of a fixed list of strings.
     OneOf(Vec<String>),
+    /// `{ type = "string", pattern = "...", allow_leading_dash = true }`.
+    Spec(ParamSpec),
+}
+
+/// The table form of a parameter type, for the options the short forms lack.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// `"string"`, `"int"`, `"bool"` or `"path"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A regular expression the whole value must match (`string` and `path`).
+    pub pattern: Option<String>,
+    /// Lets a `string` value begin with `-`. Off by default: such a value
+    /// would be read as an option by most programs (`tar`, `find`, `ssh`…).
+    #[serde(default)]
+    pub allow_leading_dash: bool,
+}
+
+impl ParamType {
+    /// The table form of a parameter type (a list has none).
+    pub fn spec(&self) -> Option<ParamSpec> {
+        match self {
+            Self::Kind(k) => Some(ParamSpec { kind: k.clone(), ..ParamSpec::default() }),
+            Self::Spec(s) => Some(s.clone()),
+            Self::OneOf(_) => None,
+        }
+    }
+}
+
+impl ParamSpec {
+    /// The compiled `pattern`, anchored at both ends.
+    pub fn regex(&self) -> Result<Option<regex::Regex>, String> {
+        self.pattern
+            .as_deref()
+            .map(|p| regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| format!("pattern does not compile: {e}")))
+            .transpose()
+    }
 }
 
 /// Values given on the command line (or by `tether up`).
@@ -251,12 +293,28 @@ impl AgentConfig {
                 return invalid(&format!("actions.{name}"), "argv must not be empty");
             }
             for (param, kind) in &action.params {
-                if let ParamType::Kind(k) = kind
-                    && !matches!(k.as_str(), "string" | "int" | "bool")
-                {
+                let at = format!("actions.{name}.params.{param}");
+                let Some(spec) = kind.spec() else { continue };
+                if !matches!(spec.kind.as_str(), "string" | "int" | "bool" | "path") {
+                    return invalid(&at, "type must be string, int, bool, path or a list");
+                }
+                if spec.pattern.is_some() && !matches!(spec.kind.as_str(), "string" | "path") {
+                    return invalid(&at, "pattern applies to string and path parameters only");
+                }
+                if spec.allow_leading_dash && spec.kind != "string" {
+                    return invalid(&at, "allow_leading_dash applies to string parameters only");
+                }
+                if let Err(message) = spec.regex() {
+                    return invalid(&at, &message);
+                }
+            }
+            for (key, value) in &action.env {
+                let valid_key = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid_key || value.contains('\0') {
                     return invalid(
-                        &format!("actions.{name}.params.{param}"),
-                        "type must be string, int, bool or a list",
+                        &format!("actions.{name}.env.{key}"),
+                        "names are letters, digits and _ (not starting with a digit); values have no NUL",
                     );
                 }
             }
@@ -408,5 +466,16 @@ mod tests {
         .expect_err("bad env");
         assert!(err.to_string().contains("POLLING_TIMEOUT_SECS"), "{err}");
         assert!(toml::from_str::<FileConfig>("unknown_knob = 1").is_err());
+    }
+
+    #[test]
+    fn the_shipped_example_agent_toml_is_valid() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../../../deploy/agent.toml.example")).expect("the example parses");
+        let cfg = AgentConfig::resolve(Path::new("/d"), file, env_of(&[]), Overrides::default()).expect("and resolves");
+        assert!(!cfg.allow_shell);
+        assert_eq!(cfg.actions["backup-db"].env.get("PGHOST").map(String::as_str), Some("/run/postgresql"));
+        let unit = cfg.actions["unit-logs"].params["unit"].spec().expect("a table");
+        assert!(unit.regex().expect("compiles").is_some_and(|re| re.is_match("nginx.service") && !re.is_match("x")));
     }
 }

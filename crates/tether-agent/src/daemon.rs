@@ -326,11 +326,11 @@ async fn execute(shared: Arc<Shared>, cmd: CommandQueued, cancel: CancellationTo
             let _ = shared.session.call(|c| async move { c.report_running(id).await }).await;
             run_builtin(&shared, b)
         }
-        Plan::Process { argv, timeout, output_cap } => {
+        Plan::Process(spec) => {
             if let Err(e) = shared.session.call(|c| async move { c.report_running(id).await }).await {
                 tracing::debug!(command_id = %id, error = %e, "Running report failed; the result will still be sent");
             }
-            executor::run_process(&argv, timeout, output_cap, &cancel).await
+            executor::run_process(std::path::Path::new(executor::SELF_EXE), &spec, &cancel).await
         }
     };
     tracing::info!(command_id = %id, status = %report.status, "Command finished");

@@ -2,7 +2,10 @@
 //! process runner. Nothing here goes through a shell unless `allow_shell`
 //! is set in the local `agent.toml` and the command is `shell`.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -11,7 +14,7 @@ use tether_proto::signal::CommandQueued;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, ParamType};
+use crate::config::{AgentConfig, ParamSpec, ParamType};
 
 /// Built-in commands, answered by the agent itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +29,53 @@ pub enum Builtin {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Plan {
     Builtin(Builtin),
-    Process { argv: Vec<String>, timeout: Duration, output_cap: usize },
+    Process(ProcessSpec),
     Reject(String),
+}
+
+/// A process to run: its argv (never through a shell unless it is `shell`),
+/// its whole environment, and its limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessSpec {
+    pub argv: Vec<String>,
+    /// The complete environment; nothing else is inherited.
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub output_cap: usize,
+}
+
+/// `PATH` when the agent has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The program that supervises each command: this very binary, started as
+/// the exec shim (see [`crate::shim`]). `/proc/self/exe` still works after
+/// the binary on disk was replaced by an upgrade.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
+/// The minimal command environment (protocol.md §5): `PATH`, `HOME`, `LANG`
+/// from the agent's environment (`agent_env`) or defaults, `TZ` when the
+/// agent has one (otherwise the system zone applies), then the action's own
+/// `env`. Nothing else of the agent's environment (enrollment token, server
+/// URL…) reaches a command.
+pub fn command_env(
+    agent_env: impl Fn(&str) -> Option<String>,
+    action_env: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut env = BTreeMap::new();
+    for (key, default) in [("PATH", Some(DEFAULT_PATH)), ("HOME", Some("/")), ("LANG", Some("C.UTF-8")), ("TZ", None)] {
+        let value = agent_env(key).filter(|v| !v.is_empty() && !v.contains('\0')).or(default.map(str::to_owned));
+        if let Some(v) = value {
+            env.insert(key.to_owned(), v);
+        }
+    }
+    env.extend(action_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.into_iter().collect()
 }
 
 /// Decides how (and whether) `cmd` runs here.
 pub fn plan(cfg: &AgentConfig, cmd: &CommandQueued) -> Plan {
     let timeout_s = cmd.timeout_s.min(cfg.command_timeout_s).max(1);
+    let agent_env = |k: &str| std::env::var(k).ok();
     match cmd.name.as_str() {
         "ping" => Plan::Builtin(Builtin::Ping),
         "sysinfo" => Plan::Builtin(Builtin::Sysinfo),
@@ -42,20 +85,22 @@ pub fn plan(cfg: &AgentConfig, cmd: &CommandQueued) -> Plan {
             Plan::Reject("shell is disabled on this agent (set allow_shell = true in its agent.toml)".into())
         }
         "shell" => match cmd.args.get("script").and_then(Value::as_str) {
-            Some(script) if !script.contains('\0') => Plan::Process {
+            Some(script) if !script.contains('\0') => Plan::Process(ProcessSpec {
                 argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                env: command_env(agent_env, &BTreeMap::new()),
                 timeout: Duration::from_secs(timeout_s.into()),
                 output_cap: cfg.output_cap_bytes,
-            },
+            }),
             _ => Plan::Reject("shell needs args.script (a string)".into()),
         },
         name => match cfg.actions.get(name) {
             Some(action) => match substitute(&action.argv, &action.params, &cmd.args) {
-                Ok(argv) => Plan::Process {
+                Ok(argv) => Plan::Process(ProcessSpec {
                     argv,
+                    env: command_env(agent_env, &action.env),
                     timeout: Duration::from_secs(action.timeout_s.unwrap_or(timeout_s).min(timeout_s).max(1).into()),
                     output_cap: action.output_cap_bytes.unwrap_or(cfg.output_cap_bytes).min(cfg.output_cap_bytes),
-                },
+                }),
                 Err(reason) => Plan::Reject(reason),
             },
             None => Plan::Reject(format!("{name:?} is not a built-in or an action configured on this agent")),
@@ -66,11 +111,7 @@ pub fn plan(cfg: &AgentConfig, cmd: &CommandQueued) -> Plan {
 /// Fills `{param}` argv elements with checked, typed parameters. A
 /// placeholder must be a whole element, so a value is always exactly one
 /// argument.
-fn substitute(
-    template: &[String],
-    params: &std::collections::BTreeMap<String, ParamType>,
-    args: &Value,
-) -> Result<Vec<String>, String> {
+fn substitute(template: &[String], params: &BTreeMap<String, ParamType>, args: &Value) -> Result<Vec<String>, String> {
     let empty = serde_json::Map::new();
     let args = match args {
         Value::Object(m) => m,
@@ -80,97 +121,190 @@ fn substitute(
     if let Some(unknown) = args.keys().find(|k| !params.contains_key(*k)) {
         return Err(format!("unknown parameter {unknown:?}"));
     }
-    let mut values = std::collections::BTreeMap::new();
+    let mut values = BTreeMap::new();
     for (name, kind) in params {
         let value = args.get(name).ok_or_else(|| format!("missing parameter {name:?}"))?;
-        let text = match (kind, value) {
-            (ParamType::Kind(k), Value::String(s)) if k == "string" => s.clone(),
-            (ParamType::Kind(k), Value::Number(n)) if k == "int" && (n.is_i64() || n.is_u64()) => n.to_string(),
-            (ParamType::Kind(k), Value::Bool(b)) if k == "bool" => b.to_string(),
-            (ParamType::OneOf(allowed), Value::String(s)) if allowed.contains(s) => s.clone(),
-            (ParamType::OneOf(allowed), _) => return Err(format!("parameter {name:?} must be one of {allowed:?}")),
-            (ParamType::Kind(k), _) => return Err(format!("parameter {name:?} must be a {k}")),
-        };
-        if text.contains('\0') {
-            return Err(format!("parameter {name:?} contains a NUL byte"));
-        }
+        let text = check_param(name, kind, value)?;
         values.insert(format!("{{{name}}}"), text);
     }
     Ok(template.iter().map(|el| values.get(el).cloned().unwrap_or_else(|| el.clone())).collect())
 }
 
-/// Reads all of `pipe`, keeping at most `cap` bytes; the rest is drained so
-/// the child never blocks on a full pipe.
-async fn read_capped(mut pipe: impl AsyncRead + Unpin, cap: usize) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
+/// One parameter value as an argument, or why it is refused.
+fn check_param(name: &str, kind: &ParamType, value: &Value) -> Result<String, String> {
+    let spec = match kind {
+        ParamType::OneOf(allowed) => {
+            return match value {
+                Value::String(s) if allowed.contains(s) => Ok(s.clone()),
+                _ => Err(format!("parameter {name:?} must be one of {allowed:?}")),
+            };
+        }
+        ParamType::Kind(k) => ParamSpec { kind: k.clone(), ..ParamSpec::default() },
+        ParamType::Spec(s) => s.clone(),
+    };
+    let text = match (spec.kind.as_str(), value) {
+        ("string" | "path", Value::String(s)) => s.clone(),
+        ("int", Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        ("bool", Value::Bool(b)) => b.to_string(),
+        (k, _) => return Err(format!("parameter {name:?} must be a {k}")),
+    };
+    if text.contains('\0') {
+        return Err(format!("parameter {name:?} contains a NUL byte"));
+    }
+    if spec.kind == "string" && text.starts_with('-') && !spec.allow_leading_dash {
+        return Err(format!(
+            "parameter {name:?} begins with \"-\" and would be read as an option; \
+             the action's agent.toml must set allow_leading_dash = true for it"
+        ));
+    }
+    if spec.kind == "path" {
+        let path = std::path::Path::new(&text);
+        if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(format!("parameter {name:?} must be an absolute path without \"..\""));
+        }
+    }
+    // The pattern compiled when the configuration was loaded.
+    if let Some(re) = spec.regex()?
+        && !re.is_match(&text)
+    {
+        return Err(format!("parameter {name:?} does not match the pattern {:?}", spec.pattern.unwrap_or_default()));
+    }
+    Ok(text)
+}
+
+/// Reads all of `pipe` into `kept`, keeping at most `cap` bytes; the rest is
+/// drained so the child never blocks on a full pipe. Returns whether
+/// anything was cut.
+async fn read_capped(mut pipe: impl AsyncRead + Unpin, cap: usize, kept: Arc<Mutex<Vec<u8>>>) -> bool {
     let mut chunk = [0u8; 8192];
     let mut truncated = false;
     loop {
         match pipe.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let mut kept = kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let room = cap.saturating_sub(kept.len());
                 kept.extend_from_slice(&chunk[..n.min(room)]);
                 truncated |= n > room;
             }
         }
     }
-    (kept, truncated)
+    truncated
 }
+
+/// A task reading one output pipe into a buffer the runner keeps.
+#[derive(Debug)]
+pub struct OutputReader {
+    task: tokio::task::JoinHandle<bool>,
+    kept: Arc<Mutex<Vec<u8>>>,
+}
+
+impl OutputReader {
+    pub fn spawn(pipe: impl AsyncRead + Unpin + Send + 'static, cap: usize) -> Self {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        Self { task: tokio::spawn(read_capped(pipe, cap, kept.clone())), kept }
+    }
+
+    /// What was read, once the pipe ends or `grace` passes. After the grace
+    /// the task is aborted (and its end of the pipe closed): a process that
+    /// still holds the pipe cannot keep the command's result waiting.
+    pub async fn finish(mut self, grace: Duration) -> (Vec<u8>, bool) {
+        let truncated = match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(done) => done.unwrap_or(false),
+            Err(_) => {
+                self.task.abort();
+                // Resolves once the future (and the pipe) has been dropped.
+                let _ = (&mut self.task).await;
+                true
+            }
+        };
+        let kept = std::mem::take(&mut *self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        (kept, truncated)
+    }
+}
+
+/// How long the readers get to reach the end of the pipes after the process
+/// is gone; the shim has killed every writer by then, so this is only for a
+/// process that escaped it.
+const READER_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the shim gets to kill and reap the command's processes once the
+/// lifeline is closed, before its own process group is SIGKILLed.
+const SHIM_GRACE: Duration = Duration::from_secs(5);
 
 fn kill_group(pgid: Option<u32>) {
     if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-        // The child leads its own process group, so this reaches its children too.
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
-/// Runs `argv` in a new process group; on timeout or cancel the whole group
-/// is killed.
-pub async fn run_process(argv: &[String], timeout: Duration, cap: usize, cancel: &CancellationToken) -> ResultReport {
+/// Runs `spec` under the exec shim `shim` (normally [`SELF_EXE`]) with
+/// exactly `spec.env`; on timeout or cancel every process the command
+/// started is killed, including any that called `setsid`.
+pub async fn run_process(shim: &Path, spec: &ProcessSpec, cancel: &CancellationToken) -> ResultReport {
     let started = time::OffsetDateTime::now_utc();
     let mut report = ResultReport::new(CommandStatus::Failed);
     report.started_at = Some(started);
-    let Some((program, rest)) = argv.split_first() else {
-        report.reason = Some("empty argv".into());
-        return report;
+    let fail = |mut report: ResultReport, reason: String| {
+        report.reason = Some(reason);
+        report.finished_at = Some(time::OffsetDateTime::now_utc());
+        report
     };
-    let mut child = match tokio::process::Command::new(program)
-        .args(rest)
-        .stdin(Stdio::null())
+    if spec.argv.is_empty() {
+        return fail(report, "empty argv".into());
+    }
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => return fail(report, format!("cannot create the command's lifeline: {e}")),
+    };
+    let lifeline = ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours));
+    let mut lifeline = match lifeline {
+        Ok(l) => Some(l),
+        Err(e) => return fail(report, format!("cannot create the command's lifeline: {e}")),
+    };
+    let mut child = match tokio::process::Command::new(shim)
+        .arg(crate::shim::ARG)
+        .args(&spec.argv)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => {
-            report.reason = Some(format!("cannot start {program}: {e}"));
-            report.finished_at = Some(time::OffsetDateTime::now_utc());
-            return report;
-        }
+        Err(e) => return fail(report, format!("cannot start the exec shim {}: {e}", shim.display())),
     };
     let pgid = child.id();
-    let out = tokio::spawn(read_capped(child.stdout.take().expect("stdout is piped"), cap));
-    let err = tokio::spawn(read_capped(child.stderr.take().expect("stderr is piped"), cap));
+    let out = OutputReader::spawn(child.stdout.take().expect("stdout is piped"), spec.output_cap);
+    let err = OutputReader::spawn(child.stderr.take().expect("stderr is piped"), spec.output_cap);
+    let timeout = spec.timeout;
     let (status, exit) = tokio::select! {
         exit = child.wait() => (None, exit.ok()),
         _ = tokio::time::sleep(timeout) => {
-            kill_group(pgid);
-            (Some((CommandStatus::TimedOut, format!("timed out after {} s; process group killed", timeout.as_secs()))), child.wait().await.ok())
+            (Some((CommandStatus::TimedOut, format!("timed out after {} s; every process it started was killed", timeout.as_secs()))), None)
         }
         _ = cancel.cancelled() => {
-            kill_group(pgid);
-            (Some((CommandStatus::Cancelled, "cancelled; process group killed".to_owned())), child.wait().await.ok())
+            (Some((CommandStatus::Cancelled, "cancelled; every process it started was killed".to_owned())), None)
         }
     };
-    if status.is_none() {
-        // Leftover children of a finished command would keep the pipes open.
-        kill_group(pgid);
-    }
-    let grace = Duration::from_secs(2);
-    let (stdout, cut_out) = tokio::time::timeout(grace, out).await.ok().and_then(Result::ok).unwrap_or_default();
-    let (stderr, cut_err) = tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or_default();
+    let exit = match exit {
+        Some(exit) => Some(exit),
+        None => {
+            // Closing the lifeline makes the shim kill the command's whole tree.
+            drop(lifeline.take());
+            match tokio::time::timeout(SHIM_GRACE, child.wait()).await {
+                Ok(exit) => exit.ok(),
+                Err(_) => {
+                    kill_group(pgid);
+                    child.wait().await.ok()
+                }
+            }
+        }
+    };
+    let (stdout, cut_out) = out.finish(READER_GRACE).await;
+    let (stderr, cut_err) = err.finish(READER_GRACE).await;
     report.stdout = String::from_utf8_lossy(&stdout).into_owned();
     report.stderr = String::from_utf8_lossy(&stderr).into_owned();
     report.truncated = cut_out || cut_err;
@@ -184,12 +318,28 @@ pub async fn run_process(argv: &[String], timeout: Duration, cap: usize, cancel:
         None if report.exit_code == Some(0) => report.status = CommandStatus::Succeeded,
         None => {
             report.status = CommandStatus::Failed;
-            if report.exit_code.is_none() {
+            if report.exit_code == Some(crate::shim::SPAWN_FAILED)
+                && let Some(why) = spawn_error(lifeline.take()).await
+            {
+                report.exit_code = None;
+                report.reason = Some(why);
+            } else if report.exit_code.is_none() {
                 report.reason = Some("killed by a signal".into());
             }
         }
     }
     report
+}
+
+/// The shim's `cannot start …` line, if it wrote one before exiting.
+async fn spawn_error(lifeline: Option<tokio::net::UnixStream>) -> Option<String> {
+    let mut lifeline = lifeline?;
+    let mut text = Vec::new();
+    // The shim has exited, so its end is closed and this ends at once.
+    let read = tokio::time::timeout(READER_GRACE, (&mut lifeline).take(4096).read_to_end(&mut text)).await;
+    read.ok()?.ok()?;
+    let line = String::from_utf8_lossy(&text).trim().to_owned();
+    (!line.is_empty()).then_some(line)
 }
 
 /// A rejected command's result.
@@ -263,9 +413,7 @@ mod tests {
             "[actions.greet]\nargv = [\"echo\", \"hello\", \"{who}\", \"{n}\"]\nparams = { who = \"string\", n = \"int\" }",
         );
         assert_eq!(plan(&c, &cmd("ping", json!({}))), Plan::Builtin(Builtin::Ping));
-        let Plan::Process { argv, .. } = plan(&c, &cmd("greet", json!({"who": "a b; rm -rf /", "n": 3}))) else {
-            panic!("action must run")
-        };
+        let argv = argv_of(plan(&c, &cmd("greet", json!({"who": "a b; rm -rf /", "n": 3}))));
         assert_eq!(argv, ["echo", "hello", "a b; rm -rf /", "3"], "a value is one whole argument");
         assert!(
             matches!(plan(&c, &cmd("greet", json!({"who": "x"}))), Plan::Reject(r) if r.contains("missing parameter \"n\""))
@@ -281,46 +429,147 @@ mod tests {
         );
         assert!(matches!(plan(&c, &cmd("rm", json!({}))), Plan::Reject(_)));
         let shell = cfg("allow_shell = true");
-        assert!(matches!(plan(&shell, &cmd("shell", json!({"script": "id"}))), Plan::Process { .. }));
+        assert!(matches!(plan(&shell, &cmd("shell", json!({"script": "id"}))), Plan::Process(_)));
     }
 
     #[test]
     fn enum_parameters_only_accept_listed_values() {
         let c =
             cfg("[actions.restart]\nargv = [\"systemctl\", \"restart\", \"{svc}\"]\nparams = { svc = [\"nginx\"] }");
-        assert!(matches!(plan(&c, &cmd("restart", json!({"svc": "nginx"}))), Plan::Process { .. }));
+        assert!(matches!(plan(&c, &cmd("restart", json!({"svc": "nginx"}))), Plan::Process(_)));
         assert!(matches!(plan(&c, &cmd("restart", json!({"svc": "sshd"}))), Plan::Reject(_)));
     }
 
-    #[tokio::test]
-    async fn a_timed_out_command_and_its_children_are_killed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let marker = dir.path().join("child-survived");
-        // The child spawns a grandchild that would write the marker after 2 s.
-        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
-        let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
-        let report = run_process(&argv, Duration::from_millis(300), 1024, &CancellationToken::new()).await;
-        assert_eq!(report.status, CommandStatus::TimedOut);
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(!marker.exists(), "the grandchild must have been killed with the group");
+    fn argv_of(plan: Plan) -> Vec<String> {
+        match plan {
+            Plan::Process(spec) => spec.argv,
+            other => panic!("expected a process, got {other:?}"),
+        }
+    }
+
+    fn reason_of(plan: Plan) -> String {
+        match plan {
+            Plan::Reject(reason) => reason,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_string_parameter_beginning_with_a_dash_is_refused_unless_allowed_for_it() {
+        let c = cfg(r#"
+            [actions.pack]
+            argv = ["tar", "-cf", "/tmp/out.tar", "{what}"]
+            params = { what = "string" }
+            [actions.grep]
+            argv = ["grep", "{flags}", "{word}", "/var/log/syslog"]
+            params = { flags = { type = "string", allow_leading_dash = true }, word = "string" }
+        "#);
+        let reason = reason_of(plan(&c, &cmd("pack", json!({"what": "--checkpoint-action=exec=id"}))));
+        assert!(reason.contains("\"what\" begins with \"-\"") && reason.contains("allow_leading_dash"), "{reason}");
+        assert!(reason_of(plan(&c, &cmd("pack", json!({"what": "-oProxyCommand=id"})))).contains("begins with"));
+        assert_eq!(argv_of(plan(&c, &cmd("pack", json!({"what": "a-b"})))).last().map(String::as_str), Some("a-b"));
+        // Allowed for `flags` only: `word` keeps the rule.
+        let argv = argv_of(plan(&c, &cmd("grep", json!({"flags": "-i", "word": "error"}))));
+        assert_eq!(argv[1], "-i");
+        assert!(
+            reason_of(plan(&c, &cmd("grep", json!({"flags": "-i", "word": "-f/etc/shadow"})))).contains("\"word\"")
+        );
+    }
+
+    #[test]
+    fn pattern_parameters_must_match_whole() {
+        let c = cfg(r#"
+            [actions.unit]
+            argv = ["systemctl", "status", "{unit}"]
+            params = { unit = { type = "string", pattern = "[a-z0-9-]+\\.service" } }
+        "#);
+        assert_eq!(argv_of(plan(&c, &cmd("unit", json!({"unit": "nginx.service"}))))[2], "nginx.service");
+        for bad in ["nginx.service; id", "x nginx.service", "NGINX.service", ""] {
+            let reason = reason_of(plan(&c, &cmd("unit", json!({"unit": bad}))));
+            assert!(reason.contains("does not match the pattern"), "{bad:?}: {reason}");
+        }
+        let bad: FileConfig =
+            toml::from_str("[actions.x]\nargv = [\"a\"]\nparams = { p = { type = \"string\", pattern = \"(\" } }")
+                .expect("toml");
+        let err = AgentConfig::resolve(std::path::Path::new("/d"), bad, |_| None, Overrides::default())
+            .expect_err("a pattern that does not compile");
+        assert!(err.to_string().contains("actions.x.params.p") && err.to_string().contains("pattern"), "{err}");
+    }
+
+    #[test]
+    fn path_parameters_are_absolute_without_parent_components() {
+        let c = cfg(r#"
+            [actions.du]
+            argv = ["du", "-sh", "{dir}"]
+            params = { dir = "path" }
+            [actions.logs]
+            argv = ["tail", "{file}"]
+            params = { file = { type = "path", pattern = "/var/log/.*" } }
+        "#);
+        assert_eq!(argv_of(plan(&c, &cmd("du", json!({"dir": "/var/lib/tether"}))))[2], "/var/lib/tether");
+        for bad in ["var/lib", "/var/../etc/shadow", "/var/lib/..", "-rf", "", "./x"] {
+            let reason = reason_of(plan(&c, &cmd("du", json!({"dir": bad}))));
+            assert!(reason.contains("absolute path"), "{bad:?}: {reason}");
+        }
+        assert!(reason_of(plan(&c, &cmd("du", json!({"dir": "/a\u{0}b"})))).contains("NUL"));
+        assert!(reason_of(plan(&c, &cmd("du", json!({"dir": 7})))).contains("must be a path"));
+        assert_eq!(argv_of(plan(&c, &cmd("logs", json!({"file": "/var/log/syslog"}))))[1], "/var/log/syslog");
+        assert!(reason_of(plan(&c, &cmd("logs", json!({"file": "/etc/shadow"})))).contains("pattern"));
+    }
+
+    #[test]
+    fn parameter_options_that_cannot_apply_are_configuration_errors() {
+        for (params, needle) in [
+            ("p = { type = \"int\", allow_leading_dash = true }", "allow_leading_dash"),
+            ("p = { type = \"bool\", pattern = \"x\" }", "pattern"),
+            ("p = { type = \"float\" }", "type must be"),
+        ] {
+            let file: FileConfig =
+                toml::from_str(&format!("[actions.x]\nargv = [\"a\"]\nparams = {{ {params} }}")).expect("toml");
+            let err = AgentConfig::resolve(std::path::Path::new("/d"), file, |_| None, Overrides::default())
+                .expect_err(params);
+            assert!(err.to_string().contains(needle), "{params}: {err}");
+        }
+        let file: FileConfig = toml::from_str("[actions.x]\nargv = [\"a\"]\nenv = { \"A=B\" = \"c\" }").expect("toml");
+        let err = AgentConfig::resolve(std::path::Path::new("/d"), file, |_| None, Overrides::default())
+            .expect_err("bad env name");
+        assert!(err.to_string().contains("actions.x.env"), "{err}");
+    }
+
+    #[test]
+    fn the_command_environment_is_minimal_plus_the_action_env() {
+        let agent = |k: &str| match k {
+            "PATH" => Some("/opt/bin:/usr/bin".to_owned()),
+            "TETHER_ENROLL_TOKEN" => Some("secret".to_owned()),
+            "LANG" => Some(String::new()),
+            _ => None,
+        };
+        let extra =
+            BTreeMap::from([("PGHOST".to_owned(), "/run/pg".to_owned()), ("HOME".to_owned(), "/srv".to_owned())]);
+        let env = command_env(agent, &extra);
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["HOME", "LANG", "PATH", "PGHOST"], "TZ only when the agent has one; nothing else");
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PATH"), Some("/opt/bin:/usr/bin"));
+        assert_eq!(get("HOME"), Some("/srv"), "the action's env wins");
+        assert_eq!(get("LANG"), Some("C.UTF-8"), "an empty value falls back to the default");
+        let c = cfg("allow_shell = true");
+        let Plan::Process(spec) = plan(&c, &cmd("shell", json!({"script": "env"}))) else { panic!("shell runs") };
+        assert!(spec.env.iter().all(|(k, _)| !k.starts_with("TETHER_")), "{:?}", spec.env);
     }
 
     #[tokio::test]
-    async fn output_is_capped_with_a_truncated_flag_and_exit_codes_map_to_status() {
-        let argv = |s: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), s.to_owned()];
-        let never = CancellationToken::new();
-        let big = run_process(
-            &argv("head -c 100000 /dev/zero | tr '\\0' x; echo err >&2"),
-            Duration::from_secs(10),
-            1000,
-            &never,
-        )
-        .await;
-        assert_eq!((big.status, big.stdout.len(), big.truncated), (CommandStatus::Succeeded, 1000, true));
-        assert_eq!(big.stderr, "err\n");
-        let fail = run_process(&argv("exit 3"), Duration::from_secs(10), 1000, &never).await;
-        assert_eq!((fail.status, fail.exit_code), (CommandStatus::Failed, Some(3)));
-        let missing = run_process(&["/nonexistent/tool".to_owned()], Duration::from_secs(1), 10, &never).await;
-        assert!(missing.reason.as_deref().unwrap_or_default().contains("cannot start"));
+    async fn a_reader_gives_up_on_a_pipe_held_open_and_closes_its_end() {
+        let (mut writer, reader) = tokio::net::UnixStream::pair().expect("pair");
+        tokio::io::AsyncWriteExt::write_all(&mut writer, b"partial").await.expect("write");
+        let reader = OutputReader::spawn(reader, 1024);
+        // `writer` stays open, as a surviving grandchild would keep stdout.
+        let (kept, truncated) = reader.finish(Duration::from_millis(200)).await;
+        assert_eq!(kept, b"partial", "what was read before the grace ended is kept");
+        assert!(truncated, "output that may have been cut is flagged");
+        // The reader is gone: its end of the pipe is closed.
+        let mut buf = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(&mut writer, &mut buf).await.expect("read");
+        assert_eq!(n, 0, "the reader's end was dropped");
     }
 }

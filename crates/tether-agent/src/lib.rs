@@ -12,6 +12,7 @@ pub mod device_flow;
 pub mod executor;
 pub mod journal;
 pub mod session;
+pub mod shim;
 pub mod spool;
 pub mod state;
 

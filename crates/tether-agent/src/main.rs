@@ -13,6 +13,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    // Each command runs under this binary started as its exec shim.
+    tether_agent::shim::run_if_requested();
     let cli = Cli::parse();
     init_tracing();
     let code = tether_agent::cli::main(cli.agent)?;

@@ -29,6 +29,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    // Each agent command runs under this binary started as its exec shim.
+    tether_agent::shim::run_if_requested();
     let cli = Cli::parse();
     tether_agent::cli::init_tracing();
     let code = match cli.command {

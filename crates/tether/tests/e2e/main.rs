@@ -4,6 +4,7 @@ mod agent;
 mod common;
 mod device;
 mod durability;
+mod exec_shim;
 mod python;
 mod run;
 mod signing;
