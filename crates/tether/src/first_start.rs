@@ -15,9 +15,10 @@ pub fn print_credentials(bootstrap: &Bootstrap, indent: &str) {
     let Some(token) = &bootstrap.admin_token else { return };
     let file = bootstrap.file.as_deref().map(Path::display);
     if std::io::stdout().is_terminal() {
-        println!("{indent}admin API token (shown once): {token}");
+        let hours = tether_server::BOOTSTRAP_TOKEN_TTL_MS / 3_600_000;
+        println!("{indent}admin API token (valid for {hours} hours): {token}");
         if let Some(password) = &bootstrap.admin_password {
-            println!("{indent}admin password for user 'admin' (shown once): {password}");
+            println!("{indent}admin password for user 'admin': {password}");
         }
     }
     if let Some(file) = file {

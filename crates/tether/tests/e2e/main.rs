@@ -7,4 +7,5 @@ mod durability;
 mod python;
 mod run;
 mod signing;
+mod startup;
 mod tls;
