@@ -91,8 +91,6 @@ impl Drop for Server {
 
 fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
     // Polls, commands and reports at full speed would hit the SPEC §11 limits
     // (1 immediate poll/s per agent, 10 req/s per agent, 20 req/s per user):
     // lift them, since this measures the cost of an answer, not the limits.
@@ -102,34 +100,32 @@ fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
         limits.push_str(&format!("{name}_per_s = 1000000\n{name}_burst = 1000000\n"));
     }
     std::fs::write(&config, limits)?;
+    let data = dir.path().join("data");
+    // Port 0: the server picks a free port and names it in its "listening" line.
     let mut child = Command::new(bin)
-        .args(["server", "--listen", &addr, "--config"])
+        .args(["server", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(&data)
         .env("TETHER_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let mut admin_token = None;
+    let mut base = None;
     for line in lines.by_ref() {
-        let line = line?;
-        if let Some(t) = line.strip_prefix("admin API token (shown once): ") {
-            admin_token = Some(t.to_owned());
-        }
-        if line.starts_with("tether server listening") {
+        if let Some(url) = line?.strip_prefix("tether server listening on ") {
+            base = Some(url.to_owned());
             break;
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    Ok(Server {
-        child,
-        base: format!("http://{addr}"),
-        addr,
-        admin_token: admin_token.context("server printed no admin token")?,
-        _dir: dir,
-    })
+    let base = base.context("the server never said where it listens")?;
+    let addr = base.strip_prefix("http://").context("a plain HTTP server")?.to_owned();
+    // Stdout is a pipe, so the first admin's token is only in the file.
+    let text = std::fs::read_to_string(data.join("initial-admin.txt")).context("reading initial-admin.txt")?;
+    let admin_token = text.lines().find_map(|l| l.strip_prefix("api_token: ")).context("no api_token")?.to_owned();
+    Ok(Server { child, base, addr, admin_token, _dir: dir })
 }
 
 /// Resident memory of a process in bytes.

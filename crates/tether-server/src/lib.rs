@@ -42,12 +42,26 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// must not hold a task and a socket forever.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Credentials created on first start; shown to the operator once.
+/// How long the bootstrap admin API token lives (docs/decisions.md): long
+/// enough for a first session, short enough that a forgotten
+/// `initial-admin.txt` stops being a key to the fleet.
+pub const BOOTSTRAP_TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+
+/// The file in the data dir that receives the first admin's credentials.
+pub const INITIAL_ADMIN_FILE: &str = "initial-admin.txt";
+
+/// Credentials created on first start. They are written to
+/// `<data-dir>/initial-admin.txt` (0600); the binary prints them only to a
+/// terminal.
 #[derive(Clone, Default)]
 pub struct Bootstrap {
     /// Set when the admin password was generated (not given by `TETHER_ADMIN_PASSWORD`).
     pub admin_password: Option<String>,
     pub admin_token: Option<String>,
+    /// When `admin_token` expires (Unix ms).
+    pub admin_token_expires_at: Option<i64>,
+    /// The file the credentials were written to (set on first start).
+    pub file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Bootstrap {
@@ -55,6 +69,8 @@ impl std::fmt::Debug for Bootstrap {
         f.debug_struct("Bootstrap")
             .field("admin_password", &self.admin_password.as_ref().map(|_| "<redacted>"))
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("admin_token_expires_at", &self.admin_token_expires_at)
+            .field("file", &self.file)
             .finish()
     }
 }
@@ -91,20 +107,19 @@ where
     }
 }
 
-/// Creates the data dir (0700) if needed.
+/// Creates the data dir (0700) if needed; an existing one is set to 0700
+/// with a warning.
 fn ensure_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating data dir {}", dir.display()))
+    fsutil::ensure_private_dir(dir).with_context(|| format!("creating data dir {}", dir.display()))
 }
 
-/// Creates the `admin` user and an admin API token when the store has no users.
+/// Creates the `admin` user and an admin API token (expiring after
+/// [`BOOTSTRAP_TOKEN_TTL_MS`]) when the store has no users, and writes both to
+/// `<data-dir>/initial-admin.txt` (0600).
 async fn bootstrap_admin(
     store: &dyn Store,
     clock: &dyn Clock,
+    data_dir: &std::path::Path,
     admin_password: Option<String>,
 ) -> anyhow::Result<Bootstrap> {
     if store.user_count().await? > 0 {
@@ -118,11 +133,48 @@ async fn bootstrap_admin(
     })
     .await?;
     let now = clock.now_ms();
-    let admin = store.create_user("admin", &hash, Role::Admin, now).await?;
     let token = new_token(API_TOKEN_PREFIX);
-    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), None, now).await?;
-    tracing::info!("Created the admin user and its first API token");
-    Ok(Bootstrap { admin_password: generated.then_some(password), admin_token: Some(token) })
+    let expires_at = now + BOOTSTRAP_TOKEN_TTL_MS;
+    let bootstrap = Bootstrap {
+        admin_password: generated.then_some(password),
+        admin_token: Some(token.clone()),
+        admin_token_expires_at: Some(expires_at),
+        file: Some(data_dir.join(INITIAL_ADMIN_FILE)),
+    };
+    // The file first: if the store write below fails, the next start finds no
+    // users and overwrites it; the other order could lose the credentials.
+    let path = data_dir.join(INITIAL_ADMIN_FILE);
+    fsutil::write_private(&path, initial_admin_text(&bootstrap, now).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    let admin = store.create_user("admin", &hash, Role::Admin, now).await?;
+    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), Some(expires_at), now).await?;
+    tracing::info!(file = %path.display(), "Created the admin user and its first API token");
+    Ok(bootstrap)
+}
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms after the Unix epoch"))
+}
+
+/// The contents of `initial-admin.txt`: `key: value` lines under comments.
+fn initial_admin_text(bootstrap: &Bootstrap, now: i64) -> String {
+    let password = bootstrap.admin_password.as_deref().unwrap_or("(the one given in TETHER_ADMIN_PASSWORD)");
+    let token = bootstrap.admin_token.as_deref().unwrap_or_default();
+    let expires = bootstrap.admin_token_expires_at.map(rfc3339).unwrap_or_default();
+    format!(
+        "# The first admin of this tether server, created {created}.\n\
+         # Delete this file after the first login (`tether login`); create your own\n\
+         # API tokens with `tether tokens create`. The token below expires at {expires}.\n\
+         # A new admin password: `tether server reset-admin`.\n\
+         user: admin\n\
+         password: {password}\n\
+         api_token: {token}\n\
+         api_token_expires_at: {expires}\n",
+        created = rfc3339(now),
+    )
 }
 
 impl Server {
@@ -138,7 +190,7 @@ impl Server {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir).await.context("opening the store")?);
         let tokens = AccessTokens::load_or_create(&config.data_dir).context("loading the token signing key")?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let bootstrap = bootstrap_admin(store.as_ref(), clock.as_ref(), admin_password).await?;
+        let bootstrap = bootstrap_admin(store.as_ref(), clock.as_ref(), &config.data_dir, admin_password).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let streams = Arc::new(Streams::default());
         let state = AppState(Arc::new(Inner {

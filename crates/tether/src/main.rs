@@ -1,6 +1,7 @@
 //! `tether`: one binary for the server, the agent and the operator CLI.
 
 mod cli;
+mod first_start;
 mod server_cmd;
 mod up_cmd;
 
@@ -28,19 +29,31 @@ enum Command {
     Operator(cli::OperatorCommand),
 }
 
-fn main() -> anyhow::Result<std::process::ExitCode> {
+fn main() -> std::process::ExitCode {
     // Each agent command runs under this binary started as its exec shim.
     tether_agent::shim::run_if_requested();
     let cli = Cli::parse();
     tether_agent::cli::init_tracing();
-    let code = match cli.command {
+    match run(cli.command) {
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            // The message and its causes on one line (`{:#}`), never the
+            // `Debug` form: that adds a stack backtrace whenever
+            // RUST_BACKTRACE is set, which is noise to an operator.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<i32> {
+    Ok(match command {
         // The agent runs on machines we do not own: keep it on one thread.
         Command::Agent(args) => tether_agent::cli::main(*args)?,
         Command::Server(args) => multi_thread()?.block_on(server_cmd::run(args)).map(|()| 0)?,
         Command::Up(args) => multi_thread()?.block_on(up_cmd::run(args))?,
         Command::Operator(command) => multi_thread()?.block_on(cli::run(command))?,
-    };
-    Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    })
 }
 
 fn multi_thread() -> std::io::Result<tokio::runtime::Runtime> {

@@ -90,13 +90,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.tls = tls_files(args.tls_cert, args.tls_key, file.tls_cert, file.tls_key)?;
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let url = server.url()?;
-    // Printed, not logged: secrets never go to the log, and the operator sees them once.
-    if let Some(token) = &bootstrap.admin_token {
-        println!("admin API token (shown once): {token}");
-    }
-    if let Some(password) = &bootstrap.admin_password {
-        println!("admin password for user 'admin' (shown once): {password}");
-    }
+    // Printed (to a terminal only), never logged: secrets never go to the log.
+    crate::first_start::print_credentials(&bootstrap, "");
     // Last, so whoever waits for this line has seen the credentials.
     println!("tether server listening on {url}");
     let shutdown = CancellationToken::new();

@@ -54,18 +54,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     };
 
     println!("tether is up: {url}");
-    match (&bootstrap.admin_token, &bootstrap.admin_password) {
-        (Some(token), password) => {
-            println!("  admin API token (shown once): {token}");
-            if let Some(password) = password {
-                println!("  admin password for user 'admin' (shown once): {password}");
-            }
-            println!("  try: TETHER_SERVER={url} TETHER_TOKEN={token} tether run --all -- ping");
-        }
-        (None, _) => {
-            println!("  reusing {}; the admin credentials were shown at first start.", args.data_dir.display());
-            println!("  for a new admin password: tether server reset-admin --data-dir {}", args.data_dir.display());
-        }
+    crate::first_start::print_credentials(&bootstrap, "  ");
+    if bootstrap.admin_token.is_none() {
+        println!("  reusing {}; the admin credentials were set up at first start.", args.data_dir.display());
+        println!(
+            "  for a new admin password: {} server reset-admin --data-dir {}",
+            crate::first_start::self_command(),
+            crate::first_start::shell_quote(&args.data_dir.to_string_lossy())
+        );
+    }
+    // A command that works as printed, whether or not `tether` is on PATH.
+    let tether = crate::first_start::self_command();
+    match crate::first_start::token_expr(&bootstrap, &args.data_dir) {
+        Some(token) => println!("  try: TETHER_SERVER={url} TETHER_TOKEN={token} {tether} run --all -- ping"),
+        None => println!("  try: {tether} login --server {url}, then {tether} run --all -- ping"),
     }
     println!("  local agent state: {}", agent_dir.display());
 

@@ -33,7 +33,7 @@ struct Server {
 impl Server {
     fn start() -> Self {
         let data = tempfile::tempdir().expect("data dir");
-        let process = common::ServerProcess::start(data.path(), common::free_port());
+        let process = common::ServerProcess::start(data.path(), 0);
         let admin_token = process.admin_token.clone().expect("first start prints the admin API token");
         Self { base: process.base.clone(), admin_token, _process: process, data }
     }
@@ -499,6 +499,29 @@ async fn no_credentials_at_all_says_to_log_in() {
     let out = output(cmd).await;
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("run `tether login` or set TETHER_TOKEN"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn errors_are_one_line_without_a_backtrace_even_when_rust_backtrace_is_set() {
+    // A "server" that accepts and at once closes every connection: the CLI's
+    // request fails with a transport error, every time.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let home = tempfile::tempdir().expect("home");
+    let mut cmd = tether(home.path());
+    cmd.env("RUST_BACKTRACE", "1").env("RUST_LIB_BACKTRACE", "1");
+    cmd.env("TETHER_SERVER", &url).env("TETHER_TOKEN", "tth_x").args(["agents", "list"]);
+    let out = output(cmd).await;
+    assert_eq!(out.code, Some(1), "stderr:\n{}", out.stderr);
+    assert!(!out.stderr.to_lowercase().contains("stack backtrace"), "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line of error and causes: {}", out.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", out.stderr);
 }
 
 #[tokio::test]

@@ -57,12 +57,22 @@ impl AccessTokens {
     }
 
     /// Loads the key from `keys/jwt.key` in the data dir, creating it (0600) on first start.
+    /// A key file others could read is set back to 0600 with a warning.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<Self> {
-        let path = data_dir.join("keys").join("jwt.key");
+        let keys = data_dir.join("keys");
+        crate::fsutil::ensure_private_dir(&keys)?;
+        let path = keys.join("jwt.key");
         let secret: [u8; 32] = match std::fs::read(&path) {
-            Ok(bytes) => bytes
-                .try_into()
-                .map_err(|_| std::io::Error::other(format!("{} must hold exactly 32 bytes", path.display())))?,
+            Ok(bytes) => {
+                crate::fsutil::ensure_private_file(
+                    &path,
+                    "; whoever could read this key can forge agent access tokens: \
+                     if that may have happened, stop the server, delete the file and start again",
+                )?;
+                bytes
+                    .try_into()
+                    .map_err(|_| std::io::Error::other(format!("{} must hold exactly 32 bytes", path.display())))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = super::secret::random_bytes::<32>();
                 crate::fsutil::write_private(&path, &secret)?;

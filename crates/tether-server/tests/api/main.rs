@@ -9,5 +9,6 @@ mod device;
 mod limits;
 mod rbac;
 mod signing;
+mod startup;
 mod stream;
 mod tls;

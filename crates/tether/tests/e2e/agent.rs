@@ -6,7 +6,7 @@ use tether_client::Client;
 use tether_proto::command::{Command, CommandStatus, CreateCommand, Target};
 use tether_proto::{AgentId, CommandId};
 
-use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, free_port};
+use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually};
 
 async fn run_on(admin: &Client, agent: AgentId, name: &str, args: serde_json::Value, timeout_s: u32) -> CommandId {
     let mut req = CreateCommand::new(Target::agents([agent]), name);
@@ -34,7 +34,7 @@ params = { who = "string", count = "int" }
 #[tokio::test]
 async fn named_actions_get_exact_argv_and_shell_needs_local_opt_in() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let plain = AgentProcess::start(
         &dir.path().join("a1"),
@@ -79,7 +79,7 @@ async fn named_actions_get_exact_argv_and_shell_needs_local_opt_in() {
 #[tokio::test]
 async fn a_command_past_its_timeout_is_killed_with_its_children() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let agent = AgentProcess::start(
         &dir.path().join("a"),
@@ -99,7 +99,7 @@ async fn a_command_past_its_timeout_is_killed_with_its_children() {
 #[tokio::test]
 async fn sigkill_during_a_command_never_runs_it_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let agent_dir = dir.path().join("a");
     let mut agent = AgentProcess::start(
@@ -129,9 +129,9 @@ async fn sigkill_during_a_command_never_runs_it_twice() {
 #[tokio::test]
 async fn results_survive_a_server_outage_and_arrive_after_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     let server_dir = dir.path().join("server");
-    let mut server = ServerProcess::start(&server_dir, port);
+    let mut server = ServerProcess::start(&server_dir, 0);
+    let port = server.port;
     let token = server.admin_token.clone().expect("token");
     let admin = server.admin_with(&token);
     let agent = AgentProcess::start(
@@ -172,7 +172,7 @@ async fn results_survive_a_server_outage_and_arrive_after_it_returns() {
 #[tokio::test]
 async fn a_revoked_agent_exits_78_naming_the_revocation() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let mut agent =
         AgentProcess::start(&dir.path().join("a"), &server.base, Some(&enroll_token(&admin, &[]).await), None);
@@ -189,7 +189,7 @@ async fn a_revoked_agent_exits_78_naming_the_revocation() {
 #[tokio::test]
 async fn status_and_poll_now_talk_to_the_running_daemon() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let agent = AgentProcess::start(&dir.path().join("a"), &server.base, Some(&enroll_token(&admin, &[]).await), None);
     let id = agent.agent_id();
@@ -229,7 +229,7 @@ async fn status_and_poll_now_talk_to_the_running_daemon() {
 #[tokio::test]
 async fn sigterm_lets_the_running_command_finish_and_report() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let mut agent = AgentProcess::start(
         &dir.path().join("a"),
@@ -252,12 +252,15 @@ async fn sigterm_lets_the_running_command_finish_and_report() {
 async fn tether_up_runs_a_server_with_a_local_agent_and_reuses_it() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let up = |dir: &std::path::Path| {
+    let data = dir.path().join("data");
+    // A PATH without `tether` on it, as for someone who ran `cargo run`.
+    let path = std::env::var("PATH").unwrap_or_default();
+    let up = |port: u16| {
         let mut child = std::process::Command::new(crate::common::tether_bin())
             .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir.join("data"))
+            .arg(&data)
             .env("TETHER_LOG", "warn")
+            .env("PATH", &path)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("tether up");
@@ -271,15 +274,18 @@ async fn tether_up_runs_a_server_with_a_local_agent_and_reuses_it() {
                 break;
             }
         }
-        (child, lines)
+        let url = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("tether is up: "))
+            .unwrap_or_else(|| panic!("no URL line: {lines:?}"))
+            .to_owned();
+        (child, lines, url)
     };
-    let (mut first, lines) = up(dir.path());
-    let token = lines
-        .iter()
-        .find_map(|l| l.trim().strip_prefix("admin API token (shown once): "))
-        .expect("first start prints the admin token")
-        .to_owned();
-    let admin = Client::new(&format!("http://127.0.0.1:{port}")).expect("client").with_bearer(token.clone());
+    let (mut first, lines, url) = up(0);
+    // Stdout is not a terminal: the credentials are in the file only.
+    assert!(!lines.iter().any(|l| l.contains("tth_")), "{lines:?}");
+    let token = crate::common::initial_admin_token(&data).expect("first start writes initial-admin.txt");
+    let admin = Client::new(&url).expect("client").with_bearer(token.clone());
     let agents = eventually(Duration::from_secs(30), || async {
         let page = admin.list_agents(&Default::default()).await.ok()?;
         (page.data.len() == 1).then_some(page.data)
@@ -288,14 +294,30 @@ async fn tether_up_runs_a_server_with_a_local_agent_and_reuses_it() {
     .expect("the local agent enrolls");
     let id = run_on(&admin, agents[0].id, "ping", serde_json::json!({}), 30).await;
     assert_eq!(finished(&admin, id, Duration::from_secs(30)).await.stdout, "pong\n");
+    // The "try:" line works when pasted into a shell as printed.
+    let try_line = lines.iter().find_map(|l| l.trim().strip_prefix("try: ")).expect("a try: line").to_owned();
+    let out = std::process::Command::new("sh")
+        .args(["-c", &try_line])
+        .env("PATH", &path)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run the try: line");
+    assert!(
+        out.status.success(),
+        "{try_line}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pong"), "{}", String::from_utf8_lossy(&out.stdout));
     crate::common::signal(&first, libc::SIGTERM);
     first.wait().expect("wait");
 
-    let (mut second, lines) = up(dir.path());
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in URL");
+    let (mut second, lines, _) = up(port);
     assert!(lines.iter().any(|l| l.contains("reusing")), "{lines:?}");
-    assert!(lines.iter().any(|l| l.contains("tether server reset-admin")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains(" server reset-admin")), "{lines:?}");
     // Same data: same token, same single agent.
-    let admin = Client::new(&format!("http://127.0.0.1:{port}")).expect("client").with_bearer(token);
+    let admin = Client::new(&url).expect("client").with_bearer(token);
     let id = run_on(&admin, agents[0].id, "ping", serde_json::json!({}), 30).await;
     assert_eq!(finished(&admin, id, Duration::from_secs(30)).await.status, CommandStatus::Succeeded);
     assert_eq!(admin.list_agents(&Default::default()).await.expect("list").data.len(), 1);

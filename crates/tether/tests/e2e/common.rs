@@ -14,24 +14,32 @@ pub fn tether_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tether")
 }
 
-/// A free port on loopback (bound then released, so a restart can reuse it).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
+/// A `tether server` process. It binds the port it is given, or with 0 a
+/// free one of its own choosing: the harness reads the address back from the
+/// server's `tether server listening on URL` line, so no port is ever picked
+/// here and released for someone else to take. A restart passes the port the
+/// first process got.
 pub struct ServerProcess {
     pub child: Child,
     pub base: String,
     pub data_dir: PathBuf,
+    /// The port the server bound.
     pub port: u16,
-    /// Printed once on first start.
+    /// The first admin's API token, from `<data-dir>/initial-admin.txt` on first start.
     pub admin_token: Option<String>,
     /// The URL of the server's "listening on" line.
     pub url: Option<String>,
 }
 
+/// `api_token` from a first start's `initial-admin.txt`.
+pub fn initial_admin_token(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("initial-admin.txt")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("api_token: ")).map(str::to_owned)
+}
+
 impl ServerProcess {
-    /// Starts `tether server` on `data_dir` and waits until it listens.
+    /// Starts `tether server` on `data_dir` and waits until it listens; `port`
+    /// 0 lets the server choose.
     pub fn start(data_dir: &Path, port: u16) -> Self {
         Self::start_with(data_dir, port, &[])
     }
@@ -49,14 +57,13 @@ impl ServerProcess {
             .spawn()
             .expect("spawn tether server");
         let stdout = child.stdout.take().expect("stdout");
-        let (mut admin_token, mut url) = (None, None);
+        let (mut first_start, mut url) = (false, None);
         let mut lines = BufReader::new(stdout).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
         for line in lines.by_ref() {
             let line = line.expect("read stdout");
-            if let Some(token) = line.strip_prefix("admin API token (shown once): ") {
-                admin_token = Some(token.to_owned());
-            }
+            // Stdout is a pipe, so the credentials are only in the file.
+            first_start |= line.starts_with("first admin credentials: ");
             if let Some(printed) = line.strip_prefix("tether server listening on ") {
                 url = Some(printed.to_owned());
                 break;
@@ -67,8 +74,15 @@ impl ServerProcess {
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let base = format!("http://127.0.0.1:{port}");
-        Self { child, base, data_dir: data_dir.to_owned(), port, admin_token, url }
+        let bound = url
+            .as_deref()
+            .and_then(|u| u.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("tether server on {} never said where it listens", data_dir.display()));
+        assert!(port == 0 || bound == port, "asked for port {port}, the server bound {bound}");
+        let admin_token = if first_start { initial_admin_token(data_dir) } else { None };
+        let base = format!("http://127.0.0.1:{bound}");
+        Self { child, base, data_dir: data_dir.to_owned(), port: bound, admin_token, url }
     }
 
     /// A client with HTTP Basic admin credentials (slow: argon2 per request).

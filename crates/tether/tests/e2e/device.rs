@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 use tether_proto::{AgentId, Labels};
 
-use crate::common::{AgentProcess, ServerProcess, eventually, free_port, tether_bin};
+use crate::common::{AgentProcess, ServerProcess, eventually, tether_bin};
 
 /// A `tether agent --device-flow` whose stderr is collected as it comes.
 struct DeviceAgent {
@@ -120,7 +120,7 @@ async fn ping_by_label(admin: &tether_client::Client, labels: &Labels, agent: Ag
 #[tokio::test]
 async fn an_approved_device_enrolls_with_the_operators_labels_and_runs_commands() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let agent_dir = dir.path().join("agent");
     let mut agent = DeviceAgent::start(&agent_dir, &server.base);
@@ -165,7 +165,7 @@ async fn an_approved_device_enrolls_with_the_operators_labels_and_runs_commands(
 #[tokio::test]
 async fn a_denied_device_exits_non_zero_saying_so() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let agent_dir = dir.path().join("agent");
     let mut agent = DeviceAgent::start(&agent_dir, &server.base);
     let code = agent.user_code();
@@ -183,8 +183,7 @@ async fn an_expired_device_code_exits_non_zero_saying_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("server.toml");
     std::fs::write(&config, "device_code_ttl_s = 1\n").expect("config");
-    let server =
-        ServerProcess::start_with(&dir.path().join("server"), free_port(), &["--config".as_ref(), config.as_os_str()]);
+    let server = ServerProcess::start_with(&dir.path().join("server"), 0, &["--config".as_ref(), config.as_os_str()]);
     let mut agent = DeviceAgent::start(&dir.path().join("agent"), &server.base);
     agent.user_code();
     let status = agent.wait_exit(Duration::from_secs(30));

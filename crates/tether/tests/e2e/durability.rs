@@ -5,15 +5,15 @@ use tether_proto::Labels;
 use tether_proto::agent::{CreateEnrollToken, EnrollRequest};
 use tether_proto::command::{CommandStatus, CreateCommand, ResultReport, Target};
 
-use crate::common::{ServerProcess, free_port};
+use crate::common::ServerProcess;
 
 const COMMANDS: usize = 60;
 
 #[tokio::test]
 async fn acknowledged_commands_survive_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut server = ServerProcess::start(dir.path(), port);
+    let mut server = ServerProcess::start(dir.path(), 0);
+    let port = server.port;
     let admin_token = server.admin_token.clone().expect("first start prints the admin token");
     let admin = server.admin_with(&admin_token);
     let token = admin

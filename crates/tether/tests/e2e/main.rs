@@ -8,4 +8,5 @@ mod exec_shim;
 mod python;
 mod run;
 mod signing;
+mod startup;
 mod tls;

@@ -1,6 +1,6 @@
 //! Interoperability: independent Python clients (authlib, PyJWT) against a real server.
 
-use crate::common::{ServerProcess, free_port};
+use crate::common::ServerProcess;
 
 #[test]
 fn rfc8628_device_flow_with_authlib_and_pyjwt() {
@@ -12,12 +12,11 @@ fn rfc8628_device_flow_with_authlib_and_pyjwt() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let server = ServerProcess::start(&data, free_port());
+    let server = ServerProcess::start(&data, 0);
     // A second server whose device codes expire after 1 s, for expired_token.
     let config = dir.path().join("short.toml");
     std::fs::write(&config, "device_code_ttl_s = 1\n").expect("config");
-    let short =
-        ServerProcess::start_with(&dir.path().join("short"), free_port(), &["--config".as_ref(), config.as_os_str()]);
+    let short = ServerProcess::start_with(&dir.path().join("short"), 0, &["--config".as_ref(), config.as_os_str()]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/device_flow.py");
     let out = std::process::Command::new(python)
         .arg(script)

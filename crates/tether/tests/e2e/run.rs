@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use tether_proto::AgentId;
 
-use crate::common::{AgentProcess, ServerProcess, enroll_token, free_port, tether_bin};
+use crate::common::{AgentProcess, ServerProcess, enroll_token, tether_bin};
 
 #[tokio::test]
 async fn run_by_label_reaches_exactly_the_labelled_agents_and_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let token = server.admin_token.clone().expect("token");
     let admin = server.admin_with(&token);
     let mut agents = Vec::new();

@@ -6,15 +6,14 @@ use std::time::Duration;
 use tether_proto::ErrorKey;
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 
-use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, free_port};
+use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually};
 
 #[tokio::test]
 async fn a_signing_agent_runs_ping_on_a_server_that_requires_signatures() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("server.toml");
     std::fs::write(&config, "require_signed_requests = true\n").expect("server config");
-    let server =
-        ServerProcess::start_with(&dir.path().join("server"), free_port(), &["--config".as_ref(), config.as_os_str()]);
+    let server = ServerProcess::start_with(&dir.path().join("server"), 0, &["--config".as_ref(), config.as_os_str()]);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     let token = enroll_token(&admin, &[]).await;
     let agent = AgentProcess::start_with(

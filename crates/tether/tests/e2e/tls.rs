@@ -8,7 +8,7 @@ use std::time::Duration;
 use tether_client::Client;
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 
-use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, free_port, tether_bin};
+use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, tether_bin};
 
 const PLAIN_HTTP_WARNING: &str = "Talking plain HTTP to a non-loopback server";
 
@@ -35,7 +35,7 @@ fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 fn start_tls_server(data_dir: &Path, port: u16, cert: &Path, key: &Path) -> ServerProcess {
     let tls = ["--tls-cert".as_ref(), cert.as_os_str(), "--tls-key".as_ref(), key.as_os_str()];
     let mut server = ServerProcess::start_with(data_dir, port, &tls);
-    server.base = format!("https://localhost:{port}");
+    server.base = format!("https://localhost:{}", server.port);
     server
 }
 
@@ -55,9 +55,8 @@ async fn ping(admin: &Client, agent: tether_proto::AgentId) -> tether_proto::com
 async fn an_agent_with_ca_file_runs_ping_against_a_tls_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, cert, key) = private_ca(&dir.path().join("pki"));
-    let port = free_port();
-    let server = start_tls_server(&dir.path().join("server"), port, &cert, &key);
-    assert_eq!(server.url, Some(format!("https://127.0.0.1:{port}")), "the startup line names the https URL");
+    let server = start_tls_server(&dir.path().join("server"), 0, &cert, &key);
+    assert_eq!(server.url, Some(format!("https://127.0.0.1:{}", server.port)), "the startup line names the https URL");
     let token = server.admin_token.clone().expect("first start prints an admin token");
     let pem = std::fs::read(&ca).expect("read CA");
     let admin = Client::builder(&server.base).ca_pem(pem).build().expect("client").with_bearer(token);
@@ -106,7 +105,7 @@ async fn an_agent_with_ca_file_runs_ping_against_a_tls_server() {
 #[tokio::test]
 async fn the_agent_warns_once_when_it_talks_plain_http_to_a_non_loopback_address() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(&dir.path().join("server"), free_port());
+    let server = ServerProcess::start(&dir.path().join("server"), 0);
     let admin = server.admin_with(server.admin_token.as_deref().expect("token"));
     // 0.0.0.0 reaches this machine's listener but is not a loopback address,
     // so it stands in for a remote server without sending traffic anywhere.
