@@ -1,7 +1,8 @@
 //! `tether-bench`: starts a release `tether server` in a temp dir and measures
 //! (1) idle-poll throughput (`wait=0`, cursor at head → 204) and the server CPU
-//! each poll costs, and (2) the server memory held per open long-poll with
-//! thousands of polls parked at once. Prints a table.
+//! each poll costs, (2) the server memory held per open long-poll with
+//! thousands of polls parked at once, (3) the agent's own footprint, and
+//! (4) a flood of wrong passwords from one address. Prints a table.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -36,6 +37,16 @@ enum Bench {
     Stream(Args),
     /// Agent idle RSS and CPU, and command receipt latency.
     Agent(AgentArgs),
+    /// Concurrent wrong-password HTTP Basic guesses from one address: argon2
+    /// runs, server memory, and another user's latency meanwhile.
+    PasswordFlood(FloodArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FloodArgs {
+    /// Wrong-password requests for `admin`, all sent at once from 127.0.0.1.
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +147,17 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// A `/proc/<pid>/status` field in bytes (`VmRSS`, `VmHWM`).
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| field.to_owned())?;
     Ok(kb * 1024)
 }
 
@@ -310,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::Stream(args) => stream(&bin, args).await,
         Bench::Agent(args) => agent(&bin, args).await,
+        Bench::PasswordFlood(args) => password_flood(&bin, args).await,
     }
 }
 
@@ -437,5 +460,178 @@ async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
         held.rss_after as f64 / 1048576.0
     );
     println!("| server memory per held long-poll | {:.0} bytes ({:.2} KiB) |", per_poll, per_poll / 1024.0);
+    Ok(())
+}
+
+/// A connection to `addr` from the address `source`. The flood speaks raw
+/// HTTP so that every connection is open before any request leaves.
+async fn connect_from(addr: std::net::SocketAddr, source: std::net::IpAddr) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    Ok(socket.connect(addr).await?)
+}
+
+/// Sends one `GET /api/v1/agents` with `Connection: close`; the answer's status code.
+async fn send_and_status(mut conn: TcpStream, host: &str, authorization: &str) -> anyhow::Result<u16> {
+    let req = format!(
+        "GET /api/v1/agents HTTP/1.1\r\nHost: {host}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await?;
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 1024];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 || head.len() > 4096 {
+            bail!("connection closed before a status line");
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line.split(' ').nth(1).context("status line")?.parse()?;
+    // Drain the rest so the server is never blocked writing to us.
+    while conn.read(&mut buf).await? > 0 {}
+    Ok(status)
+}
+
+async fn metrics(server: &Server) -> anyhow::Result<serde_json::Value> {
+    let addr: std::net::SocketAddr = server.addr.parse()?;
+    let mut conn = connect_from(addr, addr.ip()).await?;
+    let req = format!(
+        "GET /api/v1/metrics HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        server.addr, server.admin_token
+    );
+    conn.write_all(req.as_bytes()).await?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body).await?;
+    let text = String::from_utf8(body)?;
+    let (head, json) = text.split_once("\r\n\r\n").context("no body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("metrics: {head}");
+    }
+    Ok(serde_json::from_str::<serde_json::Value>(json)?["data"].clone())
+}
+
+async fn password_flood(bin: &PathBuf, args: FloodArgs) -> anyhow::Result<()> {
+    let server = start_server(bin)?;
+    let pid = server.child.id();
+    let addr: std::net::SocketAddr = server.addr.parse()?;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
+    let watcher_password = "bench-watcher-password";
+    admin
+        .create_user(&tether_proto::user::CreateUser {
+            username: "watcher".into(),
+            password: watcher_password.into(),
+            role: "viewer".into(),
+        })
+        .await?;
+    let watcher_auth = format!("Basic {}", b64(&format!("watcher:{watcher_password}")));
+    let watcher_ip: std::net::IpAddr = "127.0.0.2".parse()?;
+    let attacker_ip: std::net::IpAddr = "127.0.0.1".parse()?;
+
+    // The unrelated user: sequential requests from another address, timed.
+    let watch = |stop: Arc<AtomicBool>, limit: usize| {
+        let (host, auth) = (server.addr.clone(), watcher_auth.clone());
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+            while !stop.load(Ordering::Relaxed) && lat.len() < limit {
+                let t = Instant::now();
+                let conn = connect_from(addr, watcher_ip).await?;
+                let status = send_and_status(conn, &host, &auth).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                *statuses.entry(status).or_default() += 1;
+            }
+            lat.sort_by(f64::total_cmp);
+            anyhow::Ok((lat, statuses))
+        })
+    };
+    // Warm the watcher's cache entry and measure a quiet baseline.
+    let (quiet, _) = watch(Arc::new(AtomicBool::new(false)), 200).await??;
+    let before = metrics(&server).await?;
+    let rss_before = status_bytes(pid, "VmRSS")?;
+
+    eprintln!("opening {} connections from {attacker_ip}…", args.requests);
+    let auth = format!("Basic {}", b64("admin:wrong-password"));
+    let barrier = Arc::new(tokio::sync::Barrier::new(args.requests + 1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.requests {
+        let (barrier, auth, host) = (barrier.clone(), auth.clone(), server.addr.clone());
+        tasks.spawn(async move {
+            let conn = connect_from(addr, attacker_ip).await;
+            barrier.wait().await;
+            send_and_status(conn?, &host, &auth).await
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch(stop.clone(), usize::MAX);
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(status_bytes(pid, "VmRSS").unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        })
+    };
+    eprintln!("sending {} wrong guesses at once…", args.requests);
+    let started = Instant::now();
+    barrier.wait().await;
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(r) = tasks.join_next().await {
+        let key = match r? {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *statuses.entry(key).or_default() += 1;
+    }
+    let flood_s = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let peak_sampled = sampler.await?;
+    let (during, watcher_statuses) = watcher.await??;
+    let hwm = status_bytes(pid, "VmHWM")?;
+    let rss_after = status_bytes(pid, "VmRSS")?;
+    let after = metrics(&server).await?;
+    let delta = |k: &str| after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
+
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!("| wrong-password Basic requests for `admin`, sent at once from one address | {} |", args.requests);
+    let counts: Vec<String> = statuses.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    println!("| their answers | {} |", counts.join(", "));
+    println!("| time until the last answer | {flood_s:.2} s |");
+    println!("| argon2 verifications during the flood (server counter) | {} |", delta("password_verifications"));
+    println!("| checks refused busy (503) | {} |", delta("password_checks_refused_busy"));
+    println!(
+        "| server RSS before / peak sampled during / after | {:.1} / {:.1} / {:.1} MiB |",
+        mib(rss_before),
+        mib(peak_sampled.max(rss_after)),
+        mib(rss_after)
+    );
+    println!(
+        "| server RSS growth (peak sampled − before) | {:.1} MiB |",
+        mib(peak_sampled.max(rss_after).saturating_sub(rss_before))
+    );
+    println!("| server VmHWM (peak since start, includes start-up hashing) | {:.1} MiB |", mib(hwm));
+    let wcounts: Vec<String> = watcher_statuses.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    println!(
+        "| another user (Basic, other address): requests during the flood, answers | {} ({}) |",
+        during.len(),
+        wcounts.join(", ")
+    );
+    println!(
+        "| another user's latency p50 / p99, quiet | {:.2} ms / {:.2} ms |",
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99)
+    );
+    println!(
+        "| another user's latency p50 / p99, during the flood | {:.2} ms / {:.2} ms |",
+        percentile(&during, 0.5),
+        percentile(&during, 0.99)
+    );
+    println!("| cache hits for the other user's password (server counter) | {} |", delta("password_cache_hits"));
     Ok(())
 }

@@ -88,6 +88,18 @@ impl std::fmt::Debug for UpdateUser {
 /// Shortest password accepted for a user.
 pub const MIN_PASSWORD_LEN: usize = 12;
 
+/// Longest username (protocol.md §3).
+pub const MAX_USERNAME_LEN: usize = 64;
+
+/// Checks a username: 1-64 bytes of `[A-Za-z0-9._@-]`. The same rule
+/// guards user creation and every place a username arrives (login, HTTP
+/// Basic, the `/device` form), before any lookup, limiter key or audit row.
+pub fn validate_username(username: &str) -> Result<(), String> {
+    let ok = (1..=MAX_USERNAME_LEN).contains(&username.len())
+        && username.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok { Ok(()) } else { Err(format!("username must be 1-{MAX_USERNAME_LEN} chars of [A-Za-z0-9._@-]")) }
+}
+
 /// One audit row (SPEC §10).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AuditRow {

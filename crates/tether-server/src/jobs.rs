@@ -46,6 +46,7 @@ pub async fn retention(state: AppState, interval: Duration, stop: CancellationTo
             _ = tick.tick() => {}
         }
         state.limits.prune(state.clock.now_ms());
+        state.passwords.prune(state.clock.now_ms());
         state.nonces.prune(state.clock.now_s());
         let before = state.clock.now_ms() - state.config.signal_max_age.as_millis() as i64;
         match state.store.prune_signals(before, state.config.signal_max_per_agent).await {

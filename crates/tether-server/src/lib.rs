@@ -200,6 +200,10 @@ impl Server {
             tokens,
             limits: limits::Limits::new(config.limits.clone()),
             nonces: auth::signing::NonceCache::new(config.max_remembered_nonces),
+            passwords: auth::password::PasswordChecks::new(
+                config.limits.password_checks_at_once,
+                std::time::Duration::from_millis(config.limits.password_check_wait_ms),
+            ),
             clock,
             config,
             shutdown: CancellationToken::new(),

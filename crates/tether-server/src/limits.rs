@@ -40,6 +40,13 @@ pub struct LimitConfig {
     /// not lock out password logins, nor failed logins code entry.
     pub device_code_failures_per_ip: usize,
     pub device_code_window_s: u64,
+    /// Most unexpired device grants one client address may have waiting
+    /// for an operator, so one address cannot fill the global cap.
+    pub pending_device_grants_per_ip: u64,
+    /// argon2 verifications running at once; 0 = one per core.
+    pub password_checks_at_once: usize,
+    /// How long a password check waits for its turn before 503.
+    pub password_check_wait_ms: u64,
 }
 
 impl Default for LimitConfig {
@@ -66,6 +73,14 @@ impl Default for LimitConfig {
             // year), and a hit shows the device's details, never approves it.
             device_code_failures_per_ip: 10,
             device_code_window_s: 60,
+            // A rack behind one NAT enrolls tens of machines at once, each
+            // approved by a person; 100 leaves room for that and keeps one
+            // address at 1% of the default global cap of 10,000.
+            pending_device_grants_per_ip: 100,
+            password_checks_at_once: 0,
+            // With the failure windows in front, one address queues at most
+            // 20 checks; 2 s is a few dozen argon2 runs per core.
+            password_check_wait_ms: 2_000,
         }
     }
 }
@@ -75,28 +90,83 @@ fn quota(per_s: u32, burst: u32) -> Quota {
     Quota::per_second(nz(per_s)).allow_burst(nz(burst))
 }
 
-/// Failed logins in a sliding window, per key.
+/// Failures in a sliding window, per key. Each entry is a time and the id
+/// of the reservation that made it (0 for plain records).
 #[derive(Debug, Default)]
 struct FailureWindow {
-    seen: DashMap<String, VecDeque<Millis>>,
+    seen: DashMap<String, VecDeque<(Millis, u64)>>,
+}
+
+fn retry_after_s(first: Millis, window_ms: Millis, now: Millis) -> u64 {
+    ((first + window_ms - now) / 1000 + 1) as u64
 }
 
 impl FailureWindow {
     /// Seconds until `key` may try again, if it has `max` failures in the window.
     fn blocked(&self, key: &str, max: usize, window_ms: Millis, now: Millis) -> Option<u64> {
         let mut entry = self.seen.get_mut(key)?;
-        while entry.front().is_some_and(|t| now - t >= window_ms) {
+        while entry.front().is_some_and(|(t, _)| now - t >= window_ms) {
             entry.pop_front();
         }
-        (entry.len() >= max).then(|| entry.front().map_or(1, |first| ((first + window_ms - now) / 1000 + 1) as u64))
+        (entry.len() >= max).then(|| entry.front().map_or(1, |(first, _)| retry_after_s(*first, window_ms, now)))
     }
 
     fn record(&self, key: String, now: Millis) {
-        self.seen.entry(key).or_default().push_back(now);
+        self.seen.entry(key).or_default().push_back((now, 0));
+    }
+
+    /// Takes a slot in `key`'s window unless it is full: the check and the
+    /// take happen under one lock, so parallel callers cannot overfill it.
+    fn reserve(&self, key: &str, id: u64, max: usize, window_ms: Millis, now: Millis) -> Result<(), u64> {
+        if let Some(retry) = self.blocked(key, max, window_ms, now) {
+            // Fast path without allocating a key for a full window.
+            return Err(retry);
+        }
+        let mut entry = self.seen.entry(key.to_owned()).or_default();
+        while entry.front().is_some_and(|(t, _)| now - t >= window_ms) {
+            entry.pop_front();
+        }
+        if entry.len() >= max {
+            return Err(entry.front().map_or(1, |(first, _)| retry_after_s(*first, window_ms, now)));
+        }
+        entry.push_back((now, id));
+        Ok(())
+    }
+
+    /// Gives back the slot `id` took in `key`'s window.
+    fn release(&self, key: &str, id: u64) {
+        if let Some(mut entry) = self.seen.get_mut(key) {
+            entry.retain(|(_, i)| *i != id);
+        }
+        self.seen.remove_if(key, |_, v| v.is_empty());
     }
 
     fn prune(&self, window_ms: Millis, now: Millis) {
-        self.seen.retain(|_, v| v.back().is_some_and(|t| now - t < window_ms));
+        self.seen.retain(|_, v| v.back().is_some_and(|(t, _)| now - t < window_ms));
+    }
+
+    fn len(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+/// A login failure slot taken before a password is verified (protocol.md
+/// §3): kept as a failure unless [`LoginSlot::release`] gives it back after a
+/// successful check, so N parallel guesses cost at most the window's allowance.
+#[derive(Debug)]
+#[must_use = "a slot is kept as a failure unless released"]
+pub struct LoginSlot<'a> {
+    limits: &'a Limits,
+    pair: String,
+    ip: String,
+    id: u64,
+}
+
+impl LoginSlot<'_> {
+    /// The check succeeded (or never ran): the slot is not a failure.
+    pub fn release(self) {
+        self.limits.login.release(&self.pair, self.id);
+        self.limits.login.release(&self.ip, self.id);
     }
 }
 
@@ -110,6 +180,7 @@ pub struct Limits {
     refresh: DefaultKeyedRateLimiter<String>,
     login: FailureWindow,
     device_codes: FailureWindow,
+    next_slot: std::sync::atomic::AtomicU64,
 }
 
 /// The 429 answer: envelope params and `Retry-After` (SPEC §2).
@@ -141,6 +212,7 @@ impl Limits {
             refresh: DefaultKeyedRateLimiter::keyed(quota(config.refresh_per_s, config.refresh_burst)),
             login: FailureWindow::default(),
             device_codes: FailureWindow::default(),
+            next_slot: std::sync::atomic::AtomicU64::new(1),
             config,
         }
     }
@@ -165,28 +237,56 @@ impl Limits {
         check(&self.refresh, &family_id.to_owned(), self.config.refresh_per_s, self.config.refresh_burst)
     }
 
+    fn login_keys(ip: Option<IpAddr>, username: &str) -> (String, String) {
+        let ip = ip.map(|i| i.to_string()).unwrap_or_default();
+        (format!("{ip}\u{0}{username}"), ip)
+    }
+
+    fn login_refusal(&self, retry: u64) -> ApiError {
+        rate_limited(retry, format!("{} failed logins per minute", self.config.login_failures_per_user_ip))
+    }
+
     /// Refuses a password check while this IP (or this IP and username) has
-    /// too many recent failures.
+    /// too many recent failures. Takes nothing: see [`Limits::reserve_login`].
     pub fn login_allowed(&self, ip: Option<IpAddr>, username: &str, now: Millis) -> Result<(), ApiError> {
         let window = self.config.login_window_s as Millis * 1000;
-        let ip = ip.map(|i| i.to_string()).unwrap_or_default();
-        let pair = format!("{ip}\u{0}{username}");
+        let (pair, ip) = Self::login_keys(ip, username);
         let blocked = self
             .login
             .blocked(&pair, self.config.login_failures_per_user_ip, window, now)
             .or_else(|| self.login.blocked(&ip, self.config.login_failures_per_ip, window, now));
         match blocked {
-            Some(retry) => {
-                Err(rate_limited(retry, format!("{} failed logins per minute", self.config.login_failures_per_user_ip)))
-            }
+            Some(retry) => Err(self.login_refusal(retry)),
             None => Ok(()),
         }
     }
 
+    /// Takes a failure slot in both login windows (per IP and username, per
+    /// IP) before a password is verified, or refuses with 429 when either is
+    /// full. The slot stays a failure unless released.
+    pub fn reserve_login(&self, ip: Option<IpAddr>, username: &str, now: Millis) -> Result<LoginSlot<'_>, ApiError> {
+        let window = self.config.login_window_s as Millis * 1000;
+        let (pair, ip) = Self::login_keys(ip, username);
+        let id = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.login
+            .reserve(&pair, id, self.config.login_failures_per_user_ip, window, now)
+            .map_err(|retry| self.login_refusal(retry))?;
+        if let Err(retry) = self.login.reserve(&ip, id, self.config.login_failures_per_ip, window, now) {
+            self.login.release(&pair, id);
+            return Err(self.login_refusal(retry));
+        }
+        Ok(LoginSlot { limits: self, pair, ip, id })
+    }
+
     pub fn login_failed(&self, ip: Option<IpAddr>, username: &str, now: Millis) {
-        let ip = ip.map(|i| i.to_string()).unwrap_or_default();
-        self.login.record(format!("{ip}\u{0}{username}"), now);
+        let (pair, ip) = Self::login_keys(ip, username);
+        self.login.record(pair, now);
         self.login.record(ip, now);
+    }
+
+    /// Keys held by the login failure windows (for tests and metrics).
+    pub fn login_keys_held(&self) -> usize {
+        self.login.len()
     }
 
     /// Refuses user-code checks from an IP with too many recent wrong codes.
@@ -243,6 +343,31 @@ mod tests {
             limits.login_failed(Some(b), &format!("user{i}"), 0);
         }
         assert!(limits.login_allowed(Some(b), "fresh-name", 10).is_err(), "20 per IP");
+    }
+
+    #[test]
+    fn reserved_login_slots_cap_parallel_checks_and_released_slots_are_not_failures() {
+        let limits = Limits::new(LimitConfig::default());
+        let a: IpAddr = "10.0.0.5".parse().expect("ip");
+        // Five checks in flight at once fill the pair's window: the sixth is
+        // refused before any of them has finished.
+        let slots: Vec<_> = (0..5).map(|_| limits.reserve_login(Some(a), "admin", 0).expect("slot")).collect();
+        let err = limits.reserve_login(Some(a), "admin", 0).expect_err("window full");
+        assert_eq!(err.key, ErrorKey::RateLimited);
+        assert!(limits.login_allowed(Some(a), "bob", 0).is_ok(), "other users from the address");
+        // A successful check gives its slot back; failed ones keep theirs.
+        let mut slots = slots.into_iter();
+        slots.next().expect("slot").release();
+        drop(slots);
+        let last = limits.reserve_login(Some(a), "admin", 0).expect("a released slot is free again");
+        assert!(limits.reserve_login(Some(a), "admin", 0).is_err(), "the four kept slots and this one");
+        last.release();
+        // The per-IP window counts reservations for every username.
+        let b: IpAddr = "10.0.0.6".parse().expect("ip");
+        let _held: Vec<_> =
+            (0..20).map(|i| limits.reserve_login(Some(b), &format!("u{i}"), 0).expect("slot")).collect();
+        assert!(limits.reserve_login(Some(b), "fresh", 0).is_err(), "20 per IP");
+        assert!(limits.reserve_login(Some(b), "fresh", 60_000).is_ok(), "the window passed");
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Inner {
     pub limits: crate::limits::Limits,
     /// Nonces of accepted signed agent requests (per process).
     pub nonces: crate::auth::signing::NonceCache,
+    /// Rationed argon2 verifications and the Basic cache (protocol.md §3).
+    pub passwords: crate::auth::password::PasswordChecks,
     pub clock: Arc<dyn Clock>,
     pub config: ServerConfig,
     /// Cancelled when the server starts shutting down: waiting polls answer 204.

@@ -91,6 +91,8 @@ pub struct NewDeviceGrant {
     pub requested_ip: Option<String>,
     /// Refuse the grant when this many unexpired grants are already pending.
     pub max_pending: u64,
+    /// …or when this many of them came from `requested_ip`.
+    pub max_pending_per_ip: u64,
     pub now: Millis,
 }
 
@@ -100,6 +102,8 @@ pub enum NewGrantOutcome {
     Created,
     /// `max_pending` unexpired grants are waiting for an operator already.
     TooManyPending,
+    /// `max_pending_per_ip` unexpired grants from this address are waiting already.
+    TooManyFromAddress,
 }
 
 /// A device grant as the approving operator sees it (RFC 8628 §5.4).

@@ -71,6 +71,9 @@ pub async fn list(
         let (k, v) = pair.split_once('=').ok_or_else(|| ApiError::bad_request("label", "label filters are k=v"))?;
         labels.insert(k.to_owned(), v.to_owned());
     }
+    // The same rule as labels on agents and enroll tokens: no filter can
+    // name a key that no agent could carry.
+    validate_labels(&labels).map_err(|e| ApiError::bad_request("label", e))?;
     let filter = AgentFilter {
         labels,
         q: q.q.filter(|s| !s.is_empty()),

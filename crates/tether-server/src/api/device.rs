@@ -17,7 +17,7 @@ use crate::api::agents::rfc3339;
 use crate::api::enroll::{OAuthForm, hostname_ok, no_store, oauth_error, parse_public_key};
 use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
 use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
-use crate::auth::{Operator, basic_user};
+use crate::auth::{Operator, PasswordSource, basic_user};
 use crate::error::{ApiError, ApiJson, ApiResult, DEFAULT_BODY_LIMIT, OwnErrorFormat};
 use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
 
@@ -96,6 +96,7 @@ pub async fn authorization(
             interval_s: INTERVAL_S,
             requested_ip: caller.ip.map(|ip| ip.to_string()),
             max_pending: state.config.max_pending_device_grants,
+            max_pending_per_ip: state.config.limits.pending_device_grants_per_ip,
             now,
         };
         match state.store.create_device_grant(grant).await {
@@ -109,6 +110,20 @@ pub async fn authorization(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "temporarily_unavailable",
                     "too many devices are waiting for approval; try again later",
+                );
+                res.headers_mut().insert(header::RETRY_AFTER, FULL_RETRY_AFTER_S.into());
+                return res;
+            }
+            Ok(NewGrantOutcome::TooManyFromAddress) => {
+                tracing::warn!(
+                    ip = ?caller.ip,
+                    max_per_ip = state.config.limits.pending_device_grants_per_ip,
+                    "Device authorization refused: too many pending grants from one address"
+                );
+                let mut res = oauth_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "temporarily_unavailable",
+                    "too many devices from this address are waiting for approval; try again later",
                 );
                 res.headers_mut().insert(header::RETRY_AFTER, FULL_RETRY_AFTER_S.into());
                 return res;
@@ -492,7 +507,7 @@ pub async fn page_post(
     let Some(form) = form else {
         return page_response(StatusCode::BAD_REQUEST, page("Fill in every field of the form.", "", None));
     };
-    let user = match basic_user(&state, caller.ip, &form.username, &form.password).await {
+    let user = match basic_user(&state, caller.ip, &form.username, &form.password, PasswordSource::Form).await {
         Ok(Some(u)) if u.role != tether_store::Role::Viewer => u,
         Ok(Some(_)) => {
             return page_response(

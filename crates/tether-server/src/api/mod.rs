@@ -6,6 +6,7 @@ mod commands;
 pub mod device;
 pub mod enroll;
 mod heartbeat;
+mod metrics;
 mod session;
 mod stream;
 mod tokens;
@@ -96,6 +97,7 @@ route_table! {
     Operator post   "/api/v1/batches/{id}/cancel" => commands::cancel_batch,
     AnyUser  get    "/api/v1/audit" => audit::list,
     Admin    get    "/api/v1/audit/verify" => audit::verify,
+    Admin    get    "/api/v1/metrics" => metrics::get,
 }
 
 /// The stream long-poll route, rate-limited by its own rule (SPEC §4).

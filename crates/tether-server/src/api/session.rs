@@ -10,7 +10,7 @@ use tether_proto::{Data, ErrorKey};
 
 use crate::api::enroll::no_store;
 use crate::auth::secret::{hash_token, new_token};
-use crate::auth::{Operator, SESSION_COOKIE, basic_user, session_token};
+use crate::auth::{Operator, PasswordSource, SESSION_COOKIE, basic_user, session_token};
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
 
@@ -37,7 +37,7 @@ pub async fn login(
     ctx: AuditContext,
     ApiJson(req): ApiJson<Login>,
 ) -> ApiResult<Response> {
-    let user = basic_user(&state, caller.ip, &req.username, &req.password)
+    let user = basic_user(&state, caller.ip, &req.username, &req.password, PasswordSource::Form)
         .await?
         .ok_or_else(|| ApiError::new(ErrorKey::Unauthenticated, "wrong username or password"))?;
     let token = new_token("tts_");

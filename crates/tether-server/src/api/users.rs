@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tether_proto::user::{CreateUser, MIN_PASSWORD_LEN, UpdateUser, User};
+use tether_proto::user::{CreateUser, MIN_PASSWORD_LEN, UpdateUser, User, validate_username};
 use tether_proto::{Data, Page};
 use tether_store::{Role, StoreError, UserRecord};
 
@@ -50,11 +50,7 @@ pub async fn create(
     ctx: AuditContext,
     ApiJson(req): ApiJson<CreateUser>,
 ) -> ApiResult<Response> {
-    let username_ok = (1..=64).contains(&req.username.len())
-        && req.username.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
-    if !username_ok {
-        return Err(ApiError::bad_request("username", "username must be 1-64 chars of [A-Za-z0-9._@-]"));
-    }
+    validate_username(&req.username).map_err(|e| ApiError::bad_request("username", e))?;
     let role = parse_role(&req.role)?;
     check_password(&req.password)?;
     let now = state.clock.now_ms();
@@ -93,6 +89,9 @@ pub async fn update(
         StoreError::NotFound => ApiError::not_found("user"),
         other => other.into(),
     })?;
+    if password_hash.is_some() {
+        state.passwords.invalidate_user(&user.username);
+    }
     state
         .audit(
             &ctx,

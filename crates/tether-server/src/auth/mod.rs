@@ -165,7 +165,7 @@ impl FromRequestParts<AppState> for Operator {
                 api_token_user(state, password).await?
             } else {
                 let ip = parts.extensions.get::<crate::state::ClientAddr>().map(|a| a.0.ip());
-                basic_user(state, ip, username, password).await?
+                basic_user(state, ip, username, password, PasswordSource::Basic).await?
             }
         } else if header.is_empty() {
             session_user(state, parts).await?
@@ -200,38 +200,91 @@ async fn api_token_user(state: &AppState, token: &str) -> Result<Option<User>, A
     Ok(state.store.find_api_token(secret::hash_token(token), state.clock.now_ms()).await?)
 }
 
-/// Checks a username and password, under the login failure limits. Unknown
-/// users take the same path (and time) as wrong passwords.
+/// Where a password arrived: HTTP Basic is not behind the per-IP bucket
+/// of the public routes, so its password checks are charged to it here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// The login route or the `/device` form (already IP-limited).
+    Form,
+    /// An `Authorization: Basic` header on an operator route.
+    Basic,
+}
+
+/// Checks a username and password, rationed as protocol.md §3 says: the
+/// username is validated before anything else, a fresh successful Basic
+/// check is answered from memory, and otherwise a login failure slot is
+/// reserved before argon2 runs (under the semaphore), given back only on
+/// success. Unknown users take the same path (and time) as wrong passwords.
 pub async fn basic_user(
     state: &AppState,
     ip: Option<std::net::IpAddr>,
     username: &str,
     password: &str,
+    source: PasswordSource,
 ) -> Result<Option<User>, ApiError> {
-    state.limits.login_allowed(ip, username, state.clock.now_ms())?;
-    let user = state.store.find_user(username).await?;
-    let stored = user.as_ref().map(|u| u.password_hash.clone());
-    let password = password.to_owned();
-    // argon2 is deliberately slow: keep it off the async workers.
-    let ok = tokio::task::spawn_blocking(move || password::verify_password(&password, stored.as_deref()))
-        .await
-        .map_err(ApiError::internal)?;
-    if !ok {
-        state.limits.login_failed(ip, username, state.clock.now_ms());
-        let ctx_ip = ip.map(|i| i.to_string());
-        state
-            .audit(
-                &crate::state::AuditContext { ip: ctx_ip, request_id: None },
-                crate::state::AuditEvent {
-                    actor: username,
-                    actor_kind: "user",
-                    action: "login.failed",
-                    target: username.to_owned(),
-                    outcome: "denied",
-                    details: json!({}),
-                },
-            )
-            .await;
+    tether_proto::user::validate_username(username).map_err(|e| ApiError::bad_request("username", e))?;
+    let now = state.clock.now_ms();
+    // A blocked pair or address stays blocked, even for a remembered password.
+    state.limits.login_allowed(ip, username, now)?;
+    if source == PasswordSource::Basic
+        && let Some(checked_hash) = state.passwords.cached(username, password, now)
+    {
+        match state.store.find_user(username).await? {
+            Some(user) if user.password_hash == checked_hash => {
+                state.passwords.hit();
+                return Ok(Some(user));
+            }
+            // Changed, disabled or deleted since: check afresh.
+            _ => state.passwords.forget(username, password),
+        }
     }
-    Ok(if ok { user } else { None })
+    if source == PasswordSource::Basic
+        && let Some(ip) = ip
+    {
+        state.limits.ip(ip)?;
+    }
+    let slot = state.limits.reserve_login(ip, username, now)?;
+    let checked = async {
+        let user = state.store.find_user(username).await?;
+        let ok = state.passwords.verify(password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
+        Ok::<_, ApiError>((user, ok))
+    }
+    .await;
+    let user = match checked {
+        Ok((user, true)) => {
+            slot.release();
+            user
+        }
+        Ok((_, false)) => None,
+        Err(e) => {
+            // Nothing was verified (store error or no permit in time): not a failure.
+            slot.release();
+            return Err(e);
+        }
+    };
+    match user {
+        Some(user) => {
+            if source == PasswordSource::Basic {
+                state.passwords.remember(username, password, &user.password_hash, now);
+            }
+            Ok(Some(user))
+        }
+        None => {
+            let ctx_ip = ip.map(|i| i.to_string());
+            state
+                .audit(
+                    &crate::state::AuditContext { ip: ctx_ip, request_id: None },
+                    crate::state::AuditEvent {
+                        actor: username,
+                        actor_kind: "user",
+                        action: "login.failed",
+                        target: username.to_owned(),
+                        outcome: "denied",
+                        details: json!({}),
+                    },
+                )
+                .await;
+            Ok(None)
+        }
+    }
 }

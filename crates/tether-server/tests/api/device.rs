@@ -409,3 +409,23 @@ async fn the_per_ip_limit_on_oauth_routes_answers_in_rfc6749_form() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_address_cannot_fill_the_pending_grants_of_everyone() {
+    let app = spawn_app_with(|c| c.limits.pending_device_grants_per_ip = 2).await;
+    let ask = |source: &str| {
+        let http =
+            reqwest::Client::builder().local_address(source.parse::<std::net::IpAddr>().ok()).build().expect("http");
+        http.post(app.url("/oauth/device_authorization"))
+            .form(&[("client_id", "tether-agent"), ("public_key", &public_key()), ("hostname", "h")])
+            .send()
+    };
+    assert_eq!(ask("127.0.0.1").await.expect("send").status(), 200);
+    assert_eq!(ask("127.0.0.1").await.expect("send").status(), 200);
+    let res = ask("127.0.0.1").await.expect("send");
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(res.json::<Value>().await.expect("json")["error"], "temporarily_unavailable");
+    assert_eq!(ask("127.0.0.2").await.expect("send").status(), 200, "another address still starts a grant");
+    app.stop().await;
+}

@@ -7,6 +7,7 @@ mod commands;
 mod common;
 mod device;
 mod limits;
+mod passwords;
 mod rbac;
 mod signing;
 mod startup;

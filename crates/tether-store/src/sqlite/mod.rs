@@ -704,6 +704,20 @@ impl Store for SqliteStore {
         if pending as u64 >= g.max_pending {
             return Ok(NewGrantOutcome::TooManyPending);
         }
+        // Bounded like the count above: at most `max_pending` rows match
+        // the first two conditions.
+        let from_address: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM device_grants
+             WHERE expires_at > ? AND status = 'pending' AND requested_ip IS ? LIMIT ?)",
+        )
+        .bind(g.now)
+        .bind(&g.requested_ip)
+        .bind(g.max_pending_per_ip as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        if from_address as u64 >= g.max_pending_per_ip {
+            return Ok(NewGrantOutcome::TooManyFromAddress);
+        }
         let res = sqlx::query(
             "INSERT INTO device_grants (device_code_hash, user_code, public_key, hostname, requested_ip,
                                         created_at, expires_at, interval_s, status)

@@ -236,6 +236,7 @@ fn grant(user_code: &str, device_code_hash: [u8; 32], now: i64) -> NewDeviceGran
         interval_s: 5,
         requested_ip: Some("192.0.2.7".into()),
         max_pending: 10_000,
+        max_pending_per_ip: 100,
         now,
     }
 }
@@ -294,6 +295,23 @@ async fn a_repeated_redeeming_poll_after_the_grace_is_invalid() {
     // Nothing was revoked by the refused repeat.
     let live = store.rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
     assert!(matches!(live, RefreshOutcome::Rotated { lost_response_retry: false, .. }), "{live:?}");
+}
+
+#[tokio::test]
+async fn one_address_fills_only_its_own_share_of_pending_grants() {
+    let (_dir, store) = store().await;
+    let from = |code: &str, ip: &str| NewDeviceGrant {
+        max_pending_per_ip: 2,
+        requested_ip: Some(ip.into()),
+        ..grant(code, rand_hash(), T0)
+    };
+    assert_eq!(store.create_device_grant(from("BCDFGHJK", "192.0.2.1")).await.expect("1"), NewGrantOutcome::Created);
+    assert_eq!(store.create_device_grant(from("BCDFGHJL", "192.0.2.1")).await.expect("2"), NewGrantOutcome::Created);
+    assert_eq!(
+        store.create_device_grant(from("BCDFGHJM", "192.0.2.1")).await.expect("3"),
+        NewGrantOutcome::TooManyFromAddress
+    );
+    assert_eq!(store.create_device_grant(from("BCDFGHJM", "192.0.2.2")).await.expect("4"), NewGrantOutcome::Created);
 }
 
 #[tokio::test]

@@ -1,0 +1,23 @@
+//! `GET /api/v1/metrics`: process counters an administrator (or the bench)
+//! reads to see what the server is spending, per replica.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tether_proto::Data;
+
+use crate::auth::Operator;
+use crate::state::AppState;
+
+pub async fn get(State(state): State<AppState>, _: Operator) -> Response {
+    let p = &state.passwords;
+    axum::Json(Data {
+        data: json!({
+            "password_verifications": p.verifications(),
+            "password_cache_hits": p.cache_hits(),
+            "password_checks_refused_busy": p.refused_busy(),
+            "login_limiter_keys": state.limits.login_keys_held(),
+        }),
+    })
+    .into_response()
+}
