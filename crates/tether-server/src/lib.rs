@@ -118,9 +118,10 @@ async fn bootstrap_admin(
     })
     .await?;
     let now = clock.now_ms();
-    let admin = store.create_user("admin", &hash, Role::Admin, now).await?;
+    let admin = store.create_user("admin", &hash, Role::Admin, now, None).await?;
     let token = new_token(API_TOKEN_PREFIX);
-    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), None, now).await?;
+    // Handed out with the first password: a password reset ends it too.
+    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), None, true, now, None).await?;
     tracing::info!("Created the admin user and its first API token");
     Ok(Bootstrap { admin_password: generated.then_some(password), admin_token: Some(token) })
 }
