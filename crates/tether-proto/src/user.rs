@@ -139,4 +139,17 @@ pub struct AuditVerification {
     /// What is wrong with the first bad row (absent from older servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Every row that breaks the chain, oldest first (at most 1,000 listed).
+    #[serde(default)]
+    pub broken: Vec<AuditBreak>,
+    /// How many rows break the chain in all.
+    #[serde(default)]
+    pub broken_count: u64,
+}
+
+/// One row that breaks the audit hash chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditBreak {
+    pub id: i64,
+    pub problem: String,
 }

@@ -146,8 +146,9 @@ async fn bootstrap_admin(
     let path = data_dir.join(INITIAL_ADMIN_FILE);
     fsutil::write_private(&path, initial_admin_text(&bootstrap, now).as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
-    let admin = store.create_user("admin", &hash, Role::Admin, now).await?;
-    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), Some(expires_at), now).await?;
+    let admin = store.create_user("admin", &hash, Role::Admin, now, None).await?;
+    // Handed out with the first password: a password reset ends it too.
+    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), Some(expires_at), true, now, None).await?;
     tracing::info!(file = %path.display(), "Created the admin user and its first API token");
     Ok(bootstrap)
 }

@@ -168,8 +168,25 @@ impl<'a> AuditEvent<'a> {
 }
 
 impl AppState {
-    /// Appends to the audit log. A failure is logged, not returned: the
-    /// action it describes has already been committed.
+    /// The audit row of a mutation, to hand to the store method that makes
+    /// it: the store appends it in the mutation's own transaction.
+    pub fn audit_entry(&self, ctx: &AuditContext, event: AuditEvent<'_>) -> AuditEntry {
+        AuditEntry {
+            ts: self.clock.now_ms(),
+            actor: event.actor.to_owned(),
+            actor_kind: event.actor_kind,
+            action: event.action.to_owned(),
+            target: event.target,
+            outcome: event.outcome,
+            ip: ctx.ip.clone(),
+            request_id: ctx.request_id.clone(),
+            details: event.details,
+        }
+    }
+
+    /// Appends an event that changes nothing else (a denial, a failed
+    /// login, an agent's report). A failure is logged, not returned. A
+    /// mutation passes its row to the store instead ([`Self::audit_entry`]).
     pub async fn audit(&self, ctx: &AuditContext, event: AuditEvent<'_>) {
         let entry = AuditEntry {
             ts: self.clock.now_ms(),

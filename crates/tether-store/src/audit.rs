@@ -1,6 +1,12 @@
 //! Audit rows and their hash chain (SPEC §10): each row's hash covers the
-//! previous row's hash and the row's own canonical content, so altering or
-//! removing a row breaks every hash after it.
+//! previous row's hash and the row's own content as stored, so altering or
+//! removing a row breaks the chain at that row.
+//!
+//! The hash is computed over the exact stored column values: `details` is
+//! hashed as the text the backend wrote, never re-serialised from a parsed
+//! value (a float such as `9.7084255809572990e79` does not survive a
+//! parse/print round trip byte for byte, which once made clean rows look
+//! tampered; protocol.md §10).
 
 use serde::Serialize;
 use serde_json::Value;
@@ -38,6 +44,9 @@ pub struct AuditRecord {
     pub ip: Option<String>,
     pub request_id: Option<String>,
     pub details: Value,
+    /// `details` exactly as stored: what the hash covers.
+    #[serde(skip)]
+    pub details_text: String,
     #[serde(skip)]
     pub prev_hash: Vec<u8>,
     #[serde(skip)]
@@ -66,6 +75,29 @@ pub fn chain_hash(
     h.finalize().into()
 }
 
+impl AuditEntry {
+    /// The `details` text to store; the hash is computed over these bytes.
+    pub fn details_text(&self) -> String {
+        self.details.to_string()
+    }
+
+    /// The hash of this entry appended after `prev_hash`, over `details_text`.
+    pub fn hash_after(&self, prev_hash: &[u8], details_text: &str) -> [u8; 32] {
+        chain_hash(
+            prev_hash,
+            self.ts,
+            &self.actor,
+            self.actor_kind,
+            &self.action,
+            &self.target,
+            self.outcome,
+            self.ip.as_deref(),
+            self.request_id.as_deref(),
+            details_text,
+        )
+    }
+}
+
 impl AuditRecord {
     pub fn expected_hash(&self, prev_hash: &[u8]) -> [u8; 32] {
         chain_hash(
@@ -78,7 +110,7 @@ impl AuditRecord {
             &self.outcome,
             self.ip.as_deref(),
             self.request_id.as_deref(),
-            &self.details.to_string(),
+            &self.details_text,
         )
     }
 }

@@ -4,8 +4,18 @@
 //! The store owns transactions: each trait method is one atomic unit, and a
 //! method that appends signals returns the new stream heads so the caller can
 //! wake waiting agents *after* the commit.
+//!
+//! Audited mutations take the [`AuditEntry`] that describes them and append
+//! it to the audit chain in the same transaction (protocol.md §10: a 2xx
+//! means both are committed; a failed append rolls the mutation back). When
+//! the store allocates the id of the row it creates (a user, an API token),
+//! it writes that id into the entry's `target`. Every backend must serialise
+//! appends to the chain head (SQLite: the single `BEGIN IMMEDIATE` writer;
+//! PostgreSQL: lock the head row or take an advisory lock in the same
+//! transaction) so that concurrent appends never fork the chain.
 
 mod audit;
+pub mod refresh;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -175,6 +185,9 @@ pub struct AgentRecord {
     pub last_seen: Option<Millis>,
     pub revoked_at: Option<Millis>,
     pub revoke_reason: Option<String>,
+    /// Access tokens issued at or before this instant are refused (set when
+    /// refresh-token reuse is detected).
+    pub tokens_valid_after: Option<Millis>,
 }
 
 #[derive(Debug, Clone)]
@@ -224,11 +237,13 @@ pub enum RefreshOutcome {
         agent_id: AgentId,
         lost_response_retry: bool,
     },
-    /// Unknown, foreign, already revoked token, or revoked agent.
+    /// Unknown or foreign token, or a revoked one of an already revoked family.
     Invalid,
     AgentRevoked,
-    /// A used token came back outside the grace: the whole family is now revoked.
+    /// Any reuse that is not a lost-response retry: the whole family and the
+    /// agent's access tokens are now revoked, and the event is audited.
     ReuseDetected {
+        agent_id: AgentId,
         family_id: String,
     },
 }
@@ -265,40 +280,61 @@ pub struct AuditFilter {
     pub limit: u32,
 }
 
-/// Walks the whole audit chain: the first row whose hash does not follow.
+/// Most broken rows listed in one verification (all are counted).
+pub const MAX_LISTED_BREAKS: usize = 1000;
+
+/// Walks the whole audit chain and reports every row that breaks it, not
+/// just the first: after a broken row the walk goes on from that row's
+/// stored hash, so each altered or removed row is named once and tampering
+/// further on is still seen.
 pub async fn verify_audit(store: &dyn Store) -> Result<AuditVerification> {
     let mut prev = GENESIS_HASH.to_vec();
     let mut after = 0;
-    let mut checked = 0;
+    let mut v = AuditVerification::default();
     loop {
         let rows = store.list_audit(after, 1000).await?;
         let Some(last) = rows.last() else { break };
         after = last.id;
         for row in &rows {
-            let problem = if row.prev_hash != prev {
-                Some("its prev_hash does not match the previous row's hash (a row before it was removed or altered)")
-            } else if row.hash != row.expected_hash(&prev) {
-                Some("its content does not match its hash (the row was altered)")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Ok(AuditVerification { checked, first_bad: Some(row.id), problem: Some(problem.to_owned()) });
+            v.checked += 1;
+            if let Some(problem) = audit_row_problem(row, &prev) {
+                v.broken_count += 1;
+                if v.broken.len() < MAX_LISTED_BREAKS {
+                    v.broken.push(AuditBreak { id: row.id, problem: problem.to_owned() });
+                }
             }
             prev = row.hash.clone();
-            checked += 1;
         }
     }
-    Ok(AuditVerification { checked, first_bad: None, problem: None })
+    Ok(v)
+}
+
+/// What is wrong with `row` given the hash of the row stored before it.
+pub fn audit_row_problem(row: &AuditRecord, prev_hash: &[u8]) -> Option<&'static str> {
+    if row.prev_hash != prev_hash {
+        Some("its prev_hash does not match the previous row's hash (a row before it was removed or altered)")
+    } else if row.hash != row.expected_hash(prev_hash) {
+        Some("its content does not match its hash (the row was altered)")
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuditVerification {
+    /// Rows read.
+    pub checked: u64,
+    /// Rows that break the chain, oldest first (at most [`MAX_LISTED_BREAKS`]).
+    pub broken: Vec<AuditBreak>,
+    /// How many rows break the chain in all.
+    pub broken_count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct AuditVerification {
-    pub checked: u64,
-    /// Id of the first row that breaks the chain (altered, or after a removed row).
-    pub first_bad: Option<i64>,
+pub struct AuditBreak {
+    pub id: i64,
     /// What is wrong with that row.
-    pub problem: Option<String>,
+    pub problem: String,
 }
 
 /// One `POST /api/v1/commands`, checked and ready to write.
@@ -361,25 +397,50 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // --- operators
     async fn user_count(&self) -> Result<u64>;
-    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User>;
-    async fn set_password(&self, username: &str, password_hash: &str) -> Result<()>;
+    /// `audit.target` becomes the new id; `None` only for the bootstrap
+    /// admin, created before anyone can act.
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+        audit: Option<AuditEntry>,
+    ) -> Result<User>;
+    /// Sets the password and ends the user's sessions: dashboard sessions
+    /// and the API tokens created with the password (`from_password`).
+    async fn set_password(&self, username: &str, password_hash: &str, now: Millis, audit: AuditEntry) -> Result<()>;
     async fn list_users(&self) -> Result<Vec<UserRecord>>;
-    /// Changes role and/or password hash; `NotFound` for unknown or disabled users.
-    async fn update_user(&self, id: &str, role: Option<Role>, password_hash: Option<&str>) -> Result<UserRecord>;
+    /// Changes role and/or password hash; `NotFound` for unknown or disabled
+    /// users. A new password ends the user's sessions as `set_password` does.
+    async fn update_user(
+        &self,
+        id: &str,
+        role: Option<Role>,
+        password_hash: Option<&str>,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<UserRecord>;
     /// Disables the user and revokes their API tokens.
-    async fn disable_user(&self, id: &str, now: Millis) -> Result<()>;
+    async fn disable_user(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
     async fn find_user(&self, username: &str) -> Result<Option<User>>;
+    #[allow(clippy::too_many_arguments)]
     async fn create_api_token(
         &self,
         user_id: &str,
         name: &str,
         token_hash: [u8; 32],
         expires_at: Option<Millis>,
+        from_password: bool,
         now: Millis,
+        audit: Option<AuditEntry>,
     ) -> Result<String>;
+    // `from_password`: created with the password (Basic or a dashboard
+    // session), so it is a session that a password change ends.
+    // `audit.target` becomes the new token id; `None` only for the bootstrap token.
     async fn list_api_tokens(&self, user_id: &str) -> Result<Vec<ApiTokenRecord>>;
     /// Revokes one of the user's tokens; `NotFound` if it is not theirs.
-    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis) -> Result<()>;
+    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
     async fn create_session(
         &self,
         token_hash: [u8; 32],
@@ -387,17 +448,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         csrf: &str,
         expires_at: Millis,
         now: Millis,
+        audit: AuditEntry,
     ) -> Result<()>;
     /// The live session's user and CSRF token.
     async fn find_session(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, String)>>;
     async fn delete_session(&self, token_hash: [u8; 32]) -> Result<()>;
-    /// The live (unexpired, unrevoked) token with this hash and its owner.
-    async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>>;
+    /// The live (unexpired, unrevoked) token with this hash, its owner and
+    /// its own expiry (`None`: never expires).
+    async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, Option<Millis>)>>;
 
     // --- enrollment and agent identity
-    async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis) -> Result<()>;
+    async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis, audit: AuditEntry) -> Result<()>;
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
-    async fn revoke_enroll_token(&self, id: &str, now: Millis) -> Result<()>;
+    async fn revoke_enroll_token(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
     /// Consumes one use of a live enrollment token and creates the agent with
     /// its first refresh token, atomically. `NotFound` when the token is not usable.
     async fn enroll_agent(
@@ -409,7 +472,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<AgentRecord>;
     async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>>;
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
-    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis) -> Result<AgentRecord>;
+    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis, audit: AuditEntry) -> Result<AgentRecord>;
     /// Records a heartbeat: version, applied config hash and the whole body.
     async fn record_heartbeat(
         &self,
@@ -423,8 +486,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
     /// The family a refresh token belongs to, for the per-family rate limit.
     async fn refresh_family(&self, presented_hash: [u8; 32]) -> Result<Option<String>>;
-    /// Rotates a refresh token; `expected_agent` (the seed-003 `device_public_id`)
-    /// must own it when given.
+    /// Rotates a refresh token by [`refresh::decide`]; `expected_agent` (the
+    /// seed-003 `device_public_id`) must own it when given. On reuse it
+    /// revokes the family, sets the agent's `tokens_valid_after` to `now`
+    /// (its access tokens die) and appends `reuse_audit` (target and details
+    /// filled in by the store) in the same transaction.
     async fn rotate_refresh_token(
         &self,
         expected_agent: Option<AgentId>,
@@ -432,6 +498,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         new_hash: [u8; 32],
         grace_ms: Millis,
         now: Millis,
+        reuse_audit: AuditEntry,
     ) -> Result<RefreshOutcome>;
 
     // --- RFC 8628 device grants

@@ -127,7 +127,21 @@ async fn reset_admin(data_dir: &std::path::Path) -> anyhow::Result<()> {
         move || tether_server::auth::password::hash_password(&password)
     })
     .await?;
-    store.set_password("admin", &hash).await?;
+    // Ends admin's sessions (dashboard cookies, tokens made with the old
+    // password) in the same transaction as the change and its audit row.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let audit = tether_store::AuditEntry {
+        ts: now,
+        actor: "reset-admin".into(),
+        actor_kind: "system",
+        action: "user.reset_password".into(),
+        target: "admin".into(),
+        outcome: "ok",
+        ip: None,
+        request_id: None,
+        details: serde_json::json!({"sessions_ended": true}),
+    };
+    store.set_password("admin", &hash, now, audit).await?;
     println!("new password for user 'admin' (shown once): {password}");
     Ok(())
 }

@@ -36,11 +36,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         let token = new_token(ENROLL_TOKEN_PREFIX);
         let state = server.state();
         let now = state.clock.now_ms();
+        let id = uuid_like();
+        let audit = tether_store::AuditEntry {
+            ts: now,
+            actor: "tether up".into(),
+            actor_kind: "system",
+            action: "enroll_token.create".into(),
+            target: id.clone(),
+            outcome: "ok",
+            ip: None,
+            request_id: None,
+            details: serde_json::json!({"uses": 1, "for": "the local agent"}),
+        };
         state
             .store
             .create_enroll_token(
                 NewEnrollToken {
-                    id: uuid_like(),
+                    id,
                     token_hash: hash_token(&token),
                     labels: [("tether-up".to_owned(), "local".to_owned())].into(),
                     uses: 1,
@@ -48,6 +60,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
                     expires_at: now + 600_000,
                 },
                 now,
+                audit,
             )
             .await?;
         Some(token)

@@ -716,7 +716,7 @@ async fn audit_list_applies_the_filters() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn audit_verify_is_ok_on_a_clean_log_and_names_the_first_altered_row() {
+async fn audit_verify_reports_every_altered_row_and_exits_one_and_two_for_other_errors() {
     let server = Server::start();
     let home = tempfile::tempdir().expect("home");
     let admin = server.admin_token.clone();
@@ -740,27 +740,56 @@ async fn audit_verify_is_ok_on_a_clean_log_and_names_the_first_altered_row() {
         .expect("audit")
         .data;
     let victim = rows.iter().find(|r| r.details["username"] == "grace").expect("grace's row").id;
+    let second = rows.iter().find(|r| r.details["username"] == "heidi").expect("heidi's row").id;
     let opts = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(server.data.path().join("tether.db"))
         .busy_timeout(Duration::from_secs(10));
     let db = sqlx::SqlitePool::connect_with(opts).await.expect("open the server's database");
-    let changed = sqlx::query("UPDATE audit SET outcome = 'denied' WHERE id = ?")
-        .bind(victim)
-        .execute(&db)
-        .await
-        .expect("tamper")
-        .rows_affected();
-    assert_eq!(changed, 1);
+    // Two separate rows: the first must not hide the second.
+    for (id, sql) in [
+        (victim, "UPDATE audit SET outcome = 'denied' WHERE id = ?"),
+        (second, "UPDATE audit SET details = '{\"username\":\"mallory\"}' WHERE id = ?"),
+    ] {
+        let changed =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&db).await.expect("tamper").rows_affected();
+        assert_eq!(changed, 1);
+    }
     db.close().await;
 
     let out = cli(&server, home.path(), &admin, &["audit", "verify"]).await;
     assert_eq!(out.code, Some(1), "a broken chain fails the check:\n{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.contains(&format!("BROKEN at row {victim}:")), "{}", out.stdout);
+    assert!(out.stdout.contains(&format!("BROKEN at row {second}:")), "every broken row is named: {}", out.stdout);
     assert!(out.stdout.contains("altered"), "says what is wrong: {}", out.stdout);
     let out = cli(&server, home.path(), &admin, &["audit", "verify", "-o", "json"]).await;
     assert_eq!(out.code, Some(1));
     let v = out.json();
     assert_eq!((v["ok"].as_bool(), v["first_bad_id"].as_i64()), (Some(false), Some(victim)), "{v}");
+    let broken: Vec<i64> = v["broken"].as_array().expect("broken").iter().filter_map(|b| b["id"].as_i64()).collect();
+    assert_eq!(broken, vec![victim, second], "{v}");
+
+    // Anything that is not a verdict on the chain exits 2.
+    let out = cli(&server, home.path(), "tth_not-a-token", &["audit", "verify"]).await;
+    assert_eq!(out.code, Some(2), "refused credentials:\n{}\n{}", out.stdout, out.stderr);
+    let mut cmd = tether(home.path());
+    cmd.env("TETHER_SERVER", "http://127.0.0.1:1").env("TETHER_TOKEN", &admin).args(["audit", "verify"]);
+    let out = output(cmd).await;
+    assert_eq!(out.code, Some(2), "an unreachable server:\n{}\n{}", out.stdout, out.stderr);
+}
+
+/// Issue 10: an agent reporting a float that does not survive a parse/print
+/// round trip byte for byte must leave the chain verifiable.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_reported_float_leaves_the_chain_intact() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let (agent, _) = server.agent(&[]).await;
+    let details: Value = serde_json::from_str(r#"{"v":9.7084255809572990e79}"#).expect("json");
+    let event = tether_proto::user::AgentAuditEvent { action: "x".into(), target: String::new(), details };
+    agent.agent_audit(&event).await.expect("the agent's row is accepted");
+    let out = cli(&server, home.path(), &server.admin_token, &["audit", "verify"]).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("audit log OK"), "{}", out.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -110,10 +110,11 @@ pub async fn revoke(
     };
     let reason = req.reason;
     let reason = if reason.is_empty() { format!("revoked by {}", op.name()) } else { reason };
-    let rec = state.store.revoke_agent(id, &reason, state.clock.now_ms()).await?;
+    let audit = state
+        .audit_entry(&ctx, AuditEvent::by_user(op.name(), "agent.revoke", id.to_string(), json!({"reason": reason})));
+    let rec = state.store.revoke_agent(id, &reason, state.clock.now_ms(), audit).await?;
     state.streams.revoke(&rec);
     tracing::info!(agent_id = %id, "Agent revoked");
-    state.audit(&ctx, AuditEvent::by_user(op.name(), "agent.revoke", id.to_string(), json!({"reason": reason}))).await;
     Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
 
@@ -134,6 +135,15 @@ pub async fn create_enroll_token(
     let token = new_token(ENROLL_TOKEN_PREFIX);
     let id = uuid::Uuid::now_v7().to_string();
     let now = state.clock.now_ms();
+    let audit = state.audit_entry(
+        &ctx,
+        AuditEvent::by_user(
+            op.name(),
+            "enroll_token.create",
+            id.clone(),
+            json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
+        ),
+    );
     state
         .store
         .create_enroll_token(
@@ -146,19 +156,9 @@ pub async fn create_enroll_token(
                 expires_at: now + req.expires_in_s as Millis * 1000,
             },
             now,
+            audit,
         )
         .await?;
-    state
-        .audit(
-            &ctx,
-            AuditEvent::by_user(
-                op.name(),
-                "enroll_token.create",
-                id.clone(),
-                json!({"labels": req.labels, "uses": req.uses, "expires_in_s": req.expires_in_s}),
-            ),
-        )
-        .await;
     let body = Data { data: CreatedEnrollToken { id, token } };
     Ok(crate::api::enroll::no_store((StatusCode::CREATED, axum::Json(body)).into_response()))
 }
@@ -190,10 +190,10 @@ pub async fn revoke_enroll_token(
     ctx: AuditContext,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    state.store.revoke_enroll_token(&id, state.clock.now_ms()).await.map_err(|e| match e {
+    let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "enroll_token.revoke", id.clone(), json!({})));
+    state.store.revoke_enroll_token(&id, state.clock.now_ms(), audit).await.map_err(|e| match e {
         tether_store::StoreError::NotFound => ApiError::not_found("enrollment token"),
         other => other.into(),
     })?;
-    state.audit(&ctx, AuditEvent::by_user(op.name(), "enroll_token.revoke", id, json!({}))).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use tether_proto::user::{AgentAuditEvent, AuditRow, AuditVerification};
+use tether_proto::user::{AgentAuditEvent, AuditBreak, AuditRow, AuditVerification};
 use tether_proto::{Data, Page};
 use tether_store::{AuditFilter, AuditRecord, Role};
 
@@ -75,14 +75,18 @@ pub async fn list(
     Ok(axum::Json(Page { data: rows.into_iter().map(row).collect(), next_cursor }).into_response())
 }
 
-/// `GET /api/v1/audit/verify`: walks the hash chain from the first row.
+/// `GET /api/v1/audit/verify`: walks the hash chain from the first row and
+/// lists every row that breaks it.
 pub async fn verify(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let v = tether_store::verify_audit(state.store.as_ref()).await?;
+    let first = v.broken.first();
     let body = AuditVerification {
-        ok: v.first_bad.is_none(),
+        ok: v.broken_count == 0,
         checked: v.checked,
-        first_bad_id: v.first_bad,
-        problem: v.problem,
+        first_bad_id: first.map(|b| b.id),
+        problem: first.map(|b| b.problem.clone()),
+        broken: v.broken.iter().map(|b| AuditBreak { id: b.id, problem: b.problem.clone() }).collect(),
+        broken_count: v.broken_count,
     };
     Ok(axum::Json(Data { data: body }).into_response())
 }
@@ -104,18 +108,18 @@ pub async fn agent_append(
     }
     let actor = agent.id.to_string();
     let action = format!("agent.{}", event.action);
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: &actor,
-                actor_kind: "agent",
-                action: &action,
-                target: event.target,
-                outcome: "reported",
-                details: event.details,
-            },
-        )
-        .await;
+    let entry = state.audit_entry(
+        &ctx,
+        AuditEvent {
+            actor: &actor,
+            actor_kind: "agent",
+            action: &action,
+            target: event.target,
+            outcome: "reported",
+            details: event.details,
+        },
+    );
+    // The row is what this call creates: 201 only once it is committed.
+    state.store.append_audit(entry).await?;
     Ok((StatusCode::CREATED, axum::Json(Data { data: serde_json::json!({}) })).into_response())
 }

@@ -130,6 +130,19 @@ async fn rotate(
     }
     let refresh_token = new_token(REFRESH_TOKEN_PREFIX);
     let now = state.clock.now_ms();
+    // Written by the store, in the rotation's transaction, only on reuse
+    // (target and details filled in there).
+    let reuse_audit = state.audit_entry(
+        ctx,
+        AuditEvent {
+            actor: "anonymous",
+            actor_kind: "agent",
+            action: "token.refresh_reuse",
+            target: String::new(),
+            outcome: "family_revoked",
+            details: json!({}),
+        },
+    );
     let outcome = state
         .store
         .rotate_refresh_token(
@@ -138,6 +151,7 @@ async fn rotate(
             hash_token(&refresh_token),
             state.config.refresh_grace_ms,
             now,
+            reuse_audit,
         )
         .await
         .map_err(|e| RefreshFailure::Api(e.into()))?;
@@ -155,21 +169,11 @@ async fn rotate(
         }
         RefreshOutcome::Invalid => Err(RefreshFailure::Invalid),
         RefreshOutcome::AgentRevoked => Err(RefreshFailure::Revoked),
-        RefreshOutcome::ReuseDetected { family_id } => {
-            tracing::warn!(family_id = %family_id, "Refresh token reuse: family revoked");
-            state
-                .audit(
-                    ctx,
-                    AuditEvent {
-                        actor: "anonymous",
-                        actor_kind: "agent",
-                        action: "token.refresh_reuse",
-                        target: family_id.clone(),
-                        outcome: "family_revoked",
-                        details: json!({"family_id": family_id}),
-                    },
-                )
-                .await;
+        RefreshOutcome::ReuseDetected { agent_id, family_id } => {
+            // The family and the audit row are committed; now refuse the
+            // agent's access tokens on this server at once.
+            state.streams.revoke_tokens(agent_id, now);
+            tracing::warn!(agent_id = %agent_id, family_id = %family_id, "Refresh token reuse: family and access tokens revoked");
             Err(RefreshFailure::Invalid)
         }
     }

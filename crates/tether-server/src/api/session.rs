@@ -43,10 +43,11 @@ pub async fn login(
     let token = new_token("tts_");
     let csrf = new_token("ttc_");
     let now = state.clock.now_ms();
-    state.store.create_session(hash_token(&token), &user.id, &csrf, now + SESSION_TTL_MS, now).await?;
-    state
-        .audit(&ctx, AuditEvent::by_user(&user.username, "login.ok", user.id.clone(), json!({"method": "password"})))
-        .await;
+    let audit = state.audit_entry(
+        &ctx,
+        AuditEvent::by_user(&user.username, "login.ok", user.id.clone(), json!({"method": "password"})),
+    );
+    state.store.create_session(hash_token(&token), &user.id, &csrf, now + SESSION_TTL_MS, now, audit).await?;
     let secure = if state.config.secure_cookies { "; Secure" } else { "" };
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",

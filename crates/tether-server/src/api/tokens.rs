@@ -10,13 +10,25 @@ use tether_store::{Millis, StoreError};
 
 use crate::api::agents::rfc3339;
 use crate::api::enroll::no_store;
-use crate::auth::Operator;
 use crate::auth::secret::{API_TOKEN_PREFIX, hash_token, new_token};
+use crate::auth::{Credential, Operator};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 
 const MAX_TOKEN_NAME_LEN: usize = 100;
 const MAX_TOKEN_LIFETIME_S: u64 = 5 * 366 * 86_400;
+
+/// A token created with an API token cannot outlive it: its expiry is
+/// capped at the creator's (and it never expires only when the creator
+/// never does). The password and a dashboard session prove the user
+/// directly, so they may choose any allowed lifetime.
+pub fn capped_expiry(requested: Option<Millis>, creator: Credential) -> Option<Millis> {
+    match (creator, requested) {
+        (Credential::ApiToken { expires_at: Some(cap) }, Some(want)) => Some(want.min(cap)),
+        (Credential::ApiToken { expires_at: Some(cap) }, None) => Some(cap),
+        (_, requested) => requested,
+    }
+}
 
 /// `POST /api/v1/tokens {name, expires_in_s}`: a token with the caller's role.
 pub async fn create(
@@ -32,20 +44,22 @@ pub async fn create(
         return Err(ApiError::bad_request("expires_in_s", format!("expires_in_s must be 1..={MAX_TOKEN_LIFETIME_S}")));
     }
     let now = state.clock.now_ms();
-    let expires_at = req.expires_in_s.map(|s| now + s as Millis * 1000);
+    let expires_at = capped_expiry(req.expires_in_s.map(|s| now + s as Millis * 1000), op.credential);
     let token = new_token(API_TOKEN_PREFIX);
-    let id = state.store.create_api_token(&op.user.id, &req.name, hash_token(&token), expires_at, now).await?;
-    state
-        .audit(
-            &ctx,
-            AuditEvent::by_user(
-                op.name(),
-                "api_token.create",
-                id.clone(),
-                json!({"name": req.name, "expires_in_s": req.expires_in_s}),
-            ),
-        )
-        .await;
+    let audit = state.audit_entry(
+        &ctx,
+        AuditEvent::by_user(
+            op.name(),
+            "api_token.create",
+            String::new(),
+            json!({"name": req.name, "expires_in_s": req.expires_in_s, "expires_at": expires_at.map(rfc3339)}),
+        ),
+    );
+    let from_password = op.credential.is_password();
+    let id = state
+        .store
+        .create_api_token(&op.user.id, &req.name, hash_token(&token), expires_at, from_password, now, Some(audit))
+        .await?;
     let body = CreatedApiToken { id, name: req.name, token, expires_at: expires_at.map(rfc3339) };
     Ok(no_store((StatusCode::CREATED, axum::Json(Data { data: body })).into_response()))
 }
@@ -75,10 +89,26 @@ pub async fn revoke(
     ctx: AuditContext,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    state.store.revoke_api_token(&op.user.id, &id, state.clock.now_ms()).await.map_err(|e| match e {
+    let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "api_token.revoke", id.clone(), json!({})));
+    state.store.revoke_api_token(&op.user.id, &id, state.clock.now_ms(), audit).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found("token"),
         other => other.into(),
     })?;
-    state.audit(&ctx, AuditEvent::by_user(op.name(), "api_token.revoke", id, json!({}))).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_made_by_a_token_cannot_outlive_it() {
+        let token = |expires_at| Credential::ApiToken { expires_at };
+        assert_eq!(capped_expiry(None, token(Some(100))), Some(100), "never-expiring is capped");
+        assert_eq!(capped_expiry(Some(500), token(Some(100))), Some(100));
+        assert_eq!(capped_expiry(Some(50), token(Some(100))), Some(50), "a shorter lifetime stays");
+        assert_eq!(capped_expiry(None, token(None)), None, "a never-expiring creator may");
+        assert_eq!(capped_expiry(None, Credential::Password), None);
+        assert_eq!(capped_expiry(Some(7), Credential::Session), Some(7));
+    }
 }

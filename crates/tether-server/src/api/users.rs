@@ -54,18 +54,16 @@ pub async fn create(
     let role = parse_role(&req.role)?;
     check_password(&req.password)?;
     let now = state.clock.now_ms();
-    let user = state.store.create_user(&req.username, &hash(req.password).await?, role, now).await?;
-    state
-        .audit(
-            &ctx,
-            AuditEvent::by_user(
-                op.name(),
-                "user.create",
-                user.id.clone(),
-                json!({"username": user.username, "role": role.as_str()}),
-            ),
-        )
-        .await;
+    let audit = state.audit_entry(
+        &ctx,
+        AuditEvent::by_user(
+            op.name(),
+            "user.create",
+            String::new(),
+            json!({"username": req.username, "role": role.as_str()}),
+        ),
+    );
+    let user = state.store.create_user(&req.username, &hash(req.password).await?, role, now, Some(audit)).await?;
     let record = UserRecord { id: user.id, username: user.username, role, created_at: now, disabled_at: None };
     Ok((StatusCode::CREATED, axum::Json(Data { data: view(record) })).into_response())
 }
@@ -85,24 +83,24 @@ pub async fn update(
         }
         None => None,
     };
-    let user = state.store.update_user(&id, role, password_hash.as_deref()).await.map_err(|e| match e {
+    let audit = state.audit_entry(
+        &ctx,
+        AuditEvent::by_user(
+            op.name(),
+            "user.update",
+            id.clone(),
+            json!({"role": role.map(Role::as_str), "password_changed": password_hash.is_some()}),
+        ),
+    );
+    // A new password also ends the user's sessions (in the store, same transaction).
+    let now = state.clock.now_ms();
+    let user = state.store.update_user(&id, role, password_hash.as_deref(), now, audit).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found("user"),
         other => other.into(),
     })?;
     if password_hash.is_some() {
         state.passwords.invalidate_user(&user.username);
     }
-    state
-        .audit(
-            &ctx,
-            AuditEvent::by_user(
-                op.name(),
-                "user.update",
-                id,
-                json!({"role": role.map(Role::as_str), "password_changed": password_hash.is_some()}),
-            ),
-        )
-        .await;
     Ok(axum::Json(Data { data: view(user) }).into_response())
 }
 
@@ -115,10 +113,10 @@ pub async fn delete(
     if id == op.user.id {
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
-    state.store.disable_user(&id, state.clock.now_ms()).await.map_err(|e| match e {
+    let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "user.delete", id.clone(), json!({})));
+    state.store.disable_user(&id, state.clock.now_ms(), audit).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found("user"),
         other => other.into(),
     })?;
-    state.audit(&ctx, AuditEvent::by_user(op.name(), "user.delete", id, json!({}))).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

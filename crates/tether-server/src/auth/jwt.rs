@@ -99,8 +99,16 @@ impl AccessTokens {
     }
 
     pub fn verify(&self, token: &str) -> Result<AgentId, TokenError> {
+        self.verify_issued(token).map(|(id, _)| id)
+    }
+
+    /// The agent and the token's `iat` (seconds), for the per-agent
+    /// `tokens_valid_after` check.
+    pub fn verify_issued(&self, token: &str) -> Result<(AgentId, u64), TokenError> {
         match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
-            Ok(data) if data.claims.typ == "agent" && data.claims.device_id == data.claims.sub => Ok(data.claims.sub),
+            Ok(data) if data.claims.typ == "agent" && data.claims.device_id == data.claims.sub => {
+                Ok((data.claims.sub, data.claims.iat))
+            }
             Ok(_) => Err(TokenError::Invalid),
             Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
                 // The signature was checked before expiry, so the claims are genuine.

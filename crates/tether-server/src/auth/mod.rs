@@ -84,7 +84,7 @@ impl FromRequestParts<AppState> for AgentCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(ApiError::unauthenticated)?;
-        let id = state.tokens.verify(token).map_err(|e| match e {
+        let (id, issued_at) = state.tokens.verify_issued(token).map_err(|e| match e {
             jwt::TokenError::Expired { expired_at } => {
                 let at = time::OffsetDateTime::from_unix_timestamp(expired_at as i64)
                     .ok()
@@ -96,6 +96,10 @@ impl FromRequestParts<AppState> for AgentCaller {
         let stream = state.streams.get(state.store.as_ref(), id).await?.ok_or_else(ApiError::unauthenticated)?;
         if stream.state().revoked {
             return Err(revoked_error(&stream));
+        }
+        // Refresh-token reuse revoked every access token issued until then.
+        if stream.token_revoked(issued_at) {
+            return Err(ApiError::unauthenticated());
         }
         // Stream polls have their own bucket, charged only when answered at once.
         let path = parts.extensions.get::<axum::extract::MatchedPath>().map(|p| p.as_str());
@@ -114,6 +118,26 @@ impl FromRequestParts<AppState> for AgentCaller {
 #[derive(Debug, Clone)]
 pub struct Operator {
     pub user: User,
+    pub credential: Credential,
+}
+
+/// How an operator proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// The password (HTTP Basic).
+    Password,
+    /// A dashboard session cookie (made by a password login).
+    Session,
+    /// An API token (Bearer, or as the Basic password), with its expiry.
+    ApiToken { expires_at: Option<tether_store::Millis> },
+}
+
+impl Credential {
+    /// Whether this is the user's password at work: tokens it creates are
+    /// sessions, which end when the password changes.
+    pub fn is_password(self) -> bool {
+        matches!(self, Credential::Password | Credential::Session)
+    }
 }
 
 fn rank(role: Role) -> u8 {
@@ -151,7 +175,7 @@ impl FromRequestParts<AppState> for Operator {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
         let (scheme, value) = header.split_once(' ').unwrap_or_default();
-        let user = if scheme.eq_ignore_ascii_case("bearer") && value.starts_with(secret::API_TOKEN_PREFIX) {
+        let found = if scheme.eq_ignore_ascii_case("bearer") && value.starts_with(secret::API_TOKEN_PREFIX) {
             api_token_user(state, value.trim()).await?
         } else if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD
@@ -165,14 +189,14 @@ impl FromRequestParts<AppState> for Operator {
                 api_token_user(state, password).await?
             } else {
                 let ip = parts.extensions.get::<crate::state::ClientAddr>().map(|a| a.0.ip());
-                basic_user(state, ip, username, password, PasswordSource::Basic).await?
+                basic_user(state, ip, username, password, PasswordSource::Basic).await?.map(|u| (u, Credential::Password))
             }
         } else if header.is_empty() {
-            session_user(state, parts).await?
+            session_user(state, parts).await?.map(|u| (u, Credential::Session))
         } else {
             None
         };
-        let user = user.ok_or_else(ApiError::unauthenticated)?;
+        let (user, credential) = found.ok_or_else(ApiError::unauthenticated)?;
         state.limits.user(&user.id)?;
         let required = required_role(parts)?;
         if rank(user.role) < rank(required) {
@@ -192,12 +216,13 @@ impl FromRequestParts<AppState> for Operator {
                 .await;
             return Err(ApiError::forbidden());
         }
-        Ok(Self { user })
+        Ok(Self { user, credential })
     }
 }
 
-async fn api_token_user(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
-    Ok(state.store.find_api_token(secret::hash_token(token), state.clock.now_ms()).await?)
+async fn api_token_user(state: &AppState, token: &str) -> Result<Option<(User, Credential)>, ApiError> {
+    let found = state.store.find_api_token(secret::hash_token(token), state.clock.now_ms()).await?;
+    Ok(found.map(|(user, expires_at)| (user, Credential::ApiToken { expires_at })))
 }
 
 /// Where a password arrived: HTTP Basic is not behind the per-IP bucket

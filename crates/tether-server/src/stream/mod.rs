@@ -38,6 +38,9 @@ pub struct AgentStream {
     /// cannot go stale. Raw bytes keep idle streams small (a decoded key
     /// is ~190 bytes); only signed requests pay for decoding it.
     public_key: Option<[u8; 32]>,
+    /// Access tokens issued at or before this instant (ms) are refused; 0
+    /// for none. Set when refresh-token reuse revokes the agent's tokens.
+    tokens_valid_after: AtomicI64,
 }
 
 impl AgentStream {
@@ -60,6 +63,7 @@ impl AgentStream {
             flushed_seen: AtomicI64::new(seen),
             revocation,
             public_key: rec.public_key.as_slice().try_into().ok(),
+            tokens_valid_after: AtomicI64::new(rec.tokens_valid_after.unwrap_or(0)),
         }
     }
 
@@ -84,6 +88,14 @@ impl AgentStream {
             generation = s.poll_gen;
         });
         generation
+    }
+
+    /// Whether an access token issued at `iat_s` (seconds) was revoked by a
+    /// detected refresh-token reuse. `iat` has whole seconds, so a token of
+    /// the very second of the reuse counts as revoked too.
+    pub fn token_revoked(&self, iat_s: u64) -> bool {
+        let after = self.tokens_valid_after.load(Ordering::Relaxed);
+        after > 0 && (iat_s as i64).saturating_mul(1000) <= after
     }
 
     pub fn revocation(&self) -> Option<&(Millis, String)> {
@@ -172,6 +184,16 @@ impl Streams {
     pub fn revoke(&self, rec: &AgentRecord) {
         let stream = self.agents.entry(rec.id).or_insert_with(|| Arc::new(AgentStream::new(rec))).clone();
         stream.revoke(rec.revoked_at.unwrap_or_default(), rec.revoke_reason.as_deref().unwrap_or_default());
+    }
+
+    /// Refuses the agent's access tokens issued until `at` (refresh-token
+    /// reuse) and ends its waiting poll. An agent not loaded reads the
+    /// stored `tokens_valid_after` when it is.
+    pub fn revoke_tokens(&self, id: AgentId, at: Millis) {
+        if let Some(s) = self.agents.get(&id) {
+            s.tokens_valid_after.fetch_max(at, Ordering::Relaxed);
+            s.state.send_modify(|st| st.poll_gen += 1);
+        }
     }
 
     /// `last_seen` values that changed since the previous call.

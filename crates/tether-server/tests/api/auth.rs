@@ -93,11 +93,29 @@ async fn a_lost_refresh_response_can_be_retried_once_within_the_grace() {
     let app = spawn_app().await;
     let (_, pair) = app.agent(&[]).await;
     let anon = app.anon();
-    let lost = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("rotate (response lost)");
+    anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("rotate (response lost)");
     let retry = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("retry within grace");
-    // The successor nobody received is dead; the retry's pair works.
-    assert!(anon.refresh(&lost.refresh_token, pair.agent_id).await.is_err());
-    anon.refresh(&retry.refresh_token, pair.agent_id).await.expect("live successor");
+    anon.refresh(&retry.refresh_token, pair.agent_id).await.expect("the retry's pair works");
+    app.stop().await;
+}
+
+/// Issue 10: a thief's grace retry kills the real agent's successor; when
+/// the agent presents it, the whole family and its access tokens die.
+#[tokio::test]
+async fn a_revoked_successor_presented_is_reuse_and_revokes_the_access_tokens() {
+    let app = spawn_app().await;
+    let (_, pair) = app.agent(&[]).await;
+    let anon = app.anon();
+    let agents = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("the agent rotates");
+    let thiefs = anon.refresh(&pair.refresh_token, pair.agent_id).await.expect("the thief retries within grace");
+    let err = anon.refresh(&agents.refresh_token, pair.agent_id).await.expect_err("reuse");
+    assert_eq!(err.key(), Some(ErrorKey::Unauthenticated));
+    assert!(anon.refresh(&thiefs.refresh_token, pair.agent_id).await.is_err(), "the family is revoked");
+    let thief = app.anon().with_bearer(thiefs.access_token.clone());
+    let err = thief.heartbeat(&tether_proto::agent::Heartbeat::default()).await.expect_err("access token revoked");
+    assert_eq!(err.key(), Some(ErrorKey::Unauthenticated));
+    let rows = app.state.store.list_audit(0, 100).await.expect("audit");
+    assert!(rows.iter().any(|r| r.action == "token.refresh_reuse" && r.target == pair.agent_id.to_string()));
     app.stop().await;
 }
 

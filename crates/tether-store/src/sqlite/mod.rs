@@ -18,7 +18,8 @@ use tether_proto::command::{
 use tether_proto::signal::{self, CommandCancelled, CommandQueued};
 use tether_proto::{AgentId, BatchId, CommandId, Signal};
 
-use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
+use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH};
+use crate::refresh::{self, PresentedToken, RefreshDecision, Successor};
 use crate::{
     AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch, DeviceGrantInfo,
     DevicePoll, DeviceRedeemed, EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewDeviceGrant, NewEnrollToken,
@@ -104,6 +105,50 @@ async fn append_signal(
     Ok(Head { agent_id, epoch: epoch as u64, seq: seq as u64 })
 }
 
+/// Appends `entry` to the audit chain inside `tx`, the transaction of the
+/// mutation it describes: both commit or neither does. The chain head is
+/// read inside the same `BEGIN IMMEDIATE` transaction, so appends are
+/// serialised by SQLite's single writer. The hash covers `details` as the
+/// exact text stored.
+async fn insert_audit(tx: &mut Transaction<'static, Sqlite>, entry: &AuditEntry) -> Result<()> {
+    let prev: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetch_optional(&mut **tx).await?;
+    let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
+    let details = entry.details_text();
+    let hash = entry.hash_after(&prev, &details);
+    sqlx::query(
+        "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(entry.ts)
+    .bind(&entry.actor)
+    .bind(entry.actor_kind)
+    .bind(&entry.action)
+    .bind(&entry.target)
+    .bind(entry.outcome)
+    .bind(&entry.ip)
+    .bind(&entry.request_id)
+    .bind(&details)
+    .bind(&prev)
+    .bind(&hash[..])
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// What counts as a user's session (docs/decisions.md): dashboard cookie
+/// sessions and the API tokens created with the password (`tether login`
+/// does that over HTTP Basic). Tokens created with another token stay.
+async fn end_sessions(tx: &mut Transaction<'static, Sqlite>, user_id: &str, now: Millis) -> Result<()> {
+    sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user_id).execute(&mut **tx).await?;
+    sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE user_id = ? AND from_password = 1")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Inserts a new agent (labels already final) and the first refresh token of
 /// a new family inside `tx`: the common half of both enrollment ways.
 async fn insert_agent(
@@ -151,6 +196,7 @@ async fn insert_agent(
         last_seen: Some(now),
         revoked_at: None,
         revoke_reason: None,
+        tokens_valid_after: None,
     })
 }
 
@@ -235,8 +281,15 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    async fn create_user(&self, username: &str, password_hash: &str, role: Role, now: Millis) -> Result<User> {
-        self.count();
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+        audit: Option<AuditEntry>,
+    ) -> Result<User> {
+        let mut tx = self.begin().await?;
         let id = uuid::Uuid::now_v7().to_string();
         let res =
             sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
@@ -245,29 +298,33 @@ impl Store for SqliteStore {
                 .bind(password_hash)
                 .bind(role.as_str())
                 .bind(now)
-                .execute(&self.writer)
+                .execute(&mut *tx)
                 .await;
         match res {
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(StoreError::Conflict(format!("user {username:?} exists")))
+                return Err(StoreError::Conflict(format!("user {username:?} exists")));
             }
-            other => {
-                other?;
-                Ok(User { id, username: username.to_owned(), role, password_hash: password_hash.to_owned() })
-            }
+            other => other?,
+        };
+        if let Some(audit) = audit {
+            insert_audit(&mut tx, &AuditEntry { target: id.clone(), ..audit }).await?;
         }
+        tx.commit().await?;
+        Ok(User { id, username: username.to_owned(), role, password_hash: password_hash.to_owned() })
     }
 
-    async fn set_password(&self, username: &str, password_hash: &str) -> Result<()> {
-        self.count();
-        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE username = ?")
-            .bind(password_hash)
-            .bind(username)
-            .execute(&self.writer)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
+    async fn set_password(&self, username: &str, password_hash: &str, now: Millis, audit: AuditEntry) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let id: Option<String> =
+            sqlx::query_scalar("UPDATE users SET password_hash = ? WHERE username = ? RETURNING id")
+                .bind(password_hash)
+                .bind(username)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let id = id.ok_or(StoreError::NotFound)?;
+        end_sessions(&mut tx, &id, now).await?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -279,8 +336,15 @@ impl Store for SqliteStore {
         rows.iter().map(rows::user_record_from_row).collect()
     }
 
-    async fn update_user(&self, id: &str, role: Option<Role>, password_hash: Option<&str>) -> Result<UserRecord> {
-        self.count();
+    async fn update_user(
+        &self,
+        id: &str,
+        role: Option<Role>,
+        password_hash: Option<&str>,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<UserRecord> {
+        let mut tx = self.begin().await?;
         let row = sqlx::query(
             "UPDATE users SET role = COALESCE(?, role), password_hash = COALESCE(?, password_hash)
              WHERE id = ? AND disabled_at IS NULL RETURNING id, username, role, created_at, disabled_at",
@@ -288,13 +352,18 @@ impl Store for SqliteStore {
         .bind(role.map(Role::as_str))
         .bind(password_hash)
         .bind(id)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
+        if password_hash.is_some() {
+            end_sessions(&mut tx, id, now).await?;
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
         rows::user_record_from_row(&row)
     }
 
-    async fn disable_user(&self, id: &str, now: Millis) -> Result<()> {
+    async fn disable_user(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()> {
         let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL")
             .bind(now)
@@ -309,6 +378,8 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(id).execute(&mut *tx).await?;
+        insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -324,18 +395,22 @@ impl Store for SqliteStore {
         row.map(|r| rows::user_from_row(&r)).transpose()
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn create_api_token(
         &self,
         user_id: &str,
         name: &str,
         token_hash: [u8; 32],
         expires_at: Option<Millis>,
+        from_password: bool,
         now: Millis,
+        audit: Option<AuditEntry>,
     ) -> Result<String> {
-        self.count();
+        let mut tx = self.begin().await?;
         let id = uuid::Uuid::now_v7().to_string();
         sqlx::query(
-            "INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at, from_password)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(user_id)
@@ -343,8 +418,13 @@ impl Store for SqliteStore {
         .bind(&token_hash[..])
         .bind(now)
         .bind(expires_at)
-        .execute(&self.writer)
+        .bind(from_password)
+        .execute(&mut *tx)
         .await?;
+        if let Some(audit) = audit {
+            insert_audit(&mut tx, &AuditEntry { target: id.clone(), ..audit }).await?;
+        }
+        tx.commit().await?;
         Ok(id)
     }
 
@@ -368,18 +448,20 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis) -> Result<()> {
-        self.count();
+    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis, audit: AuditEntry) -> Result<()> {
+        let mut tx = self.begin().await?;
         let done =
             sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND user_id = ?")
                 .bind(now)
                 .bind(id)
                 .bind(user_id)
-                .execute(&self.writer)
+                .execute(&mut *tx)
                 .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -390,6 +472,7 @@ impl Store for SqliteStore {
         csrf: &str,
         expires_at: Millis,
         now: Millis,
+        audit: AuditEntry,
     ) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(now).execute(&mut *tx).await?;
@@ -401,6 +484,7 @@ impl Store for SqliteStore {
             .bind(expires_at)
             .execute(&mut *tx)
             .await?;
+        insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -424,10 +508,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<User>> {
+    async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, Option<Millis>)>> {
         self.count();
         let row = sqlx::query(
-            "SELECT u.id, u.username, u.role, u.password_hash FROM api_tokens t JOIN users u ON u.id = t.user_id
+            "SELECT u.id, u.username, u.role, u.password_hash, t.expires_at FROM api_tokens t JOIN users u ON u.id = t.user_id
              WHERE t.token_hash = ? AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > ?)
                AND u.disabled_at IS NULL",
         )
@@ -435,11 +519,11 @@ impl Store for SqliteStore {
         .bind(now)
         .fetch_optional(&self.reader)
         .await?;
-        row.map(|r| rows::user_from_row(&r)).transpose()
+        row.map(|r| Ok((rows::user_from_row(&r)?, r.get::<Option<Millis>, _>(4)))).transpose()
     }
 
-    async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis) -> Result<()> {
-        self.count();
+    async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis, audit: AuditEntry) -> Result<()> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO enroll_tokens (id, token_hash, labels, uses, created_by, created_at, expires_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -451,8 +535,10 @@ impl Store for SqliteStore {
         .bind(&token.created_by)
         .bind(now)
         .bind(token.expires_at)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -466,16 +552,18 @@ impl Store for SqliteStore {
         rows.iter().map(rows::enroll_token_from_row).collect()
     }
 
-    async fn revoke_enroll_token(&self, id: &str, now: Millis) -> Result<()> {
-        self.count();
+    async fn revoke_enroll_token(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()> {
+        let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE enroll_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
             .bind(now)
             .bind(id)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -536,7 +624,7 @@ impl Store for SqliteStore {
         rows.iter().map(agent_from_row).collect()
     }
 
-    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis) -> Result<AgentRecord> {
+    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis, audit: AuditEntry) -> Result<AgentRecord> {
         let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE agents SET revoked_at = COALESCE(revoked_at, ?), revoke_reason = COALESCE(revoke_reason, ?) WHERE id = ?")
             .bind(now)
@@ -553,6 +641,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?").bind(uuid_text(id)).fetch_one(&mut *tx).await?;
+        insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;
         agent_from_row(&row)
     }
@@ -612,11 +701,15 @@ impl Store for SqliteStore {
         new_hash: [u8; 32],
         grace_ms: Millis,
         now: Millis,
+        reuse_audit: AuditEntry,
     ) -> Result<RefreshOutcome> {
         let mut tx = self.begin().await?;
         let Some(row) = sqlx::query(
-            "SELECT t.family_id, t.used_at, t.successor_hash, t.revoked_at, a.revoked_at, t.agent_id
+            "SELECT t.family_id, t.used_at, t.successor_hash, t.revoked_at, a.revoked_at, t.agent_id, t.retried_at,
+                    s.used_at IS NOT NULL, s.revoked_at IS NOT NULL, s.token_hash IS NOT NULL,
+                    EXISTS (SELECT 1 FROM refresh_tokens f WHERE f.family_id = t.family_id AND f.revoked_at IS NULL)
              FROM refresh_tokens t JOIN agents a ON a.id = t.agent_id
+             LEFT JOIN refresh_tokens s ON s.token_hash = t.successor_hash
              WHERE t.token_hash = ? AND (? IS NULL OR t.agent_id = ?)",
         )
         .bind(&presented_hash[..])
@@ -628,53 +721,60 @@ impl Store for SqliteStore {
             return Ok(RefreshOutcome::Invalid);
         };
         let family_id: String = row.get(0);
-        let used_at: Option<Millis> = row.get(1);
-        let successor: Option<Vec<u8>> = row.get(2);
-        let token_revoked: Option<Millis> = row.get(3);
-        let agent_revoked: Option<Millis> = row.get(4);
+        let successor_hash: Option<Vec<u8>> = row.get(2);
         let agent_id: AgentId = rows::parse_id(row.get(5))?;
-        if agent_revoked.is_some() {
-            return Ok(RefreshOutcome::AgentRevoked);
-        }
-        if token_revoked.is_some() {
-            return Ok(RefreshOutcome::Invalid);
-        }
-        let mut lost_response_retry = false;
-        if let Some(used_at) = used_at {
-            // A retry of a lost response: inside the grace, and the successor never used.
-            let successor_unused = match &successor {
-                Some(s) => {
-                    let used: Option<Option<Millis>> = sqlx::query_scalar(
-                        "SELECT used_at FROM refresh_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-                    )
-                    .bind(s)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    matches!(used, Some(None))
-                }
-                None => false,
-            };
-            if now - used_at > grace_ms || !successor_unused {
+        let presented = PresentedToken {
+            agent_revoked: row.get::<Option<Millis>, _>(4).is_some(),
+            revoked: row.get::<Option<Millis>, _>(3).is_some(),
+            used_at: row.get(1),
+            retried: row.get::<Option<Millis>, _>(6).is_some(),
+            successor: row.get::<bool, _>(9).then(|| Successor { used: row.get(7), revoked: row.get(8) }),
+            family_live: row.get(10),
+        };
+        let lost_response_retry = match refresh::decide(&presented, grace_ms, now) {
+            RefreshDecision::AgentRevoked => return Ok(RefreshOutcome::AgentRevoked),
+            RefreshDecision::Invalid => return Ok(RefreshOutcome::Invalid),
+            RefreshDecision::Reuse => {
                 sqlx::query("UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE family_id = ?")
                     .bind(now)
                     .bind(&family_id)
                     .execute(&mut *tx)
                     .await?;
-                tx.commit().await?;
-                return Ok(RefreshOutcome::ReuseDetected { family_id });
-            }
-            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE token_hash = ?")
+                sqlx::query(
+                    "UPDATE agents SET tokens_valid_after = MAX(COALESCE(tokens_valid_after, 0), ?) WHERE id = ?",
+                )
                 .bind(now)
-                .bind(successor)
+                .bind(uuid_text(agent_id))
                 .execute(&mut *tx)
                 .await?;
-            lost_response_retry = true;
-        }
+                let audit = AuditEntry {
+                    target: agent_id.to_string(),
+                    details: serde_json::json!({"family_id": family_id, "presented": if presented.revoked { "revoked" } else { "used" }}),
+                    ..reuse_audit
+                };
+                insert_audit(&mut tx, &audit).await?;
+                tx.commit().await?;
+                return Ok(RefreshOutcome::ReuseDetected { agent_id, family_id });
+            }
+            RefreshDecision::LostResponseRetry => {
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE token_hash = ?")
+                    .bind(now)
+                    .bind(&successor_hash)
+                    .execute(&mut *tx)
+                    .await?;
+                true
+            }
+            RefreshDecision::Rotate => false,
+        };
         sqlx::query(
-            "UPDATE refresh_tokens SET used_at = COALESCE(used_at, ?), successor_hash = ? WHERE token_hash = ?",
+            "UPDATE refresh_tokens SET used_at = COALESCE(used_at, ?), successor_hash = ?,
+                    retried_at = CASE WHEN ? THEN ? ELSE retried_at END
+             WHERE token_hash = ?",
         )
         .bind(now)
         .bind(&new_hash[..])
+        .bind(lost_response_retry)
+        .bind(now)
         .bind(&presented_hash[..])
         .execute(&mut *tx)
         .await?;
@@ -1325,39 +1425,7 @@ impl Store for SqliteStore {
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
         let mut tx = self.begin().await?;
-        let prev: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetch_optional(&mut *tx).await?;
-        let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
-        let details = entry.details.to_string();
-        let hash = chain_hash(
-            &prev,
-            entry.ts,
-            &entry.actor,
-            entry.actor_kind,
-            &entry.action,
-            &entry.target,
-            entry.outcome,
-            entry.ip.as_deref(),
-            entry.request_id.as_deref(),
-            &details,
-        );
-        sqlx::query(
-            "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(entry.ts)
-        .bind(&entry.actor)
-        .bind(entry.actor_kind)
-        .bind(&entry.action)
-        .bind(&entry.target)
-        .bind(entry.outcome)
-        .bind(&entry.ip)
-        .bind(&entry.request_id)
-        .bind(&details)
-        .bind(&prev)
-        .bind(&hash[..])
-        .execute(&mut *tx)
-        .await?;
+        insert_audit(&mut tx, &entry).await?;
         tx.commit().await?;
         Ok(())
     }

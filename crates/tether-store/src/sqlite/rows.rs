@@ -16,7 +16,7 @@ pub const COMMAND_COLUMNS: &str = "id, batch_id, agent_id, name, args, timeout_s
      finished_at, expires_at";
 
 pub const AGENT_COLUMNS: &str = "id, name, hostname, labels, facts, public_key, version, applied_config_hash, \
-     epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason";
+     epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after";
 
 pub fn to_millis(t: OffsetDateTime) -> Millis {
     (t.unix_timestamp_nanos() / 1_000_000) as Millis
@@ -86,6 +86,7 @@ pub fn agent_from_row(r: &SqliteRow) -> Result<AgentRecord> {
         last_seen: r.get(12),
         revoked_at: r.get(13),
         revoke_reason: r.get(14),
+        tokens_valid_after: r.get(15),
     })
 }
 
@@ -112,6 +113,11 @@ pub fn enroll_token_from_row(r: &SqliteRow) -> Result<EnrollTokenRecord> {
 }
 
 pub fn audit_from_row(r: &SqliteRow) -> Result<AuditRecord> {
+    let details_text: String = r.get(9);
+    // A row whose details are not JSON any more was altered; it is still
+    // read (as a string) so that verification can report it.
+    let details =
+        serde_json::from_str(&details_text).unwrap_or_else(|_| serde_json::Value::String(details_text.clone()));
     Ok(AuditRecord {
         id: r.get(0),
         ts: r.get(1),
@@ -122,7 +128,8 @@ pub fn audit_from_row(r: &SqliteRow) -> Result<AuditRecord> {
         outcome: r.get(6),
         ip: r.get(7),
         request_id: r.get(8),
-        details: parse_json(r.get(9))?,
+        details,
+        details_text,
         prev_hash: r.get(10),
         hash: r.get(11),
     })

@@ -30,6 +30,7 @@ async fn enroll(store: &SqliteStore, labels: &[(&str, &str)]) -> AgentId {
                 expires_at: T0 + 3_600_000,
             },
             T0,
+            audit_entry("enroll_token.create"),
         )
         .await
         .expect("token");
@@ -73,7 +74,7 @@ async fn enroll_token_is_single_use() {
         created_by: "admin".into(),
         expires_at: T0 + 1000,
     };
-    store.create_enroll_token(token, T0).await.expect("token");
+    store.create_enroll_token(token, T0, audit_entry("enroll_token.create")).await.expect("token");
     let agent = || NewAgent {
         id: AgentId::new(),
         hostname: "h".into(),
@@ -110,25 +111,18 @@ async fn sweep_expires_undelivered_and_loses_silent_commands() {
     assert!(matches!(late, Ok(ResultOutcome::Recorded { late: true, .. })), "{late:?}");
 }
 
-#[tokio::test]
-async fn refresh_rotation_grace_and_family_revocation() {
-    let (_dir, store) = store().await;
+/// An agent enrolled with the refresh token `first`.
+async fn enrolled_with(store: &SqliteStore, first: [u8; 32]) -> AgentId {
     let token_hash = rand_hash();
-    store
-        .create_enroll_token(
-            NewEnrollToken {
-                id: "t".into(),
-                token_hash,
-                labels: Labels::new(),
-                uses: 1,
-                created_by: "a".into(),
-                expires_at: T0 + 1000,
-            },
-            T0,
-        )
-        .await
-        .expect("token");
-    let first = rand_hash();
+    let token = NewEnrollToken {
+        id: uuid::Uuid::now_v7().to_string(),
+        token_hash,
+        labels: Labels::new(),
+        uses: 1,
+        created_by: "a".into(),
+        expires_at: T0 + 1000,
+    };
+    store.create_enroll_token(token, T0, audit_entry("enroll_token.create")).await.expect("token");
     let agent = NewAgent {
         id: AgentId::new(),
         hostname: "h".into(),
@@ -136,25 +130,106 @@ async fn refresh_rotation_grace_and_family_revocation() {
         facts: serde_json::Value::Null,
         public_key: vec![1; 32],
     };
-    let id = store.enroll_agent(token_hash, agent, first, T0).await.expect("enroll").id;
+    store.enroll_agent(token_hash, agent, first, T0).await.expect("enroll").id
+}
+
+fn audit_entry(action: &str) -> crate::AuditEntry {
+    crate::AuditEntry {
+        ts: T0,
+        actor: "admin".into(),
+        actor_kind: "user",
+        action: action.into(),
+        target: String::new(),
+        outcome: "ok",
+        ip: None,
+        request_id: None,
+        details: serde_json::json!({}),
+    }
+}
+
+fn reuse_audit() -> crate::AuditEntry {
+    crate::AuditEntry {
+        actor: "anonymous".into(),
+        actor_kind: "agent",
+        outcome: "family_revoked",
+        ..audit_entry("token.refresh_reuse")
+    }
+}
+
+async fn rotate(store: &SqliteStore, id: AgentId, presented: [u8; 32], new: [u8; 32], now: i64) -> RefreshOutcome {
+    store.rotate_refresh_token(Some(id), presented, new, 30_000, now, reuse_audit()).await.expect("rotate")
+}
+
+async fn reuse_rows(store: &SqliteStore) -> Vec<crate::AuditRecord> {
+    let rows = store.list_audit(0, 100).await.expect("audit");
+    rows.into_iter().filter(|r| r.action == "token.refresh_reuse").collect()
+}
+
+#[tokio::test]
+async fn the_lost_response_retry_works_once() {
+    let (_dir, store) = store().await;
+    let first = rand_hash();
+    let id = enrolled_with(&store, first).await;
     let second = rand_hash();
-    let rotated = store.rotate_refresh_token(Some(id), first, second, 30_000, T0).await.expect("rotate");
-    assert_eq!(rotated, RefreshOutcome::Rotated { agent_id: id, lost_response_retry: false });
+    assert_eq!(
+        rotate(&store, id, first, second, T0).await,
+        RefreshOutcome::Rotated { agent_id: id, lost_response_retry: false }
+    );
     // The response was lost: the same token again within 30 s gets a fresh pair.
     let third = rand_hash();
-    let retried = store.rotate_refresh_token(Some(id), first, third, 30_000, T0 + 5_000).await.expect("retry");
+    let retried = rotate(&store, id, first, third, T0 + 5_000).await;
     assert_eq!(retried, RefreshOutcome::Rotated { agent_id: id, lost_response_retry: true });
-    // The abandoned successor is dead.
-    let dead = store.rotate_refresh_token(Some(id), second, rand_hash(), 30_000, T0 + 6_000).await.expect("dead");
-    assert_eq!(dead, RefreshOutcome::Invalid);
-    // Use the live one, then replay the original outside the grace: theft.
-    let fourth = rand_hash();
-    store.rotate_refresh_token(Some(id), third, fourth, 30_000, T0 + 7_000).await.expect("rotate");
-    let replay = store.rotate_refresh_token(Some(id), first, rand_hash(), 30_000, T0 + 60_000).await.expect("replay");
-    assert!(matches!(replay, RefreshOutcome::ReuseDetected { .. }), "{replay:?}");
-    // The whole family is revoked, including the live token.
-    let after = store.rotate_refresh_token(Some(id), fourth, rand_hash(), 30_000, T0 + 61_000).await.expect("after");
-    assert_eq!(after, RefreshOutcome::Invalid);
+    assert!(reuse_rows(&store).await.is_empty(), "a lost response is not audited as reuse");
+    // A second retry is reuse: the family dies, including the live `third`.
+    let again = rotate(&store, id, first, rand_hash(), T0 + 6_000).await;
+    assert!(matches!(again, RefreshOutcome::ReuseDetected { agent_id, .. } if agent_id == id), "{again:?}");
+    assert_eq!(rotate(&store, id, third, rand_hash(), T0 + 7_000).await, RefreshOutcome::Invalid);
+    assert_eq!(reuse_rows(&store).await.len(), 1);
+}
+
+/// The theft of issue 10: a thief's retry inside the grace kills the real
+/// agent's successor; the real agent's next refresh must expose it.
+#[tokio::test]
+async fn a_revoked_token_of_a_live_family_is_reuse_and_kills_the_thiefs_tokens() {
+    let (_dir, store) = store().await;
+    let first = rand_hash();
+    let id = enrolled_with(&store, first).await;
+    let agents_token = rand_hash();
+    rotate(&store, id, first, agents_token, T0).await;
+    let thiefs_token = rand_hash();
+    let stolen = rotate(&store, id, first, thiefs_token, T0 + 1_000).await;
+    assert_eq!(stolen, RefreshOutcome::Rotated { agent_id: id, lost_response_retry: true });
+    // The real agent presents its (now revoked) successor.
+    let exposed = rotate(&store, id, agents_token, rand_hash(), T0 + 2_000).await;
+    assert!(matches!(exposed, RefreshOutcome::ReuseDetected { agent_id, .. } if agent_id == id), "{exposed:?}");
+    assert_eq!(rotate(&store, id, thiefs_token, rand_hash(), T0 + 3_000).await, RefreshOutcome::Invalid);
+    let agent = store.get_agent(id).await.expect("get").expect("agent");
+    assert_eq!(agent.tokens_valid_after, Some(T0 + 2_000), "the agent's access tokens are revoked");
+    let rows = reuse_rows(&store).await;
+    assert_eq!(rows.len(), 1, "reuse is audited");
+    assert_eq!(rows[0].target, id.to_string());
+    // A token of the dead family is merely invalid now: no further row.
+    assert_eq!(rotate(&store, id, agents_token, rand_hash(), T0 + 4_000).await, RefreshOutcome::Invalid);
+    assert_eq!(reuse_rows(&store).await.len(), 1);
+}
+
+#[tokio::test]
+async fn reuse_after_the_successor_was_used_or_after_the_grace_revokes_the_family() {
+    for (successor_used, at) in [(true, T0 + 5_000), (false, T0 + 30_001)] {
+        let (_dir, store) = store().await;
+        let first = rand_hash();
+        let id = enrolled_with(&store, first).await;
+        let second = rand_hash();
+        rotate(&store, id, first, second, T0).await;
+        let mut live = second;
+        if successor_used {
+            live = rand_hash();
+            rotate(&store, id, second, live, T0 + 1_000).await;
+        }
+        let replay = rotate(&store, id, first, rand_hash(), at).await;
+        assert!(matches!(replay, RefreshOutcome::ReuseDetected { .. }), "{successor_used} {replay:?}");
+        assert_eq!(rotate(&store, id, live, rand_hash(), at + 1).await, RefreshOutcome::Invalid);
+    }
 }
 
 #[tokio::test]
@@ -276,14 +351,19 @@ async fn a_repeated_redeeming_poll_within_the_grace_reissues_for_the_same_agent(
         1,
         "no second agent"
     );
-    // The token of the lost answer is dead; the new one works.
-    let dead = store.rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
-    assert_eq!(dead, RefreshOutcome::Invalid);
-    let live = store.rotate_refresh_token(None, again, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
+    // The new token works.
+    let live =
+        store.rotate_refresh_token(None, again, rand_hash(), 30_000, T0 + 33_000, reuse_audit()).await.expect("rotate");
     assert_eq!(live, RefreshOutcome::Rotated { agent_id: agent, lost_response_retry: false });
     // Its token has been used now: a further repeat, even inside the grace, is refused.
     let used = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 34_000).await.expect("poll");
     assert!(matches!(used, DevicePoll::Invalid), "{used:?}");
+    // The token of the lost answer was revoked; presenting it is reuse.
+    let dead = store
+        .rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 35_000, reuse_audit())
+        .await
+        .expect("rotate");
+    assert!(matches!(dead, RefreshOutcome::ReuseDetected { .. }), "{dead:?}");
 }
 
 #[tokio::test]
@@ -293,7 +373,10 @@ async fn a_repeated_redeeming_poll_after_the_grace_is_invalid() {
     let late = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 32_001).await.expect("poll");
     assert!(matches!(late, DevicePoll::Invalid), "{late:?}");
     // Nothing was revoked by the refused repeat.
-    let live = store.rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 33_000).await.expect("rotate");
+    let live = store
+        .rotate_refresh_token(None, issued, rand_hash(), 30_000, T0 + 33_000, reuse_audit())
+        .await
+        .expect("rotate");
     assert!(matches!(live, RefreshOutcome::Rotated { lost_response_retry: false, .. }), "{live:?}");
 }
 
@@ -339,4 +422,88 @@ async fn pending_grants_are_capped_and_pruned_after_they_expire() {
     assert_eq!(store.prune_device_grants(later).await.expect("prune"), 0, "expired at `later`, not before it");
     assert_eq!(store.prune_device_grants(later + 1).await.expect("prune"), 3);
     assert!(store.pending_device_grant("BCDFGHJN", later).await.expect("lookup").is_some(), "still live");
+}
+
+/// Issue 10: a float that does not survive a parse/print round trip byte for
+/// byte must not break the chain, since the hash covers the stored text.
+#[tokio::test]
+async fn a_float_in_details_does_not_break_the_chain() {
+    let (_dir, store) = store().await;
+    let details: serde_json::Value = serde_json::from_str(r#"{"v":9.7084255809572990e79}"#).expect("json");
+    store.append_audit(crate::AuditEntry { details, ..audit_entry("agent.x") }).await.expect("append");
+    store.append_audit(audit_entry("after")).await.expect("append");
+    let v = crate::verify_audit(&store).await.expect("verify");
+    assert_eq!((v.checked, v.broken_count), (2, 0), "{v:?}");
+}
+
+#[tokio::test]
+async fn verification_reports_every_altered_or_removed_row() {
+    let (_dir, store) = store().await;
+    for i in 0..6 {
+        store
+            .append_audit(crate::AuditEntry { details: serde_json::json!({"i": i}), ..audit_entry("a") })
+            .await
+            .expect("append");
+    }
+    sqlx::query("UPDATE audit SET outcome = 'denied' WHERE id = 2").execute(&store.writer).await.expect("tamper");
+    sqlx::query("DELETE FROM audit WHERE id = 4").execute(&store.writer).await.expect("tamper");
+    let v = crate::verify_audit(&store).await.expect("verify");
+    let ids: Vec<i64> = v.broken.iter().map(|b| b.id).collect();
+    assert_eq!((ids, v.broken_count, v.checked), (vec![2, 5], 2, 5), "{v:?}");
+    assert!(v.broken[0].problem.contains("altered") && v.broken[1].problem.contains("removed"), "{v:?}");
+}
+
+/// The audit row is part of the mutation's transaction: when appending it
+/// fails, the mutation is rolled back (a 2xx means both are committed).
+#[tokio::test]
+async fn a_failed_audit_append_rolls_the_mutation_back() {
+    let (_dir, store) = store().await;
+    let token = NewEnrollToken {
+        id: "t".into(),
+        token_hash: rand_hash(),
+        labels: Labels::new(),
+        uses: 1,
+        created_by: "admin".into(),
+        expires_at: T0 + 1000,
+    };
+    store.create_enroll_token(token, T0, audit_entry("enroll_token.create")).await.expect("token");
+    sqlx::query("CREATE TRIGGER audit_full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit unavailable'); END")
+        .execute(&store.writer)
+        .await
+        .expect("trigger");
+    let failed = store.revoke_enroll_token("t", T0 + 1, audit_entry("enroll_token.revoke")).await;
+    assert!(matches!(failed, Err(StoreError::Backend(_))), "{failed:?}");
+    let tokens = store.list_enroll_tokens().await.expect("list");
+    assert_eq!(tokens[0].revoked_at, None, "the revocation was rolled back with its audit row");
+    let user = store.create_user("u", "hash", crate::Role::Viewer, T0, Some(audit_entry("user.create"))).await;
+    assert!(user.is_err());
+    assert!(store.find_user("u").await.expect("find").is_none(), "no user without its audit row");
+}
+
+#[tokio::test]
+async fn a_new_password_ends_the_users_password_sessions_but_not_tokens_made_by_tokens() {
+    let (_dir, store) = store().await;
+    let user = store.create_user("u", "old", crate::Role::Admin, T0, None).await.expect("user");
+    let (login, personal) = (rand_hash(), rand_hash());
+    store.create_api_token(&user.id, "cli@host", login, None, true, T0, None).await.expect("login token");
+    store.create_api_token(&user.id, "ci", personal, None, false, T0, None).await.expect("personal token");
+    let cookie = rand_hash();
+    store.create_session(cookie, &user.id, "csrf", T0 + 1000, T0, audit_entry("login.ok")).await.expect("session");
+    store.set_password("u", "new", T0 + 1, audit_entry("user.reset_password")).await.expect("reset");
+    assert!(store.find_api_token(login, T0 + 2).await.expect("find").is_none(), "the login token ended");
+    assert!(store.find_session(cookie, T0 + 2).await.expect("find").is_none(), "the dashboard session ended");
+    assert!(store.find_api_token(personal, T0 + 2).await.expect("find").is_some(), "a token made by a token stays");
+    // The same through an update of the user.
+    let again = rand_hash();
+    store.create_api_token(&user.id, "cli@host", again, None, true, T0, None).await.expect("login token");
+    store.update_user(&user.id, None, Some("newer"), T0 + 3, audit_entry("user.update")).await.expect("update");
+    assert!(store.find_api_token(again, T0 + 4).await.expect("find").is_none());
+    // A role change alone ends nothing.
+    let third = rand_hash();
+    store.create_api_token(&user.id, "cli@host", third, None, true, T0, None).await.expect("login token");
+    store
+        .update_user(&user.id, Some(crate::Role::Operator), None, T0 + 5, audit_entry("user.update"))
+        .await
+        .expect("update");
+    assert!(store.find_api_token(third, T0 + 6).await.expect("find").is_some());
 }

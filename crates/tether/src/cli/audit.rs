@@ -9,7 +9,7 @@ use tether_proto::user::AuditRow;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Ctx, Output, api_error, collect_pages, fmt_opt, fmt_time, print_json, print_table, table};
+use super::{GlobalOpts, Output, api_error, collect_pages, fmt_opt, fmt_time, print_json, print_table, table};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -34,14 +34,16 @@ pub enum AuditCommand {
         #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
-    /// Check the audit log's hash chain; exits 1 when a row was altered or removed.
+    /// Check the audit log's hash chain and list every broken row; exits 1
+    /// when a row was altered or removed, 2 when the check could not run.
     Verify,
 }
 
-/// Returns the process exit code: `verify` fails with 1 on a broken chain.
-pub async fn run(ctx: &Ctx, command: AuditCommand) -> anyhow::Result<i32> {
+/// Returns the process exit code.
+pub async fn run(global: &GlobalOpts, command: AuditCommand) -> anyhow::Result<i32> {
     match command {
         AuditCommand::List { actor, agent_id, action, since, until, limit } => {
+            let ctx = &global.connect()?;
             let rows = collect_pages(Some(limit), |cursor, page| {
                 let query = AuditQuery {
                     actor: actor.clone().filter(|a| !a.is_empty()),
@@ -59,30 +61,53 @@ pub async fn run(ctx: &Ctx, command: AuditCommand) -> anyhow::Result<i32> {
             print_rows(ctx.output, &rows)?;
             Ok(0)
         }
-        AuditCommand::Verify => {
-            let v = ctx.client.verify_audit().await.map_err(api_error)?;
-            let code = i32::from(!v.ok);
-            if ctx.output == Output::Json {
-                print_json(&v)?;
-                return Ok(code);
-            }
-            if v.ok {
-                println!("audit log OK: {} rows, hash chain intact", v.checked);
-            } else {
-                println!(
-                    "audit log BROKEN at row {}: {}",
-                    fmt_opt(v.first_bad_id),
-                    v.problem.as_deref().unwrap_or("it does not match the hash chain")
-                );
-                println!(
-                    "{} rows before it verified; rows from {} on cannot be trusted",
-                    v.checked,
-                    fmt_opt(v.first_bad_id)
-                );
-            }
-            Ok(code)
+        AuditCommand::Verify => Ok(run_verify(global).await),
+    }
+}
+
+/// `tether audit verify`: exits 0 for an intact chain, 1 for a broken one
+/// and 2 for anything else (no credentials, server unreachable, refused…),
+/// so a script can tell "tampered" from "could not check".
+async fn run_verify(global: &GlobalOpts) -> i32 {
+    match verify(global).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
         }
     }
+}
+
+async fn verify(global: &GlobalOpts) -> anyhow::Result<i32> {
+    let ctx = global.connect()?;
+    let v = ctx.client.verify_audit().await.map_err(api_error)?;
+    let code = i32::from(!v.ok);
+    if ctx.output == Output::Json {
+        print_json(&v)?;
+        return Ok(code);
+    }
+    if v.ok {
+        println!("audit log OK: {} rows, hash chain intact", v.checked);
+        return Ok(code);
+    }
+    // Servers before the full listing only name the first broken row.
+    let broken: Vec<(i64, &str)> = if v.broken.is_empty() {
+        v.first_bad_id
+            .map(|id| (id, v.problem.as_deref().unwrap_or("it does not match the hash chain")))
+            .into_iter()
+            .collect()
+    } else {
+        v.broken.iter().map(|b| (b.id, b.problem.as_str())).collect()
+    };
+    let count = v.broken_count.max(broken.len() as u64);
+    println!("audit log BROKEN: {count} of {} rows do not match the hash chain", v.checked);
+    for (id, problem) in &broken {
+        println!("  BROKEN at row {id}: {problem}");
+    }
+    if count > broken.len() as u64 {
+        println!("  … and {} more", count - broken.len() as u64);
+    }
+    Ok(code)
 }
 
 /// `--since`/`--until`: RFC 3339 as is, or an age (`90s`, `30m`, `2h`, `7d`)

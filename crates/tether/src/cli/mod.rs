@@ -105,7 +105,7 @@ pub async fn run(command: OperatorCommand) -> anyhow::Result<i32> {
         OperatorCommand::Tokens { global, command } => tokens::run_api(&global.connect()?, command).await,
         OperatorCommand::Device { global, command } => device::run(&global.connect()?, command).await,
         OperatorCommand::Users { global, command } => users::run(&global.connect()?, command).await,
-        OperatorCommand::Audit { global, command } => return audit::run(&global.connect()?, command).await,
+        OperatorCommand::Audit { global, command } => return audit::run(&global, command).await,
     }
     .map(|()| 0)
 }
