@@ -147,7 +147,7 @@ impl Server {
             streams,
             tokens,
             limits: limits::Limits::new(config.limits.clone()),
-            nonces: auth::signing::NonceCache::new(config.max_remembered_nonces),
+            nonces: auth::signing::NonceCache::new(config.max_remembered_nonces, config.limits.nonce_quota()),
             clock,
             config,
             shutdown: CancellationToken::new(),

@@ -40,6 +40,9 @@ pub struct LimitConfig {
     /// not lock out password logins, nor failed logins code entry.
     pub device_code_failures_per_ip: usize,
     pub device_code_window_s: u64,
+    /// Nonces of signed requests remembered at once for one agent; unset
+    /// means [`LimitConfig::nonce_quota`]'s default.
+    pub nonces_per_agent: Option<usize>,
 }
 
 impl Default for LimitConfig {
@@ -66,7 +69,25 @@ impl Default for LimitConfig {
             // year), and a hit shows the device's details, never approves it.
             device_code_failures_per_ip: 10,
             device_code_window_s: 60,
+            nonces_per_agent: None,
         }
+    }
+}
+
+impl LimitConfig {
+    /// Remembered nonces one agent may hold (protocol.md §3). A nonce is kept
+    /// until its timestamp leaves the window, up to 600 s after it arrived
+    /// (a timestamp may be 300 s ahead); an agent within its buckets sends at
+    /// most `agent + poll` rate × 600 s plus both bursts. Polls that waited
+    /// are free under the buckets but not here, so one agent cannot fill the
+    /// process-wide nonce cache that the whole fleet shares.
+    pub fn nonce_quota(&self) -> usize {
+        self.nonces_per_agent.unwrap_or_else(|| {
+            let window = 2 * tether_proto::signing::WINDOW_S as usize;
+            (self.agent_per_s as usize + self.poll_per_s as usize) * window
+                + self.agent_burst as usize
+                + self.poll_burst as usize
+        })
     }
 }
 
