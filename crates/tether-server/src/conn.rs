@@ -1,7 +1,7 @@
-//! Bounds on slow and silent connections (protocol.md §11 "Connections")
-//! that hyper does not enforce by itself: a request body that stalls
-//! between bytes, and an HTTP/2 client that sends nothing after the TLS
-//! handshake.
+//! Bounds on connections (protocol.md §11 "Connections") that hyper does
+//! not enforce by itself: a request body that stalls between bytes, an
+//! HTTP/2 client that sends nothing after the TLS handshake, and the number
+//! of connections open at once.
 
 use std::io;
 use std::pin::Pin;
@@ -125,4 +125,77 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytesDeadline<T> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
+}
+
+/// The default cap on open connections: 90% of the process's open-file
+/// limit, leaving room for the database, the log and the listener.
+pub fn default_max_connections() -> usize {
+    // /proc keeps this free of unsafe FFI; 1024 is the usual soft limit elsewhere.
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+            line.trim_start_matches("Max open files").split_whitespace().next()?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (soft / 10 * 9).max(1)
+}
+
+/// One open connection, counted until dropped.
+#[derive(Debug)]
+pub struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    /// A slot if fewer than `cap` connections are open.
+    pub fn take(open: &std::sync::Arc<std::sync::atomic::AtomicUsize>, cap: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(Self(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The whole answer to a connection over the cap: written raw, without
+/// reading the request, then the connection is closed.
+pub fn over_capacity_response() -> Vec<u8> {
+    use tether_proto::ErrorKey;
+    use tether_proto::error::{ErrorBody, ErrorEnvelope};
+    let key = ErrorKey::ServiceUnavailable;
+    let mut params = serde_json::Map::new();
+    params.insert("retry_after".into(), serde_json::json!(RETRY_AFTER_S));
+    let body = ErrorEnvelope {
+        error: ErrorBody {
+            code: key.code(),
+            key: key.as_str().to_owned(),
+            what: "too many open connections; retry later".into(),
+            params,
+            request_id: String::new(),
+        },
+    };
+    let body = serde_json::to_string(&body).expect("the envelope serializes");
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: {RETRY_AFTER_S}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const RETRY_AFTER_S: u64 = 1;
+
+/// Sends [`over_capacity_response`] and closes; a client that does not read
+/// it within a second loses it.
+pub async fn refuse(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let answer = over_capacity_response();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(&answer).await?;
+        tcp.shutdown().await
+    })
+    .await;
 }

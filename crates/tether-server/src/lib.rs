@@ -193,6 +193,8 @@ impl Server {
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(limits.h2_ping)
             .keep_alive_timeout(limits.h2_ping);
+        let max_connections = state.config.max_connections.unwrap_or_else(conn::default_max_connections);
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "Server listening");
         loop {
@@ -209,6 +211,13 @@ impl Server {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            let Some(slot) = conn::Slot::take(&open, max_connections) else {
+                // Over the cap: answer 503 and close, so the file limit is never
+                // reached and the connections already open keep being served.
+                tracing::debug!(%addr, max_connections, "Connection refused: too many open");
+                jobs.spawn(conn::refuse(tcp));
+                continue;
+            };
             let stall = limits.body_stall;
             let svc = TowerToHyperService::new(app.clone().map_request(
                 move |mut req: axum::extract::Request<hyper::body::Incoming>| {
@@ -221,6 +230,7 @@ impl Server {
                     let conn = graceful.watch(http1.serve_connection(TokioIo::new(tcp), svc));
                     jobs.spawn(async move {
                         let _ = conn.await;
+                        drop(slot);
                     });
                 }
                 Some(acceptor) => {
@@ -231,6 +241,7 @@ impl Server {
                     let (http1, http2, watcher) = (http1.clone(), http2.clone(), graceful.watcher());
                     let first_bytes = limits.header;
                     jobs.spawn(async move {
+                        let _slot = slot;
                         let Some(stream) = handshake.await else { return };
                         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                             let io = TokioIo::new(conn::FirstBytesDeadline::new(stream, first_bytes));

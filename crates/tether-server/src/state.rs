@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub max_remembered_nonces: usize,
     /// Time limits on slow and silent connections (protocol.md §11).
     pub connections: ConnectionTimeouts,
+    /// Most connections open at once; beyond it a new connection gets a raw
+    /// 503 and is closed. `None`: 90% of the process's open-file limit.
+    pub max_connections: Option<usize>,
 }
 
 /// How long a connection may keep the server waiting (protocol.md §11
@@ -98,6 +101,7 @@ impl ServerConfig {
             require_signed_requests: false,
             max_remembered_nonces: 1_000_000,
             connections: ConnectionTimeouts::default(),
+            max_connections: None,
         }
     }
 }

@@ -44,3 +44,35 @@ async fn a_silent_connection_is_closed_after_the_header_timeout() {
     assert!(res.status().is_success(), "normal requests are still served");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn beyond_the_connection_cap_a_new_connection_gets_503_then_service_resumes() {
+    let app = spawn_app_with(|c| c.max_connections = Some(2)).await;
+    let held = [
+        TcpStream::connect(app.addr).await.expect("connect 1"),
+        TcpStream::connect(app.addr).await.expect("connect 2"),
+    ];
+    let mut third = TcpStream::connect(app.addr).await.expect("connect 3");
+    let answer = until_closed(&mut third).await.expect("the refused connection is closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert!(text.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_str(body).expect("envelope body");
+    assert_eq!(body["error"]["key"], "SERVICE_UNAVAILABLE", "{body}");
+    // A slot frees when a held connection closes; then requests are served again.
+    drop(held);
+    let mut served = None;
+    for _ in 0..100 {
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+        match http.get(app.url("/healthz")).send().await {
+            Ok(res) if res.status().is_success() => {
+                served = Some(res.status());
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(served.is_some(), "normal service resumes once a slot is free");
+    app.stop().await;
+}
