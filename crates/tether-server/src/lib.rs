@@ -215,7 +215,11 @@ impl Server {
                 // Over the cap: answer 503 and close, so the file limit is never
                 // reached and the connections already open keep being served.
                 tracing::debug!(%addr, max_connections, "Connection refused: too many open");
-                jobs.spawn(conn::refuse(tcp));
+                if tls.is_none() {
+                    jobs.spawn(conn::refuse(tcp));
+                }
+                // Over TLS a plain answer would be garbage, and a handshake is
+                // the work the cap saves: the connection is just closed.
                 continue;
             };
             let stall = limits.body_stall;
