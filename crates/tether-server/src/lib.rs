@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod clock;
+mod conn;
 pub mod error;
 mod fsutil;
 mod jobs;
@@ -38,9 +39,6 @@ use crate::stream::{LocalNotifier, Streams};
 
 /// How long shutdown waits for open connections before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client that opens a TCP connection but never finishes the TLS handshake
-/// must not hold a task and a socket forever.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the bootstrap admin API token lives (docs/decisions.md): long
 /// enough for a first session, short enough that a forgotten
@@ -200,7 +198,7 @@ impl Server {
             streams,
             tokens,
             limits: limits::Limits::new(config.limits.clone()),
-            nonces: auth::signing::NonceCache::new(config.max_remembered_nonces),
+            nonces: auth::signing::NonceCache::new(config.max_remembered_nonces, config.limits.nonce_quota()),
             passwords: auth::password::PasswordChecks::new(
                 config.limits.password_checks_at_once,
                 std::time::Duration::from_millis(config.limits.password_check_wait_ms),
@@ -239,13 +237,21 @@ impl Server {
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
 
         // Plain connections are HTTP/1.1 only: the auto builder costs memory
-        // on every parked long-poll (docs/decisions.md). Over TLS, ALPN has
-        // already chosen the protocol, so the auto builder serves both.
+        // on every parked long-poll (docs/decisions.md). Over TLS the
+        // protocol ALPN chose is served explicitly: hyper-util's auto
+        // builder would sniff the first bytes with no timeout.
+        let limits = state.config.connections.clone();
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1.timer(hyper_util::rt::TokioTimer::new());
-        let mut auto = hyper_util::server::conn::auto::Builder::new(TrackedExecutor(jobs.clone()));
-        auto.http1().timer(hyper_util::rt::TokioTimer::new());
-        auto.http2().timer(hyper_util::rt::TokioTimer::new());
+        // The header timer runs from the accept (and from the end of each
+        // response), so it also closes silent and idle keep-alive connections.
+        http1.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TrackedExecutor(jobs.clone()));
+        http2
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(limits.h2_ping)
+            .keep_alive_timeout(limits.h2_ping);
+        let max_connections = state.config.max_connections.unwrap_or_else(conn::default_max_connections);
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "Server listening");
         loop {
@@ -262,10 +268,22 @@ impl Server {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            let Some(slot) = conn::Slot::take(&open, max_connections) else {
+                // Over the cap: answer 503 and close, so the file limit is never
+                // reached and the connections already open keep being served.
+                tracing::debug!(%addr, max_connections, "Connection refused: too many open");
+                if tls.is_none() {
+                    jobs.spawn(conn::refuse(tcp));
+                }
+                // Over TLS a plain answer would be garbage, and a handshake is
+                // the work the cap saves: the connection is just closed.
+                continue;
+            };
+            let stall = limits.body_stall;
             let svc = TowerToHyperService::new(app.clone().map_request(
                 move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ClientAddr(addr));
-                    req
+                    req.map(|body| axum::body::Body::new(conn::StallBody::new(body, stall)))
                 },
             ));
             match &tls {
@@ -273,17 +291,26 @@ impl Server {
                     let conn = graceful.watch(http1.serve_connection(TokioIo::new(tcp), svc));
                     jobs.spawn(async move {
                         let _ = conn.await;
+                        drop(slot);
                     });
                 }
                 Some(acceptor) => {
                     // The handshake runs in the connection's own task so a slow
                     // client cannot stall the accept loop; the watcher makes
                     // shutdown wait for a connection still in its handshake.
-                    let handshake = tls_handshake(acceptor.clone(), tcp, addr, shutdown.clone());
-                    let (auto, watcher) = (auto.clone(), graceful.watcher());
+                    let handshake = tls_handshake(acceptor.clone(), tcp, addr, limits.tls_handshake, shutdown.clone());
+                    let (http1, http2, watcher) = (http1.clone(), http2.clone(), graceful.watcher());
+                    let first_bytes = limits.header;
                     jobs.spawn(async move {
+                        let _slot = slot;
                         let Some(stream) = handshake.await else { return };
-                        let _ = watcher.watch(auto.serve_connection(TokioIo::new(stream), svc)).await;
+                        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let io = TokioIo::new(conn::FirstBytesDeadline::new(stream, first_bytes));
+                            let _ = watcher.watch(http2.serve_connection(io, svc)).await;
+                        } else {
+                            // No ALPN or `http/1.1`: the header timeout bounds a silent client.
+                            let _ = watcher.watch(http1.serve_connection(TokioIo::new(stream), svc)).await;
+                        }
                     });
                 }
             }
@@ -309,9 +336,11 @@ async fn tls_handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: std::net::SocketAddr,
+    within: Duration,
     shutdown: CancellationToken,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+    // A client that never finishes the handshake must not hold a task and a socket forever.
+    let handshake = tokio::time::timeout(within, acceptor.accept(tcp));
     tokio::select! {
         _ = shutdown.cancelled() => None,
         done = handshake => match done {

@@ -47,6 +47,9 @@ pub struct LimitConfig {
     pub password_checks_at_once: usize,
     /// How long a password check waits for its turn before 503.
     pub password_check_wait_ms: u64,
+    /// Nonces of signed requests remembered at once for one agent; unset
+    /// means [`LimitConfig::nonce_quota`]'s default.
+    pub nonces_per_agent: Option<usize>,
 }
 
 impl Default for LimitConfig {
@@ -81,7 +84,25 @@ impl Default for LimitConfig {
             // With the failure windows in front, one address queues at most
             // 20 checks; 2 s is a few dozen argon2 runs per core.
             password_check_wait_ms: 2_000,
+            nonces_per_agent: None,
         }
+    }
+}
+
+impl LimitConfig {
+    /// Remembered nonces one agent may hold (protocol.md §3). A nonce is kept
+    /// until its timestamp leaves the window, up to 600 s after it arrived
+    /// (a timestamp may be 300 s ahead); an agent within its buckets sends at
+    /// most `agent + poll` rate × 600 s plus both bursts. Polls that waited
+    /// are free under the buckets but not here, so one agent cannot fill the
+    /// process-wide nonce cache that the whole fleet shares.
+    pub fn nonce_quota(&self) -> usize {
+        self.nonces_per_agent.unwrap_or_else(|| {
+            let window = 2 * tether_proto::signing::WINDOW_S as usize;
+            (self.agent_per_s as usize + self.poll_per_s as usize) * window
+                + self.agent_burst as usize
+                + self.poll_burst as usize
+        })
     }
 }
 

@@ -48,6 +48,38 @@ pub struct ServerConfig {
     /// Most nonces of signed requests remembered at once; beyond it signed
     /// requests get 503 until older nonces leave the 300 s window.
     pub max_remembered_nonces: usize,
+    /// Time limits on slow and silent connections (protocol.md §11).
+    pub connections: ConnectionTimeouts,
+    /// Most connections open at once; beyond it a new connection gets a raw
+    /// 503 and is closed. `None`: 90% of the process's open-file limit.
+    pub max_connections: Option<usize>,
+}
+
+/// How long a connection may keep the server waiting (protocol.md §11
+/// "Connections"); the defaults are the protocol's.
+#[derive(Debug, Clone)]
+pub struct ConnectionTimeouts {
+    /// From accepting (or the end of the previous response) to the request
+    /// headers being complete; over HTTP/2, to the client's first bytes.
+    pub header: std::time::Duration,
+    /// Longest pause between two pieces of a request body.
+    pub body_stall: std::time::Duration,
+    /// TLS handshake.
+    pub tls_handshake: std::time::Duration,
+    /// HTTP/2 keep-alive ping interval; a ping unanswered for as long closes the connection.
+    pub h2_ping: std::time::Duration,
+}
+
+impl Default for ConnectionTimeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            header: Duration::from_secs(10),
+            body_stall: Duration::from_secs(30),
+            tls_handshake: Duration::from_secs(10),
+            h2_ping: Duration::from_secs(20),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -68,6 +100,8 @@ impl ServerConfig {
             refresh_grace_ms: 30_000,
             require_signed_requests: false,
             max_remembered_nonces: 1_000_000,
+            connections: ConnectionTimeouts::default(),
+            max_connections: None,
         }
     }
 }

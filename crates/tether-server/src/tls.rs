@@ -2,8 +2,9 @@
 //! files into a rustls acceptor that offers HTTP/2 and HTTP/1.1 via ALPN.
 //!
 //! Plain connections stay HTTP/1.1 only (see docs/decisions.md); over TLS the
-//! protocol is negotiated in the handshake, so no preface sniffing is needed
-//! to choose it.
+//! protocol is negotiated in the handshake, and the accept loop serves
+//! exactly the one ALPN chose (HTTP/1.1 when the client offered none), so
+//! nothing waits on the client's first bytes to pick it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

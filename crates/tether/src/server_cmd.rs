@@ -21,7 +21,7 @@ pub struct ServerArgs {
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
     /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `max_pending_device_grants`,
-    /// `require_signed_requests`, `max_remembered_nonces`, `tls_cert`, `tls_key`).
+    /// `require_signed_requests`, `max_remembered_nonces`, `max_connections`, `tls_cert`, `tls_key`).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key); plain HTTP
@@ -48,6 +48,8 @@ struct FileConfig {
     require_signed_requests: bool,
     /// Cap on remembered request nonces (default 1,000,000).
     max_remembered_nonces: Option<usize>,
+    /// Cap on open connections (default 90% of the open-file limit).
+    max_connections: Option<usize>,
     /// PEM certificate chain and key for HTTPS; the flags win over these.
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -87,6 +89,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(cap) = file.max_remembered_nonces {
         config.max_remembered_nonces = cap;
     }
+    config.max_connections = file.max_connections.or(config.max_connections);
     config.tls = tls_files(args.tls_cert, args.tls_key, file.tls_cert, file.tls_key)?;
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let url = server.url()?;

@@ -66,6 +66,7 @@ async fn park(
     wait_s: u32,
     ready: impl FnMut(&StreamState) -> bool,
 ) {
+    let _parked = state.streams.park();
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_secs(wait_s.into())) => {}
         _ = state.shutdown.cancelled() => {}
@@ -160,11 +161,13 @@ pub async fn next_command(
             return Ok(axum::Json(Data { data: cmd }).into_response());
         }
         // Woken by any new signal; not every signal is a command, so look again.
+        let parked = state.streams.park();
         let woken = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => false,
             _ = state.shutdown.cancelled() => false,
             _ = rx.wait_for(|s| s.head > head || s.revoked) => true,
         };
+        drop(parked);
         if agent.stream.state().revoked {
             return Err(revoked_error(&agent.stream));
         }

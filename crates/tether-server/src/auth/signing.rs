@@ -213,26 +213,57 @@ type NonceKey = (AgentId, [u8; 16]);
 
 /// Nonces of accepted signed requests, each kept until its request's
 /// timestamp leaves the window (after which the request is refused on its
-/// timestamp anyway). Bounded: at `capacity` it first drops expired entries
-/// and then refuses new signed requests with 503 rather than forget a live
-/// nonce, which would reopen the replay it guards against.
+/// timestamp anyway). Bounded twice, and neither bound ever forgets a live
+/// nonce (that would reopen the replay it guards against): each agent may
+/// hold `per_agent` nonces, beyond which only that agent gets 429; at
+/// `capacity` in all it first drops expired entries and then refuses new
+/// signed requests with 503.
 #[derive(Debug)]
 pub struct NonceCache {
     /// Nonce → last second (Unix) at which its request could still be accepted.
     seen: DashMap<NonceKey, u64>,
+    /// Entries of `seen` per agent, charged before an entry is added.
+    held: DashMap<AgentId, usize>,
     /// Tracked apart from the map: `DashMap::len` locks every shard.
     len: AtomicUsize,
     capacity: usize,
-    /// The second of the last prune forced by a full cache.
+    per_agent: usize,
+    /// The second of the last prune forced by a full cache or a full quota.
     last_full_prune: AtomicU64,
 }
 
 impl NonceCache {
-    pub fn new(capacity: usize) -> Self {
-        Self { seen: DashMap::new(), len: AtomicUsize::new(0), capacity, last_full_prune: AtomicU64::new(0) }
+    pub fn new(capacity: usize, per_agent: usize) -> Self {
+        Self {
+            seen: DashMap::new(),
+            held: DashMap::new(),
+            len: AtomicUsize::new(0),
+            capacity,
+            per_agent,
+            last_full_prune: AtomicU64::new(0),
+        }
     }
 
-    /// Records `nonce` for `agent`; 401 if it is already remembered, 503 when full.
+    /// A full scan at most once a second, however many requests find the
+    /// cache or a quota full: entries expire by the second anyway.
+    fn prune_at_most_once_a_second(&self, now: u64) {
+        let last = self.last_full_prune.load(Ordering::Relaxed);
+        if last != now && self.last_full_prune.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.prune(now);
+        }
+    }
+
+    fn held_by(&self, agent: AgentId) -> usize {
+        self.held.get(&agent).map_or(0, |n| *n)
+    }
+
+    fn over_quota(&self) -> ApiError {
+        crate::limits::rate_limited(5, format!("{} signed requests per agent in 600 s", self.per_agent))
+    }
+
+    /// Records `nonce` for `agent`; 401 if it is already remembered, 429
+    /// when the agent's quota is used up, 503 when the cache is full.
     pub fn remember(&self, agent: AgentId, nonce: &str, timestamp: u64, now: u64) -> Result<(), ApiError> {
         let mut hash = [0u8; 16];
         hash.copy_from_slice(&Sha256::digest(nonce.as_bytes())[..16]);
@@ -243,15 +274,15 @@ impl NonceCache {
         {
             return Err(rejected("request nonce was already used (replay)"));
         }
-        if self.len.load(Ordering::Relaxed) >= self.capacity {
-            // A full scan at most once a second, however many requests find
-            // the cache full: entries expire by the second anyway.
-            let last = self.last_full_prune.load(Ordering::Relaxed);
-            if last != now
-                && self.last_full_prune.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-            {
-                self.prune(now);
+        if self.held_by(agent) >= self.per_agent {
+            self.prune_at_most_once_a_second(now);
+            if self.held_by(agent) >= self.per_agent {
+                tracing::warn!(agent_id = %agent, quota = self.per_agent, "Agent used up its nonce quota");
+                return Err(self.over_quota());
             }
+        }
+        if self.len.load(Ordering::Relaxed) >= self.capacity {
+            self.prune_at_most_once_a_second(now);
             if self.len.load(Ordering::Relaxed) >= self.capacity {
                 tracing::warn!(
                     capacity = self.capacity,
@@ -274,6 +305,14 @@ impl NonceCache {
                 e.insert(until);
             }
             dashmap::Entry::Vacant(e) => {
+                // Charged before the entry exists (lock order: `seen`, then
+                // `held`, as in `prune`), so concurrent requests cannot overshoot.
+                let mut held = self.held.entry(agent).or_insert(0);
+                if *held >= self.per_agent {
+                    return Err(self.over_quota());
+                }
+                *held += 1;
+                drop(held);
                 e.insert(until);
                 self.len.fetch_add(1, Ordering::Relaxed);
             }
@@ -283,13 +322,17 @@ impl NonceCache {
 
     /// Drops nonces whose requests are out of the window at `now`.
     pub fn prune(&self, now: u64) {
-        self.seen.retain(|_, until| {
+        self.seen.retain(|(agent, _), until| {
             let keep = *until >= now;
             if !keep {
                 self.len.fetch_sub(1, Ordering::Relaxed);
+                if let Some(mut held) = self.held.get_mut(agent) {
+                    *held = held.saturating_sub(1);
+                }
             }
             keep
         });
+        self.held.retain(|_, held| *held > 0);
     }
 
     pub fn len(&self) -> usize {
@@ -319,7 +362,7 @@ mod tests {
 
     #[test]
     fn a_nonce_is_refused_again_until_its_request_leaves_the_window() {
-        let cache = NonceCache::new(100);
+        let cache = NonceCache::new(100, 100);
         let (a, b) = (AgentId::new(), AgentId::new());
         let nonce = "00112233445566778899aabbccddeeff";
         cache.remember(a, nonce, 1000, 1000).expect("first use");
@@ -334,7 +377,7 @@ mod tests {
 
     #[test]
     fn a_full_cache_drops_expired_nonces_then_refuses_rather_than_forgets() {
-        let cache = NonceCache::new(2);
+        let cache = NonceCache::new(2, 10);
         let agent = AgentId::new();
         cache.remember(agent, "aaaaaaaaaaaaaaaa", 1000, 1000).expect("1");
         cache.remember(agent, "bbbbbbbbbbbbbbbb", 1100, 1100).expect("2");
@@ -345,6 +388,25 @@ mod tests {
         // At 1301 the first nonce's request is out of the window: room again.
         cache.remember(agent, "cccccccccccccccc", 1301, 1301).expect("room after pruning");
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn an_agent_over_its_quota_gets_429_and_others_go_on() {
+        let cache = NonceCache::new(100, 2);
+        let (a, b) = (AgentId::new(), AgentId::new());
+        cache.remember(a, "aaaaaaaaaaaaaaaa", 1000, 1000).expect("1");
+        cache.remember(a, "bbbbbbbbbbbbbbbb", 1000, 1000).expect("2");
+        let err = cache.remember(a, "cccccccccccccccc", 1000, 1000).expect_err("over quota");
+        assert_eq!(err.key, ErrorKey::RateLimited);
+        assert_eq!(cache.len(), 2, "a refused nonce is not remembered");
+        cache.remember(b, "cccccccccccccccc", 1000, 1000).expect("another agent has its own quota");
+        let replay = cache.remember(a, "aaaaaaaaaaaaaaaa", 1000, 1000).expect_err("replay");
+        assert_eq!(replay.key, ErrorKey::Unauthenticated, "a replay stays a replay over quota");
+        // Once a's nonces leave the window its quota is free again.
+        cache.remember(a, "cccccccccccccccc", 1301, 1301).expect("quota freed by expiry");
+        cache.prune(1602);
+        assert!(cache.is_empty(), "every nonce left the window by 1602");
+        assert!(cache.held.is_empty(), "no per-agent counters left behind");
     }
 
     #[test]

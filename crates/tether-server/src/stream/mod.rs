@@ -133,6 +133,18 @@ pub struct Streams {
     agents: DashMap<AgentId, Arc<AgentStream>>,
     /// Counts published heads, so a load racing with an append can notice it.
     published: AtomicU64,
+    /// Polls waiting right now (see [`Streams::parked`]).
+    parked: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one waiting poll for as long as it lives.
+#[derive(Debug)]
+pub struct Parked<'a>(&'a Streams);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.parked.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Streams {
@@ -211,6 +223,18 @@ impl Streams {
     /// The in-memory `last_seen` of a loaded agent.
     pub fn last_seen(&self, id: AgentId) -> Option<Millis> {
         self.agents.get(&id).map(|s| s.last_seen()).filter(|&t| t > 0)
+    }
+
+    /// Marks a poll as waiting until the guard drops.
+    pub fn park(&self) -> Parked<'_> {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        Parked(self)
+    }
+
+    /// Polls (updates and next-command) waiting right now: tests wait on it
+    /// instead of sleeping until a poll has parked.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
     }
 
     pub fn loaded(&self) -> usize {

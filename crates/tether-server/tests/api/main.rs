@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod commands;
 mod common;
+mod connections;
 mod device;
 mod limits;
 mod passwords;

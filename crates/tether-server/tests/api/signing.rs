@@ -345,3 +345,29 @@ async fn a_badly_signed_request_does_not_make_the_agent_look_online() {
     assert!(seen, "a verified poll updates last_seen");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_uses_up_its_nonce_quota_gets_429_while_other_agents_go_on() {
+    let app = spawn_app_with(|c| {
+        c.limits.nonces_per_agent = Some(3);
+        // Polls answered at once would hit the poll bucket first otherwise.
+        c.limits.poll_burst = 1000;
+    })
+    .await;
+    let (greedy, other) = (enroll(&app).await, enroll(&app).await);
+    for i in 0..3 {
+        let res = send_signed(&app, &greedy, &greedy.key, reqwest::Method::GET, POLL, b"").await;
+        assert!(res.status().is_success(), "signed poll {i} is within the quota: {}", res.status());
+    }
+    let res = send_signed(&app, &greedy, &greedy.key, reqwest::Method::GET, POLL, b"").await;
+    assert_eq!(res.status(), 429, "the fourth remembered nonce is over the quota");
+    assert!(res.headers().contains_key("retry-after"));
+    let body: serde_json::Value = res.json().await.expect("envelope");
+    assert_eq!(body["error"]["key"], "RATE_LIMITED", "{body}");
+    assert_eq!(app.state.nonces.len(), 3, "the refused nonce was not remembered");
+    for i in 0..3 {
+        let res = send_signed(&app, &other, &other.key, reqwest::Method::GET, POLL, b"").await;
+        assert!(res.status().is_success(), "another agent's signed poll {i} is unaffected: {}", res.status());
+    }
+    app.stop().await;
+}

@@ -103,20 +103,13 @@ async fn idle_polls_never_touch_the_store() {
 #[tokio::test]
 async fn a_new_poll_ends_the_previous_one_with_204() {
     let app = spawn_app().await;
-    let (agent, pair) = app.agent(&[]).await;
+    let (agent, _) = app.agent(&[]).await;
     let cursor = cursor_of(&agent.updates(None, 20, 0).await.expect("poll"));
     let old = {
         let (agent, cursor) = (agent.clone(), cursor.clone());
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 30).await })
     };
-    // Wait until the first poll is parked (it is the agent's second poll).
-    let stream = app.state.streams.get(app.state.store.as_ref(), pair.agent_id).await.expect("store").expect("agent");
-    for _ in 0..500 {
-        if stream.state().poll_gen >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::common::until_parked(&app.state, 1).await;
     let newer = {
         let (agent, cursor) = (agent.clone(), cursor.clone());
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 2).await })
@@ -163,7 +156,7 @@ async fn revocation_ends_the_waiting_poll_with_device_revoked() {
         let agent = agent.clone();
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 30).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::common::until_parked(&app.state, 1).await;
     app.admin.revoke_agent(pair.agent_id, "decommissioned").await.expect("revoke");
     let err = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
@@ -201,7 +194,7 @@ async fn simple_command_api_hands_out_by_priority_and_marks_delivered() {
         let agent = agent.clone();
         tokio::spawn(async move { agent.next_command(30).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::common::until_parked(&app.state, 1).await;
     app.admin.create_command(&CreateCommand::new(Target::all(), "later")).await.expect("create");
     let third = waiting.await.expect("join").expect("next").expect("woken with the command");
     assert_eq!(third.name, "later");

@@ -43,17 +43,24 @@ struct TlsApp {
     _dir: tempfile::TempDir,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    state: tether_server::state::AppState,
 }
 
 impl TlsApp {
     async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    async fn spawn_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (files, ca_pem) = private_ca(dir.path());
         let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().join("data"));
         config.tls = Some(files);
+        adjust(&mut config);
         let (server, bootstrap) = Server::start(config, Some(ADMIN_PASSWORD.into())).await.expect("server starts");
         let addr = server.local_addr().expect("bound");
         assert_eq!(server.url().expect("url"), format!("https://{addr}"));
+        let state = server.state().clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Self {
@@ -64,6 +71,7 @@ impl TlsApp {
             _dir: dir,
             shutdown,
             task,
+            state,
         }
     }
 
@@ -137,7 +145,7 @@ async fn an_agent_trusting_the_ca_enrolls_and_long_polls_over_http2() {
         let agent = agent.clone();
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 30).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::common::until_parked(&app.state, 1).await;
     let created = app.admin().create_command(&CreateCommand::new(Target::agents([agent_id]), "ping")).await;
     let command_id = created.expect("create command").command_ids[0];
     let woken = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("poll wakes").expect("join");
@@ -240,7 +248,7 @@ async fn shutdown_ends_a_long_poll_parked_on_http2_with_204() {
         let cursor = cursor.clone();
         tokio::spawn(async move { agent.updates(Some(&cursor), 20, 30).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    crate::common::until_parked(&app.state, 1).await;
     let started = std::time::Instant::now();
     app.stop().await;
     let poll = waiting.await.expect("join").expect("the parked poll gets an answer");
@@ -260,4 +268,43 @@ async fn a_bad_certificate_file_stops_startup_and_is_named() {
     let err = Server::start(config, None).await.expect_err("invalid certificate");
     assert!(err.to_string().contains(&files.cert.display().to_string()), "{err:#}");
     assert!(!data.exists(), "nothing is created before the certificate loads");
+}
+
+/// Connects and completes the TLS handshake offering `alpn`, then sends nothing.
+async fn silent_tls_client(app: &TlsApp, alpn: &[u8]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(app.ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA pem")).expect("CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = connector.connect(name, tcp).await.expect("handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(alpn), "the server chose the offered protocol");
+    stream
+}
+
+#[tokio::test]
+async fn a_client_silent_after_the_handshake_is_closed_whatever_alpn_chose() {
+    let app = TlsApp::spawn_with(|c| c.connections.header = Duration::from_secs(1)).await;
+    for alpn in [&b"h2"[..], b"http/1.1"] {
+        let mut stream = silent_tls_client(&app, alpn).await;
+        let mut sink = Vec::new();
+        // Before the fix the server sniffed for the first bytes forever.
+        let closed = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "{} connection still open after 15 s", String::from_utf8_lossy(alpn));
+    }
+    // The server still serves after closing them.
+    let res = app.http().get(format!("{}/healthz", app.base)).send().await.expect("healthz");
+    assert!(res.status().is_success());
+    app.stop().await;
 }

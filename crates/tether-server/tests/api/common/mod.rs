@@ -95,3 +95,15 @@ impl TestApp {
         let _ = self.task.await;
     }
 }
+
+/// Waits (bounded: 10 s) until `n` polls are parked on the server; panics
+/// otherwise, so a test that needs a parked poll cannot pass without one.
+pub async fn until_parked(state: &tether_server::state::AppState, n: usize) {
+    for _ in 0..2000 {
+        if state.streams.parked() >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("{n} poll(s) never parked (parked: {})", state.streams.parked());
+}
