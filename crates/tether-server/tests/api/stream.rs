@@ -228,7 +228,17 @@ async fn a_cursor_behind_the_retained_window_is_expired_and_a_fresh_start_resync
     let err = expired.expect("the old cursor expires once signals are pruned");
     assert_eq!(err.key(), Some(ErrorKey::CursorExpired));
     // Without a cursor the agent gets the retained backlog: the newest two.
-    let Poll::Signals(backlog) = agent.updates(None, 20, 0).await.expect("resync") else { panic!("signals expected") };
-    assert_eq!(backlog.signals.len(), 2);
+    // Retention may have first run while the commands were still being
+    // created, so wait (bounded) for the pass that follows the last one.
+    let mut retained = 0;
+    for _ in 0..100 {
+        let Poll::Signals(backlog) = agent.updates(None, 20, 0).await.expect("resync") else { panic!("signals expected") };
+        retained = backlog.signals.len();
+        if retained == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(retained, 2, "retention keeps the newest two signals");
     app.stop().await;
 }
