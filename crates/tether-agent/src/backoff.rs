@@ -1,4 +1,4 @@
-//! Retry pacing for every agent loop (SPEC §12): exponential backoff with
+//! Retry pacing for every agent loop (protocol.md §12): exponential backoff with
 //! full jitter from 1 s to 5 min, honoring `Retry-After`, and a circuit
 //! breaker that opens after 10 consecutive failures and then probes once
 //! per ceiling (5 min) until a call succeeds. It never gives up.

@@ -44,7 +44,7 @@ pub struct RunArgs {
     /// /var/lib/tether as root, else ~/.local/share/tether).
     #[arg(short = 'c', long = "config-dir", env = "TETHER_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
-    /// Server URL (env TETHER_SERVER, seed alias DASHBOARD_URL; default http://127.0.0.1:8080).
+    /// Server URL (env TETHER_SERVER, status-panel alias DASHBOARD_URL; default http://127.0.0.1:8080).
     #[arg(long)]
     pub server: Option<String>,
     /// Enrollment token for the first start (env TETHER_ENROLL_TOKEN).
@@ -57,20 +57,20 @@ pub struct RunArgs {
     /// It exits non-zero when the code is denied or expires.
     #[arg(long)]
     pub device_flow: bool,
-    /// Name to enroll under (env TETHER_AGENT_NAME, seed alias AGENT_ID; default the hostname).
+    /// Name to enroll under (env TETHER_AGENT_NAME, status-panel alias AGENT_ID; default the hostname).
     #[arg(long)]
     pub name: Option<String>,
     /// Label requested at enrollment, k=v; repeatable (env DEPLOYMENT_HASH adds deployment=…).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// Long-poll wait in seconds, 0-30 (env TETHER_POLL_WAIT_S, seed alias POLLING_TIMEOUT_SECS; default 30).
+    /// Long-poll wait in seconds, 0-30 (env TETHER_POLL_WAIT_S, status-panel alias POLLING_TIMEOUT_SECS; default 30).
     #[arg(long)]
     pub poll_wait: Option<u32>,
     /// Heartbeat interval in seconds (env TETHER_HEARTBEAT_S; default 30).
     #[arg(long)]
     pub heartbeat: Option<u64>,
     /// Upper bound on any command's run time in seconds (env TETHER_COMMAND_TIMEOUT_S,
-    /// seed alias COMMAND_TIMEOUT_SECS; default 300).
+    /// status-panel alias COMMAND_TIMEOUT_SECS; default 300).
     #[arg(long)]
     pub command_timeout: Option<u32>,
     /// Commands run at once (env TETHER_MAX_CONCURRENT_COMMANDS; default 4).

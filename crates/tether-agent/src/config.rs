@@ -1,5 +1,5 @@
 //! Agent configuration, layered: defaults < `agent.toml` < environment
-//! (`TETHER_*`, plus the seed-000 names) < command-line flags.
+//! (`TETHER_*`, plus the status-panel aliases, protocol.md §16.1) < command-line flags.
 //!
 //! `shell` and named actions can only come from the local `agent.toml`:
 //! nothing the server sends can enable them.
@@ -138,7 +138,7 @@ pub struct AgentConfig {
     pub output_cap_bytes: usize,
     pub shutdown_grace_s: u64,
     pub ca_file: Option<PathBuf>,
-    /// Sign every agent request with the agent's Ed25519 key (SPEC §3).
+    /// Sign every agent request with the agent's Ed25519 key (protocol.md §3).
     pub sign_requests: bool,
     pub allow_shell: bool,
     pub actions: BTreeMap<String, Action>,
@@ -208,7 +208,7 @@ impl AgentConfig {
         env: impl Fn(&str) -> Option<String>,
         flags: Overrides,
     ) -> Result<Self, ConfigError> {
-        // TETHER_* wins over the seed-000 alias of the same knob.
+        // TETHER_* wins over the status-panel alias of the same knob (protocol.md §16.1).
         let var = |name: &str, alias: Option<&str>| env(name).or_else(|| alias.and_then(&env));
         let mut labels = file.labels;
         if let Some(hash) = var("TETHER_DEPLOYMENT_HASH", Some("DEPLOYMENT_HASH")) {
@@ -398,7 +398,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_000_names_are_aliases_and_tether_names_win() {
+    fn status_panel_names_are_aliases_and_tether_names_win() {
         let env = env_of(&[
             ("DASHBOARD_URL", "http://seed:5000"),
             ("AGENT_ID", "printer-7"),

@@ -72,7 +72,7 @@ impl Ord for Queued {
     }
 }
 
-/// What `tether agent status` prints (seed 003's `status --daemon` block).
+/// What `tether agent status` prints (the certificate-agent `status --daemon` block, protocol.md §12, §16.4).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     pub uptime_s: u64,
@@ -299,7 +299,7 @@ async fn stream_loop(shared: Arc<Shared>, mode: Mode) {
         if mode == Mode::Once {
             return;
         }
-        // Re-poll at once (seed 000: no sleep between polls).
+        // Re-poll at once (protocol.md §12: no sleep between polls).
     }
 }
 

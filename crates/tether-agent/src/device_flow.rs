@@ -1,4 +1,4 @@
-//! Enrollment through the RFC 8628 device authorization grant (SPEC §3, way
+//! Enrollment through the RFC 8628 device authorization grant (protocol.md §3, way
 //! 2): ask the server for a code, show it to a person, and poll the token
 //! endpoint until an operator approves (tokens), denies or lets it expire.
 

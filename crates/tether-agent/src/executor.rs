@@ -1,4 +1,4 @@
-//! What a command may run (SPEC §5): the allow-list decision and the
+//! What a command may run (protocol.md §5): the allow-list decision and the
 //! process runner. Nothing here goes through a shell unless `allow_shell`
 //! is set in the local `agent.toml` and the command is `shell`.
 

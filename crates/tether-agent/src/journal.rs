@@ -1,5 +1,5 @@
 //! The started-command journal: execution is at-most-once per command id
-//! (SPEC §5). An id is appended and fsynced *before* its process starts;
+//! (protocol.md §5). An id is appended and fsynced *before* its process starts;
 //! a journaled id is never started again. `D` lines mark results the
 //! server acknowledged, so a restart can tell finished work from work a
 //! crash interrupted.

@@ -1,4 +1,4 @@
-//! The tether agent daemon (SPEC §5 agent side, §12): it enrolls, keeps its
+//! The tether agent daemon (protocol.md §5 agent side, §12): it enrolls, keeps its
 //! identity and cursor in a private state dir, long-polls its stream, runs
 //! allow-listed commands at most once each, and delivers every result even
 //! across restarts and outages.

@@ -1,4 +1,4 @@
-//! The agent's state dir (SPEC §12):
+//! The agent's state dir (protocol.md §12):
 //!
 //! ```text
 //! DIR/agent.toml        local configuration (never written by the agent)

@@ -102,7 +102,7 @@ impl Drop for Server {
 
 fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    // Polls, commands and reports at full speed would hit the SPEC §11 limits
+    // Polls, commands and reports at full speed would hit the protocol.md §11 limits
     // (1 immediate poll/s per agent, 10 req/s per agent, 20 req/s per user):
     // lift them, since this measures the cost of an answer, not the limits.
     let config = dir.path().join("server.toml");

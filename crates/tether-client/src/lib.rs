@@ -42,7 +42,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The SPEC §2 key of an API error.
+    /// The protocol.md §2 key of an API error.
     pub fn key(&self) -> Option<ErrorKey> {
         match self {
             Self::Api { body, .. } => body.key(),
@@ -141,7 +141,7 @@ pub struct Client {
     http: reqwest::Client,
     base: url::Url,
     credentials: Credentials,
-    /// Signs agent-route requests when set (SPEC §3); `Arc` keeps clones cheap.
+    /// Signs agent-route requests when set (protocol.md §3); `Arc` keeps clones cheap.
     signer: Option<Arc<ed25519_dalek::SigningKey>>,
 }
 
@@ -262,7 +262,7 @@ impl Client {
     }
 
     /// Signs every request to an agent route (`/api/v1/agents/self/…`) with
-    /// `key` (SPEC §3). Other routes, enrollment and refresh included, stay unsigned.
+    /// `key` (protocol.md §3). Other routes, enrollment and refresh included, stay unsigned.
     pub fn with_signing_key(mut self, key: ed25519_dalek::SigningKey) -> Self {
         self.signer = Some(Arc::new(key));
         self

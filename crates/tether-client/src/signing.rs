@@ -1,4 +1,4 @@
-//! Request signing with the agent's Ed25519 key (SPEC §3). The format lives
+//! Request signing with the agent's Ed25519 key (protocol.md §3). The format lives
 //! in [`tether_proto::signing`]; this module computes the three headers.
 
 use base64::Engine;

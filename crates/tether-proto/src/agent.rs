@@ -1,4 +1,4 @@
-//! Agent identity on the wire: enrollment, tokens, agent views (SPEC §3, §15).
+//! Agent identity on the wire: enrollment, tokens, agent views (protocol.md §3, §15).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -7,7 +7,7 @@ use crate::{AgentId, Labels, Timestamp};
 
 pub mod user_code;
 
-/// Limits on labels (SPEC §11 caps).
+/// Limits on labels (protocol.md §11 caps).
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_LEN: usize = 63;
 pub const MAX_LABEL_VALUE_LEN: usize = 255;
@@ -65,7 +65,7 @@ impl std::fmt::Debug for TokenPair {
     }
 }
 
-/// `POST /api/v1/auth/token/refresh` (seed-003 form).
+/// `POST /api/v1/auth/token/refresh` (certificate-agent form, protocol.md §16.4).
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {

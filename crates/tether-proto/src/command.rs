@@ -1,4 +1,4 @@
-//! Commands on the wire and their lifecycle state machine (SPEC §5).
+//! Commands on the wire and their lifecycle state machine (protocol.md §5).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,7 +13,7 @@ pub const DEFAULT_TIMEOUT_S: u32 = 300;
 pub const MAX_TIMEOUT_S: u32 = 86_400;
 pub const DEFAULT_PRIORITY: u8 = 5;
 pub const MAX_PRIORITY: u8 = 9;
-/// Commands not delivered within this long expire unless `expires_at` says otherwise (seed 001).
+/// Commands not delivered within this long expire unless `expires_at` says otherwise (protocol.md §5).
 pub const DEFAULT_EXPIRY_S: i64 = 3_600;
 /// Grace after `timeout_s` before a silent delivered/running command is `lost`.
 pub const LOST_GRACE_S: i64 = 120;
@@ -110,7 +110,7 @@ impl CommandStatus {
             (Queued | Delivered, Event::Start) => Running,
             (Running, Event::Start) => Running,
             (Queued | Delivered | Running, Event::Finish(s)) if s.is_result() => s,
-            // A late result may still leave `lost` (SPEC §5).
+            // A late result may still leave `lost` (protocol.md §5).
             (Lost, Event::Finish(s)) if s.is_result() => s,
             (Queued | Delivered | Running, Event::Cancel) => Cancelled,
             (Queued, Event::Expire) => Expired,
@@ -134,7 +134,7 @@ impl FromStr for CommandStatus {
     }
 }
 
-/// Who a command goes to; exactly one field is set (SPEC §5). Resolved to
+/// Who a command goes to; exactly one field is set (protocol.md §5). Resolved to
 /// agent ids when the command is created.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -1,4 +1,4 @@
-//! The stream cursor `<epoch>-<seq>` (SPEC §4). Opaque to agents; the server
+//! The stream cursor `<epoch>-<seq>` (protocol.md §4). Opaque to agents; the server
 //! parses it to decide between "nothing new", "signals after seq" and
 //! CURSOR_EXPIRED.
 

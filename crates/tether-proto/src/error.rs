@@ -1,10 +1,10 @@
-//! The error envelope and status table of SPEC §2, shared by server and clients.
+//! The error envelope and status table of protocol.md §2, shared by server and clients.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Every error the API can answer with. The status, numeric code and key are
-/// fixed by SPEC §2; `ErrorKey::from_key` lets clients match on them.
+/// fixed by protocol.md §2; `ErrorKey::from_key` lets clients match on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKey {
     BadRequest,

@@ -59,7 +59,7 @@ macro_rules! id_type {
 }
 
 id_type!(
-    /// An enrolled agent; also its `device_id`/`device_public_id` (seed 003).
+    /// An enrolled agent; also its `device_id`/`device_public_id` (protocol.md §3, §16.4).
     AgentId
 );
 id_type!(

@@ -30,7 +30,7 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-/// Default and maximum page sizes for operator lists (SPEC §2).
+/// Default and maximum page sizes for operator lists (protocol.md §2).
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 pub const MAX_PAGE_LIMIT: u32 = 500;
 

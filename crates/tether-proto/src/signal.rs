@@ -1,4 +1,4 @@
-//! Signals: the entries of an agent's stream (SPEC §4). Agents must ignore
+//! Signals: the entries of an agent's stream (protocol.md §4). Agents must ignore
 //! types they do not know, so `kind` stays a string on the wire.
 
 use serde::{Deserialize, Serialize};

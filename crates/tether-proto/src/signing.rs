@@ -1,4 +1,4 @@
-//! Optional agent request signing (SPEC §3): the header names, the clock
+//! Optional agent request signing (protocol.md §3): the header names, the clock
 //! window and the exact bytes an agent signs with its Ed25519 key. Shared by
 //! the client (which signs) and the server (which verifies) so the two can
 //! never disagree on the format.

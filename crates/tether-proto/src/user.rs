@@ -100,7 +100,7 @@ pub fn validate_username(username: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("username must be 1-{MAX_USERNAME_LEN} chars of [A-Za-z0-9._@-]")) }
 }
 
-/// One audit row (SPEC §10).
+/// One audit row (protocol.md §10).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AuditRow {
     pub id: i64,

@@ -1,5 +1,5 @@
 //! The one place where failures become HTTP responses: [`ApiError`] carries
-//! a SPEC §2 error key, and the `envelope` middleware renders every error
+//! a protocol.md §2 error key, and the `envelope` middleware renders every error
 //! response (from handlers, extractors, the router or body limits) as the
 //! JSON envelope with the request id.
 
@@ -99,7 +99,7 @@ fn well_formed_request_id(v: &str) -> bool {
 }
 
 /// Outermost layer: assigns the request id and turns every error response
-/// into the SPEC §2 envelope. A plain `Service` (not `from_fn`) so a parked
+/// into the protocol.md §2 envelope. A plain `Service` (not `from_fn`) so a parked
 /// long-poll carries no extra boxed future (see docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EnvelopeLayer;
@@ -258,7 +258,7 @@ pub(crate) fn too_large(limit: usize) -> ApiError {
     ApiError::new(ErrorKey::PayloadTooLarge, "request body is too large").with("limit", limit)
 }
 
-/// Body limit for ordinary JSON requests, after decompression (SPEC §2).
+/// Body limit for ordinary JSON requests, after decompression (protocol.md §2).
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
 /// A JSON body, decoded by [`decode_json`]; rejections are envelope errors (400/413/415).

@@ -1,4 +1,4 @@
-//! Abuse limits (SPEC §11): token buckets per agent, per user and per
+//! Abuse limits (protocol.md §11): token buckets per agent, per user and per
 //! client IP (unauthenticated routes only), the login failure windows and
 //! the wrong-user-code window of the device flow.
 //! Buckets are per replica. A refused request gets 429 with `Retry-After`.
@@ -15,7 +15,7 @@ use tether_store::Millis;
 use crate::error::ApiError;
 
 /// Limits, all configurable (`[limits]` in the server's `--config` file);
-/// the defaults are SPEC §11's.
+/// the defaults are protocol.md §11's.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitConfig {
@@ -204,7 +204,7 @@ pub struct Limits {
     next_slot: std::sync::atomic::AtomicU64,
 }
 
-/// The 429 answer: envelope params and `Retry-After` (SPEC §2).
+/// The 429 answer: envelope params and `Retry-After` (protocol.md §2).
 pub fn rate_limited(retry_after_s: u64, allowed: String) -> ApiError {
     ApiError::new(ErrorKey::RateLimited, "too many requests; slow down")
         .with("retry_after", retry_after_s.max(1))

@@ -20,13 +20,13 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How often the sweeper expires, loses and releases commands.
     pub sweep_interval: std::time::Duration,
-    /// Signals older than this are dropped (SPEC §8: 7 days)…
+    /// Signals older than this are dropped (protocol.md §8: 7 days)…
     pub signal_max_age: std::time::Duration,
-    /// …and at most this many newest are kept per agent (SPEC §8: 10,000).
+    /// …and at most this many newest are kept per agent (protocol.md §8: 10,000).
     pub signal_max_per_agent: u64,
     /// How often signal retention runs.
     pub retention_interval: std::time::Duration,
-    /// Lifetime of an RFC 8628 device code (SPEC §3: 600 s).
+    /// Lifetime of an RFC 8628 device code (protocol.md §3: 600 s).
     pub device_code_ttl_s: u64,
     /// Most unexpired device grants waiting for an operator; beyond it
     /// `/oauth/device_authorization` answers 503 `temporarily_unavailable`.
@@ -36,13 +36,13 @@ pub struct ServerConfig {
     pub secure_cookies: bool,
     /// Serve HTTPS with this certificate and key instead of plain HTTP.
     pub tls: Option<crate::tls::TlsFiles>,
-    /// Rate limits (SPEC §11).
+    /// Rate limits (protocol.md §11).
     pub limits: crate::limits::LimitConfig,
     /// How often `last_seen` of active agents is written (batched).
     pub seen_flush_interval: std::time::Duration,
-    /// Grace for a refresh retry after a lost response (SPEC §3: 30 s).
+    /// Grace for a refresh retry after a lost response (protocol.md §3: 30 s).
     pub refresh_grace_ms: i64,
-    /// Refuse agent requests without a valid signature (SPEC §3). Signed
+    /// Refuse agent requests without a valid signature (protocol.md §3). Signed
     /// requests are verified either way.
     pub require_signed_requests: bool,
     /// Most nonces of signed requests remembered at once; beyond it signed
@@ -145,7 +145,7 @@ pub struct AuditContext {
 }
 
 /// Passes only while the client IP is within its bucket; put on every
-/// unauthenticated route that does real work (SPEC §11).
+/// unauthenticated route that does real work (protocol.md §11).
 #[derive(Debug, Clone, Copy)]
 pub struct PublicCaller {
     pub ip: Option<std::net::IpAddr>,

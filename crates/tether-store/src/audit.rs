@@ -1,4 +1,4 @@
-//! Audit rows and their hash chain (SPEC §10): each row's hash covers the
+//! Audit rows and their hash chain (protocol.md §10): each row's hash covers the
 //! previous row's hash and the row's own content as stored, so altering or
 //! removing a row breaks the chain at that row.
 //!

@@ -229,7 +229,7 @@ pub struct EnrollTokenRecord {
     pub revoked_at: Option<Millis>,
 }
 
-/// What presenting a refresh token led to (SPEC §3 rotation rules).
+/// What presenting a refresh token led to (protocol.md §3 rotation rules).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// First use, or a retry within the lost-response grace: the new token is live.
@@ -487,7 +487,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The family a refresh token belongs to, for the per-family rate limit.
     async fn refresh_family(&self, presented_hash: [u8; 32]) -> Result<Option<String>>;
     /// Rotates a refresh token by [`refresh::decide`]; `expected_agent` (the
-    /// seed-003 `device_public_id`) must own it when given. On reuse it
+    /// certificate-agent `device_public_id`, protocol.md §16.4) must own it when given. On reuse it
     /// revokes the family, sets the agent's `tokens_valid_after` to `now`
     /// (its access tokens die) and appends `reuse_audit` (target and details
     /// filled in by the store) in the same transaction.

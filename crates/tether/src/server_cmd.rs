@@ -43,7 +43,7 @@ struct FileConfig {
     device_code_ttl_s: Option<u64>,
     /// Cap on device grants waiting for approval (default 10,000).
     max_pending_device_grants: Option<u64>,
-    /// Refuse unsigned agent requests (SPEC §3; default false).
+    /// Refuse unsigned agent requests (protocol.md §3; default false).
     #[serde(default)]
     require_signed_requests: bool,
     /// Cap on remembered request nonces (default 1,000,000).

@@ -1,4 +1,4 @@
-//! The audit log (SPEC §10): read with filters, verify the hash chain, and
+//! The audit log (protocol.md §10): read with filters, verify the hash chain, and
 //! let agents append events about themselves. There is no update or delete.
 
 use axum::extract::State;

@@ -1,5 +1,5 @@
 //! Commands: operators create, list, inspect and cancel them; agents report
-//! `running` and results (SPEC §5).
+//! `running` and results (protocol.md §5).
 
 use axum::extract::State;
 use axum::http::StatusCode;

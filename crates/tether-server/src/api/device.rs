@@ -1,4 +1,4 @@
-//! RFC 8628 device authorization grant (SPEC §3, way 2): an agent asks for
+//! RFC 8628 device authorization grant (protocol.md §3, way 2): an agent asks for
 //! a code, an operator approves it (API, CLI or the `/device` page), and the
 //! agent's polling of `/oauth/token` turns into its first token pair.
 

@@ -1,5 +1,5 @@
 //! Agent identity endpoints: enrollment and refresh-token rotation, in the
-//! native, seed-003 and OAuth (`/oauth/token`) forms.
+//! native, certificate-agent (protocol.md §16.4) and OAuth (`/oauth/token`) forms.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -122,7 +122,7 @@ async fn rotate(
     presented: &str,
     expected_agent: Option<AgentId>,
 ) -> Result<TokenPair, RefreshFailure> {
-    // Per-family bucket (SPEC §11): one agent stuck in a refresh loop must
+    // Per-family bucket (protocol.md §11): one agent stuck in a refresh loop must
     // not use up the per-IP budget of the rest of its NAT'ed fleet.
     let family = state.store.refresh_family(hash_token(presented)).await.map_err(|e| RefreshFailure::Api(e.into()))?;
     if let Some(family) = family {
@@ -179,7 +179,7 @@ async fn rotate(
     }
 }
 
-/// `POST /api/v1/auth/token/refresh {refresh_token, device_public_id}` (seed 003).
+/// `POST /api/v1/auth/token/refresh {refresh_token, device_public_id}` (certificate-agent form, protocol.md §3, §16.4).
 pub async fn refresh(
     State(state): State<AppState>,
     _: PublicCaller,

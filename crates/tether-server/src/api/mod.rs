@@ -43,7 +43,7 @@ pub struct RouteSpec {
 /// generated from this list, so no route can exist without an access rule.
 macro_rules! route_table {
     ($( $access:ident $method:ident $path:literal => $handler:path ),* $(,)?) => {
-        /// Every route with the callers it admits (SPEC §15).
+        /// Every route with the callers it admits (protocol.md §15).
         pub const ROUTES: &[RouteSpec] = &[
             $( RouteSpec { method: stringify!($method), path: $path, access: Access::$access } ),*
         ];
@@ -100,7 +100,7 @@ route_table! {
     Admin    get    "/api/v1/metrics" => metrics::get,
 }
 
-/// The stream long-poll route, rate-limited by its own rule (SPEC §4).
+/// The stream long-poll route, rate-limited by its own rule (protocol.md §4).
 pub const UPDATES_PATH: &str = "/api/v1/agents/self/updates";
 
 /// The access rule of the route that matched `method` and `path` (a route template).

@@ -1,4 +1,4 @@
-//! Dashboard login sessions (SPEC §3): an HttpOnly, SameSite=Strict cookie
+//! Dashboard login sessions (protocol.md §3): an HttpOnly, SameSite=Strict cookie
 //! plus a CSRF token that every mutating request must echo.
 
 use axum::extract::State;

@@ -1,4 +1,4 @@
-//! The agent stream (SPEC §4): `updates` long-poll and the simple
+//! The agent stream (protocol.md §4): `updates` long-poll and the simple
 //! `commands/next` API. An idle poll is answered from memory.
 
 use std::time::Duration;

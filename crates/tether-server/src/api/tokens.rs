@@ -1,4 +1,4 @@
-//! Personal API tokens: any user manages their own (SPEC §15).
+//! Personal API tokens: any user manages their own (protocol.md §15).
 
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -1,4 +1,4 @@
-//! Users and roles (admin only, SPEC §3, §15).
+//! Users and roles (admin only, protocol.md §3, §15).
 
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -1,5 +1,5 @@
 //! Agent access tokens: HS256 JWTs with a fixed algorithm allow-list and
-//! every registered claim checked (SPEC §3).
+//! every registered claim checked (protocol.md §3).
 
 use std::path::Path;
 
@@ -18,7 +18,7 @@ pub struct Claims {
     pub iss: String,
     pub aud: String,
     pub sub: AgentId,
-    /// Same as `sub` (seed 003 calls the agent a device).
+    /// Same as `sub` (certificate-agent clients call the agent a device, protocol.md §16.4).
     pub device_id: AgentId,
     pub typ: String,
     pub exp: u64,

@@ -185,11 +185,13 @@ impl FromRequestParts<AppState> for Operator {
                 .ok_or_else(ApiError::unauthenticated)?;
             let (username, password) = decoded.split_once(':').ok_or_else(ApiError::unauthenticated)?;
             if password.starts_with(secret::API_TOKEN_PREFIX) {
-                // Seed 002: an API token may be sent as the Basic password.
+                // Config-controller clients send an API token as the Basic password (protocol.md §3, §16.3).
                 api_token_user(state, password).await?
             } else {
                 let ip = parts.extensions.get::<crate::state::ClientAddr>().map(|a| a.0.ip());
-                basic_user(state, ip, username, password, PasswordSource::Basic).await?.map(|u| (u, Credential::Password))
+                basic_user(state, ip, username, password, PasswordSource::Basic)
+                    .await?
+                    .map(|u| (u, Credential::Password))
             }
         } else if header.is_empty() {
             session_user(state, parts).await?.map(|u| (u, Credential::Session))

@@ -1,4 +1,4 @@
-//! Password hashing with argon2id at the SPEC §3 parameters, and the
+//! Password hashing with argon2id at the protocol.md §3 parameters, and the
 //! rationing of verifications (protocol.md §3): a semaphore sized to the
 //! cores and a short cache of successful HTTP Basic checks.
 

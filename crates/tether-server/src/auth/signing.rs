@@ -1,4 +1,4 @@
-//! Verification of signed agent requests (SPEC §3; format in
+//! Verification of signed agent requests (protocol.md §3; format in
 //! [`tether_proto::signing`]).
 //!
 //! Two halves, because the signature covers the body but the agent

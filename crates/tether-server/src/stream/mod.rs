@@ -33,7 +33,7 @@ pub struct AgentStream {
     last_seen: AtomicI64,
     flushed_seen: AtomicI64,
     revocation: std::sync::OnceLock<(Millis, String)>,
-    /// The enrolled Ed25519 key, for signed requests (SPEC §3). An agent's
+    /// The enrolled Ed25519 key, for signed requests (protocol.md §3). An agent's
     /// key never changes (re-enrolling makes a new agent), so this copy
     /// cannot go stale. Raw bytes keep idle streams small (a decoded key
     /// is ~190 bytes); only signed requests pay for decoding it.

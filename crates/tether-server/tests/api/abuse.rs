@@ -1,4 +1,4 @@
-//! Rate limits and brute force (SPEC §11).
+//! Rate limits and brute force (protocol.md §11).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The audit log: filters, agent events, tamper detection (SPEC §10).
+//! The audit log: filters, agent events, tamper detection (protocol.md §10).
 
 use tether_client::AuditQuery;
 use tether_proto::command::{CreateCommand, Target};

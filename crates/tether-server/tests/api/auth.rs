@@ -1,4 +1,4 @@
-//! Authentication: access tokens, refresh rotation, operator credentials (SPEC §3).
+//! Authentication: access tokens, refresh rotation, operator credentials (protocol.md §3).
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
@@ -207,7 +207,7 @@ async fn agent_and_operator_credentials_do_not_cross() {
     };
     basic(ADMIN_PASSWORD).list_agents(&Default::default()).await.expect("basic auth");
     assert_eq!(basic("wrong").list_agents(&Default::default()).await.expect_err("wrong").status(), Some(401));
-    // Seed 002: the API token as the Basic password.
+    // Config-controller clients: the API token as the Basic password (protocol.md §16.3).
     basic(&app.admin_token).list_agents(&Default::default()).await.expect("token as basic password");
     app.stop().await;
 }

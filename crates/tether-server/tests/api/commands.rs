@@ -1,4 +1,4 @@
-//! Commands: targeting, idempotency, cancellation, result conflicts (SPEC §5).
+//! Commands: targeting, idempotency, cancellation, result conflicts (protocol.md §5).
 
 use tether_client::CommandQuery;
 use tether_proto::ErrorKey;
@@ -79,7 +79,7 @@ async fn results_for_cancelled_or_finished_commands_conflict() {
     agent
         .report_result(done, &ResultReport::new(CommandStatus::Succeeded))
         .await
-        .expect("result without running (seed 001)");
+        .expect("result without running (EDR command queue, protocol.md §16.2)");
     let err = agent.report_result(done, &ResultReport::new(CommandStatus::Failed)).await.expect_err("different result");
     assert_eq!(err.key(), Some(ErrorKey::Conflict));
     let err = agent.report_running(done).await.expect_err("running after the end");

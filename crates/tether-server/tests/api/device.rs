@@ -1,4 +1,4 @@
-//! RFC 8628 device authorization grant (SPEC §3).
+//! RFC 8628 device authorization grant (protocol.md §3).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! Malformed, oversized and unexpected input: always the envelope, never a crash (SPEC §2).
+//! Malformed, oversized and unexpected input: always the envelope, never a crash (protocol.md §2).
 
 use std::io::Write;
 

@@ -1,5 +1,5 @@
 //! Access control, generated from the route table: every route is called as
-//! anonymous, agent, viewer, operator and admin (SPEC §3, §15).
+//! anonymous, agent, viewer, operator and admin (protocol.md §3, §15).
 
 use tether_client::{Client, Credentials};
 use tether_proto::user::{CreateApiToken, CreateUser, UpdateUser};

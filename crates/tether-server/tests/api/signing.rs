@@ -1,4 +1,4 @@
-//! Signed agent requests (SPEC §3): Ed25519 over method, target, timestamp,
+//! Signed agent requests (protocol.md §3): Ed25519 over method, target, timestamp,
 //! nonce and body digest; ±300 s window; nonces single-use; optional policy
 //! `require_signed_requests`.
 

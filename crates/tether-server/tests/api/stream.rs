@@ -1,4 +1,4 @@
-//! The agent stream: long-poll contract, wake-ups, cursors (SPEC §4).
+//! The agent stream: long-poll contract, wake-ups, cursors (protocol.md §4).
 
 use std::time::Duration;
 
@@ -232,7 +232,9 @@ async fn a_cursor_behind_the_retained_window_is_expired_and_a_fresh_start_resync
     // created, so wait (bounded) for the pass that follows the last one.
     let mut retained = 0;
     for _ in 0..100 {
-        let Poll::Signals(backlog) = agent.updates(None, 20, 0).await.expect("resync") else { panic!("signals expected") };
+        let Poll::Signals(backlog) = agent.updates(None, 20, 0).await.expect("resync") else {
+            panic!("signals expected")
+        };
         retained = backlog.signals.len();
         if retained == 2 {
             break;

@@ -1,5 +1,5 @@
 //! `tether audit list|verify`: read the audit log with the API's filters and
-//! check its hash chain (SPEC §10).
+//! check its hash chain (protocol.md §10).
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;

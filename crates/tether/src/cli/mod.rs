@@ -1,4 +1,4 @@
-//! The operator CLI (SPEC §1): subcommands that talk to the HTTP API
+//! The operator CLI (protocol.md §1): subcommands that talk to the HTTP API
 //! through `tether-client`. This file holds the clap types, the options every
 //! operator command shares, credential resolution and the output helpers.
 
@@ -190,7 +190,7 @@ impl Given {
     }
 }
 
-/// Credential precedence (SPEC §1): `--token`/TETHER_TOKEN, then
+/// Credential precedence (protocol.md §1): `--token`/TETHER_TOKEN, then
 /// TETHER_USER + TETHER_PASSWORD (Basic), then the saved login. The saved
 /// token is only ever sent to the server it was issued by.
 fn resolve(given: Given, saved: Option<&login::SavedLogin>) -> anyhow::Result<(String, Credentials)> {
