@@ -189,7 +189,9 @@ impl FromRequestParts<AppState> for Operator {
                 api_token_user(state, password).await?
             } else {
                 let ip = parts.extensions.get::<crate::state::ClientAddr>().map(|a| a.0.ip());
-                basic_user(state, ip, username, password, PasswordSource::Basic).await?.map(|u| (u, Credential::Password))
+                basic_user(state, ip, username, password, PasswordSource::Basic)
+                    .await?
+                    .map(|u| (u, Credential::Password))
             }
         } else if header.is_empty() {
             session_user(state, parts).await?.map(|u| (u, Credential::Session))
