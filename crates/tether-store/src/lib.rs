@@ -24,6 +24,15 @@ use tether_proto::command::{Batch, Command, CommandStatus, CreateCommand, Result
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 pub use audit::{AuditEntry, AuditRecord, GENESIS_HASH, chain_hash};
+
+/// Builds a mutation's audit row from what the mutation did, when the row
+/// depends on it (a new id, a count, merged labels); the store calls it
+/// inside the mutation's transaction and appends the row there.
+pub type AuditFor<'a, T> = &'a (dyn Fn(&T) -> AuditEntry + Send + Sync);
+
+/// A recorded result's audit row, from the stored command and whether the
+/// result came late (after the command was marked lost).
+pub type ResultAudit<'a> = &'a (dyn Fn(&Command, bool) -> AuditEntry + Send + Sync);
 pub use sqlite::SqliteStore;
 
 /// Milliseconds since the Unix epoch; every stored timestamp uses it.
@@ -462,13 +471,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
     async fn revoke_enroll_token(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
     /// Consumes one use of a live enrollment token and creates the agent with
-    /// its first refresh token, atomically. `NotFound` when the token is not usable.
+    /// its first refresh token, atomically, with its audit row. `NotFound`
+    /// when the token is not usable.
     async fn enroll_agent(
         &self,
         enroll_token_hash: [u8; 32],
         agent: NewAgent,
         refresh_hash: [u8; 32],
         now: Millis,
+        audit: AuditFor<'_, AgentRecord>,
     ) -> Result<AgentRecord>;
     async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>>;
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
@@ -508,7 +519,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The pending, unexpired grant with this (canonical) user code.
     async fn pending_device_grant(&self, user_code: &str, now: Millis) -> Result<Option<DeviceGrantInfo>>;
     /// Approves (with labels) or denies a pending, unexpired grant and
-    /// returns what it was; `NotFound` otherwise.
+    /// returns what it was, with its audit row; `NotFound` otherwise.
     async fn decide_device_grant(
         &self,
         user_code: &str,
@@ -516,11 +527,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         labels: &Labels,
         decided_by: &str,
         now: Millis,
+        audit: AuditFor<'_, DeviceGrantInfo>,
     ) -> Result<DeviceGrantInfo>;
     /// One token-endpoint poll: enforces the interval (slow_down) and, once
     /// approved, creates the agent with its first refresh token. A repeat of
     /// the redeeming poll within `grace_ms`, while the refresh token it
     /// issued is unused, re-issues for the same agent (a lost response).
+    /// Either redemption appends `audit` in its transaction.
     async fn poll_device_grant(
         &self,
         device_code_hash: [u8; 32],
@@ -528,6 +541,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         refresh_hash: [u8; 32],
         grace_ms: Millis,
         now: Millis,
+        audit: AuditFor<'_, DeviceRedeemed>,
     ) -> Result<DevicePoll>;
     /// Deletes grants that expired before `before`; returns how many.
     async fn prune_device_grants(&self, before: Millis) -> Result<u64>;
@@ -543,7 +557,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn prune_signals(&self, before: Millis, keep: u64) -> Result<Vec<(AgentId, u64)>>;
 
     // --- commands
-    async fn create_batch(&self, batch: NewBatch) -> Result<CreatedBatch>;
+    /// Appends `audit` when it creates; an idempotent replay creates nothing
+    /// and appends nothing.
+    async fn create_batch(&self, batch: NewBatch, audit: AuditFor<'_, CreatedBatch>) -> Result<CreatedBatch>;
     async fn get_command(&self, id: CommandId) -> Result<Option<Command>>;
     async fn list_commands(&self, filter: &CommandFilter) -> Result<Vec<Command>>;
     async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>>;
@@ -552,15 +568,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>>;
     /// `running` report; `NotFound` for another agent's command, `Conflict` when terminal.
     async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command>;
+    /// Appends `audit(command, late)` when it records; a repeat of the
+    /// recorded result changes nothing and appends nothing.
     async fn report_result(
         &self,
         agent_id: AgentId,
         id: CommandId,
         report: &ResultReport,
         now: Millis,
+        audit: ResultAudit<'_>,
     ) -> Result<ResultOutcome>;
-    async fn cancel_command(&self, id: CommandId, now: Millis) -> Result<CancelOutcome>;
-    async fn cancel_batch(&self, id: BatchId, now: Millis) -> Result<CancelOutcome>;
+    async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome>;
+    async fn cancel_batch(&self, id: BatchId, now: Millis, audit: AuditFor<'_, CancelOutcome>)
+    -> Result<CancelOutcome>;
     /// Expires undelivered commands, marks silent ones lost, releases commands
     /// whose `not_before` has come.
     async fn sweep(&self, now: Millis) -> Result<SweepOutcome>;

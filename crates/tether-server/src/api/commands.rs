@@ -11,7 +11,7 @@ use tether_proto::command::{
     Batch, Command, CommandStatus, CreateCommand, CreatedCommands, MAX_OUTPUT_BYTES, ResultReport, StatusReport,
 };
 use tether_proto::{AgentId, BatchId, CommandId, DEFAULT_PAGE_LIMIT, Data, MAX_PAGE_LIMIT, Page};
-use tether_store::{CommandFilter, NewBatch, ResultOutcome, StoreError};
+use tether_store::{CancelOutcome, CommandFilter, CreatedBatch, NewBatch, ResultOutcome, StoreError};
 
 use crate::auth::{AgentCaller, Operator};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
@@ -28,31 +28,27 @@ pub async fn create(
         req.validate().map_err(|(field, what)| ApiError::bad_request(field, format!("invalid {field}: {what}")))?;
     // serde_json maps are sorted, so this serialization is canonical.
     let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&req).map_err(ApiError::internal)?).into();
-    let created = state
-        .store
-        .create_batch(NewBatch {
-            id: BatchId::new(),
-            target,
-            request: req.clone(),
-            created_by: op.name().to_owned(),
-            request_hash,
-            now: state.clock.now_ms(),
-        })
-        .await?;
+    let audit = |created: &CreatedBatch| {
+        state.audit_entry(
+            &ctx,
+            AuditEvent::by_user(
+                op.name(),
+                "command.create",
+                created.batch_id.to_string(),
+                json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
+            ),
+        )
+    };
+    let batch = NewBatch {
+        id: BatchId::new(),
+        target,
+        request: req.clone(),
+        created_by: op.name().to_owned(),
+        request_hash,
+        now: state.clock.now_ms(),
+    };
+    let created = state.store.create_batch(batch, &audit).await?;
     state.notifier.publish(&created.heads);
-    if created.created {
-        state
-            .audit(
-                &ctx,
-                AuditEvent::by_user(
-                    op.name(),
-                    "command.create",
-                    created.batch_id.to_string(),
-                    json!({"name": req.name, "target": req.target, "commands": created.command_ids.len()}),
-                ),
-            )
-            .await;
-    }
     let body = CreatedCommands { batch_id: created.batch_id, command_ids: created.command_ids };
     Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
 }
@@ -139,9 +135,10 @@ pub async fn cancel(
     ctx: AuditContext,
     ApiPath(id): ApiPath<CommandId>,
 ) -> ApiResult<Response> {
-    let out = state.store.cancel_command(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "command"))?;
+    let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "command.cancel", id.to_string(), json!({})));
+    let out =
+        state.store.cancel_command(id, state.clock.now_ms(), audit).await.map_err(|e| cancel_error(e, "command"))?;
     state.notifier.publish(&out.heads);
-    state.audit(&ctx, AuditEvent::by_user(op.name(), "command.cancel", id.to_string(), json!({}))).await;
     let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
 }
@@ -163,14 +160,14 @@ pub async fn cancel_batch(
     ctx: AuditContext,
     ApiPath(id): ApiPath<BatchId>,
 ) -> ApiResult<Response> {
-    let out = state.store.cancel_batch(id, state.clock.now_ms()).await.map_err(|e| cancel_error(e, "batch"))?;
-    state.notifier.publish(&out.heads);
-    state
-        .audit(
+    let audit = |out: &CancelOutcome| {
+        state.audit_entry(
             &ctx,
             AuditEvent::by_user(op.name(), "batch.cancel", id.to_string(), json!({"cancelled": out.cancelled.len()})),
         )
-        .await;
+    };
+    let out = state.store.cancel_batch(id, state.clock.now_ms(), &audit).await.map_err(|e| cancel_error(e, "batch"))?;
+    state.notifier.publish(&out.heads);
     let batch = state.store.get_batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;
     Ok(axum::Json(Data { data: batch }).into_response())
 }
@@ -232,10 +229,12 @@ pub async fn report_result(
         outcome,
         details,
     };
-    match state.store.report_result(agent.id, id, &report, state.clock.now_ms()).await {
-        Ok(ResultOutcome::Recorded { late, command }) => {
-            let outcome = if late { "late" } else { "ok" };
-            state.audit(&ctx, event("command.result", outcome, json!({"status": command.status}))).await;
+    let audit = |command: &Command, late: bool| {
+        let outcome = if late { "late" } else { "ok" };
+        state.audit_entry(&ctx, event("command.result", outcome, json!({"status": command.status})))
+    };
+    match state.store.report_result(agent.id, id, &report, state.clock.now_ms(), &audit).await {
+        Ok(ResultOutcome::Recorded { command, .. }) => {
             Ok(axum::Json(Data { data: json!({"id": id, "status": command.status}) }).into_response())
         }
         Ok(ResultOutcome::Unchanged) => {

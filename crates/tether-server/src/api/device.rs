@@ -11,7 +11,7 @@ use serde_json::json;
 use tether_proto::agent::user_code::UserCode;
 use tether_proto::agent::{DeviceDetails, key_fingerprint, validate_labels};
 use tether_proto::{AgentId, Data, ErrorKey, Labels};
-use tether_store::{DeviceGrantInfo, DevicePoll, NewDeviceGrant, NewGrantOutcome, StoreError};
+use tether_store::{DeviceGrantInfo, DevicePoll, DeviceRedeemed, NewDeviceGrant, NewGrantOutcome, StoreError};
 
 use crate::api::agents::rfc3339;
 use crate::api::enroll::{OAuthForm, hostname_ok, no_store, oauth_error, parse_public_key};
@@ -171,38 +171,42 @@ pub async fn token(
     let agent_id = AgentId::new();
     let now = state.clock.now_ms();
     let grace = state.config.refresh_grace_ms;
-    let polled =
-        state.store.poll_device_grant(hash_token(device_code), agent_id, hash_token(&refresh_token), grace, now).await;
+    let audit = |redeemed: &DeviceRedeemed| {
+        let rec = &redeemed.agent;
+        let action = if redeemed.lost_response_retry { "token.issued" } else { "agent.enroll" };
+        state.audit_entry(
+            ctx,
+            AuditEvent {
+                actor: &rec.id.to_string(),
+                actor_kind: "agent",
+                action,
+                target: rec.id.to_string(),
+                outcome: "ok",
+                details: json!({
+                    "method": "device_flow",
+                    "hostname": rec.hostname,
+                    "labels": rec.labels,
+                    "approved_by": redeemed.approved_by,
+                    "user_code": shown(&redeemed.user_code),
+                    "key_fingerprint": key_fingerprint(&rec.public_key),
+                    "lost_response_retry": redeemed.lost_response_retry,
+                }),
+            },
+        )
+    };
+    let polled = state
+        .store
+        .poll_device_grant(hash_token(device_code), agent_id, hash_token(&refresh_token), grace, now, &audit)
+        .await;
     match polled {
         Ok(DevicePoll::Approved(redeemed)) => {
             let rec = &redeemed.agent;
-            let (action, what) = if redeemed.lost_response_retry {
-                ("token.issued", "Device token re-issued after a lost response")
+            let what = if redeemed.lost_response_retry {
+                "Device token re-issued after a lost response"
             } else {
-                ("agent.enroll", "Agent enrolled by device flow")
+                "Agent enrolled by device flow"
             };
             tracing::info!(agent_id = %rec.id, approved_by = %redeemed.approved_by, "{what}");
-            state
-                .audit(
-                    ctx,
-                    AuditEvent {
-                        actor: &rec.id.to_string(),
-                        actor_kind: "agent",
-                        action,
-                        target: rec.id.to_string(),
-                        outcome: "ok",
-                        details: json!({
-                            "method": "device_flow",
-                            "hostname": rec.hostname,
-                            "labels": rec.labels,
-                            "approved_by": redeemed.approved_by,
-                            "user_code": shown(&redeemed.user_code),
-                            "key_fingerprint": key_fingerprint(&rec.public_key),
-                            "lost_response_retry": redeemed.lost_response_retry,
-                        }),
-                    },
-                )
-                .await;
             no_store(
                 axum::Json(json!({
                     "access_token": state.tokens.issue(rec.id, state.clock.now_s()),
@@ -279,22 +283,14 @@ async fn decide(
         state.audit(ctx, refused("denied", "malformed user code")).await;
         return Err(ApiError::bad_request("user_code", "user_code looks like XXXX-XXXX"));
     };
-    let info = match state.store.decide_device_grant(code.as_str(), approve, &decision.labels, who, now).await {
-        Ok(info) => details(info),
-        Err(StoreError::NotFound) => {
-            state.limits.device_code_failed(ip, now);
-            state.audit(ctx, refused("not_found", "no pending device has that code")).await;
-            return Err(ApiError::not_found("pending device code"));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    state
-        .audit(
+    let audit = |grant: &DeviceGrantInfo| {
+        let info = details(grant.clone());
+        state.audit_entry(
             ctx,
             AuditEvent::by_user(
                 who,
                 action,
-                info.user_code.clone(),
+                info.user_code,
                 json!({
                     "hostname": info.hostname,
                     "requested_ip": info.requested_ip,
@@ -303,8 +299,16 @@ async fn decide(
                 }),
             ),
         )
-        .await;
-    Ok(info)
+    };
+    match state.store.decide_device_grant(code.as_str(), approve, &decision.labels, who, now, &audit).await {
+        Ok(info) => Ok(details(info)),
+        Err(StoreError::NotFound) => {
+            state.limits.device_code_failed(ip, now);
+            state.audit(ctx, refused("not_found", "no pending device has that code")).await;
+            Err(ApiError::not_found("pending device code"))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn client_ip(ctx: &AuditContext) -> Option<std::net::IpAddr> {

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
 use tether_proto::agent::{EnrollRequest, RefreshRequest, TokenPair, validate_labels};
 use tether_proto::{AgentId, Data, ErrorKey};
-use tether_store::{NewAgent, RefreshOutcome, StoreError};
+use tether_store::{AgentRecord, NewAgent, RefreshOutcome, StoreError};
 
 use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
 use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
@@ -62,9 +62,22 @@ pub async fn enroll(
     let now = state.clock.now_ms();
     let agent =
         NewAgent { id: AgentId::new(), hostname: req.hostname, labels: req.labels, facts: req.facts, public_key };
+    let audit = |rec: &AgentRecord| {
+        state.audit_entry(
+            &ctx,
+            AuditEvent {
+                actor: &rec.id.to_string(),
+                actor_kind: "agent",
+                action: "agent.enroll",
+                target: rec.id.to_string(),
+                outcome: "ok",
+                details: json!({"hostname": rec.hostname, "labels": rec.labels}),
+            },
+        )
+    };
     let rec = match state
         .store
-        .enroll_agent(hash_token(&req.enroll_token), agent, hash_token(&refresh_token), now)
+        .enroll_agent(hash_token(&req.enroll_token), agent, hash_token(&refresh_token), now, &audit)
         .await
     {
         Ok(rec) => rec,
@@ -87,19 +100,6 @@ pub async fn enroll(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(agent_id = %rec.id, hostname = %rec.hostname, "Agent enrolled");
-    state
-        .audit(
-            &ctx,
-            AuditEvent {
-                actor: &rec.id.to_string(),
-                actor_kind: "agent",
-                action: "agent.enroll",
-                target: rec.id.to_string(),
-                outcome: "ok",
-                details: json!({"hostname": rec.hostname, "labels": rec.labels}),
-            },
-        )
-        .await;
     let pair = TokenPair {
         agent_id: rec.id,
         access_token: state.tokens.issue(rec.id, state.clock.now_s()),

@@ -21,10 +21,10 @@ use tether_proto::{AgentId, BatchId, CommandId, Signal};
 use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH};
 use crate::refresh::{self, PresentedToken, RefreshDecision, Successor};
 use crate::{
-    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, CancelOutcome, CommandFilter, CreatedBatch, DeviceGrantInfo,
-    DevicePoll, DeviceRedeemed, EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewDeviceGrant, NewEnrollToken,
-    NewGrantOutcome, RefreshOutcome, Result, ResultOutcome, Role, Store, StoreError, StoreStats, SweepOutcome, User,
-    UserRecord,
+    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, AuditFor, CancelOutcome, CommandFilter, CreatedBatch,
+    DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, Head, Millis, NewAgent, NewBatch, NewDeviceGrant,
+    NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role, Store, StoreError,
+    StoreStats, SweepOutcome, User, UserRecord,
 };
 use rows::{AGENT_COLUMNS, COMMAND_COLUMNS, agent_from_row, command_from_row, json_text};
 
@@ -573,6 +573,7 @@ impl Store for SqliteStore {
         agent: NewAgent,
         refresh_hash: [u8; 32],
         now: Millis,
+        audit: AuditFor<'_, AgentRecord>,
     ) -> Result<AgentRecord> {
         let mut tx = self.begin().await?;
         let token = sqlx::query(
@@ -590,6 +591,7 @@ impl Store for SqliteStore {
         let mut labels = agent.labels;
         labels.extend(token_labels);
         let rec = insert_agent(&mut tx, NewAgent { labels, ..agent }, refresh_hash, now).await?;
+        insert_audit(&mut tx, &audit(&rec)).await?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -861,8 +863,9 @@ impl Store for SqliteStore {
         labels: &tether_proto::Labels,
         decided_by: &str,
         now: Millis,
+        audit: AuditFor<'_, DeviceGrantInfo>,
     ) -> Result<DeviceGrantInfo> {
-        self.count();
+        let mut tx = self.begin().await?;
         let row = q!("UPDATE device_grants SET status = ?, labels = ?, decided_by = ?
              WHERE user_code = ? AND status = 'pending' AND expires_at > ?
              RETURNING {GRANT_INFO_COLUMNS}")
@@ -871,10 +874,13 @@ impl Store for SqliteStore {
         .bind(decided_by)
         .bind(user_code)
         .bind(now)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        grant_info(&row)
+        let info = grant_info(&row)?;
+        insert_audit(&mut tx, &audit(&info)).await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     async fn poll_device_grant(
@@ -884,6 +890,7 @@ impl Store for SqliteStore {
         refresh_hash: [u8; 32],
         grace_ms: Millis,
         now: Millis,
+        audit: AuditFor<'_, DeviceRedeemed>,
     ) -> Result<DevicePoll> {
         let mut tx = self.begin().await?;
         let Some(row) = sqlx::query(
@@ -946,13 +953,15 @@ impl Store for SqliteStore {
                 .await?;
             let rec = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?").bind(&agent_id).fetch_one(&mut *tx).await?;
             let agent = agent_from_row(&rec)?;
-            tx.commit().await?;
-            return Ok(DevicePoll::Approved(Box::new(DeviceRedeemed {
+            let redeemed = DeviceRedeemed {
                 agent,
                 approved_by: approved_by.unwrap_or_default(),
                 user_code,
                 lost_response_retry: true,
-            })));
+            };
+            insert_audit(&mut tx, &audit(&redeemed)).await?;
+            tx.commit().await?;
+            return Ok(DevicePoll::Approved(Box::new(redeemed)));
         }
         if expires_at <= now {
             return Ok(DevicePoll::Expired);
@@ -990,12 +999,14 @@ impl Store for SqliteStore {
                 .bind(&device_code_hash[..])
                 .execute(&mut *tx)
                 .await?;
-                DevicePoll::Approved(Box::new(DeviceRedeemed {
+                let redeemed = DeviceRedeemed {
                     agent,
                     approved_by: approved_by.unwrap_or_default(),
                     user_code,
                     lost_response_retry: false,
-                }))
+                };
+                insert_audit(&mut tx, &audit(&redeemed)).await?;
+                DevicePoll::Approved(Box::new(redeemed))
             }
             other => return Err(StoreError::Corrupt(format!("device grant status {other:?}"))),
         };
@@ -1077,7 +1088,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn create_batch(&self, batch: NewBatch) -> Result<CreatedBatch> {
+    async fn create_batch(&self, batch: NewBatch, audit: AuditFor<'_, CreatedBatch>) -> Result<CreatedBatch> {
         let mut tx = self.begin().await?;
         let req = &batch.request;
         if let Some(key) = &req.idempotency_key {
@@ -1189,8 +1200,10 @@ impl Store for SqliteStore {
             }
             command_ids.push(id);
         }
+        let created = CreatedBatch { batch_id: batch.id, command_ids, created: true, heads };
+        insert_audit(&mut tx, &audit(&created)).await?;
         tx.commit().await?;
-        Ok(CreatedBatch { batch_id: batch.id, command_ids, created: true, heads })
+        Ok(created)
     }
 
     async fn get_command(&self, id: CommandId) -> Result<Option<Command>> {
@@ -1300,6 +1313,7 @@ impl Store for SqliteStore {
         id: CommandId,
         report: &ResultReport,
         now: Millis,
+        audit: ResultAudit<'_>,
     ) -> Result<ResultOutcome> {
         let mut tx = self.begin().await?;
         let cmd = load_command(&mut tx, id).await?.filter(|c| c.agent_id == agent_id).ok_or(StoreError::NotFound)?;
@@ -1342,19 +1356,26 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        insert_audit(&mut tx, &audit(&cmd, late)).await?;
         tx.commit().await?;
         Ok(ResultOutcome::Recorded { late, command: Box::new(cmd) })
     }
 
-    async fn cancel_command(&self, id: CommandId, now: Millis) -> Result<CancelOutcome> {
+    async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
         let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         let head = cancel_in_tx(&mut tx, &cmd, now).await?;
+        insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;
         Ok(CancelOutcome { cancelled: vec![id], heads: head.into_iter().collect() })
     }
 
-    async fn cancel_batch(&self, id: BatchId, now: Millis) -> Result<CancelOutcome> {
+    async fn cancel_batch(
+        &self,
+        id: BatchId,
+        now: Millis,
+        audit: AuditFor<'_, CancelOutcome>,
+    ) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM batches WHERE id = ?")
             .bind(uuid_text(id))
@@ -1375,6 +1396,7 @@ impl Store for SqliteStore {
             out.heads.extend(cancel_in_tx(&mut tx, &cmd, now).await?);
             out.cancelled.push(cmd.id);
         }
+        insert_audit(&mut tx, &audit(&out)).await?;
         tx.commit().await?;
         out.heads = last_heads(out.heads);
         Ok(out)

@@ -41,7 +41,7 @@ async fn enroll(store: &SqliteStore, labels: &[(&str, &str)]) -> AgentId {
         facts: serde_json::json!({}),
         public_key: vec![0; 32],
     };
-    store.enroll_agent(token_hash, agent, rand_hash(), T0).await.expect("enroll").id
+    store.enroll_agent(token_hash, agent, rand_hash(), T0, &|_| audit_entry("agent.enroll")).await.expect("enroll").id
 }
 
 fn rand_hash() -> [u8; 32] {
@@ -59,7 +59,7 @@ async fn command(store: &SqliteStore, agent: AgentId, timeout_s: u32, now: i64) 
         request_hash: rand_hash(),
         now,
     };
-    store.create_batch(batch).await.expect("create").command_ids[0]
+    store.create_batch(batch, &|_| audit_entry("command.create")).await.expect("create").command_ids[0]
 }
 
 #[tokio::test]
@@ -82,8 +82,11 @@ async fn enroll_token_is_single_use() {
         facts: serde_json::Value::Null,
         public_key: vec![1; 32],
     };
-    store.enroll_agent(token_hash, agent(), rand_hash(), T0).await.expect("first use");
-    let second = store.enroll_agent(token_hash, agent(), rand_hash(), T0).await;
+    store
+        .enroll_agent(token_hash, agent(), rand_hash(), T0, &|_| audit_entry("agent.enroll"))
+        .await
+        .expect("first use");
+    let second = store.enroll_agent(token_hash, agent(), rand_hash(), T0, &|_| audit_entry("agent.enroll")).await;
     assert!(matches!(second, Err(StoreError::NotFound)), "{second:?}");
 }
 
@@ -107,7 +110,11 @@ async fn sweep_expires_undelivered_and_loses_silent_commands() {
     assert_eq!(get(delivered).await.expect("get").expect("exists").status, CommandStatus::Lost);
 
     // A late result still lands on a lost command.
-    let late = store.report_result(agent, delivered, &ResultReport::new(CommandStatus::Succeeded), T0 + 200_000).await;
+    let late = store
+        .report_result(agent, delivered, &ResultReport::new(CommandStatus::Succeeded), T0 + 200_000, &|_, _| {
+            audit_entry("command.result")
+        })
+        .await;
     assert!(matches!(late, Ok(ResultOutcome::Recorded { late: true, .. })), "{late:?}");
 }
 
@@ -130,7 +137,7 @@ async fn enrolled_with(store: &SqliteStore, first: [u8; 32]) -> AgentId {
         facts: serde_json::Value::Null,
         public_key: vec![1; 32],
     };
-    store.enroll_agent(token_hash, agent, first, T0).await.expect("enroll").id
+    store.enroll_agent(token_hash, agent, first, T0, &|_| audit_entry("agent.enroll")).await.expect("enroll").id
 }
 
 fn audit_entry(action: &str) -> crate::AuditEntry {
@@ -246,7 +253,7 @@ async fn labels_target_matches_agents_having_every_pair() {
         request_hash: rand_hash(),
         now: T0,
     };
-    let created = store.create_batch(batch).await.expect("create");
+    let created = store.create_batch(batch, &|_| audit_entry("command.create")).await.expect("create");
     assert_eq!(created.command_ids.len(), 1);
     assert_eq!(created.heads.len(), 1);
     assert_eq!(created.heads[0].agent_id, web);
@@ -321,10 +328,15 @@ fn grant(user_code: &str, device_code_hash: [u8; 32], now: i64) -> NewDeviceGran
 async fn redeemed_grant(store: &SqliteStore) -> ([u8; 32], AgentId, [u8; 32]) {
     let code = rand_hash();
     assert_eq!(store.create_device_grant(grant("BCDFGHJK", code, T0)).await.expect("create"), NewGrantOutcome::Created);
-    store.decide_device_grant("BCDFGHJK", true, &Labels::new(), "alice", T0 + 1_000).await.expect("approve");
+    store
+        .decide_device_grant("BCDFGHJK", true, &Labels::new(), "alice", T0 + 1_000, &|_| audit_entry("device.approve"))
+        .await
+        .expect("approve");
     let issued = rand_hash();
-    let DevicePoll::Approved(first) =
-        store.poll_device_grant(code, AgentId::new(), issued, 30_000, T0 + 2_000).await.expect("poll")
+    let DevicePoll::Approved(first) = store
+        .poll_device_grant(code, AgentId::new(), issued, 30_000, T0 + 2_000, &|_| audit_entry("agent.enroll"))
+        .await
+        .expect("poll")
     else {
         panic!("an approved grant is redeemed by its first poll");
     };
@@ -340,8 +352,10 @@ async fn a_repeated_redeeming_poll_within_the_grace_reissues_for_the_same_agent(
 
     // The answer was lost: the same device code 30 s later gets a new token for the same agent.
     let again = rand_hash();
-    let DevicePoll::Approved(retry) =
-        store.poll_device_grant(code, AgentId::new(), again, 30_000, T0 + 32_000).await.expect("retry")
+    let DevicePoll::Approved(retry) = store
+        .poll_device_grant(code, AgentId::new(), again, 30_000, T0 + 32_000, &|_| audit_entry("agent.enroll"))
+        .await
+        .expect("retry")
     else {
         panic!("a retry within the grace is answered");
     };
@@ -356,7 +370,10 @@ async fn a_repeated_redeeming_poll_within_the_grace_reissues_for_the_same_agent(
         store.rotate_refresh_token(None, again, rand_hash(), 30_000, T0 + 33_000, reuse_audit()).await.expect("rotate");
     assert_eq!(live, RefreshOutcome::Rotated { agent_id: agent, lost_response_retry: false });
     // Its token has been used now: a further repeat, even inside the grace, is refused.
-    let used = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 34_000).await.expect("poll");
+    let used = store
+        .poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 34_000, &|_| audit_entry("agent.enroll"))
+        .await
+        .expect("poll");
     assert!(matches!(used, DevicePoll::Invalid), "{used:?}");
     // The token of the lost answer was revoked; presenting it is reuse.
     let dead = store
@@ -370,7 +387,10 @@ async fn a_repeated_redeeming_poll_within_the_grace_reissues_for_the_same_agent(
 async fn a_repeated_redeeming_poll_after_the_grace_is_invalid() {
     let (_dir, store) = store().await;
     let (code, _agent, issued) = redeemed_grant(&store).await;
-    let late = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 32_001).await.expect("poll");
+    let late = store
+        .poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 32_001, &|_| audit_entry("agent.enroll"))
+        .await
+        .expect("poll");
     assert!(matches!(late, DevicePoll::Invalid), "{late:?}");
     // Nothing was revoked by the refused repeat.
     let live = store
@@ -405,7 +425,10 @@ async fn pending_grants_are_capped_and_pruned_after_they_expire() {
     assert_eq!(store.create_device_grant(capped("BCDFGHJL", T0)).await.expect("2"), NewGrantOutcome::Created);
     assert_eq!(store.create_device_grant(capped("BCDFGHJM", T0)).await.expect("3"), NewGrantOutcome::TooManyPending);
     // A decided grant no longer counts as pending.
-    store.decide_device_grant("BCDFGHJK", false, &Labels::new(), "alice", T0).await.expect("deny");
+    store
+        .decide_device_grant("BCDFGHJK", false, &Labels::new(), "alice", T0, &|_| audit_entry("device.approve"))
+        .await
+        .expect("deny");
     assert_eq!(store.create_device_grant(capped("BCDFGHJM", T0)).await.expect("4"), NewGrantOutcome::Created);
     // Nor does an expired one, before retention has deleted it.
     let later = T0 + 600_000;
@@ -478,6 +501,60 @@ async fn a_failed_audit_append_rolls_the_mutation_back() {
     let user = store.create_user("u", "hash", crate::Role::Viewer, T0, Some(audit_entry("user.create"))).await;
     assert!(user.is_err());
     assert!(store.find_user("u").await.expect("find").is_none(), "no user without its audit row");
+}
+
+/// Makes every later audit insert fail, as a full or broken audit table would.
+async fn break_audit(store: &SqliteStore) {
+    sqlx::query("CREATE TRIGGER audit_full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit unavailable'); END")
+        .execute(&store.writer)
+        .await
+        .expect("trigger");
+}
+
+#[tokio::test]
+async fn a_failed_audit_append_rolls_back_commands_and_device_decisions() {
+    let (_dir, store) = store().await;
+    let agent = enroll(&store, &[]).await;
+    let queued = command(&store, agent, 60, T0).await;
+    let code = rand_hash();
+    assert_eq!(store.create_device_grant(grant("BCDFGHJK", code, T0)).await.expect("grant"), NewGrantOutcome::Created);
+    let audit_rows = store.list_audit(0, 1000).await.expect("audit").len();
+    break_audit(&store).await;
+
+    let req = CreateCommand::new(Target::agents([agent]), "ping");
+    let batch = NewBatch {
+        id: BatchId::new(),
+        target: TargetSpec::Agents(vec![agent]),
+        request: req,
+        created_by: "admin".into(),
+        request_hash: rand_hash(),
+        now: T0,
+    };
+    let batch_id = batch.id;
+    let created = store.create_batch(batch, &|_| audit_entry("command.create")).await;
+    assert!(matches!(created, Err(StoreError::Backend(_))), "{created:?}");
+    assert!(store.get_batch(batch_id).await.expect("get").is_none(), "no batch without its audit row");
+    let filter = crate::CommandFilter { agent_id: Some(agent), limit: 100, ..Default::default() };
+    assert_eq!(store.list_commands(&filter).await.expect("list").len(), 1, "no command without its audit row");
+    assert_eq!(store.read_signals(agent, 0, 100).await.expect("signals").len(), 1, "nor its stream signal");
+
+    let cancelled = store.cancel_command(queued, T0 + 1, audit_entry("command.cancel")).await;
+    assert!(matches!(cancelled, Err(StoreError::Backend(_))), "{cancelled:?}");
+    let cmd = store.get_command(queued).await.expect("get").expect("command");
+    assert_eq!(cmd.status, CommandStatus::Queued, "the cancellation was rolled back with its audit row");
+
+    let approve = |_: &crate::DeviceGrantInfo| audit_entry("device.approve");
+    let approved = store.decide_device_grant("BCDFGHJK", true, &Labels::new(), "alice", T0 + 1, &approve).await;
+    assert!(matches!(approved, Err(StoreError::Backend(_))), "{approved:?}");
+    assert!(
+        store.pending_device_grant("BCDFGHJK", T0 + 2).await.expect("pending").is_some(),
+        "the approval was rolled back with its audit row"
+    );
+    let redeem = |_: &crate::DeviceRedeemed| audit_entry("agent.enroll");
+    let polled = store.poll_device_grant(code, AgentId::new(), rand_hash(), 30_000, T0 + 10_000, &redeem).await;
+    let polled = polled.expect("poll");
+    assert!(matches!(polled, DevicePoll::Pending), "nothing was approved, so nothing is redeemed: {polled:?}");
+    assert_eq!(store.list_audit(0, 1000).await.expect("audit").len(), audit_rows);
 }
 
 #[tokio::test]
