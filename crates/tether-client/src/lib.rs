@@ -214,7 +214,13 @@ impl ClientBuilder {
     }
 
     pub fn build(self) -> Result<Client> {
-        let mut http = reqwest::Client::builder().user_agent(self.user_agent).connect_timeout(Duration::from_secs(10));
+        // The server closes a keep-alive connection idle for its header
+        // timeout (10 s, protocol.md §11); dropping ours first means a request
+        // never goes out on a connection the server is closing at that moment.
+        let mut http = reqwest::Client::builder()
+            .user_agent(self.user_agent)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(5));
         if let Some(pem) = &self.ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ClientError::Ca(e.to_string()))?;
             // Text without any PEM block parses as an empty bundle; trusting
