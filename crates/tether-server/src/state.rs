@@ -222,19 +222,10 @@ impl AppState {
     /// login, an agent's report). A failure is logged, not returned. A
     /// mutation passes its row to the store instead ([`Self::audit_entry`]).
     pub async fn audit(&self, ctx: &AuditContext, event: AuditEvent<'_>) {
-        let entry = AuditEntry {
-            ts: self.clock.now_ms(),
-            actor: event.actor.to_owned(),
-            actor_kind: event.actor_kind,
-            action: event.action.to_owned(),
-            target: event.target,
-            outcome: event.outcome,
-            ip: ctx.ip.clone(),
-            request_id: ctx.request_id.clone(),
-            details: event.details,
-        };
+        let action = event.action;
+        let entry = self.audit_entry(ctx, event);
         if let Err(e) = self.store.append_audit(entry).await {
-            tracing::error!(error = %e, action = event.action, "Audit append failed");
+            tracing::error!(error = %e, action, "Audit append failed");
         }
     }
 }
