@@ -21,6 +21,9 @@ pub struct ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// How long clients are asked to wait when the database is unavailable.
+pub const STORE_RETRY_AFTER_S: u64 = 5;
+
 impl ApiError {
     pub fn new(key: ErrorKey, what: impl Into<String>) -> Self {
         Self { key, what: what.into(), params: Map::new() }
@@ -51,6 +54,11 @@ impl ApiError {
         Self::new(ErrorKey::Conflict, what)
     }
 
+    /// 503 with `Retry-After` (protocol.md §2): nothing was done, try again later.
+    pub fn unavailable(what: impl Into<String>, retry_after_s: u64) -> Self {
+        Self::new(ErrorKey::ServiceUnavailable, what).with("retry_after", retry_after_s)
+    }
+
     pub fn internal(err: impl std::fmt::Display) -> Self {
         // Details stay in the server log; the client gets the request id.
         tracing::error!(error = %err, "Request failed");
@@ -61,9 +69,14 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::NotFound => Self::new(ErrorKey::NotFound, "not found"),
+            StoreError::NotFound(entity) => Self::not_found(entity.name()),
             StoreError::Conflict(what) => Self::conflict(what),
             StoreError::Invalid { field, message } => Self::bad_request(field, format!("invalid {field}: {message}")),
+            StoreError::Unavailable(e) => {
+                // Nothing was written; the client may retry (protocol.md §2: 503 + Retry-After).
+                tracing::warn!(error = %e, "Store unavailable");
+                Self::unavailable("the database is unavailable; try again shortly", STORE_RETRY_AFTER_S)
+            }
             other => Self::internal(other),
         }
     }

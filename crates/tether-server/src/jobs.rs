@@ -1,12 +1,16 @@
-//! Background jobs owned by the server's task tracker: the command sweeper,
-//! retention (signals, device grants, limiter keys, nonces) and the batched
-//! `last_seen` flush. Each stops when shutdown is signalled.
+//! Background jobs owned by the server's task tracker: the command sweeper
+//! and retention (singletons: on a shared database exactly one server runs
+//! each, the one holding its claim), catching up with stream changes other
+//! servers made, and the batched `last_seen` flush. Each stops when
+//! shutdown is signalled.
 
 use std::time::Duration;
 
+use tether_store::{JobLease, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::AppState;
+use crate::stream::StreamEvent;
 
 /// Device grants are deleted this long after they expire. Redemption
 /// happens before expiry and a lost-response retry within 30 s of it, so
@@ -14,73 +18,161 @@ use crate::state::AppState;
 /// poll hears `expired_token` rather than `invalid_grant`.
 const DEVICE_GRANT_KEEP_MS: i64 = 3_600_000;
 
-/// Expires, loses and releases commands once per `interval`.
-pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToken) {
+/// How far back each catch-up reads before the previous one began: covers
+/// a transaction stamped before that read and committed after it, and
+/// servers whose clocks differ by less than this.
+const CATCH_UP_OVERLAP_MS: i64 = 5_000;
+
+/// This server's claim on a singleton job: kept across rounds while it
+/// holds, taken when the job is free, let go when lost (on PostgreSQL the
+/// claim dies with its connection, and another server takes the job over).
+#[derive(Debug)]
+struct Singleton {
+    job: &'static str,
+    lease: Option<Box<dyn JobLease>>,
+}
+
+impl Singleton {
+    fn new(job: &'static str) -> Self {
+        Self { job, lease: None }
+    }
+
+    /// Whether this server may run the job now.
+    async fn held(&mut self, store: &dyn Store) -> bool {
+        if let Some(lease) = &mut self.lease {
+            if lease.held().await {
+                return true;
+            }
+            tracing::warn!(job = self.job, "Lost the claim on a singleton job");
+            self.lease = None;
+        }
+        match store.try_job_lock(self.job).await {
+            Ok(Some(lease)) => {
+                if store.kind().shared() {
+                    tracing::info!(job = self.job, "This server runs the job");
+                }
+                self.lease = Some(lease);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(job = self.job, error = %e, "Claiming a singleton job failed");
+                false
+            }
+        }
+    }
+}
+
+/// Waits for the next tick; false once `stop` fires.
+async fn next_tick(tick: &mut tokio::time::Interval, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tick.tick() => true,
+    }
+}
+
+fn every(interval: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+    tick
+}
+
+/// Expires, loses and releases commands once per `interval`.
+pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToken) {
+    let mut tick = every(interval);
+    let mut claim = Singleton::new("sweeper");
+    while next_tick(&mut tick, &stop).await {
+        if !claim.held(state.store.as_ref()).await {
+            continue;
         }
         match state.store.sweep(state.clock.now_ms()).await {
             Ok(out) => {
-                state.notifier.publish(&out.heads);
                 if out.expired + out.lost + out.released > 0 {
                     tracing::info!(expired = out.expired, lost = out.lost, released = out.released, "Swept commands");
                 }
+                state.notifier.publish(StreamEvent::Heads(out.heads));
             }
             Err(e) => tracing::warn!(error = %e, "Command sweep failed"),
         }
     }
 }
 
-/// Drops signals beyond the retention (age and count), old device grants,
-/// idle rate-limit keys and expired request nonces once per `interval`.
+/// Once per `interval`: drops this server's idle rate-limit keys, password
+/// cache entries and expired nonces; and, on the one server holding the
+/// claim, signals beyond the retention (age and count), old device grants
+/// and expired shared nonces.
 pub async fn retention(state: AppState, interval: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        state.limits.prune(state.clock.now_ms());
-        state.passwords.prune(state.clock.now_ms());
+    let mut tick = every(interval);
+    let mut claim = Singleton::new("retention");
+    while next_tick(&mut tick, &stop).await {
+        let now = state.clock.now_ms();
+        state.limits.prune(now);
+        state.passwords.prune(now);
         state.nonces.prune(state.clock.now_s());
-        let before = state.clock.now_ms() - state.config.signal_max_age.as_millis() as i64;
-        match state.store.prune_signals(before, state.config.signal_max_per_agent).await {
+        if !claim.held(state.store.as_ref()).await {
+            continue;
+        }
+        let before = now - state.config.signal_max_age.as_millis() as i64;
+        match state.store.prune_signals(before, state.config.signal_max_per_agent, now).await {
             Ok(floors) => {
                 if !floors.is_empty() {
                     tracing::info!(agents = floors.len(), "Pruned old signals");
                 }
+                // Other servers see the moved floors when they next catch up.
                 state.streams.set_floors(&floors);
             }
             Err(e) => tracing::warn!(error = %e, "Signal retention failed"),
         }
         // Here rather than on each authorization request: one indexed delete
         // per interval instead of a write on the hot path of a flood.
-        match state.store.prune_device_grants(state.clock.now_ms() - DEVICE_GRANT_KEEP_MS).await {
+        match state.store.prune_device_grants(now - DEVICE_GRANT_KEEP_MS).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(grants = n, "Deleted expired device grants"),
             Err(e) => tracing::warn!(error = %e, "Device grant retention failed"),
+        }
+        if state.store.kind().shared()
+            && let Err(e) = state.store.prune_nonces(state.clock.now_s() as i64).await
+        {
+            tracing::warn!(error = %e, "Nonce retention failed");
+        }
+    }
+}
+
+/// On a shared database: reads which agents' streams changed since the
+/// previous round and brings the loaded ones up to date, healing any event
+/// that NATS lost (or all of them, without NATS). Every server runs its
+/// own; often while events may be missing, rarely while NATS carries them.
+pub async fn catch_up(state: AppState, stop: CancellationToken) {
+    let intervals = &state.config.catch_up;
+    let mut since = state.clock.now_ms();
+    loop {
+        let wait = if state.notifier.connected() { intervals.with_nats } else { intervals.without_nats };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let started = state.clock.now_ms();
+        match state.store.stream_changes(since - CATCH_UP_OVERLAP_MS).await {
+            Ok(changes) => {
+                state.streams.catch_up(&changes);
+                since = started;
+            }
+            Err(e) => tracing::warn!(error = %e, "Catching up with stream changes failed"),
         }
     }
 }
 
 /// Writes the `last_seen` of recently active agents in one batch per `interval`,
-/// and once more on shutdown, so requests never write it one by one.
+/// and once more on shutdown, so requests never write it one by one. A batch
+/// that fails is tried again with the next one, not dropped.
 pub async fn flush_seen(state: AppState, interval: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = every(interval);
     loop {
-        let stopping = tokio::select! {
-            _ = stop.cancelled() => true,
-            _ = tick.tick() => false,
-        };
+        let stopping = !next_tick(&mut tick, &stop).await;
         let seen = state.streams.take_seen();
         if let Err(e) = state.store.touch_agents(&seen).await {
-            tracing::warn!(error = %e, agents = seen.len(), "Flushing last_seen failed");
+            tracing::warn!(error = %e, agents = seen.len(), "Flushing last_seen failed; will retry");
+            state.streams.unflushed(&seen);
         }
         if stopping {
             return;

@@ -12,6 +12,7 @@ mod conn;
 pub mod error;
 mod fsutil;
 mod jobs;
+pub mod keys;
 pub mod limits;
 pub mod state;
 pub mod stream;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tether_store::{Role, SqliteStore, Store};
+use tether_store::{AuditEntry, CountingStore, FirstAdmin, Location, OpenOptions, Store};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +36,8 @@ use crate::auth::secret::{API_TOKEN_PREFIX, hash_token, new_password, new_token}
 use crate::clock::{Clock, SystemClock};
 pub use crate::state::ServerConfig;
 use crate::state::{AppState, ClientAddr, Inner};
-use crate::stream::{LocalNotifier, Streams};
+use crate::stream::nats::{NatsNotifier, NatsTasks};
+use crate::stream::{LocalNotifier, Notifier, Streams};
 
 /// How long shutdown waits for open connections before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,6 +80,8 @@ pub struct Server {
     listener: TcpListener,
     /// Set when serving HTTPS (`ServerConfig::tls`).
     tls: Option<TlsAcceptor>,
+    /// The NATS publisher and subscriber, started with the server.
+    nats: Option<NatsTasks>,
 }
 
 impl std::fmt::Debug for Server {
@@ -86,6 +90,7 @@ impl std::fmt::Debug for Server {
             .field("state", &self.state)
             .field("listener", &self.listener)
             .field("tls", &self.tls.is_some())
+            .field("nats", &self.nats.is_some())
             .finish()
     }
 }
@@ -113,14 +118,16 @@ fn ensure_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// Creates the `admin` user and an admin API token (expiring after
 /// [`BOOTSTRAP_TOKEN_TTL_MS`]) when the store has no users, and writes both to
-/// `<data-dir>/initial-admin.txt` (0600).
+/// `<data-dir>/initial-admin.txt` (0600). When several servers start on an
+/// empty shared database at once, one creates the admin and writes the
+/// file; the others find it done.
 async fn bootstrap_admin(
     store: &dyn Store,
     clock: &dyn Clock,
     data_dir: &std::path::Path,
     admin_password: Option<String>,
 ) -> anyhow::Result<Bootstrap> {
-    if store.user_count().await? > 0 {
+    if !store.list_users().await?.is_empty() {
         return Ok(Bootstrap::default());
     }
     let generated = admin_password.is_none();
@@ -133,22 +140,72 @@ async fn bootstrap_admin(
     let now = clock.now_ms();
     let token = new_token(API_TOKEN_PREFIX);
     let expires_at = now + BOOTSTRAP_TOKEN_TTL_MS;
+    let path = data_dir.join(INITIAL_ADMIN_FILE);
     let bootstrap = Bootstrap {
         admin_password: generated.then_some(password),
         admin_token: Some(token.clone()),
         admin_token_expires_at: Some(expires_at),
-        file: Some(data_dir.join(INITIAL_ADMIN_FILE)),
+        file: Some(path.clone()),
     };
     // The file first: if the store write below fails, the next start finds no
     // users and overwrites it; the other order could lose the credentials.
-    let path = data_dir.join(INITIAL_ADMIN_FILE);
     fsutil::write_private(&path, initial_admin_text(&bootstrap, now).as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
-    let admin = store.create_user("admin", &hash, Role::Admin, now, None).await?;
-    // Handed out with the first password: a password reset ends it too.
-    store.create_api_token(&admin.id, "bootstrap", hash_token(&token), Some(expires_at), true, now, None).await?;
+    let admin = FirstAdmin {
+        username: "admin".into(),
+        password_hash: hash,
+        token_hash: hash_token(&token),
+        token_expires_at: expires_at,
+        now,
+    };
+    let audit = AuditEntry {
+        ts: now,
+        actor: "tether".into(),
+        actor_kind: "system",
+        action: "user.bootstrap".into(),
+        target: String::new(),
+        outcome: "ok",
+        ip: None,
+        request_id: None,
+        details: serde_json::json!({"username": "admin", "token_expires_at": expires_at}),
+    };
+    if store.create_first_admin(admin, audit).await?.is_none() {
+        // Another server sharing the database got there first: these
+        // credentials were never stored.
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        return Ok(Bootstrap::default());
+    }
     tracing::info!(file = %path.display(), "Created the admin user and its first API token");
     Ok(bootstrap)
+}
+
+/// Opens the existing store of a server configured as `config`, sets a new
+/// random password for `admin` (ending its sessions, in one transaction with
+/// the audit row) and returns the password, to be shown once.
+pub async fn reset_admin(config: &ServerConfig) -> anyhow::Result<String> {
+    let location = Location::new(config.database_url.as_deref(), &config.data_dir)?;
+    let options = OpenOptions { create: false, max_connections: 2 };
+    let store = tether_store::open(&location, &options).await?;
+    let password = auth::secret::new_password();
+    let hash = tokio::task::spawn_blocking({
+        let password = password.clone();
+        move || auth::password::hash_password(&password)
+    })
+    .await?;
+    let now = SystemClock.now_ms();
+    let audit = AuditEntry {
+        ts: now,
+        actor: "reset-admin".into(),
+        actor_kind: "system",
+        action: "user.reset_password".into(),
+        target: "admin".into(),
+        outcome: "ok",
+        ip: None,
+        request_id: None,
+        details: serde_json::json!({"sessions_ended": true}),
+    };
+    store.set_password("admin", &hash, now, audit).await.context("setting the admin password")?;
+    Ok(password)
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -186,15 +243,31 @@ impl Server {
             config.secure_cookies = true;
         }
         ensure_data_dir(&config.data_dir)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir).await.context("opening the store")?);
-        let tokens = AccessTokens::load_or_create(&config.data_dir).context("loading the token signing key")?;
+        let location = Location::new(config.database_url.as_deref(), &config.data_dir)?;
+        if config.nats_url.is_some() && !location.shared() {
+            anyhow::bail!("--nats-url connects servers that share a database: it needs --database-url postgres://…");
+        }
+        let options = OpenOptions { create: true, max_connections: config.database_max_connections };
+        let (store, store_calls) = CountingStore::new(tether_store::open(&location, &options).await?);
+        let store: Arc<dyn Store> = Arc::new(store);
+        let jwt = keys::load(store.as_ref(), &config.data_dir, config.master_key.as_ref(), keys::JWT_KEY).await?;
+        let tokens = AccessTokens::new(&jwt);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let bootstrap = bootstrap_admin(store.as_ref(), clock.as_ref(), &config.data_dir, admin_password).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let streams = Arc::new(Streams::default());
+        let (notifier, nats): (Arc<dyn Notifier>, _) = match &config.nats_url {
+            Some(url) => {
+                let (notifier, tasks) = NatsNotifier::connect(url, &config.cluster, streams.clone()).await?;
+                (notifier, Some(tasks))
+            }
+            None => (Arc::new(LocalNotifier(streams.clone())), None),
+        };
+        tracing::info!(store = %location, nats = nats.is_some(), "Store opened");
         let state = AppState(Arc::new(Inner {
             store,
-            notifier: Arc::new(LocalNotifier(streams.clone())),
+            store_calls,
+            notifier,
             streams,
             tokens,
             limits: limits::Limits::new(config.limits.clone()),
@@ -206,8 +279,9 @@ impl Server {
             clock,
             config,
             shutdown: CancellationToken::new(),
+            readiness: Default::default(),
         }));
-        Ok((Self { state, listener, tls }, bootstrap))
+        Ok((Self { state, listener, tls, nats }, bootstrap))
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -226,7 +300,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { state, listener, tls } = self;
+        let Self { state, listener, tls, nats } = self;
         let app = api::routes(state.clone())
             .layer(tower_http::catch_panic::CatchPanicLayer::new())
             .layer(error::EnvelopeLayer);
@@ -235,6 +309,12 @@ impl Server {
         jobs.spawn(jobs::sweeper(state.clone(), state.config.sweep_interval, stop_jobs.clone()));
         jobs.spawn(jobs::retention(state.clone(), state.config.retention_interval, stop_jobs.clone()));
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
+        if state.store.kind().shared() {
+            jobs.spawn(jobs::catch_up(state.clone(), stop_jobs.clone()));
+        }
+        if let Some(nats) = nats {
+            nats.spawn(&jobs, stop_jobs.clone());
+        }
 
         // Plain connections are HTTP/1.1 only: the auto builder costs memory
         // on every parked long-poll (docs/decisions.md). Over TLS the

@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tether_store::{AuditEntry, Store};
+use tether_store::{AuditEntry, Store, StoreCalls};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::jwt::AccessTokens;
@@ -17,7 +17,21 @@ use crate::stream::{Notifier, Streams};
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// The embedded database, the key files and `initial-admin.txt`.
     pub data_dir: PathBuf,
+    /// `postgres://…` (or `sqlite://FILE`) instead of the embedded database
+    /// in `data_dir` (protocol.md §13).
+    pub database_url: Option<String>,
+    /// Most connections one server opens to PostgreSQL.
+    pub database_max_connections: u32,
+    /// Wraps the server keys kept in PostgreSQL (`TETHER_MASTER_KEY`).
+    pub master_key: Option<crate::keys::MasterKey>,
+    /// NATS, carrying stream events between servers that share a database.
+    pub nats_url: Option<String>,
+    /// Scopes this cluster's NATS subjects (`tether.<cluster>.…`).
+    pub cluster: String,
+    /// How often a server on a shared database catches up from it.
+    pub catch_up: CatchUpIntervals,
     /// How often the sweeper expires, loses and releases commands.
     pub sweep_interval: std::time::Duration,
     /// Signals older than this are dropped (protocol.md §8: 7 days)…
@@ -55,6 +69,21 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
 }
 
+/// How often a server sharing its database reads what changed there
+/// (`jobs::catch_up`): often while NATS is away or not configured, rarely
+/// while it carries every event.
+#[derive(Debug, Clone)]
+pub struct CatchUpIntervals {
+    pub without_nats: std::time::Duration,
+    pub with_nats: std::time::Duration,
+}
+
+impl Default for CatchUpIntervals {
+    fn default() -> Self {
+        Self { without_nats: std::time::Duration::from_secs(1), with_nats: std::time::Duration::from_secs(10) }
+    }
+}
+
 /// How long a connection may keep the server waiting (protocol.md §11
 /// "Connections"); the defaults are the protocol's.
 #[derive(Debug, Clone)]
@@ -87,6 +116,12 @@ impl ServerConfig {
         Self {
             listen,
             data_dir,
+            database_url: None,
+            database_max_connections: tether_store::OpenOptions::default().max_connections,
+            master_key: None,
+            nats_url: None,
+            cluster: "default".into(),
+            catch_up: CatchUpIntervals::default(),
             sweep_interval: std::time::Duration::from_secs(1),
             seen_flush_interval: std::time::Duration::from_secs(5),
             limits: crate::limits::LimitConfig::default(),
@@ -108,7 +143,10 @@ impl ServerConfig {
 
 #[derive(Debug)]
 pub struct Inner {
+    /// A `CountingStore`: every call is counted in `store_calls`.
     pub store: Arc<dyn Store>,
+    /// What proves that idle polls never reach the store.
+    pub store_calls: StoreCalls,
     pub streams: Arc<Streams>,
     pub notifier: Arc<dyn Notifier>,
     pub tokens: AccessTokens,
@@ -121,6 +159,8 @@ pub struct Inner {
     pub config: ServerConfig,
     /// Cancelled when the server starts shutting down: waiting polls answer 204.
     pub shutdown: CancellationToken,
+    /// The last readiness check, reused for a second (`/readyz`).
+    pub readiness: crate::api::health::Readiness,
 }
 
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::Millis;
+use crate::{Millis, Result, Store};
 
 /// The `prev_hash` of the first row.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -113,4 +113,61 @@ impl AuditRecord {
             &self.details_text,
         )
     }
+}
+
+/// Most broken rows listed in one verification (all are counted).
+pub const MAX_LISTED_BREAKS: usize = 1000;
+
+/// Walks the whole audit chain and reports every row that breaks it, not
+/// just the first: after a broken row the walk goes on from that row's
+/// stored hash, so each altered or removed row is named once and tampering
+/// further on is still seen.
+pub async fn verify_audit(store: &dyn Store) -> Result<AuditVerification> {
+    let mut prev = GENESIS_HASH.to_vec();
+    let mut after = 0;
+    let mut v = AuditVerification::default();
+    loop {
+        let rows = store.list_audit(after, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        for row in &rows {
+            v.checked += 1;
+            if let Some(problem) = audit_row_problem(row, &prev) {
+                v.broken_count += 1;
+                if v.broken.len() < MAX_LISTED_BREAKS {
+                    v.broken.push(AuditBreak { id: row.id, problem: problem.to_owned() });
+                }
+            }
+            prev = row.hash.clone();
+        }
+    }
+    Ok(v)
+}
+
+/// What is wrong with `row` given the hash of the row stored before it.
+pub fn audit_row_problem(row: &AuditRecord, prev_hash: &[u8]) -> Option<&'static str> {
+    if row.prev_hash != prev_hash {
+        Some("its prev_hash does not match the previous row's hash (a row before it was removed or altered)")
+    } else if row.hash != row.expected_hash(prev_hash) {
+        Some("its content does not match its hash (the row was altered)")
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuditVerification {
+    /// Rows read.
+    pub checked: u64,
+    /// Rows that break the chain, oldest first (at most [`MAX_LISTED_BREAKS`]).
+    pub broken: Vec<AuditBreak>,
+    /// How many rows break the chain in all.
+    pub broken_count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditBreak {
+    pub id: i64,
+    /// What is wrong with that row.
+    pub problem: String,
 }

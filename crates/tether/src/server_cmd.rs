@@ -17,11 +17,25 @@ pub struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Directory for the embedded SQLite database and server keys.
+    /// Directory for the embedded SQLite database, server keys and initial-admin.txt.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
+    /// `postgres://user@host/db` to share one database among several servers
+    /// (its keys live there, wrapped by TETHER_MASTER_KEY when set); default:
+    /// the embedded SQLite database in --data-dir.
+    #[arg(long, env = "TETHER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// `nats://host:4222`: servers sharing the database wake each other's
+    /// agents through NATS (without it they catch up from the database every second).
+    #[arg(long, env = "TETHER_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Names this cluster's NATS subjects (`tether.<cluster>.…`), so several
+    /// clusters can share one NATS.
+    #[arg(long, env = "TETHER_CLUSTER", default_value = "default")]
+    pub cluster: String,
     /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `max_pending_device_grants`,
-    /// `require_signed_requests`, `max_remembered_nonces`, `max_connections`, `tls_cert`, `tls_key`).
+    /// `require_signed_requests`, `max_remembered_nonces`, `max_connections`, `database_max_connections`,
+    /// `tls_cert`, `tls_key`).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key); plain HTTP
@@ -50,6 +64,8 @@ struct FileConfig {
     max_remembered_nonces: Option<usize>,
     /// Cap on open connections (default 90% of the open-file limit).
     max_connections: Option<usize>,
+    /// Most connections to PostgreSQL per server (default 16).
+    database_max_connections: Option<u32>,
     /// PEM certificate chain and key for HTTPS; the flags win over these.
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -62,15 +78,31 @@ pub enum ServerAction {
         /// Data dir of the server (env TETHER_DATA_DIR).
         #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
         data_dir: PathBuf,
+        /// The server's PostgreSQL database, if it uses one (env TETHER_DATABASE_URL).
+        #[arg(long, env = "TETHER_DATABASE_URL")]
+        database_url: Option<String>,
     },
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    if let Some(ServerAction::ResetAdmin { data_dir }) = args.action {
-        return reset_admin(&data_dir).await;
+    if let Some(ServerAction::ResetAdmin { data_dir, database_url }) = args.action {
+        let mut config = ServerConfig::new(args.listen, data_dir);
+        config.database_url = database_url;
+        let password = tether_server::reset_admin(&config).await?;
+        println!("new password for user 'admin' (shown once): {password}");
+        return Ok(());
     }
     let admin_password = std::env::var("TETHER_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
     let mut config = ServerConfig::new(args.listen, args.data_dir);
+    config.database_url = args.database_url;
+    config.nats_url = args.nats_url;
+    config.cluster = args.cluster;
+    // A secret: taken from the environment only, never from a flag (flags show in `ps`).
+    config.master_key = std::env::var("TETHER_MASTER_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(|k| tether_server::keys::MasterKey::parse(&k))
+        .transpose()?;
     let file = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -90,6 +122,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         config.max_remembered_nonces = cap;
     }
     config.max_connections = file.max_connections.or(config.max_connections);
+    if let Some(n) = file.database_max_connections {
+        config.database_max_connections = n;
+    }
     config.tls = tls_files(args.tls_cert, args.tls_key, file.tls_cert, file.tls_key)?;
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let url = server.url()?;
@@ -118,35 +153,6 @@ fn tls_files(
     let (cert, key) =
         if flag_cert.is_some() || flag_key.is_some() { (flag_cert, flag_key) } else { (file_cert, file_key) };
     Ok(TlsFiles::from_pair(cert, key)?)
-}
-
-async fn reset_admin(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    use tether_store::Store;
-    anyhow::ensure!(data_dir.join("tether.db").exists(), "no tether database in {}", data_dir.display());
-    let store = tether_store::SqliteStore::open(data_dir).await?;
-    let password = tether_server::auth::secret::new_password();
-    let hash = tokio::task::spawn_blocking({
-        let password = password.clone();
-        move || tether_server::auth::password::hash_password(&password)
-    })
-    .await?;
-    // Ends admin's sessions (dashboard cookies, tokens made with the old
-    // password) in the same transaction as the change and its audit row.
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
-    let audit = tether_store::AuditEntry {
-        ts: now,
-        actor: "reset-admin".into(),
-        actor_kind: "system",
-        action: "user.reset_password".into(),
-        target: "admin".into(),
-        outcome: "ok",
-        ip: None,
-        request_id: None,
-        details: serde_json::json!({"sessions_ended": true}),
-    };
-    store.set_password("admin", &hash, now, audit).await?;
-    println!("new password for user 'admin' (shown once): {password}");
-    Ok(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::auth::Operator;
 use crate::auth::secret::{ENROLL_TOKEN_PREFIX, hash_token, new_token};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
+use crate::stream::StreamEvent;
 
 /// An agent is offline when not seen for this long: max(3 × heartbeat 30 s, wait 30 s + 15 s).
 const OFFLINE_AFTER_MS: Millis = 90_000;
@@ -112,8 +113,10 @@ pub async fn revoke(
     let reason = if reason.is_empty() { format!("revoked by {}", op.name()) } else { reason };
     let audit = state
         .audit_entry(&ctx, AuditEvent::by_user(op.name(), "agent.revoke", id.to_string(), json!({"reason": reason})));
-    let rec = state.store.revoke_agent(id, &reason, state.clock.now_ms(), audit).await?;
-    state.streams.revoke(&rec);
+    let now = state.clock.now_ms();
+    let rec = state.store.revoke_agent(id, &reason, now, audit).await?;
+    let (at, reason) = (rec.revoked_at.unwrap_or(now), rec.revoke_reason.clone().unwrap_or_default());
+    state.notifier.publish(StreamEvent::Revoked { agent_id: id, at, reason });
     tracing::info!(agent_id = %id, "Agent revoked");
     Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
@@ -191,9 +194,6 @@ pub async fn revoke_enroll_token(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "enroll_token.revoke", id.clone(), json!({})));
-    state.store.revoke_enroll_token(&id, state.clock.now_ms(), audit).await.map_err(|e| match e {
-        tether_store::StoreError::NotFound => ApiError::not_found("enrollment token"),
-        other => other.into(),
-    })?;
+    state.store.revoke_enroll_token(&id, state.clock.now_ms(), audit).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -16,6 +16,7 @@ use tether_store::{CancelOutcome, CommandFilter, CreatedBatch, NewBatch, ResultO
 use crate::auth::{AgentCaller, Operator};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
+use crate::stream::StreamEvent;
 
 /// `POST /api/v1/commands`
 pub async fn create(
@@ -48,7 +49,7 @@ pub async fn create(
         now: state.clock.now_ms(),
     };
     let created = state.store.create_batch(batch, &audit).await?;
-    state.notifier.publish(&created.heads);
+    state.notifier.publish(StreamEvent::Heads(created.heads));
     let body = CreatedCommands { batch_id: created.batch_id, command_ids: created.command_ids };
     Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
 }
@@ -122,7 +123,6 @@ pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPat
 
 fn cancel_error(e: StoreError, what: &str) -> ApiError {
     match e {
-        StoreError::NotFound => ApiError::not_found(what),
         StoreError::Conflict(_) => ApiError::conflict(format!("{what} is already finished")),
         other => other.into(),
     }
@@ -138,7 +138,7 @@ pub async fn cancel(
     let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "command.cancel", id.to_string(), json!({})));
     let out =
         state.store.cancel_command(id, state.clock.now_ms(), audit).await.map_err(|e| cancel_error(e, "command"))?;
-    state.notifier.publish(&out.heads);
+    state.notifier.publish(StreamEvent::Heads(out.heads));
     let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
 }
@@ -167,7 +167,7 @@ pub async fn cancel_batch(
         )
     };
     let out = state.store.cancel_batch(id, state.clock.now_ms(), &audit).await.map_err(|e| cancel_error(e, "batch"))?;
-    state.notifier.publish(&out.heads);
+    state.notifier.publish(StreamEvent::Heads(out.heads));
     let batch = state.store.get_batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;
     Ok(axum::Json(Data { data: batch }).into_response())
 }
@@ -182,11 +182,7 @@ pub async fn report_status(
     if report.state != CommandStatus::Running {
         return Err(ApiError::bad_request("state", "state must be \"running\"; send results to …/result"));
     }
-    let cmd = state.store.report_running(agent.id, id, state.clock.now_ms()).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::not_found("command"),
-        StoreError::Conflict(what) => ApiError::conflict(what),
-        other => other.into(),
-    })?;
+    let cmd = state.store.report_running(agent.id, id, state.clock.now_ms()).await?;
     Ok(axum::Json(Data { data: json!({"id": cmd.id, "status": cmd.status}) }).into_response())
 }
 
@@ -240,7 +236,6 @@ pub async fn report_result(
         Ok(ResultOutcome::Unchanged) => {
             Ok(axum::Json(Data { data: json!({"id": id, "status": report.status}) }).into_response())
         }
-        Err(StoreError::NotFound) => Err(ApiError::not_found("command")),
         Err(StoreError::Conflict(what)) => {
             state
                 .audit(&ctx, event("command.result", "conflict", json!({"reported": report.status, "reason": what})))

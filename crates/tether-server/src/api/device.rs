@@ -302,7 +302,7 @@ async fn decide(
     };
     match state.store.decide_device_grant(code.as_str(), approve, &decision.labels, who, now, &audit).await {
         Ok(info) => Ok(details(info)),
-        Err(StoreError::NotFound) => {
+        Err(StoreError::NotFound(_)) => {
             state.limits.device_code_failed(ip, now);
             state.audit(ctx, refused("not_found", "no pending device has that code")).await;
             Err(ApiError::not_found("pending device code"))

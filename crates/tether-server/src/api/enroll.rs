@@ -15,6 +15,7 @@ use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
 use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
+use crate::stream::StreamEvent;
 
 /// Longest DNS name (RFC 1035), for hostnames agents send at enrollment.
 pub const MAX_HOSTNAME_LEN: usize = 253;
@@ -81,7 +82,7 @@ pub async fn enroll(
         .await
     {
         Ok(rec) => rec,
-        Err(StoreError::NotFound) => {
+        Err(StoreError::NotFound(_)) => {
             state
                 .audit(
                     &ctx,
@@ -171,8 +172,8 @@ async fn rotate(
         RefreshOutcome::AgentRevoked => Err(RefreshFailure::Revoked),
         RefreshOutcome::ReuseDetected { agent_id, family_id } => {
             // The family and the audit row are committed; now refuse the
-            // agent's access tokens on this server at once.
-            state.streams.revoke_tokens(agent_id, now);
+            // agent's access tokens on every server at once.
+            state.notifier.publish(StreamEvent::TokensRevoked { agent_id, at: now });
             tracing::warn!(agent_id = %agent_id, family_id = %family_id, "Refresh token reuse: family and access tokens revoked");
             Err(RefreshFailure::Invalid)
         }

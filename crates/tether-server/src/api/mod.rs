@@ -5,6 +5,7 @@ mod audit;
 mod commands;
 pub mod device;
 pub mod enroll;
+pub mod health;
 mod heartbeat;
 mod metrics;
 mod session;
@@ -55,7 +56,8 @@ macro_rules! route_table {
 }
 
 route_table! {
-    Public   get    "/healthz" => healthz,
+    Public   get    "/healthz" => health::healthz,
+    Public   get    "/readyz" => health::readyz,
     // Agent identity.
     Public   post   "/api/v1/agents/enroll" => enroll::enroll,
     Public   post   "/api/v1/auth/token/refresh" => enroll::refresh,
@@ -110,9 +112,4 @@ pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
 
 pub fn routes(state: AppState) -> Router {
     router(&state).layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT)).with_state(state)
-}
-
-/// `GET /healthz`: the process is up and serving.
-async fn healthz() -> &'static str {
-    "ok"
 }

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tether_proto::user::{ApiToken, CreateApiToken, CreatedApiToken};
 use tether_proto::{Data, Page};
-use tether_store::{Millis, StoreError};
+use tether_store::Millis;
 
 use crate::api::agents::rfc3339;
 use crate::api::enroll::no_store;
@@ -58,7 +58,7 @@ pub async fn create(
     let from_password = op.credential.is_password();
     let id = state
         .store
-        .create_api_token(&op.user.id, &req.name, hash_token(&token), expires_at, from_password, now, Some(audit))
+        .create_api_token(&op.user.id, &req.name, hash_token(&token), expires_at, from_password, now, audit)
         .await?;
     let body = CreatedApiToken { id, name: req.name, token, expires_at: expires_at.map(rfc3339) };
     Ok(no_store((StatusCode::CREATED, axum::Json(Data { data: body })).into_response()))
@@ -90,10 +90,7 @@ pub async fn revoke(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "api_token.revoke", id.clone(), json!({})));
-    state.store.revoke_api_token(&op.user.id, &id, state.clock.now_ms(), audit).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::not_found("token"),
-        other => other.into(),
-    })?;
+    state.store.revoke_api_token(&op.user.id, &id, state.clock.now_ms(), audit).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tether_proto::user::{CreateUser, MIN_PASSWORD_LEN, UpdateUser, User, validate_username};
 use tether_proto::{Data, Page};
-use tether_store::{Role, StoreError, UserRecord};
+use tether_store::{Role, UserRecord};
 
 use crate::api::agents::rfc3339;
 use crate::auth::Operator;
@@ -63,7 +63,7 @@ pub async fn create(
             json!({"username": req.username, "role": role.as_str()}),
         ),
     );
-    let user = state.store.create_user(&req.username, &hash(req.password).await?, role, now, Some(audit)).await?;
+    let user = state.store.create_user(&req.username, &hash(req.password).await?, role, now, audit).await?;
     let record = UserRecord { id: user.id, username: user.username, role, created_at: now, disabled_at: None };
     Ok((StatusCode::CREATED, axum::Json(Data { data: view(record) })).into_response())
 }
@@ -94,10 +94,7 @@ pub async fn update(
     );
     // A new password also ends the user's sessions (in the store, same transaction).
     let now = state.clock.now_ms();
-    let user = state.store.update_user(&id, role, password_hash.as_deref(), now, audit).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::not_found("user"),
-        other => other.into(),
-    })?;
+    let user = state.store.update_user(&id, role, password_hash.as_deref(), now, audit).await?;
     if password_hash.is_some() {
         state.passwords.invalidate_user(&user.username);
     }
@@ -114,9 +111,6 @@ pub async fn delete(
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
     let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "user.delete", id.clone(), json!({})));
-    state.store.disable_user(&id, state.clock.now_ms(), audit).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::not_found("user"),
-        other => other.into(),
-    })?;
+    state.store.disable_user(&id, state.clock.now_ms(), audit).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,8 +1,6 @@
 //! Agent access tokens: HS256 JWTs with a fixed algorithm allow-list and
 //! every registered claim checked (protocol.md §3).
 
-use std::path::Path;
-
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -54,33 +52,6 @@ impl AccessTokens {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "iat"]);
         validation.leeway = LEEWAY_S;
         Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
-    }
-
-    /// Loads the key from `keys/jwt.key` in the data dir, creating it (0600) on first start.
-    /// A key file others could read is set back to 0600 with a warning.
-    pub fn load_or_create(data_dir: &Path) -> std::io::Result<Self> {
-        let keys = data_dir.join("keys");
-        crate::fsutil::ensure_private_dir(&keys)?;
-        let path = keys.join("jwt.key");
-        let secret: [u8; 32] = match std::fs::read(&path) {
-            Ok(bytes) => {
-                crate::fsutil::ensure_private_file(
-                    &path,
-                    "; whoever could read this key can forge agent access tokens: \
-                     if that may have happened, stop the server, delete the file and start again",
-                )?;
-                bytes
-                    .try_into()
-                    .map_err(|_| std::io::Error::other(format!("{} must hold exactly 32 bytes", path.display())))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let secret = super::secret::random_bytes::<32>();
-                crate::fsutil::write_private(&path, &secret)?;
-                secret
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(Self::new(&secret))
     }
 
     pub fn issue(&self, agent_id: AgentId, now_s: u64) -> String {

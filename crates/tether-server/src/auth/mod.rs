@@ -106,7 +106,7 @@ impl FromRequestParts<AppState> for AgentCaller {
         if path != Some(crate::api::UPDATES_PATH) {
             state.limits.agent(id)?;
         }
-        signing::verify(parts, state, id, stream.public_key())?;
+        signing::verify(parts, state, id, stream.public_key()).await?;
         // Only a fully verified request counts as the agent being online: a
         // stolen token without the key must not keep it looking alive.
         stream.seen(state.clock.now_ms());

@@ -13,8 +13,8 @@
 //!   checked: clock window, Ed25519 `verify_strict` against the agent's key
 //!   (held in memory with its stream: no store read), then the nonce.
 //!
-//! Nonces are remembered per process in [`NonceCache`] (see
-//! docs/decisions.md for what that means with several replicas).
+//! Nonces are remembered per process in [`NonceCache`] and, when several
+//! servers share a database, in the database as well.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -174,8 +174,16 @@ pub fn within_window(timestamp: u64, now: u64) -> bool {
 
 /// Checks the signature of an agent request, if it has one; refuses an
 /// unsigned one when the server requires signatures. `public_key` is the
-/// agent's enrolled key (raw, from memory).
-pub fn verify(parts: &Parts, state: &AppState, agent: AgentId, public_key: Option<&[u8; 32]>) -> Result<(), ApiError> {
+/// agent's enrolled key (raw, from memory). With several servers on one
+/// database, a nonce this server has not seen is also checked against the
+/// ones every server remembers there, so a replay to another replica is
+/// refused too.
+pub async fn verify(
+    parts: &Parts,
+    state: &AppState,
+    agent: AgentId,
+    public_key: Option<&[u8; 32]>,
+) -> Result<(), ApiError> {
     let Some(signed) = read_headers(&parts.headers)? else {
         if state.config.require_signed_requests {
             return Err(rejected("this server requires signed agent requests"));
@@ -203,7 +211,16 @@ pub fn verify(parts: &Parts, state: &AppState, agent: AgentId, public_key: Optio
     key.verify_strict(input.as_bytes(), &signed.signature)
         .map_err(|_| rejected("request signature does not verify with this agent's key"))?;
     // Only after the signature verified: strangers cannot fill the cache.
-    state.nonces.remember(agent, signed.nonce, signed.timestamp, now)
+    // Locally first: the per-agent quota applies, and a replay to this
+    // server costs no database round trip.
+    state.nonces.remember(agent, signed.nonce, signed.timestamp, now)?;
+    if state.store.kind().shared() {
+        let until = (signed.timestamp + WINDOW_S) as i64;
+        if !state.store.remember_nonce(agent, signed.nonce, until).await? {
+            return Err(rejected("request nonce was already used (replay)"));
+        }
+    }
+    Ok(())
 }
 
 /// Key of a remembered nonce: its SHA-256 cut to 128 bits keeps entries a

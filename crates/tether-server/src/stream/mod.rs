@@ -5,13 +5,19 @@
 //! Each agent has one `watch` channel. Appends publish the new head through a
 //! [`Notifier`], which wakes every waiter with the head in the message (no
 //! lookup needed). A new poll bumps `poll_gen`, which ends the previous one.
+//!
+//! With several servers on one database, the same [`StreamEvent`]s travel
+//! between them over NATS ([`nats`]), and each server also catches up from
+//! the database now and then ([`Streams::catch_up`]) in case a message was lost.
+
+pub mod nats;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use tether_proto::AgentId;
-use tether_store::{AgentRecord, Head, Millis, Store, StoreError};
+use tether_store::{AgentRecord, Head, Millis, Store, StoreError, StreamChange};
 use tokio::sync::watch;
 
 /// What a waiter needs to decide whether to answer.
@@ -123,7 +129,23 @@ impl AgentStream {
 
     fn revoke(&self, at: Millis, reason: &str) {
         let _ = self.revocation.set((at, reason.to_owned()));
-        self.state.send_modify(|s| s.revoked = true);
+        self.state.send_if_modified(|s| !std::mem::replace(&mut s.revoked, true));
+    }
+
+    /// Refuses access tokens issued until `at` and ends the waiting poll,
+    /// once per new cut-off.
+    fn revoke_tokens(&self, at: Millis) {
+        if self.tokens_valid_after.fetch_max(at, Ordering::Relaxed) < at {
+            self.state.send_modify(|st| st.poll_gen += 1);
+        }
+    }
+
+    fn set_floor(&self, floor: u64) {
+        // Waiters are not woken: a parked poll re-checks the floor when it wakes.
+        self.state.send_if_modified(|st| {
+            st.floor = st.floor.max(floor);
+            false
+        });
     }
 }
 
@@ -168,47 +190,65 @@ impl Streams {
         }
     }
 
-    /// Applies published heads to loaded streams and wakes their waiters.
-    pub fn advance(&self, heads: &[Head]) {
+    /// Applies an event to the loaded stream it is about (an agent not
+    /// loaded here reads the committed state when it is) and wakes its
+    /// waiters. Counted, so a load racing with the event reads again.
+    pub fn apply(&self, event: &StreamEvent) {
+        if matches!(event, StreamEvent::Heads(heads) if heads.is_empty()) {
+            return;
+        }
         self.published.fetch_add(1, Ordering::AcqRel);
-        for head in heads {
-            if let Some(s) = self.agents.get(&head.agent_id) {
-                s.advance(*head);
+        match event {
+            StreamEvent::Heads(heads) => {
+                for head in heads {
+                    if let Some(s) = self.agents.get(&head.agent_id) {
+                        s.advance(*head);
+                    }
+                }
+            }
+            StreamEvent::Revoked { agent_id, at, reason } => {
+                if let Some(s) = self.agents.get(agent_id) {
+                    s.revoke(*at, reason);
+                }
+            }
+            StreamEvent::TokensRevoked { agent_id, at } => {
+                if let Some(s) = self.agents.get(agent_id) {
+                    s.revoke_tokens(*at);
+                }
             }
         }
     }
 
-    /// Moves retention floors of loaded streams (waiters are not woken: a
-    /// parked poll re-checks the floor when it wakes).
+    /// Moves retention floors of loaded streams.
     pub fn set_floors(&self, floors: &[(AgentId, u64)]) {
         for (id, floor) in floors {
             if let Some(s) = self.agents.get(id) {
-                s.state.send_if_modified(|st| {
-                    st.floor = st.floor.max(*floor);
-                    false
-                });
+                s.set_floor(*floor);
             }
         }
     }
 
-    /// Marks an agent revoked in memory: every further call is refused and
-    /// waiting polls end at once.
-    pub fn revoke(&self, rec: &AgentRecord) {
-        let stream = self.agents.entry(rec.id).or_insert_with(|| Arc::new(AgentStream::new(rec))).clone();
-        stream.revoke(rec.revoked_at.unwrap_or_default(), rec.revoke_reason.as_deref().unwrap_or_default());
-    }
-
-    /// Refuses the agent's access tokens issued until `at` (refresh-token
-    /// reuse) and ends its waiting poll. An agent not loaded reads the
-    /// stored `tokens_valid_after` when it is.
-    pub fn revoke_tokens(&self, id: AgentId, at: Millis) {
-        if let Some(s) = self.agents.get(&id) {
-            s.tokens_valid_after.fetch_max(at, Ordering::Relaxed);
-            s.state.send_modify(|st| st.poll_gen += 1);
+    /// Brings loaded streams up to what the database says changed: heads,
+    /// floors, revocations and token cut-offs another server made while its
+    /// message did not reach this one. Applying what is already known
+    /// changes nothing and wakes no one.
+    pub fn catch_up(&self, changes: &[StreamChange]) {
+        self.published.fetch_add(1, Ordering::AcqRel);
+        for change in changes {
+            let Some(s) = self.agents.get(&change.agent_id) else { continue };
+            s.advance(Head { agent_id: change.agent_id, epoch: change.epoch, seq: change.head_seq });
+            s.set_floor(change.floor_seq);
+            if let Some(at) = change.revoked_at {
+                s.revoke(at, change.revoke_reason.as_deref().unwrap_or_default());
+            }
+            if let Some(at) = change.tokens_valid_after {
+                s.revoke_tokens(at);
+            }
         }
     }
 
-    /// `last_seen` values that changed since the previous call.
+    /// `last_seen` values that changed since the previous call; give them
+    /// back with [`Self::unflushed`] if writing them failed.
     pub fn take_seen(&self) -> Vec<(AgentId, Millis)> {
         let mut out = Vec::new();
         for entry in self.agents.iter() {
@@ -218,6 +258,16 @@ impl Streams {
             }
         }
         out
+    }
+
+    /// Marks these `last_seen` values as not written, so the next
+    /// [`Self::take_seen`] returns them again.
+    pub fn unflushed(&self, seen: &[(AgentId, Millis)]) {
+        for (id, _) in seen {
+            if let Some(s) = self.agents.get(id) {
+                s.flushed_seen.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The in-memory `last_seen` of a loaded agent.
@@ -242,10 +292,26 @@ impl Streams {
     }
 }
 
-/// Carries new heads to every server that may hold waiters for the agent.
-/// In-process for a single server; NATS-backed when several share a database.
+/// A change to agents' streams that every server holding them must see.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    /// New signals were appended (committed).
+    Heads(Vec<Head>),
+    /// The agent was revoked: every further call is refused, polls end now.
+    Revoked { agent_id: AgentId, at: Millis, reason: String },
+    /// Refresh-token reuse: access tokens issued until `at` are refused.
+    TokensRevoked { agent_id: AgentId, at: Millis },
+}
+
+/// Carries stream events to every server that may hold the agents' streams:
+/// in-process for a single server, over NATS when several share a database.
 pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
-    fn publish(&self, heads: &[Head]);
+    /// Applies the event here at once and passes it on; never blocks.
+    fn publish(&self, event: StreamEvent);
+    /// Whether events reach the other servers right now. While they may not,
+    /// servers catch up from the database more often.
+    fn connected(&self) -> bool;
 }
 
 /// The single-server notifier: wakes local waiters directly.
@@ -253,9 +319,11 @@ pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
 pub struct LocalNotifier(pub Arc<Streams>);
 
 impl Notifier for LocalNotifier {
-    fn publish(&self, heads: &[Head]) {
-        if !heads.is_empty() {
-            self.0.advance(heads);
-        }
+    fn publish(&self, event: StreamEvent) {
+        self.0.apply(&event);
+    }
+
+    fn connected(&self) -> bool {
+        true
     }
 }

@@ -12,7 +12,9 @@
 //!   live (e.g. the successor a thief's retry killed, presented by the real
 //!   agent) — revokes the whole family and the agent's access tokens.
 
-use crate::Millis;
+use tether_proto::AgentId;
+
+use crate::{AuditEntry, Millis};
 
 /// What the backend read about the presented token and its family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,20 @@ pub fn decide(t: &PresentedToken, grace_ms: Millis, now: Millis) -> RefreshDecis
         RefreshDecision::LostResponseRetry
     } else {
         RefreshDecision::Reuse
+    }
+}
+
+/// The audit row of a detected reuse: the caller's `entry`, aimed at the
+/// agent, saying which family died and whether a used or a revoked token
+/// was presented.
+pub fn reuse_audit(entry: AuditEntry, agent_id: AgentId, family_id: &str, presented: &PresentedToken) -> AuditEntry {
+    AuditEntry {
+        target: agent_id.to_string(),
+        details: serde_json::json!({
+            "family_id": family_id,
+            "presented": if presented.revoked { "revoked" } else { "used" },
+        }),
+        ..entry
     }
 }
 

@@ -1,0 +1,364 @@
+//! The rows and outcomes the [`crate::Store`] traits take and return:
+//! plain data, the same for every backend.
+
+use serde_json::Value;
+use tether_proto::command::{Command, CommandStatus, CreateCommand, TargetSpec};
+use tether_proto::{AgentId, BatchId, CommandId, Labels};
+
+use crate::audit::AuditEntry;
+
+/// Milliseconds since the Unix epoch; every stored timestamp uses it.
+pub type Millis = i64;
+
+/// Builds a mutation's audit row from what the mutation did, when the row
+/// depends on it (a new id, a count, merged labels); the store calls it
+/// inside the mutation's transaction and appends the row there.
+pub type AuditFor<'a, T> = &'a (dyn Fn(&T) -> AuditEntry + Send + Sync);
+
+/// A recorded result's audit row, from the stored command and whether the
+/// result came late (after the command was marked lost).
+pub type ResultAudit<'a> = &'a (dyn Fn(&Command, bool) -> AuditEntry + Send + Sync);
+
+/// The position of one agent's stream after a write; published to wake waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Head {
+    pub agent_id: AgentId,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Operator,
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub role: Role,
+    /// PHC string (argon2id); never leaves the server.
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDeviceGrant {
+    pub device_code_hash: [u8; 32],
+    pub user_code: String,
+    pub public_key: Vec<u8>,
+    pub hostname: String,
+    pub expires_at: Millis,
+    pub interval_s: u32,
+    /// The address the request came from, shown to the approving operator.
+    pub requested_ip: Option<String>,
+    /// Refuse the grant when this many unexpired grants are already pending.
+    pub max_pending: u64,
+    /// …or when this many of them came from `requested_ip`.
+    pub max_pending_per_ip: u64,
+    pub now: Millis,
+}
+
+/// Whether a device grant was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewGrantOutcome {
+    Created,
+    /// `max_pending` unexpired grants are waiting for an operator already.
+    TooManyPending,
+    /// `max_pending_per_ip` unexpired grants from this address are waiting already.
+    TooManyFromAddress,
+}
+
+/// A device grant as the approving operator sees it (RFC 8628 §5.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGrantInfo {
+    /// Canonical form (8 letters, no dash).
+    pub user_code: String,
+    pub hostname: String,
+    pub requested_ip: Option<String>,
+    pub requested_at: Millis,
+    /// Raw 32-byte Ed25519 key of the requesting agent.
+    pub public_key: Vec<u8>,
+    pub labels: Labels,
+}
+
+/// An approved grant turned into an agent by a token poll.
+#[derive(Debug, Clone)]
+pub struct DeviceRedeemed {
+    pub agent: AgentRecord,
+    /// The user who approved the grant (`decided_by`).
+    pub approved_by: String,
+    /// Canonical form (8 letters, no dash).
+    pub user_code: String,
+    /// A repeat of the redeeming poll within the grace whose first answer
+    /// was lost: same agent, new refresh token, the earlier one revoked.
+    pub lost_response_retry: bool,
+}
+
+/// The answer to a device-code poll (RFC 8628 §3.5).
+#[derive(Debug, Clone)]
+pub enum DevicePoll {
+    Pending,
+    /// Polled faster than the interval; the interval is now this many seconds.
+    SlowDown {
+        interval_s: u32,
+    },
+    Denied,
+    Expired,
+    /// Unknown or already redeemed device code.
+    Invalid,
+    Approved(Box<DeviceRedeemed>),
+}
+
+/// A user row for listings.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub id: String,
+    pub username: String,
+    pub role: Role,
+    pub created_at: Millis,
+    pub disabled_at: Option<Millis>,
+}
+
+/// An agent with the stream position and secrets-free identity the server needs.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub name: String,
+    pub hostname: String,
+    pub labels: Labels,
+    pub facts: Value,
+    pub public_key: Vec<u8>,
+    pub version: Option<String>,
+    pub applied_config_hash: Option<String>,
+    pub epoch: u64,
+    pub head_seq: u64,
+    pub floor_seq: u64,
+    pub created_at: Millis,
+    pub last_seen: Option<Millis>,
+    pub revoked_at: Option<Millis>,
+    pub revoke_reason: Option<String>,
+    /// Access tokens issued at or before this instant are refused (set when
+    /// refresh-token reuse is detected).
+    pub tokens_valid_after: Option<Millis>,
+}
+
+impl AgentRecord {
+    /// A just-created agent: its stream empty, seen at creation.
+    pub fn new(agent: NewAgent, epoch: u64, now: Millis) -> Self {
+        Self {
+            id: agent.id,
+            name: agent.hostname.clone(),
+            hostname: agent.hostname,
+            labels: agent.labels,
+            facts: agent.facts,
+            public_key: agent.public_key,
+            version: None,
+            applied_config_hash: None,
+            epoch,
+            head_seq: 0,
+            floor_seq: 0,
+            created_at: now,
+            last_seen: Some(now),
+            revoked_at: None,
+            revoke_reason: None,
+            tokens_valid_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub hostname: String,
+    pub labels: Labels,
+    pub facts: Value,
+    pub public_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: Millis,
+    pub expires_at: Option<Millis>,
+    pub revoked_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEnrollToken {
+    pub id: String,
+    pub token_hash: [u8; 32],
+    pub labels: Labels,
+    pub uses: u32,
+    pub created_by: String,
+    pub expires_at: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub labels: Labels,
+    pub uses: u32,
+    pub used: u32,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// What presenting a refresh token led to (protocol.md §3 rotation rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// First use, or a retry within the lost-response grace: the new token is live.
+    Rotated {
+        agent_id: AgentId,
+        lost_response_retry: bool,
+    },
+    /// Unknown or foreign token, or a revoked one of an already revoked family.
+    Invalid,
+    AgentRevoked,
+    /// Any reuse that is not a lost-response retry: the whole family and the
+    /// agent's access tokens are now revoked, and the event is audited.
+    ReuseDetected {
+        agent_id: AgentId,
+        family_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    pub labels: Labels,
+    /// Substring of name or hostname.
+    pub q: Option<String>,
+    /// Keyset cursor: the last agent id of the previous page.
+    pub after: Option<AgentId>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub statuses: Vec<CommandStatus>,
+    pub agent_id: Option<AgentId>,
+    pub batch_id: Option<BatchId>,
+    /// Keyset cursor: the last command id of the previous page (newest first).
+    pub before: Option<CommandId>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    /// Rows whose actor or target is this agent.
+    pub agent_id: Option<AgentId>,
+    pub action: Option<String>,
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// One `POST /api/v1/commands`, checked and ready to write.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub id: BatchId,
+    pub target: TargetSpec,
+    pub request: CreateCommand,
+    pub created_by: String,
+    /// sha256 of the canonical request, to tell a retry from a different body.
+    pub request_hash: [u8; 32],
+    pub now: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreatedBatch {
+    pub batch_id: BatchId,
+    pub command_ids: Vec<CommandId>,
+    /// False when an idempotent retry returned the existing batch.
+    pub created: bool,
+    pub heads: Vec<Head>,
+}
+
+/// What a result report did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultOutcome {
+    Recorded {
+        late: bool,
+        command: Box<Command>,
+    },
+    /// Same result as already recorded: nothing changed.
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SweepOutcome {
+    pub expired: u64,
+    pub lost: u64,
+    pub released: u64,
+    pub heads: Vec<Head>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CancelOutcome {
+    pub cancelled: Vec<CommandId>,
+    pub heads: Vec<Head>,
+}
+
+/// The first admin and its API token, created on a store without users.
+#[derive(Debug, Clone)]
+pub struct FirstAdmin {
+    pub username: String,
+    /// PHC string (argon2id).
+    pub password_hash: String,
+    pub token_hash: [u8; 32],
+    pub token_expires_at: Millis,
+    pub now: Millis,
+}
+
+/// What the server keeps in memory about an agent's stream, as stored:
+/// what a replica reads to catch up with changes it was not told about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamChange {
+    pub agent_id: AgentId,
+    pub epoch: u64,
+    pub head_seq: u64,
+    pub floor_seq: u64,
+    pub revoked_at: Option<Millis>,
+    pub revoke_reason: Option<String>,
+    pub tokens_valid_after: Option<Millis>,
+}
+
+/// Which engine a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// One embedded file, one server process.
+    Sqlite,
+    /// A database server that several tether replicas may share.
+    Postgres,
+}
+
+impl BackendKind {
+    /// Whether other server processes may write to the same data, so that
+    /// what one replica holds in memory must be kept in step with the rest.
+    pub fn shared(self) -> bool {
+        matches!(self, BackendKind::Postgres)
+    }
+}

@@ -1,0 +1,193 @@
+//! Agents on PostgreSQL: enrollment, identity, liveness and stream state.
+
+use async_trait::async_trait;
+use tether_proto::{AgentId, Labels};
+
+use super::rows::{agent_from_row, stream_change_from_row};
+use super::{PgStore, Tx};
+use crate::rows::{AGENT_COLUMNS, STREAM_COLUMNS};
+use crate::rules::{enrollment_labels, new_stream_epoch};
+use crate::sql::{json_text, like_pattern, parse_json, q};
+use crate::{
+    AgentFilter, AgentRecord, AgentStore, AuditEntry, AuditFor, Entity, Millis, NewAgent, Result, StoreError,
+    StreamChange,
+};
+
+/// Most agents one `last_seen` transaction touches: keeps row locks short.
+const TOUCH_CHUNK: usize = 1000;
+
+/// Inserts a new agent (labels already final) and the first refresh token of
+/// a new family inside `tx`: the common half of both enrollment ways.
+pub(super) async fn insert_agent(
+    tx: &mut Tx,
+    agent: NewAgent,
+    refresh_hash: [u8; 32],
+    now: Millis,
+) -> Result<AgentRecord> {
+    let epoch = new_stream_epoch(now);
+    sqlx::query(
+        "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen, stream_changed_at)
+         VALUES ($1, $2, $2, $3, $4, $5, $6, $7, $7, $7)",
+    )
+    .bind(agent.id.to_string())
+    .bind(&agent.hostname)
+    .bind(json_text(&agent.labels))
+    .bind(agent.facts.to_string())
+    .bind(&agent.public_key)
+    .bind(epoch as i64)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(&refresh_hash[..])
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(agent.id.to_string())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(AgentRecord::new(agent, epoch, now))
+}
+
+/// Reads one agent inside `tx`.
+pub(super) async fn load_agent(tx: &mut Tx, id: &str) -> Result<AgentRecord> {
+    let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1").bind(id).fetch_one(&mut **tx).await?;
+    agent_from_row(&row)
+}
+
+/// Locks these agents' rows in id order (see the module docs of `postgres`).
+pub(super) async fn lock_agents(tx: &mut Tx, ids: &[String]) -> Result<()> {
+    sqlx::query("SELECT 1 FROM agents WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(ids).execute(&mut **tx).await?;
+    Ok(())
+}
+
+#[async_trait]
+impl AgentStore for PgStore {
+    async fn enroll_agent(
+        &self,
+        enroll_token_hash: [u8; 32],
+        agent: NewAgent,
+        refresh_hash: [u8; 32],
+        now: Millis,
+        audit: AuditFor<'_, AgentRecord>,
+    ) -> Result<AgentRecord> {
+        let mut tx = self.begin().await?;
+        // A conditional update: a concurrent use waits for this row and
+        // then re-checks `used < uses` against what committed.
+        let token_labels: String = sqlx::query_scalar(
+            "UPDATE enroll_tokens SET used = used + 1
+             WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2 AND used < uses
+             RETURNING labels",
+        )
+        .bind(&enroll_token_hash[..])
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound(Entity::EnrollToken))?;
+        let token_labels: Labels = parse_json(&token_labels)?;
+        let labels = enrollment_labels(agent.labels.clone(), token_labels);
+        let rec = insert_agent(&mut tx, NewAgent { labels, ..agent }, refresh_hash, now).await?;
+        super::audit::insert_audit(&mut tx, &audit(&rec)).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>> {
+        let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| agent_from_row(&r)).transpose()
+    }
+
+    async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>> {
+        let like = filter.q.as_deref().map(like_pattern);
+        let rows = q!("SELECT {AGENT_COLUMNS} FROM agents
+             WHERE ($1::text IS NULL OR id > $1)
+               AND ($2::text IS NULL OR name LIKE $2 ESCAPE '\\' OR hostname LIKE $2 ESCAPE '\\')
+               AND labels::jsonb @> $3::jsonb
+             ORDER BY id LIMIT $4")
+        .bind(filter.after.map(|a| a.to_string()))
+        .bind(&like)
+        .bind(json_text(&filter.labels))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis, audit: AuditEntry) -> Result<AgentRecord> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE agents SET revoked_at = COALESCE(revoked_at, $1), revoke_reason = COALESCE(revoke_reason, $2),
+                    stream_changed_at = $1 WHERE id = $3",
+        )
+        .bind(now)
+        .bind(reason)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::Agent));
+        }
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE agent_id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let rec = load_agent(&mut tx, &id.to_string()).await?;
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn record_heartbeat(
+        &self,
+        id: AgentId,
+        version: Option<&str>,
+        applied_config_hash: Option<&str>,
+        body: &serde_json::Value,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE agents SET version = COALESCE($1, version), applied_config_hash = COALESCE($2, applied_config_hash),
+                    heartbeat = $3, last_seen = GREATEST(COALESCE(last_seen, 0), $4) WHERE id = $5",
+        )
+        .bind(version)
+        .bind(applied_config_hash)
+        .bind(body.to_string())
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()> {
+        let mut seen = seen.to_vec();
+        seen.sort_unstable_by_key(|(id, _)| *id);
+        for chunk in seen.chunks(TOUCH_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
+            let at: Vec<Millis> = chunk.iter().map(|(_, at)| *at).collect();
+            let mut tx = self.begin().await?;
+            lock_agents(&mut tx, &ids).await?;
+            sqlx::query(
+                "UPDATE agents SET last_seen = GREATEST(COALESCE(agents.last_seen, 0), s.at)
+                 FROM unnest($1::text[], $2::bigint[]) AS s(id, at) WHERE agents.id = s.id",
+            )
+            .bind(&ids)
+            .bind(&at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    async fn stream_changes(&self, since: Millis) -> Result<Vec<StreamChange>> {
+        let rows = q!("SELECT {STREAM_COLUMNS} FROM agents WHERE stream_changed_at >= $1")
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(stream_change_from_row).collect()
+    }
+}

@@ -1,0 +1,181 @@
+//! Stored rows → tether's types, written once for both SQL backends.
+//!
+//! Both schemas store the same values in types that decode to the same
+//! Rust types (`TEXT` → `String`, 64-bit integers → `i64`, booleans →
+//! `bool`, bytes → `Vec<u8>`), so one set of decoders serves both.
+//! [`decoders!`] instantiates it for a backend's row type: sqlx has no
+//! row-generic decode without repeating a long list of bounds on every
+//! function.
+
+/// Columns read by `command_from_row`, in order.
+pub const COMMAND_COLUMNS: &str = "id, batch_id, agent_id, name, args, timeout_s, priority, created_by, status, \
+     exit_code, stdout, stderr, output, truncated, reason, created_at, not_before, delivered_at, started_at, \
+     finished_at, expires_at";
+
+/// Columns read by `agent_from_row`, in order.
+pub const AGENT_COLUMNS: &str = "id, name, hostname, labels, facts, public_key, version, applied_config_hash, \
+     epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after";
+
+/// Columns read by `stream_change_from_row`, in order.
+pub const STREAM_COLUMNS: &str = "id, epoch, head_seq, floor_seq, revoked_at, revoke_reason, tokens_valid_after";
+
+/// Columns read by `audit_from_row`, in order.
+pub const AUDIT_COLUMNS: &str =
+    "id, ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash";
+
+/// Columns read by `grant_info`, in order.
+pub const GRANT_INFO_COLUMNS: &str = "user_code, hostname, requested_ip, created_at, public_key, labels";
+
+/// Columns read by `user_from_row`, in order.
+pub const USER_COLUMNS: &str = "id, username, role, password_hash";
+
+/// Columns read by `user_record_from_row`, in order.
+pub const USER_RECORD_COLUMNS: &str = "id, username, role, created_at, disabled_at";
+
+/// Columns read by `enroll_token_from_row`, in order.
+pub const ENROLL_TOKEN_COLUMNS: &str = "id, labels, uses, used, created_at, expires_at, revoked_at";
+
+macro_rules! decoders {
+    ($row:ty) => {
+        use std::str::FromStr as _;
+
+        use sqlx::Row as _;
+        use tether_proto::command::{Command, CommandStatus};
+
+        use crate::sql::{from_millis, opt_time, parse_id, parse_json};
+        use crate::{
+            AgentRecord, AuditRecord, DeviceGrantInfo, EnrollTokenRecord, Result, Role, StoreError, StreamChange, User,
+            UserRecord,
+        };
+
+        fn role(text: &str) -> Result<Role> {
+            Role::parse(text).ok_or_else(|| StoreError::Corrupt(format!("role {text:?}")))
+        }
+
+        pub fn command_from_row(r: &$row) -> Result<Command> {
+            Ok(Command {
+                id: parse_id(r.try_get(0)?)?,
+                batch_id: parse_id(r.try_get(1)?)?,
+                agent_id: parse_id(r.try_get(2)?)?,
+                name: r.try_get(3)?,
+                args: parse_json(r.try_get(4)?)?,
+                timeout_s: r.try_get::<i64, _>(5)? as u32,
+                priority: r.try_get::<i64, _>(6)? as u8,
+                created_by: r.try_get(7)?,
+                status: CommandStatus::from_str(r.try_get(8)?).map_err(StoreError::Corrupt)?,
+                exit_code: r.try_get::<Option<i64>, _>(9)?.map(|c| c as i32),
+                stdout: r.try_get(10)?,
+                stderr: r.try_get(11)?,
+                output: parse_json(r.try_get(12)?)?,
+                truncated: r.try_get(13)?,
+                reason: r.try_get(14)?,
+                created_at: from_millis(r.try_get(15)?)?,
+                not_before: opt_time(r.try_get(16)?)?,
+                delivered_at: opt_time(r.try_get(17)?)?,
+                started_at: opt_time(r.try_get(18)?)?,
+                finished_at: opt_time(r.try_get(19)?)?,
+                expires_at: from_millis(r.try_get(20)?)?,
+            })
+        }
+
+        pub fn agent_from_row(r: &$row) -> Result<AgentRecord> {
+            Ok(AgentRecord {
+                id: parse_id(r.try_get(0)?)?,
+                name: r.try_get(1)?,
+                hostname: r.try_get(2)?,
+                labels: parse_json(r.try_get(3)?)?,
+                facts: parse_json(r.try_get(4)?)?,
+                public_key: r.try_get(5)?,
+                version: r.try_get(6)?,
+                applied_config_hash: r.try_get(7)?,
+                epoch: r.try_get::<i64, _>(8)? as u64,
+                head_seq: r.try_get::<i64, _>(9)? as u64,
+                floor_seq: r.try_get::<i64, _>(10)? as u64,
+                created_at: r.try_get(11)?,
+                last_seen: r.try_get(12)?,
+                revoked_at: r.try_get(13)?,
+                revoke_reason: r.try_get(14)?,
+                tokens_valid_after: r.try_get(15)?,
+            })
+        }
+
+        pub fn stream_change_from_row(r: &$row) -> Result<StreamChange> {
+            Ok(StreamChange {
+                agent_id: parse_id(r.try_get(0)?)?,
+                epoch: r.try_get::<i64, _>(1)? as u64,
+                head_seq: r.try_get::<i64, _>(2)? as u64,
+                floor_seq: r.try_get::<i64, _>(3)? as u64,
+                revoked_at: r.try_get(4)?,
+                revoke_reason: r.try_get(5)?,
+                tokens_valid_after: r.try_get(6)?,
+            })
+        }
+
+        pub fn user_from_row(r: &$row) -> Result<User> {
+            Ok(User {
+                id: r.try_get(0)?,
+                username: r.try_get(1)?,
+                role: role(r.try_get(2)?)?,
+                password_hash: r.try_get(3)?,
+            })
+        }
+
+        pub fn user_record_from_row(r: &$row) -> Result<UserRecord> {
+            Ok(UserRecord {
+                id: r.try_get(0)?,
+                username: r.try_get(1)?,
+                role: role(r.try_get(2)?)?,
+                created_at: r.try_get(3)?,
+                disabled_at: r.try_get(4)?,
+            })
+        }
+
+        pub fn enroll_token_from_row(r: &$row) -> Result<EnrollTokenRecord> {
+            Ok(EnrollTokenRecord {
+                id: r.try_get(0)?,
+                labels: parse_json(r.try_get(1)?)?,
+                uses: r.try_get::<i64, _>(2)? as u32,
+                used: r.try_get::<i64, _>(3)? as u32,
+                created_at: r.try_get(4)?,
+                expires_at: r.try_get(5)?,
+                revoked_at: r.try_get(6)?,
+            })
+        }
+
+        pub fn audit_from_row(r: &$row) -> Result<AuditRecord> {
+            let details_text: String = r.try_get(9)?;
+            // A row whose details are not JSON any more was altered; it is
+            // still read (as a string) so that verification can report it.
+            let details =
+                serde_json::from_str(&details_text).unwrap_or_else(|_| serde_json::Value::String(details_text.clone()));
+            Ok(AuditRecord {
+                id: r.try_get(0)?,
+                ts: r.try_get(1)?,
+                actor: r.try_get(2)?,
+                actor_kind: r.try_get(3)?,
+                action: r.try_get(4)?,
+                target: r.try_get(5)?,
+                outcome: r.try_get(6)?,
+                ip: r.try_get(7)?,
+                request_id: r.try_get(8)?,
+                details,
+                details_text,
+                prev_hash: r.try_get(10)?,
+                hash: r.try_get(11)?,
+            })
+        }
+
+        /// The operator's view of a device grant row.
+        pub fn grant_info(r: &$row) -> Result<DeviceGrantInfo> {
+            Ok(DeviceGrantInfo {
+                user_code: r.try_get(0)?,
+                hostname: r.try_get(1)?,
+                requested_ip: r.try_get(2)?,
+                requested_at: r.try_get(3)?,
+                public_key: r.try_get(4)?,
+                labels: parse_json(r.try_get(5)?)?,
+            })
+        }
+    };
+}
+pub(crate) use decoders;

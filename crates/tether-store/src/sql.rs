@@ -1,0 +1,108 @@
+//! What both SQL backends share: how driver errors become [`StoreError`]s,
+//! and conversions between stored values and tether's types.
+
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use crate::{Millis, Result, StoreError};
+
+/// A query whose text is built from column-list constants (never from input).
+macro_rules! q {
+    ($($fmt:tt)*) => {
+        sqlx::query(sqlx::AssertSqlSafe(format!($($fmt)*)))
+    };
+}
+pub(crate) use q;
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if unavailable(&e) { StoreError::Unavailable(Box::new(e)) } else { StoreError::Backend(Box::new(e)) }
+    }
+}
+
+/// Errors that say the database could not be reached or could not take the
+/// work right now, rather than that the work was wrong: nothing was done,
+/// and the same call may succeed later.
+fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or_default();
+            // PostgreSQL SQLSTATEs: connection exceptions (08…), shutdown and
+            // start-up (57P01-03), too many connections (53300), and the
+            // serialization failures a retry resolves (40001, 40P01).
+            // SQLite result codes: BUSY (5, 517…) and LOCKED (6, 262).
+            code.starts_with("08")
+                || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+                || matches!(code, "5" | "6" | "261" | "262" | "517" | "773")
+        }
+        _ => false,
+    }
+}
+
+/// Whether the error is a unique-constraint violation (a taken name or code).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+pub fn to_millis(t: OffsetDateTime) -> Millis {
+    (t.unix_timestamp_nanos() / 1_000_000) as Millis
+}
+
+pub fn from_millis(ms: Millis) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
+}
+
+pub fn opt_time(ms: Option<Millis>) -> Result<Option<OffsetDateTime>> {
+    ms.map(from_millis).transpose()
+}
+
+pub fn json_text<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serializes")
+}
+
+pub fn parse_json<T: DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("json: {e}")))
+}
+
+pub fn parse_id<T: FromStr>(text: &str) -> Result<T> {
+    text.parse().map_err(|_| StoreError::Corrupt(format!("id {text:?}")))
+}
+
+/// The newest migration a build knows, to tell whether a database's schema
+/// is the one it expects.
+pub fn latest_version(migrator: &sqlx::migrate::Migrator) -> i64 {
+    migrator.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// `Ok` when the newest applied migration is the build's newest.
+pub fn check_schema(applied: Option<i64>, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+    let expected = latest_version(migrator);
+    match applied {
+        Some(v) if v == expected => Ok(()),
+        Some(v) => Err(StoreError::Unavailable(
+            format!("database schema is at migration {v}, this build expects {expected}").into(),
+        )),
+        None => Err(StoreError::Unavailable("database has no tether schema".into())),
+    }
+}
+
+/// The error of a failed migration, naming where.
+pub fn migrate_error(e: sqlx::migrate::MigrateError, location: &str) -> StoreError {
+    StoreError::Open(format!("applying the database migrations to {location} failed: {e}"))
+}
+
+/// A `LIKE` pattern matching `q` anywhere, with `\` escaping its wildcards.
+pub fn like_pattern(q: &str) -> String {
+    format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
+}

@@ -1,0 +1,412 @@
+//! Commands, batches and the agents' reports on SQLite.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use tether_proto::command::{Batch, Command, CommandStatus, ResultReport, TargetSpec};
+use tether_proto::signal::{self, CommandCancelled};
+use tether_proto::{AgentId, BatchId, CommandId};
+
+use super::rows::command_from_row;
+use super::signals::append_signal;
+use super::{SqliteStore, Tx};
+use crate::audit::AuditEntry;
+use crate::rows::COMMAND_COLUMNS;
+use crate::rules::commands::{self as rules, LOST_GRACE_MS, ResultDecision};
+use crate::sql::{from_millis, json_text, parse_id, q, to_millis};
+use crate::{
+    AuditFor, CancelOutcome, CommandFilter, CommandStore, CreatedBatch, Entity, Head, Millis, NewBatch, Result,
+    ResultAudit, ResultOutcome, StoreError, SweepOutcome,
+};
+
+async fn load_command(tx: &mut Tx, id: CommandId) -> Result<Option<Command>> {
+    let row = q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| command_from_row(&r)).transpose()
+}
+
+/// The agent's own command, or `NotFound` (someone else's is not theirs to see).
+async fn agents_command(tx: &mut Tx, agent_id: AgentId, id: CommandId) -> Result<Command> {
+    load_command(tx, id).await?.filter(|c| c.agent_id == agent_id).ok_or(StoreError::NotFound(Entity::Command))
+}
+
+async fn cancel_in_tx(tx: &mut Tx, cmd: &Command, now: Millis) -> Result<Option<Head>> {
+    let released: bool = sqlx::query_scalar("SELECT released FROM commands WHERE id = ?")
+        .bind(cmd.id.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+    let tell_agent = rules::cancel(cmd.status, released)?;
+    sqlx::query(
+        "UPDATE commands SET status = 'cancelled', finished_at = ?, reason = COALESCE(reason, 'cancelled by operator')
+         WHERE id = ?",
+    )
+    .bind(now)
+    .bind(cmd.id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    if !tell_agent {
+        return Ok(None);
+    }
+    let reference = serde_json::to_value(CommandCancelled { command_id: cmd.id }).expect("serializes");
+    Ok(Some(append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?))
+}
+
+/// The agents a new batch goes to, resolved inside its transaction.
+async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
+    let ids: Vec<String> = match target {
+        TargetSpec::Agents(ids) => {
+            let wanted: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            sqlx::query_scalar(
+                "SELECT id FROM agents WHERE revoked_at IS NULL AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            )
+            .bind(json_text(&wanted))
+            .fetch_all(&mut **tx)
+            .await?
+        }
+        TargetSpec::Labels(labels) => {
+            sqlx::query_scalar(
+                "SELECT id FROM agents WHERE revoked_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM json_each(?) l WHERE json_extract(agents.labels, '$.\"' || l.key || '\"') IS NOT l.value)
+                 ORDER BY id",
+            )
+            .bind(json_text(labels))
+            .fetch_all(&mut **tx)
+            .await?
+        }
+        TargetSpec::All => {
+            sqlx::query_scalar("SELECT id FROM agents WHERE revoked_at IS NULL ORDER BY id").fetch_all(&mut **tx).await?
+        }
+    };
+    let found = ids.iter().map(|id| parse_id(id)).collect::<Result<Vec<AgentId>>>()?;
+    if let TargetSpec::Agents(wanted) = target {
+        rules::missing_agent(wanted, &found)?;
+    }
+    Ok(found)
+}
+
+#[async_trait]
+impl CommandStore for SqliteStore {
+    async fn create_batch(&self, batch: NewBatch, audit: AuditFor<'_, CreatedBatch>) -> Result<CreatedBatch> {
+        let req = &batch.request;
+        let now = batch.now;
+        let expires_at = rules::expires_at(req.expires_at.map(to_millis), now)?;
+        let held_until = rules::held_until(req.not_before.map(to_millis), now);
+        let mut tx = self.begin().await?;
+        // The key is unique per creator: the insert either claims it or finds the batch that did.
+        let inserted = sqlx::query(
+            "INSERT INTO batches (id, name, created_by, created_at, target, idempotency_key, request_hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(batch.id.to_string())
+        .bind(&req.name)
+        .bind(&batch.created_by)
+        .bind(now)
+        .bind(json_text(&req.target))
+        .bind(&req.idempotency_key)
+        .bind(&batch.request_hash[..])
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            let row = sqlx::query("SELECT id, request_hash FROM batches WHERE created_by = ? AND idempotency_key = ?")
+                .bind(&batch.created_by)
+                .bind(&req.idempotency_key)
+                .fetch_one(&mut *tx)
+                .await?;
+            rules::check_replay(&row.try_get::<Vec<u8>, _>(1)?, &batch.request_hash)?;
+            let batch_id: String = row.try_get(0)?;
+            let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM commands WHERE batch_id = ? ORDER BY id")
+                .bind(&batch_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            return Ok(CreatedBatch {
+                batch_id: parse_id(&batch_id)?,
+                command_ids: ids.iter().map(|s| parse_id(s)).collect::<Result<_>>()?,
+                created: false,
+                heads: Vec::new(),
+            });
+        }
+        let agent_ids = resolve_target(&mut tx, &batch.target).await?;
+        let mut command_ids = Vec::with_capacity(agent_ids.len());
+        let mut heads = Vec::new();
+        for agent_id in agent_ids {
+            let id = CommandId::new();
+            sqlx::query(
+                "INSERT INTO commands (id, batch_id, agent_id, name, args, timeout_s, priority, created_by, status,
+                                       released, created_at, not_before, expires_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            )
+            .bind(id.to_string())
+            .bind(batch.id.to_string())
+            .bind(agent_id.to_string())
+            .bind(&req.name)
+            .bind(req.args.to_string())
+            .bind(req.timeout_s)
+            .bind(req.priority)
+            .bind(&batch.created_by)
+            .bind(held_until.is_none())
+            .bind(now)
+            .bind(held_until)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+            if held_until.is_none() {
+                let reference = rules::queued_signal(id, &req.name, &req.args, req.timeout_s, req.priority, expires_at);
+                heads.push(append_signal(&mut tx, agent_id, signal::COMMAND_QUEUED, &reference, now).await?);
+            }
+            command_ids.push(id);
+        }
+        let created = CreatedBatch { batch_id: batch.id, command_ids, created: true, heads };
+        super::audit::insert_audit(&mut tx, &audit(&created)).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn get_command(&self, id: CommandId) -> Result<Option<Command>> {
+        let row = q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| command_from_row(&r)).transpose()
+    }
+
+    async fn list_commands(&self, filter: &CommandFilter) -> Result<Vec<Command>> {
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        let before = filter.before.map(|c| c.to_string());
+        let agent = filter.agent_id.map(|a| a.to_string());
+        let batch = filter.batch_id.map(|b| b.to_string());
+        let rows = q!("SELECT {COMMAND_COLUMNS} FROM commands
+             WHERE (? IS NULL OR id < ?)
+               AND (? IS NULL OR agent_id = ?)
+               AND (? IS NULL OR batch_id = ?)
+               AND (? = 0 OR status IN (SELECT value FROM json_each(?)))
+             ORDER BY id DESC LIMIT ?")
+        .bind(&before)
+        .bind(&before)
+        .bind(&agent)
+        .bind(&agent)
+        .bind(&batch)
+        .bind(&batch)
+        .bind(statuses.len() as i64)
+        .bind(json_text(&statuses))
+        .bind(filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>> {
+        let Some(row) = sqlx::query("SELECT name, created_by, created_at FROM batches WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let counts = sqlx::query("SELECT status, COUNT(*) FROM commands WHERE batch_id = ? GROUP BY status")
+            .bind(id.to_string())
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|r| {
+                let status = CommandStatus::from_str(r.try_get(0)?).map_err(StoreError::Corrupt)?;
+                Ok((status, r.try_get::<i64, _>(1)? as u64))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (total, counts, status) = rules::batch_progress(counts);
+        Ok(Some(Batch {
+            id,
+            name: row.try_get(0)?,
+            created_by: row.try_get(1)?,
+            created_at: from_millis(row.try_get(2)?)?,
+            total,
+            counts,
+            status,
+        }))
+    }
+
+    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE commands SET status = 'delivered', delivered_at = ?
+             WHERE agent_id = ? AND status = 'queued' AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(now)
+        .bind(agent_id.to_string())
+        .bind(json_text(&ids))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>> {
+        let mut tx = self.begin().await?;
+        let row = q!("UPDATE commands SET status = 'delivered', delivered_at = ?
+             WHERE id = (SELECT id FROM commands
+                         WHERE agent_id = ? AND status = 'queued' AND released = 1 AND expires_at > ?
+                         ORDER BY priority DESC, id LIMIT 1)
+             RETURNING {COMMAND_COLUMNS}")
+        .bind(now)
+        .bind(agent_id.to_string())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.map(|r| command_from_row(&r)).transpose()
+    }
+
+    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command> {
+        let mut tx = self.begin().await?;
+        let cmd = agents_command(&mut tx, agent_id, id).await?;
+        if !rules::start(cmd.status)? {
+            return Ok(cmd);
+        }
+        let row = q!("UPDATE commands SET status = 'running', started_at = ?, delivered_at = COALESCE(delivered_at, ?)
+             WHERE id = ? RETURNING {COMMAND_COLUMNS}")
+        .bind(now)
+        .bind(now)
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        command_from_row(&row)
+    }
+
+    async fn report_result(
+        &self,
+        agent_id: AgentId,
+        id: CommandId,
+        report: &ResultReport,
+        now: Millis,
+        audit: ResultAudit<'_>,
+    ) -> Result<ResultOutcome> {
+        let mut tx = self.begin().await?;
+        let cmd = agents_command(&mut tx, agent_id, id).await?;
+        let recorded: Option<Vec<u8>> = sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let hash = rules::result_hash(report);
+        let late = match rules::decide_result(cmd.status, recorded.as_deref(), report, &hash)? {
+            ResultDecision::Unchanged => return Ok(ResultOutcome::Unchanged),
+            ResultDecision::Record { late } => late,
+        };
+        let row =
+            q!("UPDATE commands SET status = ?, exit_code = ?, stdout = ?, stderr = ?, output = ?, truncated = ?,
+                    reason = COALESCE(?, reason), result_hash = ?, finished_at = ?,
+                    delivered_at = COALESCE(delivered_at, ?), started_at = COALESCE(started_at, ?, ?)
+             WHERE id = ? RETURNING {COMMAND_COLUMNS}")
+            .bind(report.status.as_str())
+            .bind(report.exit_code)
+            .bind(&report.stdout)
+            .bind(&report.stderr)
+            .bind(report.output.to_string())
+            .bind(report.truncated)
+            .bind(&report.reason)
+            .bind(&hash[..])
+            .bind(now)
+            .bind(now)
+            .bind(report.started_at.map(to_millis))
+            .bind(now)
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let cmd = command_from_row(&row)?;
+        super::audit::insert_audit(&mut tx, &audit(&cmd, late)).await?;
+        tx.commit().await?;
+        Ok(ResultOutcome::Recorded { late, command: Box::new(cmd) })
+    }
+
+    async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome> {
+        let mut tx = self.begin().await?;
+        let cmd = load_command(&mut tx, id).await?.ok_or(StoreError::NotFound(Entity::Command))?;
+        let head = cancel_in_tx(&mut tx, &cmd, now).await?;
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(CancelOutcome { cancelled: vec![id], heads: head.into_iter().collect() })
+    }
+
+    async fn cancel_batch(
+        &self,
+        id: BatchId,
+        now: Millis,
+        audit: AuditFor<'_, CancelOutcome>,
+    ) -> Result<CancelOutcome> {
+        let mut tx = self.begin().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM batches WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(Entity::Batch));
+        }
+        let rows = q!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE batch_id = ? AND status IN ('queued', 'delivered', 'running')"
+        )
+        .bind(id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = CancelOutcome { cancelled: Vec::new(), heads: Vec::new() };
+        for row in &rows {
+            let cmd = command_from_row(row)?;
+            out.heads.extend(cancel_in_tx(&mut tx, &cmd, now).await?);
+            out.cancelled.push(cmd.id);
+        }
+        out.heads = rules::last_heads(out.heads);
+        super::audit::insert_audit(&mut tx, &audit(&out)).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn sweep(&self, now: Millis) -> Result<SweepOutcome> {
+        let mut tx = self.begin().await?;
+        let expired = sqlx::query(
+            "UPDATE commands SET status = 'expired', finished_at = ? WHERE status = 'queued' AND expires_at <= ?",
+        )
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let lost = sqlx::query(
+            "UPDATE commands SET status = 'lost', finished_at = ?, reason = 'no result from the agent'
+             WHERE (status = 'delivered' AND delivered_at + timeout_s * 1000 + ? <= ?)
+                OR (status = 'running' AND started_at + timeout_s * 1000 + ? <= ?)",
+        )
+        .bind(now)
+        .bind(LOST_GRACE_MS)
+        .bind(now)
+        .bind(LOST_GRACE_MS)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // In agent order, each agent's in priority order, as on PostgreSQL.
+        let due =
+            q!("SELECT {COMMAND_COLUMNS} FROM commands WHERE status = 'queued' AND released = 0 AND not_before <= ?
+             ORDER BY agent_id, priority DESC, id LIMIT 1000")
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut heads = Vec::with_capacity(due.len());
+        for row in &due {
+            let c = command_from_row(row)?;
+            let reference =
+                rules::queued_signal(c.id, &c.name, &c.args, c.timeout_s, c.priority, to_millis(c.expires_at));
+            heads.push(append_signal(&mut tx, c.agent_id, signal::COMMAND_QUEUED, &reference, now).await?);
+            sqlx::query("UPDATE commands SET released = 1 WHERE id = ?")
+                .bind(c.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(SweepOutcome { expired, lost, released: due.len() as u64, heads: rules::last_heads(heads) })
+    }
+}

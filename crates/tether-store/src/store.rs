@@ -1,0 +1,320 @@
+//! The store's interface, one trait per area; [`Store`] is all of them.
+//!
+//! # Contract every backend keeps
+//!
+//! - **One method, one transaction.** A method commits all of its writes,
+//!   its audit row included, or none of them; when it returns `Ok` they are
+//!   durable. A failed audit append rolls the mutation back.
+//! - **Decisions are the rules', not the backend's.** Where a method
+//!   decides something (refresh reuse, device polls, command results,
+//!   expiry, label precedence), it reads the facts and asks a function in
+//!   [`crate::rules`]; the backend only reads and writes.
+//! - **Concurrent calls behave as if run one after another,** also when
+//!   they come from several server processes sharing one database. SQLite
+//!   gets this from its single writer (`BEGIN IMMEDIATE`); on PostgreSQL
+//!   each read-decide-write method locks what it decides on before reading
+//!   it: the audit chain head (so two replicas never fork the chain), the
+//!   refresh-token family, the device grant, the command, the agent whose
+//!   stream is appended to, and the set of pending device grants (the cap).
+//!   An idempotency key is unique in the schema, and a use of an enrollment
+//!   token is a conditional update, so neither can be taken twice.
+//! - **Appends return heads, they never wake anyone.** A method that
+//!   appends signals returns the new [`crate::Head`]s; the caller publishes them
+//!   after the commit.
+//! - **Failures are typed.** A database that cannot be reached is
+//!   [`StoreError::Unavailable`] (nothing was written; retry later); a
+//!   missing row is [`StoreError::NotFound`] naming what was missing.
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tether_proto::command::{Batch, Command, ResultReport};
+use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
+
+use crate::audit::{AuditEntry, AuditRecord};
+use crate::{
+    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome, CommandFilter,
+    CreatedBatch, DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Millis, NewAgent,
+    NewBatch, NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome,
+    Role, StreamChange, SweepOutcome, User, UserRecord,
+};
+
+/// Every area of the store. Implemented for anything that implements them all.
+pub trait Store:
+    ServerStore
+    + UserStore
+    + TokenStore
+    + AgentStore
+    + DeviceGrantStore
+    + SignalStore
+    + CommandStore
+    + AuditStore
+    + std::fmt::Debug
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: ServerStore
+        + UserStore
+        + TokenStore
+        + AgentStore
+        + DeviceGrantStore
+        + SignalStore
+        + CommandStore
+        + AuditStore
+        + std::fmt::Debug
+        + 'static
+{
+}
+
+/// A singleton job's claim (see [`ServerStore::try_job_lock`]); dropping it
+/// lets another server take the job over.
+#[async_trait]
+pub trait JobLease: Send + Sync + std::fmt::Debug {
+    /// Whether the claim still holds (on PostgreSQL the lock dies with the
+    /// connection that took it).
+    async fn held(&mut self) -> bool;
+}
+
+/// What the server keeps for itself: readiness, its keys, singleton jobs
+/// and the replay cache of signed requests.
+#[async_trait]
+pub trait ServerStore: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// The database answers and its schema is the one this build expects.
+    async fn check_ready(&self) -> Result<()>;
+    /// The server secret called `name`: the stored one, or `candidate`
+    /// stored now if there is none. Concurrent first starts all get the
+    /// value that won.
+    async fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+    /// Replaces the secret `name` if it still holds `old` (re-wrapping it
+    /// under a new master key); whether it did.
+    async fn replace_server_key(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool>;
+    /// Claims the singleton job `name` for this server, unless another
+    /// server holds it; `None` then. The claim lasts while the lease lives.
+    async fn try_job_lock(&self, name: &str) -> Result<Option<Box<dyn JobLease>>>;
+    /// Remembers the nonce of a signed agent request until `expires_at_s`;
+    /// false when it is already remembered (a replay), on any server.
+    async fn remember_nonce(&self, agent_id: AgentId, nonce: &str, expires_at_s: i64) -> Result<bool>;
+    /// Forgets nonces that expired before `now_s`; returns how many.
+    async fn prune_nonces(&self, now_s: i64) -> Result<u64>;
+}
+
+/// Operators: users, their API tokens and dashboard sessions.
+#[async_trait]
+pub trait UserStore: Send + Sync {
+    /// Creates the first admin and its API token, only if there are no
+    /// users at all (several servers may start at once: one wins, the others
+    /// get `None`).
+    async fn create_first_admin(&self, admin: FirstAdmin, audit: AuditEntry) -> Result<Option<User>>;
+    /// `audit.target` becomes the new id; `Conflict` when the name is taken.
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<User>;
+    /// Sets the password and ends the user's sessions: dashboard sessions
+    /// and the API tokens created with the password (`from_password`).
+    async fn set_password(&self, username: &str, password_hash: &str, now: Millis, audit: AuditEntry) -> Result<()>;
+    async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    /// Changes role and/or password hash; `NotFound` for unknown or disabled
+    /// users. A new password ends the user's sessions as `set_password` does.
+    async fn update_user(
+        &self,
+        id: &str,
+        role: Option<Role>,
+        password_hash: Option<&str>,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<UserRecord>;
+    /// Disables the user and revokes their API tokens.
+    async fn disable_user(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
+    async fn find_user(&self, username: &str) -> Result<Option<User>>;
+    /// `from_password`: created with the password (Basic or a dashboard
+    /// session), so it is a session that a password change ends.
+    /// `audit.target` becomes the new token id, which is returned.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_api_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        token_hash: [u8; 32],
+        expires_at: Option<Millis>,
+        from_password: bool,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<String>;
+    async fn list_api_tokens(&self, user_id: &str) -> Result<Vec<ApiTokenRecord>>;
+    /// Revokes one of the user's tokens; `NotFound` if it is not theirs.
+    async fn revoke_api_token(&self, user_id: &str, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
+    async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        user_id: &str,
+        csrf: &str,
+        expires_at: Millis,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<()>;
+    /// The live session's user and CSRF token.
+    async fn find_session(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, String)>>;
+    async fn delete_session(&self, token_hash: [u8; 32]) -> Result<()>;
+    /// The live (unexpired, unrevoked) token with this hash, its owner and
+    /// its own expiry (`None`: never expires).
+    async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, Option<Millis>)>>;
+}
+
+/// Agent credentials: enrollment tokens and refresh-token families.
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis, audit: AuditEntry) -> Result<()>;
+    async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
+    async fn revoke_enroll_token(&self, id: &str, now: Millis, audit: AuditEntry) -> Result<()>;
+    /// The family a refresh token belongs to, for the per-family rate limit.
+    async fn refresh_family(&self, presented_hash: [u8; 32]) -> Result<Option<String>>;
+    /// Rotates a refresh token by [`crate::rules::refresh::decide`];
+    /// `expected_agent` (the certificate-agent `device_public_id`,
+    /// protocol.md §16.4) must own it when given. On reuse it revokes the
+    /// family, sets the agent's `tokens_valid_after` to `now` (its access
+    /// tokens die) and appends `reuse_audit` (target and details filled in
+    /// by the store) in the same transaction.
+    async fn rotate_refresh_token(
+        &self,
+        expected_agent: Option<AgentId>,
+        presented_hash: [u8; 32],
+        new_hash: [u8; 32],
+        grace_ms: Millis,
+        now: Millis,
+        reuse_audit: AuditEntry,
+    ) -> Result<RefreshOutcome>;
+}
+
+/// Agents: enrollment, identity, liveness and the stream state replicas share.
+#[async_trait]
+pub trait AgentStore: Send + Sync {
+    /// Consumes one use of a live enrollment token and creates the agent
+    /// (labels by [`crate::rules::enrollment_labels`]) with its first refresh
+    /// token, atomically, with its audit row. `NotFound(EnrollToken)` when
+    /// the token is not usable.
+    async fn enroll_agent(
+        &self,
+        enroll_token_hash: [u8; 32],
+        agent: NewAgent,
+        refresh_hash: [u8; 32],
+        now: Millis,
+        audit: AuditFor<'_, AgentRecord>,
+    ) -> Result<AgentRecord>;
+    async fn get_agent(&self, id: AgentId) -> Result<Option<AgentRecord>>;
+    async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
+    /// Revokes the agent and its refresh tokens.
+    async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis, audit: AuditEntry) -> Result<AgentRecord>;
+    /// Records a heartbeat: version, applied config hash and the whole body.
+    async fn record_heartbeat(
+        &self,
+        id: AgentId,
+        version: Option<&str>,
+        applied_config_hash: Option<&str>,
+        body: &Value,
+        now: Millis,
+    ) -> Result<()>;
+    /// Batched `last_seen` updates; a value never moves backwards.
+    async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
+    /// The stream state of every agent whose head, floor, revocation or
+    /// token cut-off changed at or after `since` (by the `now` of the call
+    /// that changed it), for replicas to catch up with what they missed.
+    async fn stream_changes(&self, since: Millis) -> Result<Vec<StreamChange>>;
+}
+
+/// RFC 8628 device grants.
+#[async_trait]
+pub trait DeviceGrantStore: Send + Sync {
+    /// Creates a pending grant unless [`crate::rules::device::admission`]
+    /// refuses it; `Conflict` when the user code is taken.
+    async fn create_device_grant(&self, grant: NewDeviceGrant) -> Result<NewGrantOutcome>;
+    /// The pending, unexpired grant with this (canonical) user code.
+    async fn pending_device_grant(&self, user_code: &str, now: Millis) -> Result<Option<DeviceGrantInfo>>;
+    /// Approves (with labels) or denies a pending, unexpired grant and
+    /// returns what it was, with its audit row; `NotFound(DeviceGrant)` otherwise.
+    async fn decide_device_grant(
+        &self,
+        user_code: &str,
+        approve: bool,
+        labels: &Labels,
+        decided_by: &str,
+        now: Millis,
+        audit: AuditFor<'_, DeviceGrantInfo>,
+    ) -> Result<DeviceGrantInfo>;
+    /// One token-endpoint poll, decided by [`crate::rules::device::decide_poll`]:
+    /// records the poll and, once approved, creates the agent with its first
+    /// refresh token; a lost-response repeat re-issues for the same agent.
+    /// Either redemption appends `audit` in its transaction.
+    async fn poll_device_grant(
+        &self,
+        device_code_hash: [u8; 32],
+        new_agent: AgentId,
+        refresh_hash: [u8; 32],
+        grace_ms: Millis,
+        now: Millis,
+        audit: AuditFor<'_, DeviceRedeemed>,
+    ) -> Result<DevicePoll>;
+    /// Deletes grants that expired before `before`; returns how many.
+    async fn prune_device_grants(&self, before: Millis) -> Result<u64>;
+}
+
+/// The agents' streams of signals.
+#[async_trait]
+pub trait SignalStore: Send + Sync {
+    /// Signals with `seq > after`, oldest first.
+    async fn read_signals(&self, agent_id: AgentId, after: u64, limit: u32) -> Result<Vec<(u64, Signal)>>;
+    /// Drops signals older than `before` or beyond the newest `keep` per
+    /// agent, moving each affected stream's floor; returns the new floors.
+    async fn prune_signals(&self, before: Millis, keep: u64, now: Millis) -> Result<Vec<(AgentId, u64)>>;
+}
+
+/// Commands, their batches and the agents' reports.
+#[async_trait]
+pub trait CommandStore: Send + Sync {
+    /// Appends `audit` when it creates; an idempotent replay creates nothing
+    /// and appends nothing.
+    async fn create_batch(&self, batch: NewBatch, audit: AuditFor<'_, CreatedBatch>) -> Result<CreatedBatch>;
+    async fn get_command(&self, id: CommandId) -> Result<Option<Command>>;
+    async fn list_commands(&self, filter: &CommandFilter) -> Result<Vec<Command>>;
+    async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>>;
+    /// Marks these commands delivered (those still queued), returns how many changed.
+    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64>;
+    /// The next released, undelivered, unexpired command for the agent
+    /// (priority, then age), marked delivered.
+    async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>>;
+    /// `running` report; `NotFound` for another agent's command, `Conflict` when terminal.
+    async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command>;
+    /// Appends `audit(command, late)` when it records; a repeat of the
+    /// recorded result changes nothing and appends nothing.
+    async fn report_result(
+        &self,
+        agent_id: AgentId,
+        id: CommandId,
+        report: &ResultReport,
+        now: Millis,
+        audit: ResultAudit<'_>,
+    ) -> Result<ResultOutcome>;
+    async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome>;
+    async fn cancel_batch(&self, id: BatchId, now: Millis, audit: AuditFor<'_, CancelOutcome>)
+    -> Result<CancelOutcome>;
+    /// Expires undelivered commands, marks silent ones lost, releases commands
+    /// whose `not_before` has come.
+    async fn sweep(&self, now: Millis) -> Result<SweepOutcome>;
+}
+
+/// The hash-chained audit log (protocol.md §10).
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Appends an event that comes with no other change (a denial, a failed login).
+    async fn append_audit(&self, entry: AuditEntry) -> Result<()>;
+    /// Oldest first, rows with `id > after_id`.
+    async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>>;
+    /// Newest first, filtered; `before` is the keyset cursor (an audit id).
+    async fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
+}

@@ -1,0 +1,16 @@
+//! The store conformance suite: every test runs against each backend
+//! (`sqlite::…` and `postgres::…`) through `&dyn Store` only, so both
+//! backends are held to one contract.
+
+mod fixtures;
+mod harness;
+
+mod agents;
+mod audit;
+mod commands;
+mod concurrency;
+mod device;
+mod server;
+mod signals;
+mod tokens;
+mod users;
