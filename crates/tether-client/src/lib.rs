@@ -528,6 +528,11 @@ impl Client {
         self.get(&format!("api/v1/agents/{id}")).await
     }
 
+    /// `GET /api/v1/metrics` (admin): this server's process counters.
+    pub async fn server_metrics(&self) -> Result<serde_json::Value> {
+        self.get("api/v1/metrics").await
+    }
+
     pub async fn revoke_agent(&self, id: AgentId, reason: &str) -> Result<Agent> {
         self.post(&format!("api/v1/agents/{id}/revoke"), &RevokeRequest { reason: reason.to_owned() }).await
     }

@@ -145,12 +145,14 @@ pub async fn retention(state: AppState, interval: Duration, stop: CancellationTo
 pub async fn catch_up(state: AppState, stop: CancellationToken) {
     let intervals = &state.config.catch_up;
     let mut since = state.clock.now_ms();
-    loop {
-        let wait = if state.notifier.connected() { intervals.with_nats } else { intervals.without_nats };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+    // Ticks at the short interval, so losing NATS is noticed within one.
+    let mut tick = every(intervals.without_nats);
+    let mut last = tokio::time::Instant::now();
+    while next_tick(&mut tick, &stop).await {
+        if state.notifier.connected() && last.elapsed() < intervals.with_nats {
+            continue;
         }
+        last = tokio::time::Instant::now();
         let started = state.clock.now_ms();
         match state.store.stream_changes(since - CATCH_UP_OVERLAP_MS).await {
             Ok(changes) => {

@@ -17,6 +17,12 @@ pub async fn get(State(state): State<AppState>, _: Operator) -> Response {
             "password_cache_hits": p.cache_hits(),
             "password_checks_refused_busy": p.refused_busy(),
             "login_limiter_keys": state.limits.login_keys_held(),
+            "store_calls": state.store_calls.get(),
+            "parked_polls": state.streams.parked(),
+            "loaded_streams": state.streams.loaded(),
+            "peers_connected": state.notifier.connected(),
+            "events_from_peers": state.notifier.counters().received,
+            "events_not_published": state.notifier.counters().dropped,
         }),
     })
     .into_response()

@@ -294,7 +294,7 @@ impl Streams {
 
 /// A change to agents' streams that every server holding them must see.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", content = "body", rename_all = "snake_case")]
 pub enum StreamEvent {
     /// New signals were appended (committed).
     Heads(Vec<Head>),
@@ -312,6 +312,19 @@ pub trait Notifier: Send + Sync + std::fmt::Debug + 'static {
     /// Whether events reach the other servers right now. While they may not,
     /// servers catch up from the database more often.
     fn connected(&self) -> bool;
+    /// Events exchanged with other servers so far.
+    fn counters(&self) -> PeerCounters {
+        PeerCounters::default()
+    }
+}
+
+/// What a [`Notifier`] exchanged with other servers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Events received from other servers and applied here.
+    pub received: u64,
+    /// Events not passed on because the queue to NATS was full.
+    pub dropped: u64,
 }
 
 /// The single-server notifier: wakes local waiters directly.

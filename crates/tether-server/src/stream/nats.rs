@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Notifier, StreamEvent, Streams};
+use super::{Notifier, PeerCounters, StreamEvent, Streams};
 
 /// Head subjects per cluster. Fixed: servers of one cluster must agree.
 pub const SHARDS: u128 = 64;
@@ -44,6 +44,8 @@ pub struct NatsNotifier {
     client: async_nats::Client,
     queue: mpsc::Sender<StreamEvent>,
     dropped: AtomicU64,
+    /// Shared with the subscriber task.
+    received: Arc<AtomicU64>,
 }
 
 /// The publisher and subscriber tasks of a [`NatsNotifier`], to run on the
@@ -56,6 +58,7 @@ pub struct NatsTasks {
     heads: async_nats::Subscriber,
     revocations: async_nats::Subscriber,
     streams: Arc<Streams>,
+    received: Arc<AtomicU64>,
 }
 
 impl NatsNotifier {
@@ -86,15 +89,16 @@ impl NatsNotifier {
         let revocations =
             client.subscribe(format!("tether.{cluster}.revocations")).await.context("subscribing to revocations")?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let notifier =
-            Arc::new(Self { streams: streams.clone(), client: client.clone(), queue: tx, dropped: AtomicU64::new(0) });
-        let tasks = NatsTasks { client, cluster: cluster.to_owned(), queue: rx, heads, revocations, streams };
+        let received = Arc::new(AtomicU64::new(0));
+        let notifier = Arc::new(Self {
+            streams: streams.clone(),
+            client: client.clone(),
+            queue: tx,
+            dropped: AtomicU64::new(0),
+            received: received.clone(),
+        });
+        let tasks = NatsTasks { client, cluster: cluster.to_owned(), queue: rx, heads, revocations, streams, received };
         Ok((notifier, tasks))
-    }
-
-    /// Events not passed on because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -114,6 +118,10 @@ impl Notifier for NatsNotifier {
     fn connected(&self) -> bool {
         self.client.connection_state() == State::Connected
     }
+
+    fn counters(&self) -> PeerCounters {
+        PeerCounters { received: self.received.load(Ordering::Relaxed), dropped: self.dropped.load(Ordering::Relaxed) }
+    }
 }
 
 /// The shard of an agent's head subject: its id's random low bits.
@@ -124,9 +132,9 @@ fn shard(head: &Head) -> u128 {
 impl NatsTasks {
     /// Spawns the publisher and the subscriber; both stop with `stop`.
     pub fn spawn(self, tracker: &TaskTracker, stop: CancellationToken) {
-        let Self { client, cluster, queue, heads, revocations, streams } = self;
+        let Self { client, cluster, queue, heads, revocations, streams, received } = self;
         tracker.spawn(publish(client, cluster, queue, stop.clone()));
-        tracker.spawn(receive(futures::stream::select(heads, revocations), streams, stop));
+        tracker.spawn(receive(futures::stream::select(heads, revocations), streams, received, stop));
     }
 }
 
@@ -178,6 +186,7 @@ fn subjects(cluster: &str, event: StreamEvent) -> Vec<(String, StreamEvent)> {
 async fn receive(
     mut messages: impl futures::Stream<Item = async_nats::Message> + Unpin,
     streams: Arc<Streams>,
+    received: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
     loop {
@@ -186,7 +195,10 @@ async fn receive(
             message = messages.next() => match message { Some(m) => m, None => return },
         };
         match serde_json::from_slice::<StreamEvent>(&message.payload) {
-            Ok(event) => streams.apply(&event),
+            Ok(event) => {
+                streams.apply(&event);
+                received.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => tracing::warn!(subject = %message.subject, error = %e, "Ignoring a malformed stream event"),
         }
     }
@@ -214,6 +226,19 @@ mod tests {
         assert!(messages.len() > 1, "200 random agents spread over shards");
         let revoked = StreamEvent::Revoked { agent_id: AgentId::new(), at: 5, reason: "x".into() };
         assert_eq!(subjects("prod", revoked.clone()), vec![("tether.prod.revocations".to_owned(), revoked)]);
+    }
+
+    #[test]
+    fn every_event_survives_the_wire() {
+        let agent_id = AgentId::new();
+        for event in [
+            StreamEvent::Heads(vec![Head { agent_id, epoch: 1, seq: 2 }]),
+            StreamEvent::Revoked { agent_id, at: 5, reason: "stolen".into() },
+            StreamEvent::TokensRevoked { agent_id, at: 6 },
+        ] {
+            let wire = serde_json::to_vec(&event).expect("serializes");
+            assert_eq!(serde_json::from_slice::<StreamEvent>(&wire).expect("parses"), event);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod auth;
 mod commands;
 mod common;
 mod connections;
+mod database;
 mod device;
 mod limits;
 mod passwords;

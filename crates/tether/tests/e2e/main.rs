@@ -1,6 +1,7 @@
 //! End-to-end tests driving real `tether` processes.
 
 mod agent;
+mod cluster;
 mod common;
 mod device;
 mod durability;
