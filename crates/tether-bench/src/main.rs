@@ -1,8 +1,12 @@
-//! `tether-bench`: starts a release `tether server` in a temp dir and measures
+//! `tether-bench`: starts a release `tether server` in a temp dir (on its
+//! embedded SQLite, or on a scratch PostgreSQL database) and measures
 //! (1) idle-poll throughput (`wait=0`, cursor at head → 204) and the server CPU
 //! each poll costs, (2) the server memory held per open long-poll with
-//! thousands of polls parked at once, (3) the agent's own footprint, and
-//! (4) a flood of wrong passwords from one address. Prints a table.
+//! thousands of polls parked at once, (3) the agent's own footprint,
+//! (4) a flood of wrong passwords from one address, and (5) durable command
+//! results per second beside `pgbench` on the same PostgreSQL. Prints a table.
+
+mod results;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -40,6 +44,9 @@ enum Bench {
     /// Concurrent wrong-password HTTP Basic guesses from one address: argon2
     /// runs, server memory, and another user's latency meanwhile.
     PasswordFlood(FloodArgs),
+    /// Durable command results per second on SQLite and PostgreSQL, beside
+    /// pgbench's simple-update TPS on the same PostgreSQL.
+    Results(results::ResultsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +80,10 @@ struct Args {
     /// Long-polls held open at once for the memory run.
     #[arg(long, default_value_t = 5000)]
     held_polls: usize,
+    /// Run the server on a scratch database on this PostgreSQL server (a URL
+    /// of any database there; the bench creates its own and drops it).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
 }
 
 struct Server {
@@ -81,6 +92,36 @@ struct Server {
     addr: String,
     admin_token: String,
     _dir: tempfile::TempDir,
+}
+
+/// Where a benchmarked server keeps its data.
+enum Storage {
+    Sqlite,
+    /// A scratch database, dropped with this value.
+    Postgres(tether_testkit::pg::TestDatabase),
+}
+
+impl Storage {
+    async fn new(postgres: Option<&str>) -> Self {
+        match postgres {
+            Some(url) => Storage::Postgres(tether_testkit::pg::TestDatabase::create_on(url).await),
+            None => Storage::Sqlite,
+        }
+    }
+
+    fn database_url(&self) -> Option<&str> {
+        match self {
+            Storage::Sqlite => None,
+            Storage::Postgres(db) => Some(&db.url),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Storage::Sqlite => "SQLite (WAL, synchronous=FULL)",
+            Storage::Postgres(_) => "PostgreSQL",
+        }
+    }
 }
 
 /// A child process killed when dropped, so a failed run leaves nothing behind.
@@ -100,7 +141,7 @@ impl Drop for Server {
     }
 }
 
-fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
+fn start_server(bin: &PathBuf, storage: &Storage) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     // Polls, commands and reports at full speed would hit the protocol.md §11 limits
     // (1 immediate poll/s per agent, 10 req/s per agent, 20 req/s per user):
@@ -113,11 +154,12 @@ fn start_server(bin: &PathBuf) -> anyhow::Result<Server> {
     std::fs::write(&config, limits)?;
     let data = dir.path().join("data");
     // Port 0: the server picks a free port and names it in its "listening" line.
-    let mut child = Command::new(bin)
-        .args(["server", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
+    let mut command = Command::new(bin);
+    command.args(["server", "--listen", "127.0.0.1:0", "--config"]).arg(&config).arg("--data-dir").arg(&data);
+    if let Some(url) = storage.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let mut child = command
         .env("TETHER_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -333,6 +375,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Stream(args) => stream(&bin, args).await,
         Bench::Agent(args) => agent(&bin, args).await,
         Bench::PasswordFlood(args) => password_flood(&bin, args).await,
+        Bench::Results(args) => results::run(&bin, args).await,
     }
 }
 
@@ -341,7 +384,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
-    let server = start_server(bin)?;
+    let server = start_server(bin, &Storage::Sqlite)?;
     let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
     let token = admin
         .create_enroll_token(&CreateEnrollToken { labels: Labels::new(), uses: 1, expires_in_s: 600 })
@@ -434,7 +477,8 @@ async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
-    let server = start_server(bin)?;
+    let storage = Storage::new(args.postgres.as_deref()).await;
+    let server = start_server(bin, &storage)?;
     eprintln!("enrolling {} agents…", args.held_polls.max(args.connections));
     let pairs = enroll_many(&server, args.held_polls.max(args.connections)).await?;
 
@@ -442,10 +486,17 @@ async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
     let idle = idle_polls(&server, &pairs[..args.connections], args.seconds).await?;
     eprintln!("holding {} long-polls…", args.held_polls);
     let held = held_polls(&server, &pairs[..args.held_polls]).await?;
+    eprintln!("one command to all {} agents…", pairs.len());
+    let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
+    let all = tether_proto::command::Target { all: Some(true), ..Default::default() };
+    let started = Instant::now();
+    let fanned = admin.create_command(&tether_proto::command::CreateCommand::new(all, "ping")).await?;
+    let fan_out_s = started.elapsed().as_secs_f64();
 
     let per_poll = (held.rss_after.saturating_sub(held.rss_before)) as f64 / held.polls as f64;
     println!("| metric | value |");
     println!("|---|---|");
+    println!("| store | {} |", storage.name());
     println!(
         "| idle polls (wait=0 → 204), {} connections | {:.0} req/s |",
         args.connections,
@@ -460,6 +511,12 @@ async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
         held.rss_after as f64 / 1048576.0
     );
     println!("| server memory per held long-poll | {:.0} bytes ({:.2} KiB) |", per_poll, per_poll / 1024.0);
+    println!(
+        "| one command to all {} agents: POST → 201 (one transaction) | {:.0} ms ({:.0} commands and signals/s) |",
+        fanned.command_ids.len(),
+        fan_out_s * 1000.0,
+        fanned.command_ids.len() as f64 / fan_out_s
+    );
     Ok(())
 }
 
@@ -512,7 +569,7 @@ async fn metrics(server: &Server) -> anyhow::Result<serde_json::Value> {
 }
 
 async fn password_flood(bin: &PathBuf, args: FloodArgs) -> anyhow::Result<()> {
-    let server = start_server(bin)?;
+    let server = start_server(bin, &Storage::Sqlite)?;
     let pid = server.child.id();
     let addr: std::net::SocketAddr = server.addr.parse()?;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);

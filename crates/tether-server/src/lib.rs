@@ -298,6 +298,36 @@ impl Server {
         &self.state
     }
 
+    /// A single-use enrollment token (10 minutes) for an agent started
+    /// beside this server by `tether up`: made without operator
+    /// credentials, audited as the system's.
+    pub async fn local_enroll_token(&self, labels: tether_proto::Labels) -> anyhow::Result<String> {
+        let token = new_token(auth::secret::ENROLL_TOKEN_PREFIX);
+        let now = self.state.clock.now_ms();
+        let id = uuid::Uuid::now_v7().to_string();
+        let audit = AuditEntry {
+            ts: now,
+            actor: "tether up".into(),
+            actor_kind: "system",
+            action: "enroll_token.create".into(),
+            target: id.clone(),
+            outcome: "ok",
+            ip: None,
+            request_id: None,
+            details: serde_json::json!({"uses": 1, "for": "the local agent"}),
+        };
+        let new = tether_store::NewEnrollToken {
+            id,
+            token_hash: hash_token(&token),
+            labels,
+            uses: 1,
+            created_by: "tether up".into(),
+            expires_at: now + 600_000,
+        };
+        self.state.store.create_enroll_token(new, now, audit).await?;
+        Ok(token)
+    }
+
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self { state, listener, tls, nats } = self;

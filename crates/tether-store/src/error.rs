@@ -56,11 +56,4 @@ pub enum StoreError {
     Open(String),
 }
 
-impl StoreError {
-    /// Whether the call may succeed when retried later unchanged.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
-    }
-}
-
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -11,7 +11,8 @@ pub const ENV: &str = "TETHER_TEST_POSTGRES_URL";
 
 const PREFIX: &str = "tether_test_";
 
-/// A database that exists for as long as this value lives.
+/// A database that exists for as long as this value lives (for a test, or
+/// a benchmark run).
 #[derive(Debug)]
 pub struct TestDatabase {
     /// The URL of the new database.
@@ -37,7 +38,13 @@ impl TestDatabase {
     /// server cannot be reached: a configured PostgreSQL that is down is a
     /// failure, not a skip.
     pub async fn create(test: &str) -> Option<Self> {
-        let admin = server(test)?;
+        Some(Self::create_on(&server(test)?).await)
+    }
+
+    /// Creates an empty database on the PostgreSQL server at `admin` (a URL
+    /// of any database there). Panics when that fails.
+    pub async fn create_on(admin: &str) -> Self {
+        let admin = admin.to_owned();
         let mut conn = connect(&admin).await;
         drop_orphans(&mut conn).await;
         let name = format!("{PREFIX}{}_{}", std::process::id(), uuid::Uuid::now_v7().simple());
@@ -47,7 +54,7 @@ impl TestDatabase {
             .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
         let mut url = url::Url::parse(&admin).unwrap_or_else(|e| panic!("{ENV} is not a URL: {e}"));
         url.set_path(&format!("/{name}"));
-        Some(Self { url: url.to_string(), admin, name })
+        Self { url: url.to_string(), admin, name }
     }
 }
 

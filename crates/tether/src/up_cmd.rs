@@ -7,9 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tether_agent::{AgentConfig, Mode, Overrides};
-use tether_server::auth::secret::{ENROLL_TOKEN_PREFIX, hash_token, new_token};
 use tether_server::{Server, ServerConfig};
-use tether_store::NewEnrollToken;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
@@ -32,37 +30,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     let enroll_token = if enrolled {
         None
     } else {
-        // Straight into the store: the local agent needs no operator credentials.
-        let token = new_token(ENROLL_TOKEN_PREFIX);
-        let state = server.state();
-        let now = state.clock.now_ms();
-        let id = uuid_like();
-        let audit = tether_store::AuditEntry {
-            ts: now,
-            actor: "tether up".into(),
-            actor_kind: "system",
-            action: "enroll_token.create".into(),
-            target: id.clone(),
-            outcome: "ok",
-            ip: None,
-            request_id: None,
-            details: serde_json::json!({"uses": 1, "for": "the local agent"}),
-        };
-        state
-            .store
-            .create_enroll_token(
-                NewEnrollToken {
-                    id,
-                    token_hash: hash_token(&token),
-                    labels: [("tether-up".to_owned(), "local".to_owned())].into(),
-                    uses: 1,
-                    created_by: "tether up".into(),
-                    expires_at: now + 600_000,
-                },
-                now,
-                audit,
-            )
-            .await?;
+        let labels = [("tether-up".to_owned(), "local".to_owned())].into();
+        let token = server.local_enroll_token(labels).await?;
         Some(token)
     };
 
@@ -107,8 +76,4 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     let exit = agent_task.await?;
     server_task.await??;
     Ok(tether_agent::cli::exit_code(&exit))
-}
-
-fn uuid_like() -> String {
-    tether_proto::BatchId::new().to_string()
 }

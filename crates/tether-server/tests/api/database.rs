@@ -5,13 +5,19 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use tether_client::Poll;
+use tether_client::signing::{new_nonce, sign};
 use tether_proto::ErrorKey;
+use tether_proto::agent::EnrollRequest;
 use tether_proto::command::{CreateCommand, Target};
+use tether_proto::signing::{NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use tether_server::keys::MasterKey;
+use tether_server::{Server, ServerConfig};
 use tether_testkit::pg::TestDatabase;
 use tether_testkit::proxy::Proxy;
 
-use crate::common::{TestApp, spawn_app_with};
+use crate::common::{ADMIN_PASSWORD, TestApp, spawn_app_with, spawn_replica};
 
 async fn app_on(test: &str) -> Option<(TestApp, Proxy, TestDatabase)> {
     let db = TestDatabase::create(test).await?;
@@ -104,4 +110,100 @@ async fn a_database_that_goes_away_gets_503_and_no_acknowledged_write_is_lost() 
     };
     assert!(!updates.signals.is_empty());
     app.stop().await;
+}
+
+fn config_on(db: &TestDatabase, dir: &std::path::Path, master: Option<&str>) -> ServerConfig {
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.to_path_buf());
+    config.database_url = Some(db.url.clone());
+    config.master_key = master.map(|k| MasterKey::parse(k).expect("master key"));
+    config
+}
+
+async fn stored_jwt_key(db: &TestDatabase) -> Vec<u8> {
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    let value = sqlx::query_scalar("SELECT value FROM server_keys WHERE name = 'jwt'").fetch_one(&pool).await;
+    pool.close().await;
+    value.expect("the jwt key is in the database")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_key_is_shared_in_the_database_and_wrapped_by_the_master_key() {
+    let test = "the_token_key_is_shared_in_the_database_and_wrapped_by_the_master_key";
+    let Some(db) = TestDatabase::create(test).await else { return };
+    let dirs = tempfile::tempdir().expect("dirs");
+    let master = "11".repeat(32);
+    // Started without a master key: stored as is, with a warning.
+    let first = spawn_app_with(|c| c.database_url = Some(db.url.clone())).await;
+    assert_eq!(stored_jwt_key(&db).await[0], 0, "stored unwrapped");
+    // A replica with a master key wraps it in place and signs with the same key.
+    let second = spawn_replica(&first, |c| {
+        c.database_url = Some(db.url.clone());
+        c.master_key = Some(MasterKey::parse(&master).expect("key"));
+    })
+    .await;
+    let stored = stored_jwt_key(&db).await;
+    assert_eq!((stored[0], stored.len()), (1, 1 + 24 + 32 + 16), "wrapped: version, nonce, sealed key, tag");
+    let (on_first, _) = first.agent(&[]).await;
+    let token = on_first.updates(None, 10, 0).await.map(|_| ());
+    assert!(token.is_ok(), "the first replica accepts its own token");
+    let req = EnrollRequest {
+        enroll_token: first.enroll_token(crate::common::labels(&[]), 1).await,
+        public_key: crate::common::public_key(),
+        hostname: "h".into(),
+        labels: Default::default(),
+        facts: serde_json::json!({}),
+    };
+    let pair = first.anon().enroll(&req).await.expect("enroll on the first");
+    let on_second = second.anon().with_bearer(pair.access_token);
+    on_second.updates(None, 10, 0).await.expect("a token from the first replica verifies on the second");
+
+    // Now wrapped: a server without the master key, or with another one, does not start.
+    let missing = Server::start(config_on(&db, &dirs.path().join("a"), None), Some(ADMIN_PASSWORD.into())).await;
+    let err = format!("{:#}", missing.expect_err("no master key"));
+    assert!(err.contains("TETHER_MASTER_KEY"), "{err}");
+    let wrong = "22".repeat(32);
+    let other = Server::start(config_on(&db, &dirs.path().join("b"), Some(&wrong)), Some(ADMIN_PASSWORD.into())).await;
+    let err = format!("{:#}", other.expect_err("another master key"));
+    assert!(err.contains("does not open"), "{err}");
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_request_replayed_to_another_replica_is_refused() {
+    let test = "a_signed_request_replayed_to_another_replica_is_refused";
+    let Some(db) = TestDatabase::create(test).await else { return };
+    let a = spawn_app_with(|c| c.database_url = Some(db.url.clone())).await;
+    let b = spawn_replica(&a, |c| c.database_url = Some(db.url.clone())).await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let req = EnrollRequest {
+        enroll_token: a.enroll_token(crate::common::labels(&[]), 1).await,
+        public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes()),
+        hostname: "signer".into(),
+        labels: Default::default(),
+        facts: serde_json::json!({}),
+    };
+    let pair = a.anon().enroll(&req).await.expect("enroll");
+    let target = "/api/v1/agents/self/heartbeat";
+    let body = br#"{"uptime_s":1,"version":"t","running_commands":0,"queue_depth":0}"#;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let headers = sign(&key, "POST", target, body, now, &new_nonce());
+    let send = |app: &TestApp| {
+        app.http()
+            .post(app.url(target))
+            .bearer_auth(&pair.access_token)
+            .header(TIMESTAMP_HEADER, &headers.timestamp)
+            .header(NONCE_HEADER, &headers.nonce)
+            .header(SIGNATURE_HEADER, &headers.signature)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+    };
+    assert_eq!(send(&a).await.expect("send").status(), 200, "the original is accepted by a");
+    let replay = send(&b).await.expect("send");
+    assert_eq!(replay.status(), 401, "the replay to b is refused");
+    let envelope: serde_json::Value = replay.json().await.expect("envelope");
+    assert!(envelope["error"]["what"].as_str().unwrap_or_default().contains("replay"), "{envelope}");
+    a.stop().await;
+    b.stop().await;
 }

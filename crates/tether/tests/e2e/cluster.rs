@@ -14,7 +14,7 @@ use tether_proto::command::{CreateCommand, Target};
 use tether_testkit::pg::TestDatabase;
 use tether_testkit::proxy::Proxy;
 
-use crate::common::{ServerProcess, enroll_token, eventually};
+use crate::common::{ServerProcess, assert_reset_admin_works, enroll_token, eventually};
 
 struct Cluster {
     a: ServerProcess,
@@ -237,4 +237,16 @@ fn an_unreachable_database_at_start_is_a_clear_error_without_the_password() {
     assert!(stderr.contains("postgres://tether:***@127.0.0.1:1/tether"), "names the URL: {stderr}");
     assert!(!stderr.contains("s3cret-pw"), "never the password: {stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret-pw"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_admin_sets_a_new_password_in_postgresql() {
+    let Some(db) = TestDatabase::create("reset_admin_sets_a_new_password_in_postgresql").await else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let url = db.url.clone();
+    let server = tokio::task::spawn_blocking(move || {
+        ServerProcess::start_with(dir.path(), 0, &["--database-url".as_ref(), url.as_ref()])
+    });
+    let server = server.await.expect("server");
+    assert_reset_admin_works(&server, &["--database-url", &db.url]).await;
 }

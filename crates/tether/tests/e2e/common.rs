@@ -247,3 +247,27 @@ pub async fn enroll_token(admin: &Client, labels: &[(&str, &str)]) -> String {
         .expect("enroll token")
         .token
 }
+
+/// Runs `tether server reset-admin` for `server` (with `extra` arguments,
+/// e.g. its `--database-url`) and checks the printed password works over
+/// Basic while the old one no longer does.
+pub async fn assert_reset_admin_works(server: &ServerProcess, extra: &[&str]) {
+    let out = Command::new(tether_bin())
+        .args(["server", "reset-admin", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(extra)
+        .env("TETHER_LOG", "warn")
+        .output()
+        .expect("run reset-admin");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "reset-admin failed: {}", String::from_utf8_lossy(&out.stderr));
+    let password = stdout.split("(shown once): ").nth(1).map(str::trim).expect("a new password is printed");
+    let basic = |password: &str| {
+        Client::new(&server.base)
+            .expect("client")
+            .with_credentials(tether_client::Credentials::Basic { username: "admin".into(), password: password.into() })
+    };
+    basic(password).list_users().await.expect("the new password works");
+    let old = basic(ADMIN_PASSWORD).list_users().await.expect_err("the old password no longer works");
+    assert_eq!(old.status(), Some(401), "{old:?}");
+}

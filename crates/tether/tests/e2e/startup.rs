@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use crate::common::{initial_admin_token, signal, tether_bin};
+use crate::common::{ServerProcess, assert_reset_admin_works, initial_admin_token, signal, tether_bin};
 
 /// Runs `tether server` on port 0 (through util-linux `script` when `tty`,
 /// which gives it a terminal) and returns its stdout lines up to the "listening" one.
@@ -57,4 +57,18 @@ fn the_first_admin_credentials_are_printed_to_a_terminal_only() {
     let printed = lines.iter().find_map(|l| l.split("admin API token (valid for 24 hours): ").nth(1));
     assert_eq!(printed, Some(token.as_str()), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("admin password for user 'admin': ")), "{lines:?}");
+}
+
+#[tokio::test]
+async fn reset_admin_sets_a_new_password_on_the_embedded_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(dir.path(), 0);
+    assert_reset_admin_works(&server, &[]).await;
+    let missing = Command::new(tether_bin())
+        .args(["server", "reset-admin", "--data-dir"])
+        .arg(dir.path().join("nothing-here"))
+        .output()
+        .expect("run");
+    assert!(!missing.status.success(), "no database there");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no tether database"));
 }

@@ -32,6 +32,16 @@ pub async fn spawn_app() -> TestApp {
 
 /// A server whose config `adjust` may change first.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestApp {
+    spawn(adjust, None).await
+}
+
+/// Another server on the database of `first` (set by `adjust`): its admin is
+/// the one `first` created.
+pub async fn spawn_replica(first: &TestApp, adjust: impl FnOnce(&mut ServerConfig)) -> TestApp {
+    spawn(adjust, Some(first.admin_token.clone())).await
+}
+
+async fn spawn(adjust: impl FnOnce(&mut ServerConfig), admin_token: Option<String>) -> TestApp {
     let dir = tempfile::tempdir().expect("temp data dir");
     let mut config = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().to_path_buf());
     adjust(&mut config);
@@ -44,7 +54,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestApp {
         server.run(stop).await.expect("server runs");
     });
     let base = format!("http://{addr}");
-    let admin_token = bootstrap.admin_token.expect("first start creates an admin token");
+    let admin_token = bootstrap.admin_token.or(admin_token).expect("first start creates an admin token");
     let admin = Client::new(&base).expect("client").with_bearer(admin_token.clone());
     TestApp { addr, base, admin, admin_token, state, dir, shutdown, task }
 }
