@@ -79,6 +79,19 @@ impl Cluster {
         (Client::new(&self.b.base).expect("client").with_bearer(pair.access_token), pair.agent_id)
     }
 
+    /// Starts a 30 s long-poll from `from` (the agent talks to replica B)
+    /// and returns once B has it parked.
+    async fn parked_poll_on_b(
+        &self,
+        agent: &Client,
+        from: String,
+    ) -> tokio::task::JoinHandle<tether_client::Result<Poll>> {
+        let agent = agent.clone();
+        let poll = tokio::spawn(async move { agent.updates(Some(&from), 100, 30).await });
+        self.parked_on_b(1).await;
+        poll
+    }
+
     /// Waits (bounded) until replica B has `n` polls parked.
     async fn parked_on_b(&self, n: u64) {
         let admin = self.admin(&self.b);
@@ -132,13 +145,8 @@ async fn a_command_created_on_one_replica_wakes_an_agent_polling_the_other_with_
 
     // With NATS: the poll parked on B returns with the command, long before
     // its 30 s, and it was NATS that carried the new head to B.
-    let from = cursor(&agent).await;
     let heard = cluster.events_from_peers_on_b().await;
-    let poll = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.updates(Some(&from), 100, 30).await }
-    });
-    cluster.parked_on_b(1).await;
+    let poll = cluster.parked_poll_on_b(&agent, cursor(&agent).await).await;
     let created = Instant::now();
     cluster.command_on_a(id).await;
     let Poll::Signals(got) = poll.await.expect("join").expect("poll") else {
@@ -151,12 +159,7 @@ async fn a_command_created_on_one_replica_wakes_an_agent_polling_the_other_with_
     // NATS goes away: B catches up from the database instead (every second).
     cluster.nats.cut();
     cluster.b_connected(false).await;
-    let from = got.cursor;
-    let poll = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.updates(Some(&from), 100, 30).await }
-    });
-    cluster.parked_on_b(1).await;
+    let poll = cluster.parked_poll_on_b(&agent, got.cursor).await;
     let created = Instant::now();
     cluster.command_on_a(id).await;
     let Poll::Signals(got) = poll.await.expect("join").expect("poll") else {
@@ -167,12 +170,7 @@ async fn a_command_created_on_one_replica_wakes_an_agent_polling_the_other_with_
     // NATS is back: events flow again without restarting anything.
     cluster.nats.restore();
     cluster.b_connected(true).await;
-    let from = got.cursor;
-    let poll = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.updates(Some(&from), 100, 30).await }
-    });
-    cluster.parked_on_b(1).await;
+    let poll = cluster.parked_poll_on_b(&agent, got.cursor).await;
     cluster.command_on_a(id).await;
     assert!(matches!(poll.await.expect("join").expect("poll"), Poll::Signals(_)), "woken again after NATS returned");
 }
