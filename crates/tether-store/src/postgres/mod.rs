@@ -26,7 +26,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Transaction};
+use sqlx::{Connection, Postgres, Transaction};
 
 use crate::location::redact;
 use crate::sql::migrate_error;
@@ -38,6 +38,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// unavailable (503): bounded, so an outage answers quickly instead of
 /// piling up requests.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pooled connection idle for longer is pinged before it is handed out
+/// (it may have been cut meanwhile); one in steady use is not, which saves
+/// a round trip on every call.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 type Tx = Transaction<'static, Postgres>;
 
@@ -59,6 +64,15 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect.clone())
             .await
             .map_err(|e| StoreError::Open(format!("cannot connect to PostgreSQL at {shown}: {e}")))?;
