@@ -132,11 +132,7 @@ async fn bootstrap_admin(
     }
     let generated = admin_password.is_none();
     let password = admin_password.unwrap_or_else(new_password);
-    let hash = tokio::task::spawn_blocking({
-        let password = password.clone();
-        move || auth::password::hash_password(&password)
-    })
-    .await?;
+    let hash = auth::password::hash_off_thread(&password).await?;
     let now = clock.now_ms();
     let token = new_token(API_TOKEN_PREFIX);
     let expires_at = now + BOOTSTRAP_TOKEN_TTL_MS;
@@ -158,17 +154,8 @@ async fn bootstrap_admin(
         token_expires_at: expires_at,
         now,
     };
-    let audit = AuditEntry {
-        ts: now,
-        actor: "tether".into(),
-        actor_kind: "system",
-        action: "user.bootstrap".into(),
-        target: String::new(),
-        outcome: "ok",
-        ip: None,
-        request_id: None,
-        details: serde_json::json!({"username": "admin", "token_expires_at": expires_at}),
-    };
+    let details = serde_json::json!({"username": "admin", "token_expires_at": expires_at});
+    let audit = AuditEntry::system("tether", "user.bootstrap", String::new(), details, now);
     if store.create_first_admin(admin, audit).await?.is_none() {
         // Another server sharing the database got there first: these
         // credentials were never stored.
@@ -187,23 +174,10 @@ pub async fn reset_admin(config: &ServerConfig) -> anyhow::Result<String> {
     let options = OpenOptions { create: false, max_connections: 2 };
     let store = tether_store::open(&location, &options).await?;
     let password = auth::secret::new_password();
-    let hash = tokio::task::spawn_blocking({
-        let password = password.clone();
-        move || auth::password::hash_password(&password)
-    })
-    .await?;
+    let hash = auth::password::hash_off_thread(&password).await?;
     let now = SystemClock.now_ms();
-    let audit = AuditEntry {
-        ts: now,
-        actor: "reset-admin".into(),
-        actor_kind: "system",
-        action: "user.reset_password".into(),
-        target: "admin".into(),
-        outcome: "ok",
-        ip: None,
-        request_id: None,
-        details: serde_json::json!({"sessions_ended": true}),
-    };
+    let details = serde_json::json!({"sessions_ended": true});
+    let audit = AuditEntry::system("reset-admin", "user.reset_password", "admin".into(), details, now);
     store.set_password("admin", &hash, now, audit).await.context("setting the admin password")?;
     Ok(password)
 }
@@ -305,17 +279,8 @@ impl Server {
         let token = new_token(auth::secret::ENROLL_TOKEN_PREFIX);
         let now = self.state.clock.now_ms();
         let id = uuid::Uuid::now_v7().to_string();
-        let audit = AuditEntry {
-            ts: now,
-            actor: "tether up".into(),
-            actor_kind: "system",
-            action: "enroll_token.create".into(),
-            target: id.clone(),
-            outcome: "ok",
-            ip: None,
-            request_id: None,
-            details: serde_json::json!({"uses": 1, "for": "the local agent"}),
-        };
+        let details = serde_json::json!({"uses": 1, "for": "the local agent"});
+        let audit = AuditEntry::system("tether up", "enroll_token.create", id.clone(), details, now);
         let new = tether_store::NewEnrollToken {
             id,
             token_hash: hash_token(&token),

@@ -76,6 +76,22 @@ pub fn chain_hash(
 }
 
 impl AuditEntry {
+    /// An event of the server itself (its first start, a reset from the
+    /// command line, the quick start's own agent), not of a request.
+    pub fn system(actor: &str, action: &str, target: String, details: Value, ts: Millis) -> Self {
+        Self {
+            ts,
+            actor: actor.to_owned(),
+            actor_kind: "system",
+            action: action.to_owned(),
+            target,
+            outcome: "ok",
+            ip: None,
+            request_id: None,
+            details,
+        }
+    }
+
     /// The `details` text to store; the hash is computed over these bytes.
     pub fn details_text(&self) -> String {
         self.details.to_string()

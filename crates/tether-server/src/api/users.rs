@@ -10,7 +10,7 @@ use tether_store::{Role, UserRecord};
 
 use crate::api::agents::rfc3339;
 use crate::auth::Operator;
-use crate::auth::password::hash_password;
+use crate::auth::password::hash_off_thread;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 
@@ -36,7 +36,7 @@ fn check_password(password: &str) -> ApiResult<()> {
 }
 
 async fn hash(password: String) -> ApiResult<String> {
-    tokio::task::spawn_blocking(move || hash_password(&password)).await.map_err(ApiError::internal)
+    hash_off_thread(&password).await.map_err(ApiError::internal)
 }
 
 pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {

@@ -21,6 +21,13 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
+/// [`hash_password`] on a blocking thread: argon2 spends tens of milliseconds
+/// of CPU, which must not stall the async workers.
+pub async fn hash_off_thread(password: &str) -> Result<String, tokio::task::JoinError> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || hash_password(&password)).await
+}
+
 /// Verifies against `stored`, or against a fixed dummy hash when the user
 /// does not exist, so both paths cost the same (no user enumeration by timing).
 pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
