@@ -11,6 +11,7 @@ use crate::state::AppState;
 
 pub async fn get(State(state): State<AppState>, _: Operator) -> Response {
     let p = &state.passwords;
+    let peers = state.notifier.counters();
     axum::Json(Data {
         data: json!({
             "password_verifications": p.verifications(),
@@ -21,8 +22,8 @@ pub async fn get(State(state): State<AppState>, _: Operator) -> Response {
             "parked_polls": state.streams.parked(),
             "loaded_streams": state.streams.loaded(),
             "peers_connected": state.notifier.connected(),
-            "events_from_peers": state.notifier.counters().received,
-            "events_not_published": state.notifier.counters().dropped,
+            "events_from_peers": peers.received,
+            "events_not_published": peers.dropped,
         }),
     })
     .into_response()
