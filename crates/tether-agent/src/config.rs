@@ -35,6 +35,82 @@ pub struct FileConfig {
     pub allow_shell: bool,
     #[serde(default)]
     pub actions: BTreeMap<String, Action>,
+    /// Where local programs get the configuration the server distributes.
+    #[serde(default)]
+    pub config: ConfigSinks,
+}
+
+/// `[config]` in `agent.toml`: how the configuration the server distributes
+/// (protocol.md §6) reaches local programs. Only this local file decides
+/// where it goes; the server only sends documents.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSinks {
+    /// Write the document to this file, atomically.
+    pub file: Option<PathBuf>,
+    /// `json` or `toml`; default from the file's extension, else JSON.
+    pub format: Option<String>,
+    /// The file's mode, in octal (default `0600`).
+    pub mode: Option<String>,
+    /// Run this (argv, no shell) after the file changed, or after every new
+    /// configuration when there is no file; a failure fails the apply and
+    /// puts the previous file back.
+    #[serde(default)]
+    pub on_change: Vec<String>,
+    /// Longest the hook may run (default 30 s).
+    pub on_change_timeout_s: Option<u64>,
+    /// POST the document (JSON) here, retrying with backoff until accepted.
+    pub post_url: Option<String>,
+}
+
+/// How the file sink is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Json,
+    Toml,
+}
+
+impl ConfigSinks {
+    /// The file sink's format: as configured, else by extension, else JSON.
+    pub fn format(&self) -> FileFormat {
+        let by_extension = self.file.as_ref().and_then(|f| f.extension()).is_some_and(|e| e == "toml");
+        match self.format.as_deref() {
+            Some("toml") => FileFormat::Toml,
+            Some(_) => FileFormat::Json,
+            None if by_extension => FileFormat::Toml,
+            None => FileFormat::Json,
+        }
+    }
+
+    /// The file sink's mode (default 0600).
+    pub fn mode(&self) -> u32 {
+        self.mode.as_deref().and_then(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8).ok()).unwrap_or(0o600)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(f) = &self.format
+            && !matches!(f.as_str(), "json" | "toml")
+        {
+            return Err(format!("format must be json or toml, not {f:?}"));
+        }
+        if let Some(m) = &self.mode
+            && !u32::from_str_radix(m.trim_start_matches("0o"), 8).is_ok_and(|m| m <= 0o777)
+        {
+            return Err(format!("mode must be octal permission bits like \"0640\", not {m:?}"));
+        }
+        if self.file.as_ref().is_some_and(|f| !f.is_absolute()) {
+            return Err("file must be an absolute path".into());
+        }
+        if let Some(url) = &self.post_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err("post_url must be an http:// or https:// URL".into());
+        }
+        if self.on_change_timeout_s == Some(0) {
+            return Err("on_change_timeout_s must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 /// A named action: an argv template whose `{param}` elements are replaced
@@ -142,6 +218,7 @@ pub struct AgentConfig {
     pub sign_requests: bool,
     pub allow_shell: bool,
     pub actions: BTreeMap<String, Action>,
+    pub sinks: ConfigSinks,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -268,6 +345,7 @@ impl AgentConfig {
                 .unwrap_or(false),
             allow_shell: file.allow_shell,
             actions: file.actions,
+            sinks: file.config,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -288,6 +366,7 @@ impl AgentConfig {
         if self.output_cap_bytes > tether_proto::command::MAX_OUTPUT_BYTES {
             return invalid("output_cap_bytes", "must be at most 65536");
         }
+        self.sinks.check().map_err(|message| ConfigError::Invalid { name: "config".into(), message })?;
         for (name, action) in &self.actions {
             if action.argv.is_empty() {
                 return invalid(&format!("actions.{name}"), "argv must not be empty");
@@ -477,5 +556,18 @@ mod tests {
         assert_eq!(cfg.actions["backup-db"].env.get("PGHOST").map(String::as_str), Some("/run/postgresql"));
         let unit = cfg.actions["unit-logs"].params["unit"].spec().expect("a table");
         assert!(unit.regex().expect("compiles").is_some_and(|re| re.is_match("nginx.service") && !re.is_match("x")));
+        // The commented-out [config] block is valid once uncommented.
+        let example = include_str!("../../../deploy/agent.toml.example");
+        let block: String = example
+            .lines()
+            .skip_while(|l| *l != "# [config]")
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file: FileConfig = toml::from_str(&block).expect("the [config] example parses");
+        let cfg = AgentConfig::resolve(Path::new("/d"), file, env_of(&[]), Overrides::default()).expect("and resolves");
+        assert_eq!((cfg.sinks.format(), cfg.sinks.mode()), (FileFormat::Toml, 0o640));
+        assert_eq!(cfg.sinks.post_url.as_deref(), Some("http://127.0.0.1:8082/config"));
     }
 }

@@ -1,6 +1,7 @@
 //! The daemon: concurrent loops (stream, executor pool, result spool,
-//! heartbeat, control socket) sharing one [`Shared`] state, and the
-//! lifecycle around them (recovery at start, graceful stop).
+//! heartbeat, distributed configuration, control socket) sharing one
+//! [`Shared`] state, and the lifecycle around them (recovery at start,
+//! graceful stop).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -11,8 +12,11 @@ use tether_client::Poll;
 use tether_proto::CommandId;
 use tether_proto::agent::Heartbeat;
 use tether_proto::command::{CommandStatus, ResultReport};
-use tether_proto::signal::{COMMAND_CANCELLED, COMMAND_QUEUED, CommandCancelled, CommandQueued, Signal};
-use tokio::sync::{Notify, Semaphore};
+use tether_proto::config::{ConfigApply, Doc};
+use tether_proto::signal::{
+    COMMAND_CANCELLED, COMMAND_QUEUED, CONFIG_UPDATED, CommandCancelled, CommandQueued, Signal,
+};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,6 +24,7 @@ use crate::backoff::Backoff;
 use crate::config::{self, AgentConfig};
 use crate::executor::{self, Builtin, Plan};
 use crate::journal::Journal;
+use crate::remote_config::{self, Applied, Tuning};
 use crate::session::{Failure, Session};
 use crate::spool::Spool;
 use crate::state::StateDir;
@@ -90,6 +95,13 @@ pub struct Status {
     pub token_expires_at: Option<String>,
     pub last_signal: Option<String>,
     pub applied_config_hash: Option<String>,
+    /// Where the running configuration came from: the server, or the cache
+    /// while the server cannot be reached.
+    pub config_source: Option<String>,
+    /// Why the last configuration from the server was not applied.
+    pub config_error: Option<String>,
+    pub heartbeat_s: u64,
+    pub max_concurrent_commands: usize,
     pub running_commands: Vec<CommandId>,
     pub spooled_results: usize,
 }
@@ -104,6 +116,19 @@ struct Shared {
     queue_order: std::sync::atomic::AtomicU64,
     queue_changed: Notify,
     running: Mutex<HashMap<CommandId, CancellationToken>>,
+    /// A command finished or the concurrency limit changed.
+    slots_changed: Notify,
+    /// What the distributed configuration sets (protocol.md §6).
+    tuning: Mutex<Tuning>,
+    /// The configuration running now, and the report on the last one received.
+    applied: Mutex<Option<Applied>>,
+    config_report: Mutex<Option<ConfigApply>>,
+    /// A `config.updated` signal (or a resync) says to fetch it again.
+    config_changed: Notify,
+    /// Send a heartbeat now (a configuration was applied or failed).
+    heartbeat_now: Notify,
+    /// The newest document for the `post_url` sink.
+    post: watch::Sender<Option<Doc>>,
     status: Mutex<Status>,
     poll_now: Notify,
     spool_changed: Notify,
@@ -144,6 +169,19 @@ impl Shared {
         self.cfg.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// The long-poll wait: the distributed configuration's, else the local one.
+    fn poll_wait_s(&self) -> u32 {
+        lock(&self.tuning).poll_wait_s.unwrap_or_else(|| self.cfg().poll_wait_s)
+    }
+
+    fn heartbeat_s(&self) -> u64 {
+        lock(&self.tuning).heartbeat_s.unwrap_or_else(|| self.cfg().heartbeat_s)
+    }
+
+    fn max_concurrent(&self) -> usize {
+        lock(&self.tuning).max_concurrent_commands.unwrap_or_else(|| self.cfg().max_concurrent_commands)
+    }
+
     fn update_status(&self, f: impl FnOnce(&mut Status)) {
         f(&mut lock(&self.status));
     }
@@ -181,6 +219,7 @@ impl Shared {
                 drop(queue);
                 self.queue_changed.notify_waiters();
             }
+            CONFIG_UPDATED => self.config_changed.notify_one(),
             COMMAND_CANCELLED => {
                 let Ok(c) = serde_json::from_value::<CommandCancelled>(signal.reference.clone()) else { return };
                 if let Some(token) = lock(&self.running).get(&c.command_id) {
@@ -229,7 +268,7 @@ async fn stream_loop(shared: Arc<Shared>, mode: Mode) {
                 _ = shared.stop.cancelled() => return,
             }
         }
-        let wait = if mode == Mode::Once { 0 } else { shared.cfg().poll_wait_s };
+        let wait = if mode == Mode::Once { 0 } else { shared.poll_wait_s() };
         shared.update_status(|s| {
             s.poll_wait_s = wait;
             s.next_poll = Some(rfc3339_now());
@@ -255,6 +294,8 @@ async fn stream_loop(shared: Arc<Shared>, mode: Mode) {
                 tracing::warn!("Stream cursor expired; resyncing from the start of the retained stream");
                 let _ = shared.state.remove("cursor");
                 cursor = None;
+                // Signals may have been missed: the configuration may have changed too.
+                shared.config_changed.notify_one();
                 continue;
             }
             Err(Failure::Revoked(msg)) => return shared.finish(Exit::Revoked(msg)),
@@ -389,12 +430,18 @@ fn run_builtin(shared: &Shared, builtin: Builtin) -> ResultReport {
 }
 
 async fn executor_loop(shared: Arc<Shared>, tasks: TaskTracker) {
-    let slots = Arc::new(Semaphore::new(shared.cfg().max_concurrent_commands));
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = shared.stop.cancelled() => return,
-        };
+        // A free slot under the limit, which the configuration may change live.
+        loop {
+            let changed = shared.slots_changed.notified();
+            if lock(&shared.running).len() < shared.max_concurrent() {
+                break;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = shared.stop.cancelled() => return,
+            }
+        }
         let next = loop {
             let notified = shared.queue_changed.notified();
             if let Some(q) = lock(&shared.queue).pop() {
@@ -413,7 +460,7 @@ async fn executor_loop(shared: Arc<Shared>, tasks: TaskTracker) {
             let id = next.cmd.command_id;
             execute(shared2.clone(), next.cmd, cancel).await;
             lock(&shared2.running).remove(&id);
-            drop(permit);
+            shared2.slots_changed.notify_waiters();
         });
     }
 }
@@ -469,7 +516,8 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         let beat = Heartbeat {
             uptime_s: shared.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
-            applied_config_hash: None,
+            applied_config_hash: lock(&shared.applied).as_ref().map(|a| a.hash.clone()),
+            config_status: lock(&shared.config_report).clone(),
             running_commands: lock(&shared.running).len() as u32,
             queue_depth: shared.queue_len() as u32,
             mem_used_bytes: None,
@@ -477,12 +525,110 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         };
         let b = &beat;
         match shared.session.call(|c| async move { c.heartbeat(b).await }).await {
-            Ok(_) => {}
+            Ok(_) => tracing::debug!("Heartbeat sent"),
             Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
             Err(e) => tracing::debug!(error = %e, "Heartbeat failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(shared.cfg().heartbeat_s)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(shared.heartbeat_s())) => {}
+            _ = shared.heartbeat_now.notified() => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Applies a configuration: its reserved keys first (a bad one changes
+/// nothing), then the local sinks (a failing hook puts the file back), then
+/// the tuning takes effect and the document goes to `post_url`. A
+/// configuration from the server is kept as the last good one.
+async fn apply_config(shared: &Shared, applied: Applied, from_server: bool) -> Result<(), String> {
+    let tuning = remote_config::tuning(&applied.doc)?;
+    let previous = lock(&shared.applied).as_ref().map(|a| a.hash.clone());
+    remote_config::apply_locally(&shared.cfg().sinks, &applied, previous.as_deref()).await?;
+    if let Some(level) = &tuning.log_level {
+        crate::cli::set_log_level(level);
+    }
+    *lock(&shared.tuning) = tuning;
+    shared.slots_changed.notify_waiters();
+    shared.post.send_replace(Some(applied.doc.clone()));
+    if from_server && let Err(e) = remote_config::save(&shared.state, &applied) {
+        tracing::error!(error = %e, "Could not keep the configuration as the last good one");
+    }
+    shared.update_status(|s| s.applied_config_hash = Some(applied.hash.clone()));
+    *lock(&shared.applied) = Some(applied);
+    Ok(())
+}
+
+/// Keeps the agent on the configuration the server distributes: starts
+/// from the last good one, fetches the current one, and fetches again on
+/// every `config.updated` signal; retries with backoff while the server
+/// cannot be reached (running on the cached one meanwhile).
+async fn config_loop(shared: Arc<Shared>) {
+    if let Some(cached) = remote_config::load_cached(&shared.state) {
+        let hash = cached.hash.clone();
+        match apply_config(&shared, cached, false).await {
+            Ok(()) => {
+                tracing::info!(hash = %hash, "Running the cached configuration until the server answers");
+                shared.update_status(|s| s.config_source = Some("cache (the server has not answered yet)".into()));
+            }
+            Err(e) => tracing::warn!(error = %e, "The cached configuration does not apply"),
+        }
+    }
+    let mut backoff = Backoff::new(Duration::from_secs(shared.cfg().backoff_base_s), Box::new(rand::random::<f64>));
+    loop {
+        let have = lock(&shared.applied).as_ref().map(|a| a.hash.clone());
+        let fetched = shared
+            .session
+            .call(|c| {
+                let have = have.clone();
+                async move { c.own_config(have.as_deref()).await }
+            })
+            .await;
+        let delay = match fetched {
+            Ok(latest) => {
+                backoff.success();
+                if let Some(effective) = latest {
+                    let applied = Applied { hash: effective.hash, doc: effective.doc };
+                    let hash = applied.hash.clone();
+                    let report = match apply_config(&shared, applied, true).await {
+                        Ok(()) => {
+                            tracing::info!(hash = %hash, "Configuration applied");
+                            shared.update_status(|s| s.config_error = None);
+                            ConfigApply::applied(hash)
+                        }
+                        Err(e) => {
+                            tracing::warn!(hash = %hash, error = %e, "Configuration not applied; keeping the previous one");
+                            let report = ConfigApply::failed(hash, e);
+                            shared.update_status(|s| s.config_error = report.error.clone());
+                            report
+                        }
+                    };
+                    *lock(&shared.config_report) = Some(report);
+                    shared.heartbeat_now.notify_one();
+                }
+                shared.update_status(|s| s.config_source = Some("server".into()));
+                None
+            }
+            Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
+            Err(Failure::Fatal(m)) => return shared.finish(Exit::Fatal(m)),
+            Err(e) => {
+                let delay = backoff.failure(None);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Fetching the configuration failed");
+                if lock(&shared.applied).is_some() {
+                    shared.update_status(|s| s.config_source = Some("cache (the server is unreachable)".into()));
+                }
+                Some(delay)
+            }
+        };
+        let retry = async {
+            match delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shared.config_changed.notified() => {}
+            _ = retry => {}
             _ = shared.stop.cancelled() => return,
         }
     }
@@ -558,6 +704,13 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         queue_order: Default::default(),
         queue_changed: Notify::new(),
         running: Mutex::new(HashMap::new()),
+        slots_changed: Notify::new(),
+        tuning: Mutex::new(Tuning::default()),
+        applied: Mutex::new(None),
+        config_report: Mutex::new(None),
+        config_changed: Notify::new(),
+        heartbeat_now: Notify::new(),
+        post: watch::channel(None).0,
         poll_now: Notify::new(),
         spool_changed: Notify::new(),
         exit: Mutex::new(None),
@@ -593,6 +746,16 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
             loops.spawn(executor_loop(shared.clone(), commands.clone()));
             loops.spawn(spool_loop(shared.clone()));
             loops.spawn(heartbeat_loop(shared.clone()));
+            loops.spawn(config_loop(shared.clone()));
+            let cfg = shared.cfg();
+            if let Some(url) = cfg.sinks.post_url.clone() {
+                loops.spawn(remote_config::post_loop(
+                    url,
+                    shared.post.subscribe(),
+                    cfg.backoff_base_s,
+                    shared.stop.clone(),
+                ));
+            }
             match crate::control::listen(&shared.state.socket()) {
                 Ok(listener) => {
                     loops.spawn(crate::control::serve(
@@ -634,6 +797,9 @@ impl Control for Shared {
         let mut s = lock(&self.status).clone();
         s.uptime_s = self.started.elapsed().as_secs();
         s.queue_depth = self.queue_len();
+        s.poll_wait_s = self.poll_wait_s();
+        s.heartbeat_s = self.heartbeat_s();
+        s.max_concurrent_commands = self.max_concurrent();
         s.running_commands = lock(&self.running).keys().copied().collect();
         s.spooled_results = self.spool.len();
         s

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod device_flow;
 pub mod executor;
 pub mod journal;
+pub mod remote_config;
 pub mod session;
 pub mod shim;
 pub mod spool;

@@ -7,15 +7,19 @@ pub mod signing;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_NONE_MATCH, RETRY_AFTER};
+use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_MATCH, IF_NONE_MATCH, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::agent::{
     Agent, CreateEnrollToken, CreatedEnrollToken, DEVICE_CLIENT_ID, DEVICE_GRANT_TYPE, DeviceAuthorization,
     DeviceDecision, DeviceDetails, EnrollRequest, EnrollToken, OAuthError, RefreshRequest, RevokeRequest, TokenPair,
+    UpdateAgent,
 };
 use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
+use tether_proto::config::{
+    ConfigScope, ConfigStatus, ConfigVersion, ConfigWritten, EffectiveConfig, PutConfig, Rollback, Scope,
+};
 use tether_proto::signal::Updates;
 use tether_proto::user::{
     AgentAuditEvent, ApiToken, AuditRow, AuditVerification, CreateApiToken, CreateUser, CreatedApiToken, UpdateUser,
@@ -426,6 +430,24 @@ impl Client {
         self.post(&format!("api/v1/agents/self/commands/{id}/result"), report).await
     }
 
+    /// `GET /api/v1/agents/self/config`: the agent's effective configuration,
+    /// or `None` when `have` (a hash) is still current (304).
+    pub async fn own_config(&self, have: Option<&str>) -> Result<Option<EffectiveConfig>> {
+        let mut req = self.request(Method::GET, "api/v1/agents/self/config")?;
+        if let Some(hash) = have {
+            req = req.header(
+                IF_NONE_MATCH,
+                HeaderValue::from_str(&format!("\"{hash}\"")).unwrap_or(HeaderValue::from_static("")),
+            );
+        }
+        let res = self.execute(req).await?;
+        match res.status() {
+            StatusCode::NOT_MODIFIED => Ok(None),
+            s if s.is_success() => Ok(Some(res.json::<Data<EffectiveConfig>>().await?.data)),
+            _ => Err(error_from(res).await),
+        }
+    }
+
     pub async fn heartbeat(&self, beat: &tether_proto::agent::Heartbeat) -> Result<serde_json::Value> {
         self.post("api/v1/agents/self/heartbeat", beat).await
     }
@@ -533,6 +555,57 @@ impl Client {
         self.get("api/v1/metrics").await
     }
 
+    // ----- configuration (protocol.md §6) -----
+
+    /// Writes the scope's next version; `if_match` is the version replaced
+    /// (required once the scope exists).
+    pub async fn put_config(&self, scope: &Scope, req: &PutConfig, if_match: Option<u64>) -> Result<ConfigWritten> {
+        let mut put = self.request(Method::PUT, &scope_path(scope, ""))?.json(req);
+        if let Some(v) = if_match {
+            put = put.header(IF_MATCH, format!("\"{v}\""));
+        }
+        self.send(put).await
+    }
+
+    /// The scope's current version, or `version`.
+    pub async fn get_config(&self, scope: &Scope, version: Option<u64>) -> Result<ConfigVersion> {
+        let mut req = self.request(Method::GET, &scope_path(scope, ""))?;
+        if let Some(v) = version {
+            req = req.query(&[("version", v)]);
+        }
+        self.send(req).await
+    }
+
+    pub async fn config_history(&self, scope: &Scope, cursor: Option<&str>, limit: u32) -> Result<Page<ConfigVersion>> {
+        let mut req = self.request(Method::GET, &scope_path(scope, "/history"))?.query(&[("limit", limit)]);
+        if let Some(c) = cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        self.send_page(req).await
+    }
+
+    pub async fn rollback_config(&self, scope: &Scope, version: u64) -> Result<ConfigWritten> {
+        self.post(&scope_path(scope, "/rollback"), &Rollback { version }).await
+    }
+
+    pub async fn config_status(&self, scope: &Scope) -> Result<ConfigStatus> {
+        self.get(&scope_path(scope, "/status")).await
+    }
+
+    pub async fn list_configs(&self) -> Result<Vec<ConfigScope>> {
+        Ok(self.send_page(self.request(Method::GET, "api/v1/configs")?).await?.data)
+    }
+
+    /// An agent's effective configuration with the provenance of each value.
+    pub async fn agent_config(&self, id: AgentId) -> Result<EffectiveConfig> {
+        self.get(&format!("api/v1/agents/{id}/config")).await
+    }
+
+    /// `PATCH /api/v1/agents/{id}`: new labels and/or name.
+    pub async fn update_agent(&self, id: AgentId, req: &UpdateAgent) -> Result<Agent> {
+        self.send(self.request(Method::PATCH, &format!("api/v1/agents/{id}"))?.json(req)).await
+    }
+
     pub async fn revoke_agent(&self, id: AgentId, reason: &str) -> Result<Agent> {
         self.post(&format!("api/v1/agents/{id}/revoke"), &RevokeRequest { reason: reason.to_owned() }).await
     }
@@ -552,4 +625,11 @@ pub async fn error_from(res: reqwest::Response) -> ClientError {
         Ok(env) => ClientError::Api { status, body: Box::new(env.error), retry_after },
         Err(_) => ClientError::Unexpected { status, text },
     }
+}
+
+/// `api/v1/configs/{scope}{rest}`, the scope percent-encoded as one path segment.
+fn scope_path(scope: &Scope, rest: &str) -> String {
+    let scope = scope.to_string();
+    let segment = percent_encoding::utf8_percent_encode(&scope, percent_encoding::NON_ALPHANUMERIC);
+    format!("api/v1/configs/{segment}{rest}")
 }

@@ -110,12 +110,29 @@ pub struct Agent {
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_seen: Option<Timestamp>,
     pub applied_config_hash: Option<String>,
+    /// The hash of the effective configuration the agent should run.
+    #[serde(default)]
+    pub desired_config_hash: Option<String>,
+    /// Why the agent could not apply `desired_config_hash`, if it said so.
+    #[serde(default)]
+    pub config_error: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: Timestamp,
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<Timestamp>,
     #[serde(default)]
     pub facts: Value,
+}
+
+/// `PATCH /api/v1/agents/{id}`: what is given replaces what the agent had.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAgent {
+    /// The whole new label set (its configuration follows, protocol.md §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// `POST /api/v1/enroll-tokens`
@@ -174,6 +191,9 @@ pub struct Heartbeat {
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_config_hash: Option<String>,
+    /// How the last configuration the agent received went (protocol.md §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_status: Option<crate::config::ConfigApply>,
     pub running_commands: u32,
     pub queue_depth: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]

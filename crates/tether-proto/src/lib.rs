@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod command;
+pub mod config;
 pub mod cursor;
 pub mod error;
 pub mod ids;
@@ -33,6 +34,15 @@ pub struct Page<T> {
 /// Default and maximum page sizes for operator lists (protocol.md §2).
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 pub const MAX_PAGE_LIMIT: u32 = 500;
+
+/// Cuts `s` to at most `max` bytes on a char boundary; true when it cut.
+pub fn cap_utf8(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    s.truncate(s.floor_char_boundary(max));
+    true
+}
 
 /// Label maps are ordered so hashes and listings are deterministic.
 pub type Labels = std::collections::BTreeMap<String, String>;

@@ -71,6 +71,7 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::NotFound(entity) => Self::not_found(entity.name()),
             StoreError::Conflict(what) => Self::conflict(what),
+            StoreError::PreconditionRequired(what) => Self::new(ErrorKey::PreconditionRequired, what),
             StoreError::Invalid { field, message } => Self::bad_request(field, format!("invalid {field}: {message}")),
             StoreError::Unavailable(e) => {
                 // Nothing was written; the client may retry (protocol.md §2: 503 + Retry-After).

@@ -8,17 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tether_proto::command::{Batch, Command, ResultReport};
+use tether_proto::config::{ConfigStatus, EffectiveConfig, Scope};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::store::*;
 use crate::{
-    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome, CommandFilter,
-    CreatedBatch, DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Millis, NewAgent,
-    NewBatch, NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome,
-    Role, StreamChange, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome,
+    CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo, DevicePoll,
+    DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Head, HeartbeatFacts, Millis, NewAgent, NewBatch, NewConfigVersion,
+    NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role,
+    StreamChange, SweepOutcome, User, UserRecord,
 };
 
 #[derive(Debug)]
@@ -258,16 +259,20 @@ impl AgentStore for CountingStore {
         self.inner.revoke_agent(id, reason, now, audit).await
     }
 
-    async fn record_heartbeat(
+    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()> {
+        self.tick();
+        self.inner.record_heartbeat(id, beat, now).await
+    }
+
+    async fn update_agent(
         &self,
         id: AgentId,
-        version: Option<&str>,
-        applied_config_hash: Option<&str>,
-        body: &Value,
+        update: AgentUpdate,
         now: Millis,
-    ) -> Result<()> {
+        audit: AuditEntry,
+    ) -> Result<(AgentRecord, Vec<Head>)> {
         self.tick();
-        self.inner.record_heartbeat(id, version, applied_config_hash, body, now).await
+        self.inner.update_agent(id, update, now, audit).await
     }
 
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()> {
@@ -405,6 +410,51 @@ impl CommandStore for CountingStore {
     async fn sweep(&self, now: Millis) -> Result<SweepOutcome> {
         self.tick();
         self.inner.sweep(now).await
+    }
+}
+
+#[async_trait]
+impl ConfigStore for CountingStore {
+    async fn put_config(&self, new: NewConfigVersion, audit: AuditEntry) -> Result<ConfigChange> {
+        self.tick();
+        self.inner.put_config(new, audit).await
+    }
+
+    async fn rollback_config(
+        &self,
+        scope: &Scope,
+        version: u64,
+        author: &str,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<ConfigChange> {
+        self.tick();
+        self.inner.rollback_config(scope, version, author, now, audit).await
+    }
+
+    async fn get_config(&self, scope: &Scope, version: Option<u64>) -> Result<Option<ConfigVersionRecord>> {
+        self.tick();
+        self.inner.get_config(scope, version).await
+    }
+
+    async fn config_history(&self, scope: &Scope, before: Option<u64>, limit: u32) -> Result<Vec<ConfigVersionRecord>> {
+        self.tick();
+        self.inner.config_history(scope, before, limit).await
+    }
+
+    async fn list_configs(&self) -> Result<Vec<ConfigScopeRecord>> {
+        self.tick();
+        self.inner.list_configs().await
+    }
+
+    async fn effective_config(&self, agent_id: AgentId) -> Result<Option<EffectiveConfig>> {
+        self.tick();
+        self.inner.effective_config(agent_id).await
+    }
+
+    async fn config_status(&self, scope: &Scope) -> Result<ConfigStatus> {
+        self.tick();
+        self.inner.config_status(scope).await
     }
 }
 

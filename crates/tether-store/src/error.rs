@@ -12,6 +12,7 @@ pub enum Entity {
     DeviceGrant,
     Command,
     Batch,
+    Config,
 }
 
 impl Entity {
@@ -25,6 +26,7 @@ impl Entity {
             Entity::DeviceGrant => "pending device code",
             Entity::Command => "command",
             Entity::Batch => "batch",
+            Entity::Config => "config scope",
         }
     }
 }
@@ -39,6 +41,9 @@ pub enum StoreError {
     NotFound(Entity),
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The write must say which version it replaces (`If-Match`).
+    #[error("precondition required: {0}")]
+    PreconditionRequired(String),
     #[error("invalid {field}: {message}")]
     Invalid { field: &'static str, message: String },
     /// The database cannot be reached right now (down, restarting, out of

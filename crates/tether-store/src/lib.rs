@@ -31,8 +31,8 @@ pub use error::{BackendError, Entity, Result, StoreError};
 pub use location::{Location, redact as redact_url};
 pub use model::*;
 pub use store::{
-    AgentStore, AuditStore, CommandStore, DeviceGrantStore, JobLease, ServerStore, SignalStore, Store, TokenStore,
-    UserStore,
+    AgentStore, AuditStore, CommandStore, ConfigStore, DeviceGrantStore, JobLease, ServerStore, SignalStore, Store,
+    TokenStore, UserStore,
 };
 
 /// How to open a store.

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 use tether_proto::command::{Command, CommandStatus, CreateCommand, TargetSpec};
+use tether_proto::config::{Doc, Scope};
 use tether_proto::{AgentId, BatchId, CommandId, Labels};
 
 use crate::audit::AuditEntry;
@@ -160,11 +161,17 @@ pub struct AgentRecord {
     /// Access tokens issued at or before this instant are refused (set when
     /// refresh-token reuse is detected).
     pub tokens_valid_after: Option<Millis>,
+    /// The hash of the effective configuration the agent should run.
+    pub config_hash: Option<String>,
+    /// The desired hash the agent reported it could not apply, and why.
+    pub config_failed_hash: Option<String>,
+    pub config_error: Option<String>,
 }
 
 impl AgentRecord {
-    /// A just-created agent: its stream empty, seen at creation.
-    pub fn new(agent: NewAgent, epoch: u64, now: Millis) -> Self {
+    /// A just-created agent: its stream empty, seen at creation, to run the
+    /// effective configuration with hash `config_hash`.
+    pub fn new(agent: NewAgent, epoch: u64, config_hash: String, now: Millis) -> Self {
         Self {
             id: agent.id,
             name: agent.hostname.clone(),
@@ -182,6 +189,9 @@ impl AgentRecord {
             revoked_at: None,
             revoke_reason: None,
             tokens_valid_after: None,
+            config_hash: Some(config_hash),
+            config_failed_hash: None,
+            config_error: None,
         }
     }
 }
@@ -361,4 +371,72 @@ impl BackendKind {
     pub fn shared(self) -> bool {
         matches!(self, BackendKind::Postgres)
     }
+}
+
+/// A new version of a scope's document, checked and ready to write.
+#[derive(Debug, Clone)]
+pub struct NewConfigVersion {
+    pub scope: Scope,
+    pub doc: Doc,
+    /// The version the writer replaces (`If-Match`), decided on by
+    /// [`crate::rules::config::next_version`].
+    pub if_match: Option<u64>,
+    pub author: String,
+    pub comment: String,
+    pub now: Millis,
+}
+
+/// What writing a scope's version did.
+#[derive(Debug, Clone)]
+pub struct ConfigChange {
+    pub scope: Scope,
+    pub version: u64,
+    /// The hash of the scope's document.
+    pub hash: String,
+    /// Agents whose effective configuration changed; each got a
+    /// `config.updated` signal.
+    pub agents_changed: u64,
+    pub heads: Vec<Head>,
+}
+
+/// One stored version of a scope's document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigVersionRecord {
+    pub scope: Scope,
+    pub version: u64,
+    pub doc: Doc,
+    pub hash: String,
+    pub author: String,
+    pub comment: String,
+    pub created_at: Millis,
+}
+
+/// A scope and its current version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigScopeRecord {
+    pub scope: Scope,
+    pub version: u64,
+    pub hash: String,
+    pub updated_by: String,
+    pub updated_at: Millis,
+}
+
+/// Changes to an agent an operator makes.
+#[derive(Debug, Clone, Default)]
+pub struct AgentUpdate {
+    /// The agent's whole new label set (its effective configuration follows).
+    pub labels: Option<Labels>,
+    pub name: Option<String>,
+}
+
+/// What a heartbeat tells the store.
+#[derive(Debug, Clone, Copy)]
+pub struct HeartbeatFacts<'a> {
+    pub version: Option<&'a str>,
+    /// The effective configuration the agent runs now.
+    pub applied_config_hash: Option<&'a str>,
+    /// A configuration (hash) the agent could not apply, and why.
+    pub failed_config: Option<(&'a str, &'a str)>,
+    /// The whole body, as the agent sent it.
+    pub body: &'a Value,
 }

@@ -14,7 +14,8 @@ pub const COMMAND_COLUMNS: &str = "id, batch_id, agent_id, name, args, timeout_s
 
 /// Columns read by `agent_from_row`, in order.
 pub const AGENT_COLUMNS: &str = "id, name, hostname, labels, facts, public_key, version, applied_config_hash, \
-     epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after";
+     epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after, \
+     config_hash, config_failed_hash, config_error";
 
 /// Columns read by `stream_change_from_row`, in order.
 pub const STREAM_COLUMNS: &str = "id, epoch, head_seq, floor_seq, revoked_at, revoke_reason, tokens_valid_after";
@@ -32,6 +33,12 @@ pub const USER_COLUMNS: &str = "id, username, role, password_hash";
 /// Columns read by `user_record_from_row`, in order.
 pub const USER_RECORD_COLUMNS: &str = "id, username, role, created_at, disabled_at";
 
+/// Columns read by `config_version_from_row`, in order.
+pub const CONFIG_VERSION_COLUMNS: &str = "scope, version, doc, hash, author, comment, created_at";
+
+/// Columns read by `config_scope_from_row`, in order.
+pub const CONFIG_SCOPE_COLUMNS: &str = "scope, version, hash, updated_by, updated_at";
+
 /// Columns read by `enroll_token_from_row`, in order.
 pub const ENROLL_TOKEN_COLUMNS: &str = "id, labels, uses, used, created_at, expires_at, revoked_at";
 
@@ -44,8 +51,8 @@ macro_rules! decoders {
 
         use crate::sql::{from_millis, opt_time, parse_id, parse_json};
         use crate::{
-            AgentRecord, AuditRecord, DeviceGrantInfo, EnrollTokenRecord, Result, Role, StoreError, StreamChange, User,
-            UserRecord,
+            AgentRecord, AuditRecord, ConfigScopeRecord, ConfigVersionRecord, DeviceGrantInfo, EnrollTokenRecord,
+            Result, Role, StoreError, StreamChange, User, UserRecord,
         };
 
         fn role(text: &str) -> Result<Role> {
@@ -96,6 +103,9 @@ macro_rules! decoders {
                 revoked_at: r.try_get(13)?,
                 revoke_reason: r.try_get(14)?,
                 tokens_valid_after: r.try_get(15)?,
+                config_hash: r.try_get(16)?,
+                config_failed_hash: r.try_get(17)?,
+                config_error: r.try_get(18)?,
             })
         }
 
@@ -162,6 +172,28 @@ macro_rules! decoders {
                 details_text,
                 prev_hash: r.try_get(10)?,
                 hash: r.try_get(11)?,
+            })
+        }
+
+        pub fn config_version_from_row(r: &$row) -> Result<ConfigVersionRecord> {
+            Ok(ConfigVersionRecord {
+                scope: parse_id(r.try_get(0)?)?,
+                version: r.try_get::<i64, _>(1)? as u64,
+                doc: parse_json(r.try_get(2)?)?,
+                hash: r.try_get(3)?,
+                author: r.try_get(4)?,
+                comment: r.try_get(5)?,
+                created_at: r.try_get(6)?,
+            })
+        }
+
+        pub fn config_scope_from_row(r: &$row) -> Result<ConfigScopeRecord> {
+            Ok(ConfigScopeRecord {
+                scope: parse_id(r.try_get(0)?)?,
+                version: r.try_get::<i64, _>(1)? as u64,
+                hash: r.try_get(2)?,
+                updated_by: r.try_get(3)?,
+                updated_at: r.try_get(4)?,
             })
         }
 

@@ -26,16 +26,17 @@
 //!   missing row is [`StoreError::NotFound`] naming what was missing.
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tether_proto::command::{Batch, Command, ResultReport};
+use tether_proto::config::{ConfigStatus, EffectiveConfig, Scope};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::{
-    AgentFilter, AgentRecord, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome, CommandFilter,
-    CreatedBatch, DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Millis, NewAgent,
-    NewBatch, NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome,
-    Role, StreamChange, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome,
+    CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo, DevicePoll,
+    DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Head, HeartbeatFacts, Millis, NewAgent, NewBatch, NewConfigVersion,
+    NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role,
+    StreamChange, SweepOutcome, User, UserRecord,
 };
 
 /// Every area of the store. Implemented for anything that implements them all.
@@ -47,6 +48,7 @@ pub trait Store:
     + DeviceGrantStore
     + SignalStore
     + CommandStore
+    + ConfigStore
     + AuditStore
     + std::fmt::Debug
     + 'static
@@ -61,6 +63,7 @@ impl<T> Store for T where
         + DeviceGrantStore
         + SignalStore
         + CommandStore
+        + ConfigStore
         + AuditStore
         + std::fmt::Debug
         + 'static
@@ -211,15 +214,20 @@ pub trait AgentStore: Send + Sync {
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
     /// Revokes the agent and its refresh tokens.
     async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis, audit: AuditEntry) -> Result<AgentRecord>;
-    /// Records a heartbeat: version, applied config hash and the whole body.
-    async fn record_heartbeat(
+    /// Records a heartbeat: version, the configuration the agent runs or
+    /// could not apply (an applied one clears an earlier failure), the body.
+    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()>;
+    /// Changes an agent's name and/or labels; new labels retarget its
+    /// configuration like a config write does (a `config.updated` signal when
+    /// its effective hash changes, whose head is returned). `NotFound(Agent)`
+    /// for an unknown or revoked agent.
+    async fn update_agent(
         &self,
         id: AgentId,
-        version: Option<&str>,
-        applied_config_hash: Option<&str>,
-        body: &Value,
+        update: AgentUpdate,
         now: Millis,
-    ) -> Result<()>;
+        audit: AuditEntry,
+    ) -> Result<(AgentRecord, Vec<Head>)>;
     /// Batched `last_seen` updates; a value never moves backwards.
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()>;
     /// The stream state of every agent whose head, floor, revocation or
@@ -306,6 +314,44 @@ pub trait CommandStore: Send + Sync {
     /// Expires undelivered commands, marks silent ones lost, releases commands
     /// whose `not_before` has come.
     async fn sweep(&self, now: Millis) -> Result<SweepOutcome>;
+}
+
+/// Versioned configuration documents and how they reach agents (protocol.md §6).
+///
+/// Every write of a scope (and every label change, [`AgentStore::update_agent`])
+/// retargets the agents the scope applies to in its own transaction: each
+/// agent's effective configuration is computed by [`crate::rules::config`]
+/// from the current documents, and only agents whose hash changed get it as
+/// their desired hash and a `config.updated` signal. Writes that retarget are
+/// serialised with each other (on PostgreSQL by a lock), so no two compute
+/// from different snapshots.
+#[async_trait]
+pub trait ConfigStore: Send + Sync {
+    /// Writes the scope's next version (`If-Match` as
+    /// [`crate::rules::config::next_version`] decides; an agent scope's agent
+    /// must exist) and retargets, with the audit row.
+    async fn put_config(&self, new: NewConfigVersion, audit: AuditEntry) -> Result<ConfigChange>;
+    /// Writes the scope's next version equal to its `version`, and retargets.
+    async fn rollback_config(
+        &self,
+        scope: &Scope,
+        version: u64,
+        author: &str,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<ConfigChange>;
+    /// The scope's current document, or its `version`.
+    async fn get_config(&self, scope: &Scope, version: Option<u64>) -> Result<Option<ConfigVersionRecord>>;
+    /// The scope's versions, newest first, older than `before`.
+    async fn config_history(&self, scope: &Scope, before: Option<u64>, limit: u32) -> Result<Vec<ConfigVersionRecord>>;
+    /// Every scope with its current version.
+    async fn list_configs(&self) -> Result<Vec<ConfigScopeRecord>>;
+    /// The agent's effective configuration, computed now; `None` for an unknown agent.
+    async fn effective_config(&self, agent_id: AgentId) -> Result<Option<EffectiveConfig>>;
+    /// Of the active agents the scope targets: how many run their desired
+    /// configuration, are behind, or failed it (grouped by error).
+    /// `NotFound(Config)` for a scope without versions.
+    async fn config_status(&self, scope: &Scope) -> Result<ConfigStatus>;
 }
 
 /// The hash-chained audit log (protocol.md §10).

@@ -6,12 +6,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tether_proto::agent::{
-    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest, validate_labels,
+    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest, UpdateAgent, validate_labels,
 };
 use tether_proto::{AgentId, Data, Labels, Page};
-use tether_store::{AgentFilter, AgentRecord, Millis, NewEnrollToken};
+use tether_store::{AgentFilter, AgentRecord, AgentUpdate, Millis, NewEnrollToken};
 
-use crate::api::commands::{page_limit, parse_param};
+use crate::api::page::{page_limit, parse_param};
 use crate::auth::Operator;
 use crate::auth::secret::{ENROLL_TOKEN_PREFIX, hash_token, new_token};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
@@ -46,6 +46,11 @@ fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
         version: rec.version,
         last_seen: last_seen.map(rfc3339),
         applied_config_hash: rec.applied_config_hash,
+        // A failure is news only while it is about what the agent should run.
+        config_error: rec
+            .config_error
+            .filter(|_| rec.config_failed_hash.is_some() && rec.config_failed_hash == rec.config_hash),
+        desired_config_hash: rec.config_hash,
         created_at: rfc3339(rec.created_at),
         revoked_at: rec.revoked_at.map(rfc3339),
         facts: rec.facts,
@@ -90,6 +95,31 @@ pub async fn list(
 /// `GET /api/v1/agents/{id}`
 pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<AgentId>) -> ApiResult<Response> {
     let rec = state.store.get_agent(id).await?.ok_or_else(|| ApiError::not_found("agent"))?;
+    Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
+}
+
+/// `PATCH /api/v1/agents/{id} {labels, name}`: new labels re-target the
+/// agent's configuration (and, from now on, commands by label).
+pub async fn update(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<AgentId>,
+    ApiJson(req): ApiJson<UpdateAgent>,
+) -> ApiResult<Response> {
+    if let Some(labels) = &req.labels {
+        validate_labels(labels).map_err(|e| ApiError::bad_request("labels", e))?;
+    }
+    if let Some(name) = &req.name
+        && !crate::api::enroll::hostname_ok(name)
+    {
+        return Err(ApiError::bad_request("name", "name must be 1-253 printable chars"));
+    }
+    let details = json!({"labels": req.labels, "name": req.name});
+    let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "agent.update", id.to_string(), details));
+    let update = AgentUpdate { labels: req.labels, name: req.name };
+    let (rec, heads) = state.store.update_agent(id, update, state.clock.now_ms(), audit).await?;
+    state.notifier.publish(StreamEvent::Heads(heads));
     Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
 

@@ -10,7 +10,7 @@ use tether_proto::{Data, Page};
 use tether_store::{AuditFilter, AuditRecord, Role};
 
 use crate::api::agents::rfc3339;
-use crate::api::commands::{page_limit, parse_param};
+use crate::api::page::{page_limit, parse_param};
 use crate::auth::{AgentCaller, Operator};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};

@@ -10,9 +10,10 @@ use sha2::{Digest, Sha256};
 use tether_proto::command::{
     Batch, Command, CommandStatus, CreateCommand, CreatedCommands, MAX_OUTPUT_BYTES, ResultReport, StatusReport,
 };
-use tether_proto::{AgentId, BatchId, CommandId, DEFAULT_PAGE_LIMIT, Data, MAX_PAGE_LIMIT, Page};
+use tether_proto::{AgentId, BatchId, CommandId, Data, Page};
 use tether_store::{CancelOutcome, CommandFilter, CreatedBatch, NewBatch, ResultOutcome, StoreError};
 
+use crate::api::page::{page_limit, parse_param};
 use crate::auth::{AgentCaller, Operator};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
@@ -61,21 +62,6 @@ pub struct ListQuery {
     batch_id: Option<String>,
     cursor: Option<String>,
     limit: Option<u32>,
-}
-
-pub fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
-    let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
-    if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request("limit", format!("limit must be 1..={MAX_PAGE_LIMIT}")));
-    }
-    Ok(limit)
-}
-
-pub fn parse_param<T: std::str::FromStr>(field: &'static str, value: Option<&str>) -> ApiResult<Option<T>> {
-    value
-        .filter(|v| !v.is_empty())
-        .map(|v| v.parse().map_err(|_| ApiError::bad_request(field, format!("{field} is malformed"))))
-        .transpose()
 }
 
 async fn list_page(state: &AppState, q: ListQuery, agent_id: Option<AgentId>) -> ApiResult<Page<Command>> {
@@ -186,19 +172,6 @@ pub async fn report_status(
     Ok(axum::Json(Data { data: json!({"id": cmd.id, "status": cmd.status}) }).into_response())
 }
 
-/// Cuts `s` to at most `max` bytes on a char boundary; true when it cut.
-fn cap(s: &mut String, max: usize) -> bool {
-    if s.len() <= max {
-        return false;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
-    true
-}
-
 /// `POST /api/v1/agents/self/commands/{id}/result`
 pub async fn report_result(
     State(state): State<AppState>,
@@ -213,8 +186,8 @@ pub async fn report_result(
             "status must be one of succeeded, failed, timed_out, rejected, cancelled",
         ));
     }
-    let cut_out = cap(&mut report.stdout, MAX_OUTPUT_BYTES);
-    let cut_err = cap(&mut report.stderr, MAX_OUTPUT_BYTES);
+    let cut_out = tether_proto::cap_utf8(&mut report.stdout, MAX_OUTPUT_BYTES);
+    let cut_err = tether_proto::cap_utf8(&mut report.stderr, MAX_OUTPUT_BYTES);
     report.truncated |= cut_out || cut_err;
     let agent_name = agent.id.to_string();
     let event = |action, outcome, details| AuditEvent {

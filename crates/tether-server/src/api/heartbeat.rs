@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tether_proto::Data;
 use tether_proto::agent::MAX_HEARTBEAT_BYTES;
+use tether_proto::config::{ApplyState, ConfigApply};
+use tether_store::HeartbeatFacts;
 
 use crate::auth::AgentCaller;
 use crate::error::{ApiError, ApiJson, ApiResult};
@@ -23,9 +25,24 @@ pub async fn heartbeat(
             .with("limit", MAX_HEARTBEAT_BYTES));
     }
     let text = |k: &str| fields.get(k).and_then(Value::as_str);
-    state
-        .store
-        .record_heartbeat(agent.id, text("version"), text("applied_config_hash"), &body, state.clock.now_ms())
-        .await?;
+    // How the last configuration went (protocol.md §6); older agents send only
+    // `applied_config_hash`.
+    let config: Option<ConfigApply> = fields
+        .get("config_status")
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| ApiError::bad_request("config_status", format!("config_status: {e}")))?;
+    let applied = match &config {
+        Some(c) if c.state == ApplyState::Applied => Some(c.hash.as_str()),
+        Some(_) => None,
+        None => text("applied_config_hash"),
+    };
+    let failed = config
+        .as_ref()
+        .filter(|c| c.state == ApplyState::Failed)
+        .map(|c| (c.hash.as_str(), c.error.as_deref().unwrap_or("the agent gave no reason")));
+    let beat =
+        HeartbeatFacts { version: text("version"), applied_config_hash: applied, failed_config: failed, body: &body };
+    state.store.record_heartbeat(agent.id, beat, state.clock.now_ms()).await?;
     Ok(axum::Json(Data { data: serde_json::json!({}) }).into_response())
 }

@@ -3,11 +3,14 @@
 mod agents;
 mod audit;
 mod commands;
+mod configs;
 pub mod device;
 pub mod enroll;
+mod etag;
 pub mod health;
 mod heartbeat;
 mod metrics;
+mod page;
 mod session;
 mod stream;
 mod tokens;
@@ -70,6 +73,7 @@ route_table! {
     // The agent's own stream and reports.
     Agent    get    "/api/v1/agents/self/updates" => stream::updates,
     Agent    get    "/api/v1/agents/self/commands/next" => stream::next_command,
+    Agent    get    "/api/v1/agents/self/config" => configs::own,
     Agent    post   "/api/v1/agents/self/commands/{id}/status" => commands::report_status,
     Agent    post   "/api/v1/agents/self/commands/{id}/result" => commands::report_result,
     Agent    post   "/api/v1/agents/self/heartbeat" => heartbeat::heartbeat,
@@ -86,6 +90,8 @@ route_table! {
     Admin    delete "/api/v1/users/{id}" => users::delete,
     Viewer   get    "/api/v1/agents" => agents::list,
     Viewer   get    "/api/v1/agents/{id}" => agents::get,
+    Operator patch  "/api/v1/agents/{id}" => agents::update,
+    Viewer   get    "/api/v1/agents/{id}/config" => configs::agent_config,
     Operator post   "/api/v1/agents/{id}/revoke" => agents::revoke,
     Viewer   get    "/api/v1/agents/{id}/commands" => commands::list_for_agent,
     Operator post   "/api/v1/enroll-tokens" => agents::create_enroll_token,
@@ -97,6 +103,12 @@ route_table! {
     Operator post   "/api/v1/commands/{id}/cancel" => commands::cancel,
     Viewer   get    "/api/v1/batches/{id}" => commands::get_batch,
     Operator post   "/api/v1/batches/{id}/cancel" => commands::cancel_batch,
+    Viewer   get    "/api/v1/configs" => configs::list,
+    Viewer   get    "/api/v1/configs/{scope}" => configs::get,
+    Operator put    "/api/v1/configs/{scope}" => configs::put,
+    Viewer   get    "/api/v1/configs/{scope}/history" => configs::history,
+    Operator post   "/api/v1/configs/{scope}/rollback" => configs::rollback,
+    Viewer   get    "/api/v1/configs/{scope}/status" => configs::status,
     AnyUser  get    "/api/v1/audit" => audit::list,
     Admin    get    "/api/v1/audit/verify" => audit::verify,
     Admin    get    "/api/v1/metrics" => metrics::get,

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tether_proto::signal::{COMMAND_QUEUED, CommandQueued, Updates};
 use tether_proto::{CommandId, Cursor, Data, ErrorKey};
 
+use crate::api::etag::IfNoneMatch;
 use crate::auth::{AgentCaller, revoked_error};
 use crate::error::{ApiError, ApiQuery, ApiResult};
 use crate::state::AppState;
@@ -18,19 +19,6 @@ use crate::stream::StreamState;
 pub const MAX_WAIT_S: u32 = 30;
 pub const MAX_LIMIT: u32 = 100;
 const DEFAULT_LIMIT: u32 = 20;
-
-/// The `If-None-Match` value, extracted alone: a parked poll should not hold
-/// a copy of every request header.
-#[derive(Debug)]
-pub struct IfNoneMatch(Option<String>);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfNoneMatch {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(parts.headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_owned)))
-    }
-}
 
 #[derive(Debug, Deserialize)]
 pub struct UpdatesQuery {

@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod commands;
 mod common;
+mod configs;
 mod connections;
 mod database;
 mod device;

@@ -4,13 +4,14 @@ use async_trait::async_trait;
 use tether_proto::{AgentId, Labels};
 
 use super::rows::{agent_from_row, stream_change_from_row};
-use super::{PgStore, Tx};
+use super::{PgStore, Tx, lock};
 use crate::rows::{AGENT_COLUMNS, STREAM_COLUMNS};
+use crate::rules::config::{RELABELLED, Retarget};
 use crate::rules::{enrollment_labels, new_stream_epoch};
 use crate::sql::{json_text, like_pattern, parse_json, q};
 use crate::{
-    AgentFilter, AgentRecord, AgentStore, AuditEntry, AuditFor, Entity, Millis, NewAgent, Result, StoreError,
-    StreamChange,
+    AgentFilter, AgentRecord, AgentStore, AgentUpdate, AuditEntry, AuditFor, Entity, Head, HeartbeatFacts, Millis,
+    NewAgent, Result, StoreError, StreamChange,
 };
 
 /// Most agents one `last_seen` transaction touches: keeps row locks short.
@@ -25,9 +26,11 @@ pub(super) async fn insert_agent(
     now: Millis,
 ) -> Result<AgentRecord> {
     let epoch = new_stream_epoch(now);
+    let config_hash = super::configs::initial_hash(tx, agent.id, &agent.labels).await?;
     sqlx::query(
-        "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen, stream_changed_at)
-         VALUES ($1, $2, $2, $3, $4, $5, $6, $7, $7, $7)",
+        "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen,
+                             stream_changed_at, config_hash)
+         VALUES ($1, $2, $2, $3, $4, $5, $6, $7, $7, $7, $8)",
     )
     .bind(agent.id.to_string())
     .bind(&agent.hostname)
@@ -36,6 +39,7 @@ pub(super) async fn insert_agent(
     .bind(&agent.public_key)
     .bind(epoch as i64)
     .bind(now)
+    .bind(&config_hash)
     .execute(&mut **tx)
     .await?;
     sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES ($1, $2, $3, $4)")
@@ -45,7 +49,7 @@ pub(super) async fn insert_agent(
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    Ok(AgentRecord::new(agent, epoch, now))
+    Ok(AgentRecord::new(agent, epoch, config_hash, now))
 }
 
 /// Reads one agent inside `tx`.
@@ -140,26 +144,62 @@ impl AgentStore for PgStore {
         Ok(rec)
     }
 
-    async fn record_heartbeat(
-        &self,
-        id: AgentId,
-        version: Option<&str>,
-        applied_config_hash: Option<&str>,
-        body: &serde_json::Value,
-        now: Millis,
-    ) -> Result<()> {
+    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()> {
+        let (failed_hash, error) = beat.failed_config.unzip();
+        // An applied configuration clears the failure recorded before it.
         sqlx::query(
             "UPDATE agents SET version = COALESCE($1, version), applied_config_hash = COALESCE($2, applied_config_hash),
-                    heartbeat = $3, last_seen = GREATEST(COALESCE(last_seen, 0), $4) WHERE id = $5",
+                    config_failed_hash = CASE WHEN $3::text IS NOT NULL THEN $3 WHEN $2::text IS NOT NULL THEN NULL
+                                              ELSE config_failed_hash END,
+                    config_error = CASE WHEN $3::text IS NOT NULL THEN $4 WHEN $2::text IS NOT NULL THEN NULL
+                                        ELSE config_error END,
+                    heartbeat = $5, last_seen = GREATEST(COALESCE(last_seen, 0), $6) WHERE id = $7",
         )
-        .bind(version)
-        .bind(applied_config_hash)
-        .bind(body.to_string())
+        .bind(beat.version)
+        .bind(beat.applied_config_hash)
+        .bind(failed_hash)
+        .bind(error)
+        .bind(beat.body.to_string())
         .bind(now)
         .bind(id.to_string())
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn update_agent(
+        &self,
+        id: AgentId,
+        update: AgentUpdate,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<(AgentRecord, Vec<Head>)> {
+        let mut tx = self.begin().await?;
+        lock(&mut tx, super::configs::CONFIGS_LOCK).await?;
+        let done = sqlx::query(
+            "UPDATE agents SET name = COALESCE($1, name), labels = COALESCE($2, labels)
+             WHERE id = $3 AND revoked_at IS NULL",
+        )
+        .bind(&update.name)
+        .bind(update.labels.as_ref().map(json_text))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::Agent));
+        }
+        let mut heads = Vec::new();
+        if let Some(labels) = &update.labels {
+            let before = load_agent(&mut tx, &id.to_string()).await?.config_hash;
+            let docs = super::configs::load_docs(&mut tx, Some(id)).await?;
+            let target = [Retarget { agent_id: id, labels: labels.clone(), config_hash: before }];
+            let changed = crate::rules::config::retargeted(&docs, &target);
+            heads = super::configs::retarget(&mut tx, &changed, RELABELLED, 0, now).await?;
+        }
+        let rec = load_agent(&mut tx, &id.to_string()).await?;
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok((rec, heads))
     }
 
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()> {

@@ -12,6 +12,7 @@
 mod agents;
 mod audit;
 mod commands;
+mod configs;
 mod device;
 mod server;
 mod signals;
@@ -92,6 +93,13 @@ impl PgStore {
     async fn begin(&self) -> Result<Tx> {
         Ok(self.pool.begin().await?)
     }
+
+    /// A read-only transaction whose statements all see one snapshot.
+    async fn snapshot(&self) -> Result<Tx> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        Ok(tx)
+    }
 }
 
 /// Takes the transaction-scoped advisory lock called `name` (released at
@@ -99,6 +107,16 @@ impl PgStore {
 /// in different schemas of one database never wait on each other.
 async fn lock(tx: &mut Tx, name: &str) -> Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || ':' || $1, 0))")
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Takes the lock called `name` shared: holders of the shared lock run
+/// side by side, and all of them exclude one holding it with [`lock`].
+async fn lock_shared(tx: &mut Tx, name: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended(current_schema() || ':' || $1, 0))")
         .bind(name)
         .execute(&mut **tx)
         .await?;

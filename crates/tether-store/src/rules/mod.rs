@@ -4,6 +4,7 @@
 //! on its own and no backend can drift from another.
 
 pub mod commands;
+pub mod config;
 pub mod device;
 pub mod refresh;
 

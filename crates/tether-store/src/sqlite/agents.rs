@@ -7,11 +7,12 @@ use tether_proto::{AgentId, Labels};
 use super::rows::{agent_from_row, stream_change_from_row};
 use super::{SqliteStore, Tx};
 use crate::rows::{AGENT_COLUMNS, STREAM_COLUMNS};
+use crate::rules::config::{RELABELLED, Retarget};
 use crate::rules::{enrollment_labels, new_stream_epoch};
 use crate::sql::{json_text, like_pattern, parse_json, q};
 use crate::{
-    AgentFilter, AgentRecord, AgentStore, AuditEntry, AuditFor, Entity, Millis, NewAgent, Result, StoreError,
-    StreamChange,
+    AgentFilter, AgentRecord, AgentStore, AgentUpdate, AuditEntry, AuditFor, Entity, Head, HeartbeatFacts, Millis,
+    NewAgent, Result, StoreError, StreamChange,
 };
 
 /// Inserts a new agent (labels already final) and the first refresh token of
@@ -23,9 +24,11 @@ pub(super) async fn insert_agent(
     now: Millis,
 ) -> Result<AgentRecord> {
     let epoch = new_stream_epoch(now);
+    let config_hash = super::configs::initial_hash(tx, agent.id, &agent.labels).await?;
     sqlx::query(
-        "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen, stream_changed_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen,
+                             stream_changed_at, config_hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(agent.id.to_string())
     .bind(&agent.hostname)
@@ -37,6 +40,7 @@ pub(super) async fn insert_agent(
     .bind(now)
     .bind(now)
     .bind(now)
+    .bind(&config_hash)
     .execute(&mut **tx)
     .await?;
     sqlx::query("INSERT INTO refresh_tokens (token_hash, family_id, agent_id, created_at) VALUES (?, ?, ?, ?)")
@@ -46,7 +50,7 @@ pub(super) async fn insert_agent(
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    Ok(AgentRecord::new(agent, epoch, now))
+    Ok(AgentRecord::new(agent, epoch, config_hash, now))
 }
 
 /// Reads one agent inside `tx`.
@@ -138,26 +142,60 @@ impl AgentStore for SqliteStore {
         Ok(rec)
     }
 
-    async fn record_heartbeat(
-        &self,
-        id: AgentId,
-        version: Option<&str>,
-        applied_config_hash: Option<&str>,
-        body: &serde_json::Value,
-        now: Millis,
-    ) -> Result<()> {
+    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()> {
+        let (failed_hash, error) = beat.failed_config.unzip();
+        // An applied configuration clears the failure recorded before it.
         sqlx::query(
-            "UPDATE agents SET version = COALESCE(?, version), applied_config_hash = COALESCE(?, applied_config_hash),
-                    heartbeat = ?, last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
+            "UPDATE agents SET version = COALESCE(?1, version), applied_config_hash = COALESCE(?2, applied_config_hash),
+                    config_failed_hash = CASE WHEN ?3 IS NOT NULL THEN ?3 WHEN ?2 IS NOT NULL THEN NULL
+                                              ELSE config_failed_hash END,
+                    config_error = CASE WHEN ?3 IS NOT NULL THEN ?4 WHEN ?2 IS NOT NULL THEN NULL ELSE config_error END,
+                    heartbeat = ?5, last_seen = MAX(COALESCE(last_seen, 0), ?6) WHERE id = ?7",
         )
-        .bind(version)
-        .bind(applied_config_hash)
-        .bind(body.to_string())
+        .bind(beat.version)
+        .bind(beat.applied_config_hash)
+        .bind(failed_hash)
+        .bind(error)
+        .bind(beat.body.to_string())
         .bind(now)
         .bind(id.to_string())
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn update_agent(
+        &self,
+        id: AgentId,
+        update: AgentUpdate,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<(AgentRecord, Vec<Head>)> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE agents SET name = COALESCE(?, name), labels = COALESCE(?, labels)
+             WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(&update.name)
+        .bind(update.labels.as_ref().map(json_text))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::Agent));
+        }
+        let mut heads = Vec::new();
+        if let Some(labels) = &update.labels {
+            let before = load_agent(&mut tx, &id.to_string()).await?.config_hash;
+            let docs = super::configs::load_docs(&mut tx, Some(id)).await?;
+            let target = [Retarget { agent_id: id, labels: labels.clone(), config_hash: before }];
+            let changed = crate::rules::config::retargeted(&docs, &target);
+            heads = super::configs::retarget(&mut tx, &changed, RELABELLED, 0, now).await?;
+        }
+        let rec = load_agent(&mut tx, &id.to_string()).await?;
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok((rec, heads))
     }
 
     async fn touch_agents(&self, seen: &[(AgentId, Millis)]) -> Result<()> {

@@ -7,6 +7,7 @@
 mod agents;
 mod audit;
 mod commands;
+mod configs;
 mod device;
 mod server;
 mod signals;

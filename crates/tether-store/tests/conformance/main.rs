@@ -9,6 +9,7 @@ mod agents;
 mod audit;
 mod commands;
 mod concurrency;
+mod configs;
 mod device;
 mod server;
 mod signals;

@@ -5,6 +5,7 @@
 mod agents;
 mod audit;
 mod commands;
+mod config;
 mod device;
 mod login;
 mod run;
@@ -55,6 +56,15 @@ pub enum OperatorCommand {
         #[command(subcommand)]
         command: commands::BatchesCommand,
     },
+    /// Versioned configuration by scope: write, read, history, rollback, status.
+    ///
+    /// Example: tether config set label:env=prod prod.json -m "raise poll wait"
+    Config {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: config::ConfigCommand,
+    },
     /// Create, list and revoke enrollment tokens for new agents.
     EnrollTokens {
         #[command(flatten)]
@@ -101,6 +111,7 @@ pub async fn run(command: OperatorCommand) -> anyhow::Result<i32> {
         OperatorCommand::Run(args) => run::run(*args).await,
         OperatorCommand::Commands { global, command } => commands::run(&global.connect()?, command).await,
         OperatorCommand::Batches { global, command } => commands::run_batches(&global.connect()?, command).await,
+        OperatorCommand::Config { global, command } => config::run(&global.connect()?, command).await,
         OperatorCommand::EnrollTokens { global, command } => tokens::run_enroll(&global.connect()?, command).await,
         OperatorCommand::Tokens { global, command } => tokens::run_api(&global.connect()?, command).await,
         OperatorCommand::Device { global, command } => device::run(&global.connect()?, command).await,
