@@ -848,3 +848,64 @@ async fn device_approve_and_deny_accept_any_code_form_and_set_labels() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("is not a device code"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_set_history_diff_rollback_and_label_work_from_the_cli() {
+    let server = Server::start();
+    let home = tempfile::tempdir().expect("home");
+    let token = server.admin_token.clone();
+    let (_agent, id) = server.agent(&[("role", "web")]).await;
+
+    let out =
+        cli_stdin(&server, home.path(), &token, &["config", "set", "global", "-", "-m", "first"], r#"{"a": 1}"#).await;
+    out.assert_ok();
+    assert!(out.stdout.contains("global is at version 1") && out.stdout.contains("1 agent(s)"), "{}", out.stdout);
+    // Without --if-match the CLI reads the version it replaces.
+    let doc = r#"{"a": 2, "b": {"c": true}}"#;
+    cli_stdin(&server, home.path(), &token, &["config", "set", "global", "-", "-m", "second"], doc).await.assert_ok();
+    // A stale --if-match is refused and writes nothing.
+    let stale =
+        cli_stdin(&server, home.path(), &token, &["config", "set", "global", "-", "--if-match", "1"], r#"{"a": 9}"#)
+            .await;
+    assert_ne!(stale.code, Some(0));
+    assert!(stale.stderr.contains("version 2"), "{}", stale.stderr);
+    // Not a JSON object: refused before anything is sent.
+    let bad = cli_stdin(&server, home.path(), &token, &["config", "set", "global", "-"], "[1, 2]").await;
+    assert_ne!(bad.code, Some(0));
+    assert!(bad.stderr.contains("JSON object"), "{}", bad.stderr);
+
+    let history = cli(&server, home.path(), &token, &["config", "history", "global", "-o", "json"]).await;
+    let versions: Vec<u64> =
+        history.assert_ok().json().as_array().expect("array").iter().filter_map(|v| v["version"].as_u64()).collect();
+    assert_eq!(versions, vec![2, 1], "newest first, nothing from the refused writes");
+    let diff = cli(&server, home.path(), &token, &["config", "diff", "global", "1", "2"]).await;
+    assert_eq!(diff.assert_ok().stdout, "~ /a: 1 → 2\n+ /b/c: true\n");
+    let get = cli(&server, home.path(), &token, &["config", "get", "global", "--version", "1"]).await;
+    assert_eq!(get.assert_ok().json(), serde_json::json!({"a": 1}));
+
+    cli(&server, home.path(), &token, &["config", "rollback", "global", "1"]).await.assert_ok();
+    let current = cli(&server, home.path(), &token, &["config", "get", "global", "-o", "json"]).await;
+    let current = current.assert_ok().json();
+    assert_eq!((current["version"].as_u64(), &current["doc"]), (Some(3), &serde_json::json!({"a": 1})));
+
+    // Relabelling the agent puts it under the label scope's document.
+    cli_stdin(&server, home.path(), &token, &["config", "set", "label:role=db", "-"], r#"{"a": "db"}"#)
+        .await
+        .assert_ok();
+    cli(&server, home.path(), &token, &["agents", "label", &id.to_string(), "role=db"]).await.assert_ok();
+    let effective = cli(&server, home.path(), &token, &["config", "effective", &id.to_string()]).await;
+    let line = effective.assert_ok().stdout.lines().find(|l| l.contains("/a")).unwrap_or_default().to_owned();
+    assert!(line.contains("\"db\"") && line.contains("label:role=db v1"), "{}", effective.stdout);
+    let list = cli(&server, home.path(), &token, &["agents", "list"]).await;
+    assert!(list.assert_ok().stdout.contains("CONFIG APPLIED → DESIRED"), "{}", list.stdout);
+    let scopes = cli(&server, home.path(), &token, &["config", "list", "-o", "json"]).await;
+    let names: Vec<String> = scopes
+        .assert_ok()
+        .json()
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["scope"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(names, vec!["global", "label:role=db"]);
+}

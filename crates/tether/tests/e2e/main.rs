@@ -3,6 +3,7 @@
 mod agent;
 mod cluster;
 mod common;
+mod config;
 mod device;
 mod durability;
 mod exec_shim;
