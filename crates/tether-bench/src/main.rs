@@ -4,8 +4,11 @@
 //! each poll costs, (2) the server memory held per open long-poll with
 //! thousands of polls parked at once, (3) the agent's own footprint,
 //! (4) a flood of wrong passwords from one address, and (5) durable command
-//! results per second beside `pgbench` on the same PostgreSQL. Prints a table.
+//! results per second beside `pgbench` on the same PostgreSQL, and (6) a
+//! label-scope configuration change reaching thousands of agents' streams.
+//! Prints a table.
 
+mod config;
 mod results;
 
 use std::io::{BufRead, BufReader};
@@ -47,6 +50,9 @@ enum Bench {
     /// Durable command results per second on SQLite and PostgreSQL, beside
     /// pgbench's simple-update TPS on the same PostgreSQL.
     Results(results::ResultsArgs),
+    /// A label-scope configuration change to thousands of agents: the write,
+    /// and its `config.updated` reaching every parked long-poll.
+    Config(config::ConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -212,12 +218,11 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
-async fn enroll_many(server: &Server, n: usize) -> anyhow::Result<Vec<TokenPair>> {
+/// Enrolls `n` agents (32 at a time), each with the enroll token's `labels`.
+async fn enroll_many(server: &Server, n: usize, labels: Labels) -> anyhow::Result<Vec<TokenPair>> {
     let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
-    let token = admin
-        .create_enroll_token(&CreateEnrollToken { labels: Labels::new(), uses: n as u32, expires_in_s: 3600 })
-        .await?
-        .token;
+    let token =
+        admin.create_enroll_token(&CreateEnrollToken { labels, uses: n as u32, expires_in_s: 3600 }).await?.token;
     let anon = Client::new(&server.base)?;
     let pairs = futures::stream::iter(0..n)
         .map(|i| {
@@ -376,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Agent(args) => agent(&bin, args).await,
         Bench::PasswordFlood(args) => password_flood(&bin, args).await,
         Bench::Results(args) => results::run(&bin, args).await,
+        Bench::Config(args) => config::run(&bin, args).await,
     }
 }
 
@@ -480,7 +486,7 @@ async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
     let storage = Storage::new(args.postgres.as_deref()).await;
     let server = start_server(bin, &storage)?;
     eprintln!("enrolling {} agents…", args.held_polls.max(args.connections));
-    let pairs = enroll_many(&server, args.held_polls.max(args.connections)).await?;
+    let pairs = enroll_many(&server, args.held_polls.max(args.connections), Labels::new()).await?;
 
     eprintln!("idle polls: {} connections for {} s…", args.connections, args.seconds);
     let idle = idle_polls(&server, &pairs[..args.connections], args.seconds).await?;

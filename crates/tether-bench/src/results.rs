@@ -64,7 +64,7 @@ async fn measure(bin: &PathBuf, storage: &Storage, args: &ResultsArgs) -> anyhow
     let server = start_server(bin, storage)?;
     let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
     eprintln!("{}: enrolling {} agents…", storage.name(), args.reporters);
-    let pairs = enroll_many(&server, args.reporters).await?;
+    let pairs = enroll_many(&server, args.reporters, tether_proto::Labels::new()).await?;
     eprintln!("{}: queueing {} commands…", storage.name(), args.reporters * args.per_reporter);
     let all = Target { all: Some(true), ..Target::default() };
     for _ in 0..args.per_reporter {
