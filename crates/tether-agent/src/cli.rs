@@ -207,29 +207,34 @@ pub async fn shutdown_signal() {
 
 type LogFilter = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
-/// The filter of the running process's log, changed live by `agent.log_level`.
-static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
+/// The filter of the running process's log, changed live by `agent.log_level`,
+/// and the local one (`TETHER_LOG`) to go back to.
+static LOG_FILTER: std::sync::OnceLock<(LogFilter, String)> = std::sync::OnceLock::new();
 
 /// Logs to stderr, filtered by `TETHER_LOG` (default `info`), colored only on a terminal.
 pub fn init_tracing() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let local = std::env::var("TETHER_LOG")
+        .ok()
+        .filter(|spec| tracing_subscriber::EnvFilter::try_new(spec).is_ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&local));
     let output = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     tracing_subscriber::registry().with(filter).with(output).init();
-    let _ = LOG_FILTER.set(handle);
+    let _ = LOG_FILTER.set((handle, local));
 }
 
 /// Sets the log level (`error` … `trace`) from now on (protocol.md §6
-/// `agent.log_level`); nothing happens where logging was not set up here.
-pub fn set_log_level(level: &str) {
-    let Some(handle) = LOG_FILTER.get() else { return };
-    match handle.modify(|f| *f = tracing_subscriber::EnvFilter::new(level)) {
-        Ok(()) => tracing::info!(level, "Log level changed by the configuration"),
+/// `agent.log_level`), or with `None` goes back to the local one; nothing
+/// happens where logging was not set up here.
+pub fn set_log_level(level: Option<&str>) {
+    let Some((handle, local)) = LOG_FILTER.get() else { return };
+    let spec = level.unwrap_or(local);
+    match handle.modify(|f| *f = tracing_subscriber::EnvFilter::new(spec)) {
+        Ok(()) => tracing::info!(level = spec, "Log level changed by the configuration"),
         Err(e) => tracing::warn!(error = %e, "Could not change the log level"),
     }
 }

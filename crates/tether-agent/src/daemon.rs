@@ -544,11 +544,11 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
 async fn apply_config(shared: &Shared, applied: Applied, from_server: bool) -> Result<(), String> {
     let tuning = remote_config::tuning(&applied.doc)?;
     let previous = lock(&shared.applied).as_ref().map(|a| a.hash.clone());
-    remote_config::apply_locally(&shared.cfg().sinks, &applied, previous.as_deref()).await?;
-    if let Some(level) = &tuning.log_level {
-        crate::cli::set_log_level(level);
+    remote_config::apply_locally(&shared.cfg().sinks, &applied, previous.as_deref(), &shared.stop).await?;
+    let previous_level = std::mem::replace(&mut *lock(&shared.tuning), tuning.clone()).log_level;
+    if tuning.log_level != previous_level {
+        crate::cli::set_log_level(tuning.log_level.as_deref());
     }
-    *lock(&shared.tuning) = tuning;
     shared.slots_changed.notify_waiters();
     shared.post.send_replace(Some(applied.doc.clone()));
     if from_server && let Err(e) = remote_config::save(&shared.state, &applied) {
@@ -586,7 +586,9 @@ async fn config_loop(shared: Arc<Shared>) {
             .await;
         let delay = match fetched {
             Ok(latest) => {
-                backoff.success();
+                // A configuration that failed is tried again with backoff: a
+                // hook may fail only until the service it reloads is up.
+                let mut retry = None;
                 if let Some(effective) = latest {
                     let applied = Applied { hash: effective.hash, doc: effective.doc };
                     let hash = applied.hash.clone();
@@ -600,14 +602,18 @@ async fn config_loop(shared: Arc<Shared>) {
                             tracing::warn!(hash = %hash, error = %e, "Configuration not applied; keeping the previous one");
                             let report = ConfigApply::failed(hash, e);
                             shared.update_status(|s| s.config_error = report.error.clone());
+                            retry = Some(backoff.failure(None));
                             report
                         }
                     };
                     *lock(&shared.config_report) = Some(report);
                     shared.heartbeat_now.notify_one();
                 }
+                if retry.is_none() {
+                    backoff.success();
+                }
                 shared.update_status(|s| s.config_source = Some("server".into()));
-                None
+                retry
             }
             Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
             Err(Failure::Fatal(m)) => return shared.finish(Exit::Fatal(m)),

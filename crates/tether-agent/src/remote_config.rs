@@ -115,16 +115,22 @@ fn render(doc: &Doc, format: FileFormat) -> Result<Vec<u8>, String> {
 /// the file changed, or on every new hash without a file). A failing hook
 /// puts the previous file back. `previous_hash` is the configuration the
 /// agent ran until now.
-pub async fn apply_locally(sinks: &ConfigSinks, applied: &Applied, previous_hash: Option<&str>) -> Result<(), String> {
+pub async fn apply_locally(
+    sinks: &ConfigSinks,
+    applied: &Applied,
+    previous_hash: Option<&str>,
+    stop: &CancellationToken,
+) -> Result<(), String> {
     let mut restore = None;
     let changed = match &sinks.file {
         Some(path) => {
             let bytes = render(&applied.doc, sinks.format())?;
-            let old = std::fs::read(path).ok();
+            let old = tokio::fs::read(path).await.ok();
             if old.as_deref() == Some(bytes.as_slice()) {
                 false
             } else {
-                write_atomic_mode(path, &bytes, sinks.mode())
+                write_off_thread(path, Some(bytes), sinks.mode())
+                    .await
                     .map_err(|e| format!("writing {}: {e}", path.display()))?;
                 restore = Some((path, old));
                 true
@@ -134,23 +140,33 @@ pub async fn apply_locally(sinks: &ConfigSinks, applied: &Applied, previous_hash
     };
     if changed
         && !sinks.on_change.is_empty()
-        && let Err(e) = run_hook(sinks, &applied.hash).await
+        && let Err(e) = run_hook(sinks, &applied.hash, stop).await
     {
-        if let Some((path, old)) = restore {
-            let put_back = match old {
-                Some(bytes) => write_atomic_mode(path, &bytes, sinks.mode()),
-                None => std::fs::remove_file(path),
-            };
-            if let Err(err) = put_back {
-                tracing::error!(path = %path.display(), error = %err, "Could not put the previous configuration file back");
-            }
+        if let Some((path, old)) = restore
+            && let Err(err) = write_off_thread(path, old, sinks.mode()).await
+        {
+            tracing::error!(path = %path.display(), error = %err, "Could not put the previous configuration file back");
         }
         return Err(e);
     }
     Ok(())
 }
 
-async fn run_hook(sinks: &ConfigSinks, hash: &str) -> Result<(), String> {
+/// Writes `bytes` to `path` atomically, or removes it for `None`, on the
+/// blocking pool: the agent's one runtime thread never waits on a disk (or
+/// on a slow network file system).
+async fn write_off_thread(path: &std::path::Path, bytes: Option<Vec<u8>>, mode: u32) -> std::io::Result<()> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || match bytes {
+        Some(bytes) => write_atomic_mode(&path, &bytes, mode),
+        None => std::fs::remove_file(&path),
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Runs `on_change`; stopping the agent stops the hook (and fails the apply).
+async fn run_hook(sinks: &ConfigSinks, hash: &str, stop: &CancellationToken) -> Result<(), String> {
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("TETHER_CONFIG_HASH".to_owned(), hash.to_owned());
     if let Some(file) = &sinks.file {
@@ -162,8 +178,7 @@ async fn run_hook(sinks: &ConfigSinks, hash: &str) -> Result<(), String> {
         timeout: Duration::from_secs(sinks.on_change_timeout_s.unwrap_or(30)),
         output_cap: 4096,
     };
-    let report =
-        executor::run_process(std::path::Path::new(executor::SELF_EXE), &spec, &CancellationToken::new()).await;
+    let report = executor::run_process(std::path::Path::new(executor::SELF_EXE), &spec, stop).await;
     if report.status == tether_proto::command::CommandStatus::Succeeded {
         return Ok(());
     }
@@ -189,7 +204,10 @@ pub async fn post_loop(url: String, mut docs: watch::Receiver<Option<Doc>>, base
             }
             continue;
         };
-        let sent = http.post(&url).json(&Value::Object(doc)).timeout(Duration::from_secs(30)).send().await;
+        let sent = tokio::select! {
+            sent = http.post(&url).json(&Value::Object(doc)).timeout(Duration::from_secs(30)).send() => sent,
+            _ = stop.cancelled() => return,
+        };
         let delay = match sent {
             Ok(res) if res.status().is_success() => {
                 backoff.success();
@@ -265,10 +283,10 @@ mod tests {
         let file = dir.path().join("app.json");
         let sinks = ConfigSinks { file: Some(file.clone()), mode: Some("0640".into()), ..ConfigSinks::default() };
         let applied = Applied { hash: "h1".into(), doc: doc(json!({"a": 1})) };
-        apply_locally(&sinks, &applied, None).await.expect("apply");
+        apply_locally(&sinks, &applied, None, &CancellationToken::new()).await.expect("apply");
         assert_eq!(std::fs::metadata(&file).expect("file").permissions().mode() & 0o777, 0o640);
         let written = std::fs::metadata(&file).expect("file").modified().expect("mtime");
-        apply_locally(&sinks, &applied, Some("h1")).await.expect("again");
+        apply_locally(&sinks, &applied, Some("h1"), &CancellationToken::new()).await.expect("again");
         assert_eq!(std::fs::metadata(&file).expect("file").modified().expect("mtime"), written, "not rewritten");
     }
 }

@@ -12,7 +12,7 @@
 //! warning. Every write is temp file + fsync + rename + directory fsync.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -33,17 +33,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of
-/// the directory) with `mode`: readers see the old file or the new one.
+/// the directory) with `mode`: readers see the old file or the new one. The
+/// temp file has a random name and is created exclusively, so nobody who can
+/// write to the directory can plant a symlink or a file there for the agent
+/// to write through; it keeps the owner and group of the file it replaces
+/// (when the agent may set them), so a service reading it still can.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("path has no parent"))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
     // `mode` passes through the umask at creation; set it exactly.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Ok(old) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        // Only root may give a file away; anyone else keeps their own.
+        let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid()));
+    }
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -149,6 +161,21 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn an_atomic_write_replaces_a_symlink_instead_of_following_it_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").expect("victim");
+        let path = dir.path().join("app.json");
+        std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+        write_atomic_mode(&path, b"{}", 0o640).expect("write");
+        assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep me");
+        assert!(!std::fs::symlink_metadata(&path).expect("meta").file_type().is_symlink());
+        assert_eq!((std::fs::read(&path).expect("read"), mode(&path)), (b"{}".to_vec(), 0o640));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]

@@ -162,6 +162,22 @@ fn collect_leaves<'a>(prefix: &str, value: &'a Value, out: &mut Vec<(String, &'a
     }
 }
 
+/// Deepest nesting a document may have: every client, wrapped in the
+/// response envelope, can still parse it (serde_json stops at 128).
+pub const MAX_DOC_DEPTH: usize = 64;
+
+/// Longest comment on a version, in bytes.
+pub const MAX_COMMENT_BYTES: usize = 1024;
+
+/// How deeply `value` nests: 0 for a scalar, 1 for a flat array or object.
+pub fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// `PUT /api/v1/configs/{scope}` (with `If-Match` once the scope exists).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -256,8 +272,12 @@ impl ConfigApply {
         Self { hash, state: ApplyState::Applied, error: None }
     }
 
-    /// A failed apply; a long error is cut to [`MAX_APPLY_ERROR_BYTES`].
-    pub fn failed(hash: String, mut error: String) -> Self {
+    /// A failed apply; a long error is cut to [`MAX_APPLY_ERROR_BYTES`], and
+    /// control characters (but newline and tab) become spaces, since JSON
+    /// would send each as six bytes.
+    pub fn failed(hash: String, error: String) -> Self {
+        let mut error: String =
+            error.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { ' ' } else { c }).collect();
         crate::cap_utf8(&mut error, MAX_APPLY_ERROR_BYTES);
         Self { hash, state: ApplyState::Failed, error: Some(error) }
     }
@@ -303,6 +323,9 @@ mod tests {
         let error = report.error.expect("error");
         assert!(error.len() <= MAX_APPLY_ERROR_BYTES && error.len() > MAX_APPLY_ERROR_BYTES - 2);
         assert!(error.chars().all(|c| c == 'é'));
+        let report = ConfigApply::failed("h".into(), "\u{1b}[31m".repeat(MAX_APPLY_ERROR_BYTES));
+        let json = serde_json::to_string(&report).expect("json");
+        assert!(json.len() < 2 * MAX_APPLY_ERROR_BYTES, "{} bytes as JSON", json.len());
     }
 
     #[test]

@@ -7,7 +7,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use tether_proto::config::{ConfigScope, ConfigVersion, ConfigWritten, EffectiveConfig, PutConfig, Rollback, Scope};
+use tether_proto::config::{
+    ConfigScope, ConfigVersion, ConfigWritten, EffectiveConfig, MAX_COMMENT_BYTES, MAX_DOC_DEPTH, PutConfig, Rollback,
+    Scope, depth,
+};
 use tether_proto::{AgentId, Data, Page};
 use tether_store::{ConfigChange, ConfigVersionRecord, NewConfigVersion};
 
@@ -96,6 +99,13 @@ pub async fn put(
 ) -> ApiResult<Response> {
     let scope = parse_scope(&scope)?;
     let if_match = if_match_version(&headers)?;
+    if req.comment.len() > MAX_COMMENT_BYTES {
+        return Err(ApiError::bad_request("comment", format!("comment is longer than {MAX_COMMENT_BYTES} bytes")));
+    }
+    // One level for the document object itself.
+    if req.doc.values().map(depth).max().unwrap_or(0) + 1 > MAX_DOC_DEPTH {
+        return Err(ApiError::bad_request("doc", format!("doc nests deeper than {MAX_DOC_DEPTH} levels")));
+    }
     let audit = state.audit_entry(
         &ctx,
         AuditEvent::by_user(op.name(), "config.put", scope.to_string(), json!({"comment": req.comment})),

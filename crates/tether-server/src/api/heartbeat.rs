@@ -29,13 +29,14 @@ pub async fn heartbeat(
     // `applied_config_hash`.
     let config: Option<ConfigApply> = fields
         .get("config_status")
+        .filter(|v| !v.is_null())
         .map(|v| serde_json::from_value(v.clone()))
         .transpose()
         .map_err(|e| ApiError::bad_request("config_status", format!("config_status: {e}")))?;
+    // After a failure the agent still says what it runs, if anything.
     let applied = match &config {
         Some(c) if c.state == ApplyState::Applied => Some(c.hash.as_str()),
-        Some(_) => None,
-        None => text("applied_config_hash"),
+        _ => text("applied_config_hash"),
     };
     let failed = config
         .as_ref()

@@ -58,6 +58,11 @@ async fn writes_need_the_current_version_once_the_scope_exists() {
     app.stop().await;
 }
 
+/// A PUT body whose document nests `levels` deep.
+fn deep_doc(levels: usize) -> Vec<u8> {
+    format!(r#"{{"doc": {}1{}}}"#, r#"{"a": "#.repeat(levels), "}".repeat(levels)).into_bytes()
+}
+
 #[tokio::test]
 async fn bad_documents_and_scopes_are_refused_with_nothing_written() {
     let app = spawn_app().await;
@@ -76,6 +81,13 @@ async fn bad_documents_and_scopes_are_refused_with_nothing_written() {
         ("/api/v1/configs/nonsense", br#"{"doc": {}}"#.to_vec(), 400, "BAD_REQUEST"),
         ("/api/v1/configs/label:bad%20key=x", br#"{"doc": {}}"#.to_vec(), 400, "BAD_REQUEST"),
         ("/api/v1/configs/agent:not-an-id", br#"{"doc": {}}"#.to_vec(), 400, "BAD_REQUEST"),
+        ("/api/v1/configs/global", deep_doc(65), 400, "BAD_REQUEST"),
+        (
+            "/api/v1/configs/global",
+            format!(r#"{{"doc": {{}}, "comment": "{}"}}"#, "c".repeat(1025)).into_bytes(),
+            400,
+            "BAD_REQUEST",
+        ),
         (
             &format!("/api/v1/configs/agent:{}", tether_proto::AgentId::new()),
             br#"{"doc": {}}"#.to_vec(),
@@ -92,6 +104,10 @@ async fn bad_documents_and_scopes_are_refused_with_nothing_written() {
     let res = send("/api/v1/configs/global", huge.into_bytes()).await.expect("send");
     assert_eq!(res.status(), 413);
     assert!(app.admin.list_configs().await.expect("list").is_empty(), "nothing was written");
+    // The deepest document allowed is written and read back by the client.
+    let res = send("/api/v1/configs/global", deep_doc(64)).await.expect("send");
+    assert_eq!(res.status(), 201);
+    app.admin.get_config(&scope("global"), None).await.expect("a client reads the deepest document");
     app.stop().await;
 }
 

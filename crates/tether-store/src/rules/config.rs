@@ -151,11 +151,14 @@ pub fn fleet_status(
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for (applied, failed, error) in reports {
         status.targeted += 1;
-        if applied {
-            status.applied += 1;
-        } else if failed {
+        // A failure of the desired hash wins over an applied report of the
+        // same hash: it can only be newer (applying it clears the failure),
+        // e.g. a restart whose hook failed where it had worked before.
+        if failed {
             status.failed += 1;
             *errors.entry(error.unwrap_or_default()).or_default() += 1;
+        } else if applied {
+            status.applied += 1;
         } else {
             status.behind += 1;
         }
@@ -277,16 +280,16 @@ mod tests {
         let e = |s: &str| Some(s.to_owned());
         let reports = vec![
             (true, false, None),
-            (true, true, e("stale failure of the same hash")),
+            (true, true, e("hook exited 1")),
             (false, true, e("bad heartbeat_s")),
             (false, true, e("bad heartbeat_s")),
             (false, true, e("hook exited 1")),
             (false, false, None),
         ];
         let s = fleet_status(Scope::Global, 3, reports);
-        assert_eq!((s.targeted, s.applied, s.failed, s.behind), (6, 2, 3, 1));
+        assert_eq!((s.targeted, s.applied, s.failed, s.behind), (6, 1, 4, 1));
         let errors: Vec<(&str, u64)> = s.errors.iter().map(|e| (e.error.as_str(), e.agents)).collect();
-        assert_eq!(errors, vec![("bad heartbeat_s", 2), ("hook exited 1", 1)]);
+        assert_eq!(errors, vec![("bad heartbeat_s", 2), ("hook exited 1", 2)]);
     }
 
     #[test]

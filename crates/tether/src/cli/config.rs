@@ -12,7 +12,9 @@ use tether_proto::AgentId;
 use tether_proto::ErrorKey;
 use tether_proto::config::{ConfigWritten, Doc, PutConfig, Scope, leaves};
 
-use super::{Ctx, Output, api_error, collect_pages, fields_table, fmt_time, print_json, print_table, table};
+use super::{
+    Ctx, Output, api_error, collect_pages, fields_table, fmt_time, print_json, print_table, table, terminal_safe,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -27,8 +29,9 @@ pub enum ConfigCommand {
     },
     /// Write a scope's next version from a JSON file (or - for stdin).
     ///
-    /// The version it replaces is read first, unless --if-match names it: a
-    /// write made meanwhile by someone else is then refused instead of lost.
+    /// Without --if-match it replaces whatever version is current. Name the
+    /// version your file was edited from with --if-match, and a write someone
+    /// else made meanwhile is refused instead of overwritten.
     Set {
         scope: Scope,
         /// A JSON object, or - to read it from stdin
@@ -181,7 +184,8 @@ pub async fn run(ctx: &Ctx, command: ConfigCommand) -> anyhow::Result<()> {
                 ("failed", s.failed.to_string()),
             ]));
             for e in &s.errors {
-                println!("  {} agent(s): {}", e.agents, e.error);
+                // The error is the agent's text (a hook's stderr): never raw to a terminal.
+                println!("  {} agent(s): {}", e.agents, terminal_safe(&e.error));
             }
             Ok(())
         }
