@@ -25,6 +25,19 @@ enum AgentAction {
     Status(SocketArgs),
     /// Make the running daemon poll the server now.
     PollNow(SocketArgs),
+    /// List the certificates the running daemon installed (name, serial, expiry, source).
+    ListCerts(SocketArgs),
+    /// Renew a certificate now: an issued one gets a new key and certificate
+    /// (prints the new serial); for an uploaded one the operators are asked.
+    Renew(RenewArgs),
+}
+
+#[derive(Debug, Args)]
+struct RenewArgs {
+    /// The certificate's name (its directory under the certificates dir).
+    cert: String,
+    #[command(flatten)]
+    socket: SocketArgs,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +171,8 @@ pub fn main(args: AgentArgs) -> anyhow::Result<i32> {
             println!("poll requested");
             Ok(0)
         }),
+        Some(AgentAction::ListCerts(s)) => runtime.block_on(list_certs(&socket(&s), s.json)),
+        Some(AgentAction::Renew(r)) => runtime.block_on(renew(&socket(&r.socket), &r.cert, r.socket.json)),
     }
 }
 
@@ -191,6 +206,53 @@ async fn status(socket: &Path, json: bool) -> anyhow::Result<i32> {
             other => other.to_string(),
         };
         println!("{:<22} {text}", format!("{}:", key.replace('_', " ")));
+    }
+    Ok(0)
+}
+
+/// A control answer, or the error it carries.
+async fn ask(socket: &Path, command: &str) -> anyhow::Result<serde_json::Value> {
+    let answer = crate::control::request(socket, command).await?;
+    if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{error}");
+    }
+    Ok(answer)
+}
+
+async fn list_certs(socket: &Path, json: bool) -> anyhow::Result<i32> {
+    let answer = ask(socket, "list-certs").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(0);
+    }
+    let certs: Vec<crate::managed_certs::Listing> = serde_json::from_value(answer)?;
+    if certs.is_empty() {
+        println!("no certificates installed");
+        return Ok(0);
+    }
+    let width = certs.iter().map(|c| c.name.len()).max().unwrap_or(0).max(4);
+    let serial_width = certs.iter().map(|c| c.serial.len()).max().unwrap_or(0).max(6);
+    println!("{:<width$}  {:<serial_width$}  {:<25}  SOURCE", "NAME", "SERIAL", "NOT AFTER");
+    for c in &certs {
+        println!("{:<width$}  {:<serial_width$}  {:<25}  {}", c.name, c.serial, c.not_after, c.source.as_str());
+    }
+    Ok(0)
+}
+
+async fn renew(socket: &Path, name: &str, json: bool) -> anyhow::Result<i32> {
+    // One line to the daemon: a name cannot carry another command.
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        anyhow::bail!("certificate name {name:?} must be one word");
+    }
+    let answer = ask(socket, &format!("renew {name}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(0);
+    }
+    let text = |key: &str| answer.get(key).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+    match answer.get("serial") {
+        Some(_) => println!("renewed {name}: serial {}, valid until {}", text("serial"), text("not_after")),
+        None => println!("renewal of {name} requested from the operators"),
     }
     Ok(0)
 }

@@ -38,6 +38,30 @@ pub struct FileConfig {
     /// Where local programs get the configuration the server distributes.
     #[serde(default)]
     pub config: ConfigSinks,
+    /// Where managed files may be written.
+    #[serde(default)]
+    pub files: FilesSection,
+    /// Where certificates are installed.
+    #[serde(default)]
+    pub certs: CertsSection,
+}
+
+/// `[files]` in `agent.toml`: the only directories managed files (protocol.md
+/// §7) may be written to, whatever path the server names.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSection {
+    /// Absolute directories; default `<state dir>/files`. An empty list
+    /// refuses every managed file.
+    pub allowed_dirs: Option<Vec<PathBuf>>,
+}
+
+/// `[certs]` in `agent.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertsSection {
+    /// Certificates go to `<dir>/<name>/`; default `<state dir>/certs`.
+    pub dir: Option<PathBuf>,
 }
 
 /// `[config]` in `agent.toml`: how the configuration the server distributes
@@ -219,6 +243,10 @@ pub struct AgentConfig {
     pub allow_shell: bool,
     pub actions: BTreeMap<String, Action>,
     pub sinks: ConfigSinks,
+    /// `[files] allowed_dirs`, resolved.
+    pub file_dirs: Vec<PathBuf>,
+    /// `[certs] dir`, resolved.
+    pub certs_dir: PathBuf,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -233,6 +261,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("sign_requests", &self.sign_requests)
             .field("allow_shell", &self.allow_shell)
             .field("actions", &self.actions.keys().collect::<Vec<_>>())
+            .field("file_dirs", &self.file_dirs)
+            .field("certs_dir", &self.certs_dir)
             .finish_non_exhaustive()
     }
 }
@@ -346,6 +376,8 @@ impl AgentConfig {
             allow_shell: file.allow_shell,
             actions: file.actions,
             sinks: file.config,
+            file_dirs: file.files.allowed_dirs.unwrap_or_else(|| vec![dir.join("files")]),
+            certs_dir: file.certs.dir.unwrap_or_else(|| dir.join("certs")),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -367,6 +399,12 @@ impl AgentConfig {
             return invalid("output_cap_bytes", "must be at most 65536");
         }
         self.sinks.check().map_err(|message| ConfigError::Invalid { name: "config".into(), message })?;
+        if let Some(dir) = self.file_dirs.iter().find(|d| !d.is_absolute()) {
+            return invalid("files.allowed_dirs", &format!("{} must be an absolute path", dir.display()));
+        }
+        if !self.certs_dir.is_absolute() {
+            return invalid("certs.dir", &format!("{} must be an absolute path", self.certs_dir.display()));
+        }
         for (name, action) in &self.actions {
             if action.argv.is_empty() {
                 return invalid(&format!("actions.{name}"), "argv must not be empty");
@@ -545,6 +583,29 @@ mod tests {
         .expect_err("bad env");
         assert!(err.to_string().contains("POLLING_TIMEOUT_SECS"), "{err}");
         assert!(toml::from_str::<FileConfig>("unknown_knob = 1").is_err());
+    }
+
+    #[test]
+    fn files_and_certs_dirs_default_to_the_state_dir_and_must_be_absolute() {
+        let dir = Path::new("/var/lib/tether");
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.file_dirs, [dir.join("files")]);
+        assert_eq!(cfg.certs_dir, dir.join("certs"));
+        let file: FileConfig = toml::from_str(
+            "[files]\nallowed_dirs = [\"/etc/app\", \"/srv/www\"]\n[certs]\ndir = \"/etc/tether/certs\"",
+        )
+        .expect("toml");
+        let cfg = AgentConfig::resolve(dir, file, env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.file_dirs, [PathBuf::from("/etc/app"), PathBuf::from("/srv/www")]);
+        assert_eq!(cfg.certs_dir, PathBuf::from("/etc/tether/certs"));
+        for (bad, name) in
+            [("[files]\nallowed_dirs = [\"etc/app\"]", "files.allowed_dirs"), ("[certs]\ndir = \"certs\"", "certs.dir")]
+        {
+            let file: FileConfig = toml::from_str(bad).expect("toml");
+            let err = AgentConfig::resolve(dir, file, env_of(&[]), Overrides::default()).expect_err(bad);
+            assert!(err.to_string().starts_with(name), "{err}");
+        }
+        assert!(toml::from_str::<FileConfig>("[files]\nallowed = []").is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The daemon: concurrent loops (stream, executor pool, result spool,
-//! heartbeat, distributed configuration, control socket) sharing one
-//! [`Shared`] state, and the lifecycle around them (recovery at start,
-//! graceful stop).
+//! heartbeat, distributed configuration, managed files, certificates,
+//! control socket) sharing one [`Shared`] state, and the lifecycle around
+//! them (recovery at start, graceful stop).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -11,12 +11,14 @@ use serde::Serialize;
 use tether_client::Poll;
 use tether_proto::CommandId;
 use tether_proto::agent::Heartbeat;
+use tether_proto::certs::{CertRenewed, CertRevoked};
 use tether_proto::command::{CommandStatus, ResultReport};
 use tether_proto::config::{ConfigApply, Doc};
 use tether_proto::signal::{
-    COMMAND_CANCELLED, COMMAND_QUEUED, CONFIG_UPDATED, CommandCancelled, CommandQueued, Signal,
+    CERT_RENEWED, CERT_REVOKED, COMMAND_CANCELLED, COMMAND_QUEUED, CONFIG_UPDATED, CommandCancelled, CommandQueued,
+    FILE_REMOVED, FILE_UPDATED, Signal,
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,6 +26,9 @@ use crate::backoff::Backoff;
 use crate::config::{self, AgentConfig};
 use crate::executor::{self, Builtin, Plan};
 use crate::journal::Journal;
+use crate::managed::Ctx;
+use crate::managed_certs::{self, Events, ManagedCerts, RenewCommand};
+use crate::managed_files::ManagedFiles;
 use crate::remote_config::{self, Applied, Tuning};
 use crate::session::{Failure, Session};
 use crate::spool::Spool;
@@ -129,6 +134,14 @@ struct Shared {
     heartbeat_now: Notify,
     /// The newest document for the `post_url` sink.
     post: watch::Sender<Option<Doc>>,
+    /// A `file.updated`/`file.removed` signal (or a resync): reconcile the managed files.
+    files_changed: Notify,
+    /// A certificate signal (or a resync): reconcile the certificates.
+    certs_changed: Notify,
+    /// Which certificates the signals named.
+    cert_events: Mutex<Events>,
+    /// `renew NAME` from the control socket, for the certificate loop.
+    renewals: mpsc::UnboundedSender<RenewCommand>,
     status: Mutex<Status>,
     poll_now: Notify,
     spool_changed: Notify,
@@ -220,6 +233,20 @@ impl Shared {
                 self.queue_changed.notify_waiters();
             }
             CONFIG_UPDATED => self.config_changed.notify_one(),
+            // A full pass either way: the server's list is the desired set.
+            FILE_UPDATED | FILE_REMOVED => self.files_changed.notify_one(),
+            CERT_RENEWED => {
+                if let Ok(r) = serde_json::from_value::<CertRenewed>(signal.reference.clone()) {
+                    lock(&self.cert_events).renewed.insert(r.cert_id);
+                }
+                self.certs_changed.notify_one();
+            }
+            CERT_REVOKED => {
+                if let Ok(r) = serde_json::from_value::<CertRevoked>(signal.reference.clone()) {
+                    lock(&self.cert_events).revoked.insert(r.cert_id);
+                }
+                self.certs_changed.notify_one();
+            }
             COMMAND_CANCELLED => {
                 let Ok(c) = serde_json::from_value::<CommandCancelled>(signal.reference.clone()) else { return };
                 if let Some(token) = lock(&self.running).get(&c.command_id) {
@@ -294,8 +321,10 @@ async fn stream_loop(shared: Arc<Shared>, mode: Mode) {
                 tracing::warn!("Stream cursor expired; resyncing from the start of the retained stream");
                 let _ = shared.state.remove("cursor");
                 cursor = None;
-                // Signals may have been missed: the configuration may have changed too.
+                // Signals may have been missed: configuration, files and certificates may have changed too.
                 shared.config_changed.notify_one();
+                shared.files_changed.notify_one();
+                shared.certs_changed.notify_one();
                 continue;
             }
             Err(Failure::Revoked(msg)) => return shared.finish(Exit::Revoked(msg)),
@@ -626,15 +655,104 @@ async fn config_loop(shared: Arc<Shared>) {
                 Some(delay)
             }
         };
-        let retry = async {
-            match delay {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = shared.config_changed.notified() => {}
-            _ = retry => {}
+            _ = sleep_for(delay) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Sleeps for `delay`, or forever for `None`.
+async fn sleep_for(delay: Option<Duration>) {
+    match delay {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wait before the next pass of a reconcile loop: none (until a
+/// signal) when the pass applied everything, a backoff when something
+/// failed, or how the agent must stop.
+fn after_pass(pass: Result<bool, Failure>, backoff: &mut Backoff, what: &str) -> Result<Option<Duration>, Exit> {
+    match pass {
+        Ok(true) => {
+            backoff.success();
+            Ok(None)
+        }
+        Ok(false) => Ok(Some(backoff.failure(None))),
+        Err(Failure::Revoked(m)) => Err(Exit::Revoked(m)),
+        Err(Failure::Fatal(m)) => Err(Exit::Fatal(m)),
+        Err(e) => {
+            let retry_after = match &e {
+                Failure::Retry { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            let delay = backoff.failure(retry_after);
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Fetching the {what} failed");
+            Ok(Some(delay))
+        }
+    }
+}
+
+/// Keeps the managed files as the server assigns them (protocol.md §7): a
+/// full pass at start, on every `file.updated`/`file.removed` (signals
+/// during a pass make one more pass, not one each) and on a resync; a pass
+/// where something failed is retried with backoff.
+async fn files_loop(shared: Arc<Shared>) {
+    let mut files = ManagedFiles::load(&shared.state);
+    let mut backoff = Backoff::new(Duration::from_secs(shared.cfg().backoff_base_s), Box::new(rand::random::<f64>));
+    loop {
+        let cfg = shared.cfg();
+        let ctx = Ctx { session: &shared.session, cfg: &cfg, state: &shared.state, stop: &shared.stop };
+        let pass = tokio::select! {
+            pass = files.reconcile(ctx) => pass,
+            _ = shared.stop.cancelled() => return,
+        };
+        let delay = match after_pass(pass, &mut backoff, "managed files") {
+            Ok(delay) => delay,
+            Err(exit) => return shared.finish(exit),
+        };
+        tokio::select! {
+            _ = shared.files_changed.notified() => {}
+            _ = sleep_for(delay) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps the certificates as the server assigns them (protocol.md §7): a
+/// full pass at start, on `cert.renewed`/`cert.revoked`, on a resync and
+/// when an issued certificate is due for renewal; answers `renew NAME` from
+/// the control socket between passes. A pass where something failed is
+/// retried with backoff.
+async fn certs_loop(shared: Arc<Shared>, mut renewals: mpsc::UnboundedReceiver<RenewCommand>) {
+    let mut certs = ManagedCerts::load(&shared.state, shared.session.agent_id());
+    let mut backoff = Backoff::new(Duration::from_secs(shared.cfg().backoff_base_s), Box::new(rand::random::<f64>));
+    loop {
+        certs.note(std::mem::take(&mut *lock(&shared.cert_events)));
+        let cfg = shared.cfg();
+        let ctx = Ctx { session: &shared.session, cfg: &cfg, state: &shared.state, stop: &shared.stop };
+        let pass = tokio::select! {
+            pass = certs.reconcile(ctx, now_ms()) => pass,
+            _ = shared.stop.cancelled() => return,
+        };
+        let delay = match after_pass(pass, &mut backoff, "certificates") {
+            // The renewal timer, unless a retry is due first.
+            Ok(delay) => delay.or_else(|| certs.next_renewal(now_ms())),
+            Err(exit) => return shared.finish(exit),
+        };
+        tokio::select! {
+            _ = shared.certs_changed.notified() => {}
+            _ = sleep_for(delay) => {}
+            Some(command) = renewals.recv() => {
+                let answer = tokio::select! {
+                    answer = certs.renew(ctx, &command.name, now_ms()) => answer,
+                    _ = shared.stop.cancelled() => return,
+                };
+                // The asker may have given up waiting.
+                let _ = command.reply.send(answer);
+            }
             _ = shared.stop.cancelled() => return,
         }
     }
@@ -695,6 +813,7 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         Ok(j) => j,
         Err(e) => return Exit::Fatal(format!("opening the journal: {e}")),
     };
+    let (renewals, renewal_requests) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         status: Mutex::new(Status {
             server: cfg.server.clone(),
@@ -717,6 +836,10 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         config_changed: Notify::new(),
         heartbeat_now: Notify::new(),
         post: watch::channel(None).0,
+        files_changed: Notify::new(),
+        certs_changed: Notify::new(),
+        cert_events: Mutex::new(Events::default()),
+        renewals,
         poll_now: Notify::new(),
         spool_changed: Notify::new(),
         exit: Mutex::new(None),
@@ -753,6 +876,8 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
             loops.spawn(spool_loop(shared.clone()));
             loops.spawn(heartbeat_loop(shared.clone()));
             loops.spawn(config_loop(shared.clone()));
+            loops.spawn(files_loop(shared.clone()));
+            loops.spawn(certs_loop(shared.clone(), renewal_requests));
             let cfg = shared.cfg();
             if let Some(url) = cfg.sinks.post_url.clone() {
                 loops.spawn(remote_config::post_loop(
@@ -796,6 +921,10 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
 pub trait Control: Send + Sync + 'static {
     fn status(&self) -> Status;
     fn poll_now(&self);
+    /// The installed certificates.
+    fn list_certs(&self) -> Vec<managed_certs::Listing>;
+    /// Renews certificate `name` now; the answer comes when it is done.
+    fn renew(&self, name: String) -> oneshot::Receiver<Result<serde_json::Value, String>>;
 }
 
 impl Control for Shared {
@@ -813,5 +942,16 @@ impl Control for Shared {
 
     fn poll_now(&self) {
         self.poll_now.notify_waiters();
+    }
+
+    fn list_certs(&self) -> Vec<managed_certs::Listing> {
+        managed_certs::list(&self.state)
+    }
+
+    fn renew(&self, name: String) -> oneshot::Receiver<Result<serde_json::Value, String>> {
+        let (reply, answer) = oneshot::channel();
+        // Sent to a loop that stopped, the reply is dropped: the asker hears that.
+        let _ = self.renewals.send(RenewCommand { name, reply });
+        answer
     }
 }

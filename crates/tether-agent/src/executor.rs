@@ -108,6 +108,44 @@ pub fn plan(cfg: &AgentConfig, cmd: &CommandQueued) -> Plan {
     }
 }
 
+/// How much of a hook's output is kept: only its stderr is shown, in the
+/// failure it causes.
+pub const HOOK_OUTPUT_CAP: usize = 4096;
+
+/// A named action run as a hook after a managed file or certificate changed
+/// (protocol.md §7): the server names it, but only the local `agent.toml`
+/// defines it. It gets no parameters, so an action that needs some cannot be
+/// a hook. `extra` is added to its environment (what changed, where).
+pub fn hook(cfg: &AgentConfig, name: &str, extra: &BTreeMap<String, String>) -> Result<ProcessSpec, String> {
+    let action =
+        cfg.actions.get(name).ok_or_else(|| format!("hook {name:?} is not an action in this agent's agent.toml"))?;
+    let argv = substitute(&action.argv, &action.params, &Value::Null).map_err(|e| format!("hook {name:?}: {e}"))?;
+    let mut env = action.env.clone();
+    env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let timeout_s = action.timeout_s.unwrap_or(cfg.command_timeout_s).min(cfg.command_timeout_s).max(1);
+    Ok(ProcessSpec {
+        argv,
+        env: command_env(|k| std::env::var(k).ok(), &env),
+        timeout: Duration::from_secs(timeout_s.into()),
+        output_cap: HOOK_OUTPUT_CAP,
+    })
+}
+
+/// Runs a hook under the exec shim; the error says why it failed (`label`
+/// first) with what it wrote to stderr. Cancelling `stop` kills it.
+pub async fn run_hook(spec: &ProcessSpec, label: &str, stop: &CancellationToken) -> Result<(), String> {
+    let report = run_process(Path::new(SELF_EXE), spec, stop).await;
+    if report.status == CommandStatus::Succeeded {
+        return Ok(());
+    }
+    let why = report.reason.unwrap_or_else(|| match report.exit_code {
+        Some(code) => format!("exited {code}"),
+        None => "failed".into(),
+    });
+    let stderr = report.stderr.trim();
+    Err(if stderr.is_empty() { format!("{label} {why}") } else { format!("{label} {why}: {stderr}") })
+}
+
 /// Fills `{param}` argv elements with checked, typed parameters. A
 /// placeholder must be a whole element, so a value is always exactly one
 /// argument.
@@ -430,6 +468,23 @@ mod tests {
         assert!(matches!(plan(&c, &cmd("rm", json!({}))), Plan::Reject(_)));
         let shell = cfg("allow_shell = true");
         assert!(matches!(plan(&shell, &cmd("shell", json!({"script": "id"}))), Plan::Process(_)));
+    }
+
+    #[test]
+    fn a_hook_is_a_local_action_without_parameters() {
+        let c = cfg(
+            "command_timeout_s = 60\n[actions.reload]\nargv = [\"systemctl\", \"reload\", \"nginx\"]\ntimeout_s = 600\n\
+             [actions.restart]\nargv = [\"systemctl\", \"restart\", \"{unit}\"]\nparams = { unit = \"string\" }",
+        );
+        let extra = BTreeMap::from([("TETHER_FILE".to_owned(), "/etc/nginx/site.conf".to_owned())]);
+        let spec = hook(&c, "reload", &extra).expect("an action");
+        assert_eq!(spec.argv, ["systemctl", "reload", "nginx"]);
+        assert_eq!(spec.timeout, Duration::from_secs(60), "capped by command_timeout_s");
+        assert!(spec.env.contains(&("TETHER_FILE".to_owned(), "/etc/nginx/site.conf".to_owned())));
+        let err = hook(&c, "reload-apache", &extra).expect_err("unknown");
+        assert!(err.contains("\"reload-apache\" is not an action"), "{err}");
+        let err = hook(&c, "restart", &extra).expect_err("needs a parameter");
+        assert!(err.contains("missing parameter \"unit\""), "{err}");
     }
 
     #[test]

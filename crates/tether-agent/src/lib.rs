@@ -1,7 +1,9 @@
-//! The tether agent daemon (protocol.md §5 agent side, §12): it enrolls, keeps its
-//! identity and cursor in a private state dir, long-polls its stream, runs
-//! allow-listed commands at most once each, and delivers every result even
-//! across restarts and outages.
+//! The tether agent daemon (protocol.md §5 agent side, §7, §12): it enrolls,
+//! keeps its identity and cursor in a private state dir, long-polls its
+//! stream, runs allow-listed commands at most once each, delivers every
+//! result even across restarts and outages, and keeps the files and
+//! certificates the server assigns it in place (only where its own
+//! `agent.toml` allows).
 
 pub mod backoff;
 pub mod cli;
@@ -11,6 +13,9 @@ pub mod daemon;
 pub mod device_flow;
 pub mod executor;
 pub mod journal;
+pub mod managed;
+pub mod managed_certs;
+pub mod managed_files;
 pub mod remote_config;
 pub mod session;
 pub mod shim;

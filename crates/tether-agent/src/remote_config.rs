@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::{ConfigSinks, FileFormat};
 use crate::executor::{self, ProcessSpec};
-use crate::state::{StateDir, write_atomic_mode};
+use crate::state::{StateDir, off_thread, write_atomic_mode};
 
 /// The file under `state/` holding the last good configuration.
 pub const CACHE: &str = "config.json";
@@ -81,20 +81,11 @@ pub struct Applied {
 
 /// The last good configuration, if one was kept.
 pub fn load_cached(state: &StateDir) -> Option<Applied> {
-    let text = match state.read(CACHE) {
-        Ok(text) => text?,
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot read the cached configuration");
-            return None;
-        }
-    };
-    serde_json::from_str(&text)
-        .inspect_err(|e| tracing::warn!(error = %e, "Ignoring a corrupt cached configuration"))
-        .ok()
+    state.read_json(CACHE)
 }
 
 pub fn save(state: &StateDir, applied: &Applied) -> std::io::Result<()> {
-    state.write(CACHE, &serde_json::to_string(applied).expect("a document serializes"))
+    state.write_json(CACHE, applied)
 }
 
 /// The document as the file sink writes it.
@@ -152,17 +143,15 @@ pub async fn apply_locally(
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically, or removes it for `None`, on the
-/// blocking pool: the agent's one runtime thread never waits on a disk (or
-/// on a slow network file system).
+/// Writes `bytes` to `path` atomically, or removes it for `None`, off the
+/// runtime thread.
 async fn write_off_thread(path: &std::path::Path, bytes: Option<Vec<u8>>, mode: u32) -> std::io::Result<()> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || match bytes {
+    off_thread(move || match bytes {
         Some(bytes) => write_atomic_mode(&path, &bytes, mode),
         None => std::fs::remove_file(&path),
     })
-    .await
-    .map_err(std::io::Error::other)?
+    .await?
 }
 
 /// Runs `on_change`; stopping the agent stops the hook (and fails the apply).
@@ -176,18 +165,9 @@ async fn run_hook(sinks: &ConfigSinks, hash: &str, stop: &CancellationToken) -> 
         argv: sinks.on_change.clone(),
         env: executor::command_env(|k| std::env::var(k).ok(), &extra),
         timeout: Duration::from_secs(sinks.on_change_timeout_s.unwrap_or(30)),
-        output_cap: 4096,
+        output_cap: executor::HOOK_OUTPUT_CAP,
     };
-    let report = executor::run_process(std::path::Path::new(executor::SELF_EXE), &spec, stop).await;
-    if report.status == tether_proto::command::CommandStatus::Succeeded {
-        return Ok(());
-    }
-    let why = report.reason.unwrap_or_else(|| match report.exit_code {
-        Some(code) => format!("exited {code}"),
-        None => "failed".into(),
-    });
-    let stderr = report.stderr.trim();
-    Err(if stderr.is_empty() { format!("on_change hook {why}") } else { format!("on_change hook {why}: {stderr}") })
+    executor::run_hook(&spec, "on_change hook", stop).await
 }
 
 /// Delivers the newest document to `url`: POSTs it as JSON and, until a 2xx

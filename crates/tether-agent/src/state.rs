@@ -3,9 +3,11 @@
 //! ```text
 //! DIR/agent.toml        local configuration (never written by the agent)
 //! DIR/state/            agent_id, access_token, refresh_token, cursor, journal,
-//!                       results/ (unacknowledged results), agent.sock
+//!                       results/ (unacknowledged results), agent.sock,
+//!                       config.json (last good configuration), files.json and
+//!                       certs.json (what the agent placed and installed)
 //! DIR/keys/agent.key    Ed25519 private key (raw 32 bytes)
-//! DIR/certs/ DIR/files/ DIR/logs/
+//! DIR/certs/ DIR/files/ DIR/logs/  (default [certs] dir and [files] allowed_dirs)
 //! ```
 //!
 //! Directories are 0700 and files 0600; wrong modes are fixed with a
@@ -33,30 +35,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of
-/// the directory) with `mode`: readers see the old file or the new one. The
-/// temp file has a random name and is created exclusively, so nobody who can
-/// write to the directory can plant a symlink or a file there for the agent
-/// to write through; it keeps the owner and group of the file it replaces
-/// (when the agent may set them), so a service reading it still can.
+/// the directory) with `mode`: readers see the old file or the new one. It
+/// keeps the owner and group of the file it replaces (when the agent may set
+/// them), so a service reading it still can.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut tmp = temp_beside(path, mode)?;
+    tmp.write_all(bytes)?;
+    commit(tmp, path, None, None)
+}
+
+/// A new temp file in `path`'s directory with exactly `mode`, to be
+/// [`commit`]ted over `path`. It has a random name and is created
+/// exclusively, so nobody who can write to the directory can plant a
+/// symlink or a file there for the agent to write through; dropped, it is
+/// removed.
+pub fn temp_beside(path: &Path, mode: u32) -> std::io::Result<tempfile::NamedTempFile> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("path has no parent"))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(dir)?;
     // `mode` passes through the umask at creation; set it exactly.
     tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
-    if let Ok(old) = std::fs::symlink_metadata(path) {
+    Ok(tmp)
+}
+
+/// Puts the written `tmp` in place of `path`: owner `uid` and group `gid`
+/// where given (a failure is an error), else those of the file it replaces
+/// where the agent may set them; then fsync, rename, fsync of the directory.
+pub fn commit(tmp: tempfile::NamedTempFile, path: &Path, uid: Option<u32>, gid: Option<u32>) -> std::io::Result<()> {
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::fchown(tmp.as_file(), uid, gid)?;
+    } else if let Ok(old) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::MetadataExt;
         // Only root may give a file away; anyone else keeps their own.
         let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid()));
     }
-    tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("path has no parent"))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Runs disk work on the blocking pool: the agent's one runtime thread never
+/// waits on a disk (or on a slow network file system).
+pub async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)
 }
 
 fn fix_mode(path: &Path, want: u32) -> std::io::Result<()> {
@@ -121,6 +147,22 @@ impl StateDir {
 
     pub fn write(&self, name: &str, value: &str) -> std::io::Result<()> {
         write_atomic(&self.root.join("state").join(name), value.as_bytes())
+    }
+
+    /// A JSON file under `state/`; `None` when absent, unreadable or
+    /// corrupt (logged: the caller starts from empty).
+    pub fn read_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Option<T> {
+        let text = self
+            .read(name)
+            .inspect_err(|e| tracing::warn!(file = name, error = %e, "Cannot read a state file"))
+            .ok()??;
+        serde_json::from_str(&text)
+            .inspect_err(|e| tracing::warn!(file = name, error = %e, "Ignoring a corrupt state file"))
+            .ok()
+    }
+
+    pub fn write_json(&self, name: &str, value: &impl serde::Serialize) -> std::io::Result<()> {
+        self.write(name, &serde_json::to_string(value).map_err(std::io::Error::other)?)
     }
 
     pub fn remove(&self, name: &str) -> std::io::Result<()> {

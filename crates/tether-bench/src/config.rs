@@ -115,7 +115,8 @@ async fn measure(bin: &PathBuf, storage: &Storage, agents: usize) -> anyhow::Res
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = store_calls(&server).await?;
     let started = Instant::now();
-    let waiting: Vec<_> = conns.into_iter().map(|conn| tokio::spawn(read_signal(conn, started))).collect();
+    let waiting: Vec<_> =
+        conns.into_iter().map(|conn| tokio::spawn(read_signal(conn, started, b"config.updated"))).collect();
     let (next, delivery_put_ms) =
         put(&admin, &scope, serde_json::json!({"greeting": "v2", "poll": 30}), Some(written.version)).await?;
     let mut last = Duration::ZERO;
@@ -138,21 +139,22 @@ async fn measure(bin: &PathBuf, storage: &Storage, agents: usize) -> anyhow::Res
 }
 
 /// Reads a parked poll's answer; how long after `started` it carried a
-/// `config.updated` signal.
-async fn read_signal(mut conn: TcpStream, started: Instant) -> anyhow::Result<Duration> {
+/// signal of `kind`.
+pub async fn read_signal(mut conn: TcpStream, started: Instant, kind: &'static [u8]) -> anyhow::Result<Duration> {
     let mut answer = Vec::with_capacity(2048);
     let mut buf = [0u8; 4096];
     let read = async {
         loop {
             let n = conn.read(&mut buf).await?;
             if n == 0 {
-                bail!("the poll closed without a config.updated signal");
+                bail!("the poll closed without a {} signal", String::from_utf8_lossy(kind));
             }
             answer.extend_from_slice(&buf[..n]);
-            if answer.windows(14).any(|w| w == b"config.updated") {
+            if answer.windows(kind.len()).any(|w| w == kind) {
                 return Ok(started.elapsed());
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), read).await.context("no config.updated within 60 s")?
+    let within = tokio::time::timeout(Duration::from_secs(60), read).await;
+    within.with_context(|| format!("no {} signal within 60 s", String::from_utf8_lossy(kind)))?
 }

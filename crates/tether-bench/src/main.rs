@@ -8,6 +8,7 @@
 //! label-scope configuration change reaching thousands of agents' streams.
 //! Prints a table.
 
+mod certs;
 mod config;
 mod results;
 
@@ -53,6 +54,9 @@ enum Bench {
     /// A label-scope configuration change to thousands of agents: the write,
     /// and its `config.updated` reaching every parked long-poll.
     Config(config::ConfigArgs),
+    /// An uploaded certificate's replacement reaching a thousand holders:
+    /// `cert.renewed` on every parked long-poll, then the new material fetched.
+    Certs(certs::CertsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -382,6 +386,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::PasswordFlood(args) => password_flood(&bin, args).await,
         Bench::Results(args) => results::run(&bin, args).await,
         Bench::Config(args) => config::run(&bin, args).await,
+        Bench::Certs(args) => certs::run(&bin, args).await,
     }
 }
 

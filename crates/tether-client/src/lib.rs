@@ -2,6 +2,7 @@
 //! tests and the benchmarks. Every non-2xx answer becomes
 //! [`ClientError::Api`] with the server's error envelope.
 
+mod items;
 pub mod signing;
 
 use std::sync::Arc;

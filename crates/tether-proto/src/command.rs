@@ -155,6 +155,37 @@ pub enum TargetSpec {
     All,
 }
 
+impl TargetSpec {
+    /// Whether an active agent with `id` and `labels` is targeted.
+    pub fn matches(&self, id: AgentId, labels: &Labels) -> bool {
+        match self {
+            TargetSpec::Agents(ids) => ids.contains(&id),
+            TargetSpec::Labels(wanted) => wanted.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            TargetSpec::All => true,
+        }
+    }
+
+    /// The wire form.
+    pub fn to_target(&self) -> Target {
+        match self {
+            TargetSpec::Agents(ids) => Target::agents(ids.iter().copied()),
+            TargetSpec::Labels(labels) => Target::labels(labels.clone()),
+            TargetSpec::All => Target::all(),
+        }
+    }
+
+    /// One text per target, whatever the order its agents were listed in:
+    /// what "the same target" means for an assignment.
+    pub fn key(&self) -> String {
+        let mut target = self.to_target();
+        if let Some(ids) = &mut target.agents {
+            ids.sort();
+            ids.dedup();
+        }
+        serde_json::to_string(&target).expect("a target serializes")
+    }
+}
+
 impl Target {
     pub fn agents(ids: impl IntoIterator<Item = AgentId>) -> Self {
         Self { agents: Some(ids.into_iter().collect()), ..Self::default() }

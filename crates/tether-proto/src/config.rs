@@ -253,6 +253,15 @@ pub enum ApplyState {
     Failed,
 }
 
+impl ApplyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyState::Applied => "applied",
+            ApplyState::Failed => "failed",
+        }
+    }
+}
+
 /// An agent's report on one configuration (by hash), carried in its heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConfigApply {

@@ -2,10 +2,12 @@
 //! error codes, cursors and ids. Pure data and parsing; no I/O.
 
 pub mod agent;
+pub mod certs;
 pub mod command;
 pub mod config;
 pub mod cursor;
 pub mod error;
+pub mod files;
 pub mod ids;
 pub mod signal;
 pub mod signing;

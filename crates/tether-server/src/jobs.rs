@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tether_store::{JobLease, Store};
+use tether_store::{AuditEntry, JobLease, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::AppState;
@@ -134,6 +134,38 @@ pub async fn retention(state: AppState, interval: Duration, stop: CancellationTo
             && let Err(e) = state.store.prune_nonces(state.clock.now_s() as i64).await
         {
             tracing::warn!(error = %e, "Nonce retention failed");
+        }
+    }
+}
+
+/// Once per `interval`, on the one server holding the claim: announces
+/// certificates (uploaded material, or what an agent reported holding) that
+/// expire within the warning window, once per serial, as `cert.expiring`
+/// audit events (protocol.md §7).
+pub async fn cert_expiry(state: AppState, interval: Duration, stop: CancellationToken) {
+    let mut tick = every(interval);
+    let mut claim = Singleton::new("cert_expiry");
+    while next_tick(&mut tick, &stop).await {
+        if !claim.held(state.store.as_ref()).await {
+            continue;
+        }
+        let now = state.clock.now_ms();
+        let before = now + i64::from(state.config.cert_expiry_warning_days) * 86_400_000;
+        let expiring = match state.store.expiring_certs(before).await {
+            Ok(expiring) => expiring,
+            Err(e) => {
+                tracing::warn!(error = %e, "Checking certificate expiry failed");
+                continue;
+            }
+        };
+        for cert in expiring {
+            tracing::warn!(cert = %cert.name, serial = %cert.serial, agent = ?cert.agent_id, "Certificate expires soon");
+            let details = serde_json::json!({"name": cert.name, "serial": cert.serial, "agent_id": cert.agent_id,
+                                             "not_after": cert.not_after});
+            let audit = AuditEntry::system("server", "cert.expiring", cert.cert_id.to_string(), details, now);
+            if let Err(e) = state.store.announce_expiring(&cert.serial, now, audit).await {
+                tracing::warn!(error = %e, "Announcing an expiring certificate failed");
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ mod fsutil;
 mod jobs;
 pub mod keys;
 pub mod limits;
+pub mod pki;
 pub mod state;
 pub mod stream;
 pub mod tls;
@@ -182,6 +183,17 @@ pub async fn reset_admin(config: &ServerConfig) -> anyhow::Result<String> {
     Ok(password)
 }
 
+/// Creates the server's CA on first start (protocol.md §7); several
+/// servers starting on an empty shared database agree on one.
+async fn ensure_ca(store: &dyn Store, sealer: &pki::Sealer, now: i64) -> anyhow::Result<()> {
+    if store.list_cas().await?.iter().any(|ca| ca.active) {
+        return Ok(());
+    }
+    let ca = store.ensure_ca(pki::new_ca(sealer, now)?).await.context("creating the server's CA")?;
+    tracing::info!(serial = %ca.serial, "The server's CA is ready");
+    Ok(())
+}
+
 fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
         .ok()
@@ -226,8 +238,12 @@ impl Server {
         let store: Arc<dyn Store> = Arc::new(store);
         let jwt = keys::load(store.as_ref(), &config.data_dir, config.master_key.as_ref(), keys::JWT_KEY).await?;
         let tokens = AccessTokens::new(&jwt);
+        let material =
+            keys::load(store.as_ref(), &config.data_dir, config.master_key.as_ref(), pki::MATERIAL_KEY).await?;
+        let sealer = pki::Sealer::new(&material);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let bootstrap = bootstrap_admin(store.as_ref(), clock.as_ref(), &config.data_dir, admin_password).await?;
+        ensure_ca(store.as_ref(), &sealer, clock.now_ms()).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let streams = Arc::new(Streams::default());
         let (notifier, nats): (Arc<dyn Notifier>, _) = match &config.nats_url {
@@ -244,6 +260,7 @@ impl Server {
             notifier,
             streams,
             tokens,
+            sealer,
             limits: limits::Limits::new(config.limits.clone()),
             nonces: auth::signing::NonceCache::new(config.max_remembered_nonces, config.limits.nonce_quota()),
             passwords: auth::password::PasswordChecks::new(
@@ -303,6 +320,7 @@ impl Server {
         let stop_jobs = CancellationToken::new();
         jobs.spawn(jobs::sweeper(state.clone(), state.config.sweep_interval, stop_jobs.clone()));
         jobs.spawn(jobs::retention(state.clone(), state.config.retention_interval, stop_jobs.clone()));
+        jobs.spawn(jobs::cert_expiry(state.clone(), state.config.cert_expiry_interval, stop_jobs.clone()));
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
         if state.store.kind().shared() {
             jobs.spawn(jobs::catch_up(state.clone(), stop_jobs.clone()));

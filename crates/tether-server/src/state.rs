@@ -67,6 +67,12 @@ pub struct ServerConfig {
     /// Most connections open at once; beyond it a new connection gets a raw
     /// 503 and is closed. `None`: 90% of the process's open-file limit.
     pub max_connections: Option<usize>,
+    /// Largest managed file accepted by `POST /api/v1/files` (protocol.md §7).
+    pub max_file_bytes: u64,
+    /// Certificates expiring within this many days are flagged and announced.
+    pub cert_expiry_warning_days: u32,
+    /// How often certificate expiry is checked.
+    pub cert_expiry_interval: std::time::Duration,
 }
 
 /// How often a server sharing its database reads what changed there
@@ -137,6 +143,9 @@ impl ServerConfig {
             max_remembered_nonces: 1_000_000,
             connections: ConnectionTimeouts::default(),
             max_connections: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            cert_expiry_warning_days: 14,
+            cert_expiry_interval: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -150,6 +159,8 @@ pub struct Inner {
     pub streams: Arc<Streams>,
     pub notifier: Arc<dyn Notifier>,
     pub tokens: AccessTokens,
+    /// Seals certificate and CA private keys at rest.
+    pub sealer: crate::pki::Sealer,
     pub limits: crate::limits::Limits,
     /// Nonces of accepted signed agent requests (per process).
     pub nonces: crate::auth::signing::NonceCache,

@@ -10,16 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use tether_proto::command::{Batch, Command, ResultReport};
 use tether_proto::config::{ConfigStatus, EffectiveConfig, Scope};
+use tether_proto::files::{FleetStatus, ItemReport};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::store::*;
 use crate::{
-    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome,
-    CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo, DevicePoll,
-    DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Head, HeartbeatFacts, Millis, NewAgent, NewBatch, NewConfigVersion,
-    NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role,
-    StreamChange, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, BlobSource, CaRecord,
+    CancelOutcome, CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch,
+    DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord, FirstAdmin,
+    Head, HeartbeatFacts, IssuedRecord, ItemChange, ItemKind, Millis, NewAgent, NewBatch, NewCa, NewCert,
+    NewConfigVersion, NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, RefreshOutcome, Result,
+    ResultAudit, ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome, User, UserRecord,
 };
 
 #[derive(Debug)]
@@ -473,5 +475,146 @@ impl AuditStore for CountingStore {
     async fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
         self.tick();
         self.inner.query_audit(filter).await
+    }
+}
+
+#[async_trait]
+impl FileStore for CountingStore {
+    async fn put_blob(&self, sha256: &str, size: u64, source: BlobSource<'_>, now: Millis) -> Result<bool> {
+        self.tick();
+        self.inner.put_blob(sha256, size, source, now).await
+    }
+
+    async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+        self.tick();
+        self.inner.blob_size(sha256).await
+    }
+
+    async fn blob_chunk(&self, sha256: &str, index: u64) -> Result<Option<Vec<u8>>> {
+        self.tick();
+        self.inner.blob_chunk(sha256, index).await
+    }
+
+    async fn assign_file(
+        &self,
+        new: NewFileAssignment,
+        audit: AuditFor<'_, FileAssignmentRecord>,
+    ) -> Result<ItemChange<FileAssignmentRecord>> {
+        self.tick();
+        self.inner.assign_file(new, audit).await
+    }
+
+    async fn unassign_file(&self, id: i64, now: Millis, audit: AuditEntry) -> Result<ItemChange<FileAssignmentRecord>> {
+        self.tick();
+        self.inner.unassign_file(id, now, audit).await
+    }
+
+    async fn list_file_assignments(&self) -> Result<Vec<FileAssignmentRecord>> {
+        self.tick();
+        self.inner.list_file_assignments().await
+    }
+
+    async fn get_file_assignment(&self, id: i64) -> Result<Option<FileAssignmentRecord>> {
+        self.tick();
+        self.inner.get_file_assignment(id).await
+    }
+
+    async fn agent_files(&self, agent_id: AgentId) -> Result<Vec<FileAssignmentRecord>> {
+        self.tick();
+        self.inner.agent_files(agent_id).await
+    }
+}
+
+#[async_trait]
+impl CertStore for CountingStore {
+    async fn create_cert(&self, new: NewCert, audit: AuditFor<'_, CertRecord>) -> Result<ItemChange<CertRecord>> {
+        self.tick();
+        self.inner.create_cert(new, audit).await
+    }
+
+    async fn replace_cert(
+        &self,
+        id: i64,
+        material: SealedMaterial,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<ItemChange<CertRecord>> {
+        self.tick();
+        self.inner.replace_cert(id, material, now, audit).await
+    }
+
+    async fn revoke_cert(&self, id: i64, now: Millis, audit: AuditEntry) -> Result<ItemChange<CertRecord>> {
+        self.tick();
+        self.inner.revoke_cert(id, now, audit).await
+    }
+
+    async fn list_certs(&self, revoked_since: Millis) -> Result<Vec<CertRecord>> {
+        self.tick();
+        self.inner.list_certs(revoked_since).await
+    }
+
+    async fn get_cert(&self, id: i64) -> Result<Option<CertRecord>> {
+        self.tick();
+        self.inner.get_cert(id).await
+    }
+
+    async fn agent_certs(&self, agent_id: AgentId) -> Result<Vec<CertRecord>> {
+        self.tick();
+        self.inner.agent_certs(agent_id).await
+    }
+
+    async fn record_issued(&self, issued: IssuedRecord, audit: AuditEntry) -> Result<()> {
+        self.tick();
+        self.inner.record_issued(issued, audit).await
+    }
+
+    async fn list_cas(&self) -> Result<Vec<CaRecord>> {
+        self.tick();
+        self.inner.list_cas().await
+    }
+
+    async fn ensure_ca(&self, candidate: NewCa) -> Result<CaRecord> {
+        self.tick();
+        self.inner.ensure_ca(candidate).await
+    }
+
+    async fn activate_ca(&self, ca: NewCa, audit: AuditEntry) -> Result<(CaRecord, Vec<Head>)> {
+        self.tick();
+        self.inner.activate_ca(ca, audit).await
+    }
+
+    async fn retire_cas(&self, now: Millis, audit: AuditEntry) -> Result<(u64, Vec<Head>)> {
+        self.tick();
+        self.inner.retire_cas(now, audit).await
+    }
+
+    async fn expiring_certs(&self, before: Millis) -> Result<Vec<ExpiringCert>> {
+        self.tick();
+        self.inner.expiring_certs(before).await
+    }
+
+    async fn announce_expiring(&self, serial: &str, now: Millis, audit: AuditEntry) -> Result<()> {
+        self.tick();
+        self.inner.announce_expiring(serial, now, audit).await
+    }
+}
+
+#[async_trait]
+impl ItemStore for CountingStore {
+    async fn report_item(
+        &self,
+        agent_id: AgentId,
+        kind: ItemKind,
+        item_id: i64,
+        report: ItemReport,
+        now: Millis,
+    ) -> Result<()> {
+        self.tick();
+        self.inner.report_item(agent_id, kind, item_id, report, now).await
+    }
+
+    async fn item_status(&self, kind: ItemKind, item_id: i64) -> Result<FleetStatus> {
+        self.tick();
+        self.inner.item_status(kind, item_id).await
     }
 }

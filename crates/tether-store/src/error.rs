@@ -13,6 +13,9 @@ pub enum Entity {
     Command,
     Batch,
     Config,
+    Blob,
+    FileAssignment,
+    Cert,
 }
 
 impl Entity {
@@ -27,6 +30,9 @@ impl Entity {
             Entity::Command => "command",
             Entity::Batch => "batch",
             Entity::Config => "config scope",
+            Entity::Blob => "file content",
+            Entity::FileAssignment => "file assignment",
+            Entity::Cert => "certificate",
         }
     }
 }

@@ -31,9 +31,12 @@ pub use error::{BackendError, Entity, Result, StoreError};
 pub use location::{Location, redact as redact_url};
 pub use model::*;
 pub use store::{
-    AgentStore, AuditStore, CommandStore, ConfigStore, DeviceGrantStore, JobLease, ServerStore, SignalStore, Store,
-    TokenStore, UserStore,
+    AgentStore, AuditStore, BlobSource, CertStore, CommandStore, ConfigStore, DeviceGrantStore, FileStore, ItemStore,
+    JobLease, ServerStore, SignalStore, Store, TokenStore, UserStore,
 };
+
+/// Bytes per stored chunk of a blob: what one row holds and one read returns.
+pub const BLOB_CHUNK: usize = 256 * 1024;
 
 /// How to open a store.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! plain data, the same for every backend.
 
 use serde_json::Value;
+use tether_proto::certs::CertSource;
 use tether_proto::command::{Command, CommandStatus, CreateCommand, TargetSpec};
 use tether_proto::config::{Doc, Scope};
 use tether_proto::{AgentId, BatchId, CommandId, Labels};
@@ -439,4 +440,158 @@ pub struct HeartbeatFacts<'a> {
     pub failed_config: Option<(&'a str, &'a str)>,
     /// The whole body, as the agent sent it.
     pub body: &'a Value,
+}
+
+/// The two kinds of item agents hold and report on (protocol.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemKind {
+    File,
+    Cert,
+}
+
+impl ItemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemKind::File => "file",
+            ItemKind::Cert => "cert",
+        }
+    }
+}
+
+/// What changing a file assignment or a certificate did: the item as it is
+/// now, and the agents told (each got one signal).
+#[derive(Debug, Clone)]
+pub struct ItemChange<T> {
+    pub item: T,
+    pub agents_told: u64,
+    pub heads: Vec<Head>,
+}
+
+/// A file assignment to write: checked, its target resolved later, in the
+/// store's transaction.
+#[derive(Debug, Clone)]
+pub struct NewFileAssignment {
+    pub sha256: String,
+    pub path: String,
+    pub mode: u32,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    pub hook: Option<String>,
+    pub target: TargetSpec,
+    pub by: String,
+    pub now: Millis,
+}
+
+/// A stored file assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileAssignmentRecord {
+    pub id: i64,
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    pub hook: Option<String>,
+    pub target: TargetSpec,
+    pub version: u64,
+    pub updated_by: String,
+    pub updated_at: Millis,
+    pub removed_at: Option<Millis>,
+}
+
+/// Uploaded certificate material, its key already sealed by the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedMaterial {
+    pub serial: String,
+    pub not_after: Millis,
+    pub cert_pem: String,
+    pub chain_pem: String,
+    pub key_sealed: Vec<u8>,
+}
+
+/// A certificate to create: uploaded (with its material) or issued (with
+/// the names agents may ask for).
+#[derive(Debug, Clone)]
+pub struct NewCert {
+    pub name: String,
+    pub target: TargetSpec,
+    pub group: Option<String>,
+    pub hook: Option<String>,
+    pub material: Option<SealedMaterial>,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    pub validity_days: Option<u32>,
+    pub by: String,
+    pub now: Millis,
+}
+
+/// A stored certificate. `not_after` is the material's (uploaded) or the
+/// soonest an agent reported holding (issued).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertRecord {
+    pub id: i64,
+    pub name: String,
+    pub source: CertSource,
+    pub target: TargetSpec,
+    pub group: Option<String>,
+    pub hook: Option<String>,
+    pub version: u64,
+    pub serial: Option<String>,
+    pub not_after: Option<Millis>,
+    pub cert_pem: Option<String>,
+    pub chain_pem: Option<String>,
+    pub key_sealed: Option<Vec<u8>>,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    pub validity_days: Option<u32>,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// A CA the server created or was given; its key sealed by the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCa {
+    pub serial: String,
+    pub cert_pem: String,
+    pub key_sealed: Vec<u8>,
+    pub not_after: Millis,
+    pub now: Millis,
+}
+
+/// A stored CA; exactly one is active (it signs), retired ones are gone
+/// from the list the store returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaRecord {
+    pub id: i64,
+    pub serial: String,
+    pub cert_pem: String,
+    pub key_sealed: Vec<u8>,
+    pub not_after: Millis,
+    pub active: bool,
+    pub created_at: Millis,
+}
+
+/// A certificate the CA signed for an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuedRecord {
+    pub serial: String,
+    pub cert_id: i64,
+    pub agent_id: AgentId,
+    pub ca_id: i64,
+    pub version: u64,
+    pub not_after: Millis,
+    pub now: Millis,
+}
+
+/// A certificate expiring soon that has not been announced yet: the
+/// uploaded material (no agent), or what one agent holds (issued).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpiringCert {
+    pub cert_id: i64,
+    pub name: String,
+    pub serial: String,
+    pub agent_id: Option<AgentId>,
+    pub not_after: Millis,
 }

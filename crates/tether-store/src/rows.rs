@@ -42,6 +42,24 @@ pub const CONFIG_SCOPE_COLUMNS: &str = "scope, version, hash, updated_by, update
 /// Columns read by `enroll_token_from_row`, in order.
 pub const ENROLL_TOKEN_COLUMNS: &str = "id, labels, uses, used, created_at, expires_at, revoked_at";
 
+/// Columns read by `file_assignment_from_row`, in order (from `file_assignments f`).
+pub const FILE_ASSIGNMENT_COLUMNS: &str = "f.id, f.path, f.sha256, (SELECT size FROM blobs b WHERE b.sha256 = f.sha256), \
+     f.mode, f.owner, f.grp, f.hook, f.target, f.version, f.updated_by, f.updated_at, f.removed_at";
+
+/// Columns read by `cert_from_row`, in order (from `certs c`). An issued
+/// certificate's `not_after` is the soonest one its agents reported.
+pub const CERT_COLUMNS: &str = "c.id, c.name, c.source, c.target, c.grp, c.hook, c.version, c.serial, \
+     COALESCE(c.not_after, (SELECT MIN(i.not_after) FROM agent_items i \
+        WHERE i.kind = 'cert' AND i.item_id = c.id AND i.state = 'applied')), \
+     c.cert_pem, c.chain_pem, c.key_sealed, c.dns_names, c.ip_addresses, c.validity_days, c.created_by, \
+     c.created_at, c.revoked_at";
+
+/// Columns read by `ca_from_row`, in order.
+pub const CA_COLUMNS: &str = "id, serial, cert_pem, key_sealed, not_after, active, created_at";
+
+/// Columns read by `agent_item_from_row`, in order.
+pub const AGENT_ITEM_COLUMNS: &str = "agent_id, version, state, error, serial, not_after";
+
 macro_rules! decoders {
     ($row:ty) => {
         use std::str::FromStr as _;
@@ -194,6 +212,80 @@ macro_rules! decoders {
                 hash: r.try_get(2)?,
                 updated_by: r.try_get(3)?,
                 updated_at: r.try_get(4)?,
+            })
+        }
+
+        pub fn file_assignment_from_row(r: &$row) -> Result<crate::FileAssignmentRecord> {
+            Ok(crate::FileAssignmentRecord {
+                id: r.try_get(0)?,
+                path: r.try_get(1)?,
+                sha256: r.try_get(2)?,
+                size: r.try_get::<i64, _>(3)? as u64,
+                mode: r.try_get::<i64, _>(4)? as u32,
+                owner: r.try_get(5)?,
+                group: r.try_get(6)?,
+                hook: r.try_get(7)?,
+                target: crate::rules::items::stored_target(r.try_get(8)?)?,
+                version: r.try_get::<i64, _>(9)? as u64,
+                updated_by: r.try_get(10)?,
+                updated_at: r.try_get(11)?,
+                removed_at: r.try_get(12)?,
+            })
+        }
+
+        pub fn cert_from_row(r: &$row) -> Result<crate::CertRecord> {
+            let source = match r.try_get::<&str, _>(2)? {
+                "uploaded" => tether_proto::certs::CertSource::Uploaded,
+                "issued" => tether_proto::certs::CertSource::Issued,
+                other => return Err(StoreError::Corrupt(format!("certificate source {other:?}"))),
+            };
+            Ok(crate::CertRecord {
+                id: r.try_get(0)?,
+                name: r.try_get(1)?,
+                source,
+                target: crate::rules::items::stored_target(r.try_get(3)?)?,
+                group: r.try_get(4)?,
+                hook: r.try_get(5)?,
+                version: r.try_get::<i64, _>(6)? as u64,
+                serial: r.try_get(7)?,
+                not_after: r.try_get(8)?,
+                cert_pem: r.try_get(9)?,
+                chain_pem: r.try_get(10)?,
+                key_sealed: r.try_get(11)?,
+                dns_names: parse_json(r.try_get(12)?)?,
+                ip_addresses: parse_json(r.try_get(13)?)?,
+                validity_days: r.try_get::<Option<i64>, _>(14)?.map(|d| d as u32),
+                created_by: r.try_get(15)?,
+                created_at: r.try_get(16)?,
+                revoked_at: r.try_get(17)?,
+            })
+        }
+
+        pub fn ca_from_row(r: &$row) -> Result<crate::CaRecord> {
+            Ok(crate::CaRecord {
+                id: r.try_get(0)?,
+                serial: r.try_get(1)?,
+                cert_pem: r.try_get(2)?,
+                key_sealed: r.try_get(3)?,
+                not_after: r.try_get(4)?,
+                active: r.try_get(5)?,
+                created_at: r.try_get(6)?,
+            })
+        }
+
+        pub fn agent_item_from_row(r: &$row) -> Result<tether_proto::files::AgentItem> {
+            let state = match r.try_get::<&str, _>(2)? {
+                "applied" => tether_proto::config::ApplyState::Applied,
+                "failed" => tether_proto::config::ApplyState::Failed,
+                other => return Err(StoreError::Corrupt(format!("item state {other:?}"))),
+            };
+            Ok(tether_proto::files::AgentItem {
+                agent_id: parse_id(r.try_get(0)?)?,
+                version: r.try_get::<i64, _>(1)? as u64,
+                state,
+                error: r.try_get(3)?,
+                serial: r.try_get(4)?,
+                not_after: opt_time(r.try_get(5)?)?,
             })
         }
 

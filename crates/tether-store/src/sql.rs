@@ -106,3 +106,17 @@ pub fn migrate_error(e: sqlx::migrate::MigrateError, location: &str) -> StoreErr
 pub fn like_pattern(q: &str) -> String {
     format!("%{}%", q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
 }
+
+/// Fills `buf` from `source` as far as it goes; the bytes read (0 at the end).
+pub(crate) async fn read_chunk(source: crate::BlobSource<'_>, buf: &mut [u8]) -> Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = source.read(&mut buf[filled..]).await.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}

@@ -28,15 +28,17 @@
 use async_trait::async_trait;
 use tether_proto::command::{Batch, Command, ResultReport};
 use tether_proto::config::{ConfigStatus, EffectiveConfig, Scope};
+use tether_proto::files::{FleetStatus, ItemReport};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::{
-    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CancelOutcome,
-    CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo, DevicePoll,
-    DeviceRedeemed, EnrollTokenRecord, FirstAdmin, Head, HeartbeatFacts, Millis, NewAgent, NewBatch, NewConfigVersion,
-    NewDeviceGrant, NewEnrollToken, NewGrantOutcome, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role,
-    StreamChange, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CaRecord, CancelOutcome,
+    CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo,
+    DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord, FirstAdmin, Head,
+    HeartbeatFacts, IssuedRecord, ItemChange, ItemKind, Millis, NewAgent, NewBatch, NewCa, NewCert, NewConfigVersion,
+    NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, RefreshOutcome, Result, ResultAudit,
+    ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome, User, UserRecord,
 };
 
 /// Every area of the store. Implemented for anything that implements them all.
@@ -49,6 +51,9 @@ pub trait Store:
     + SignalStore
     + CommandStore
     + ConfigStore
+    + FileStore
+    + CertStore
+    + ItemStore
     + AuditStore
     + std::fmt::Debug
     + 'static
@@ -64,6 +69,9 @@ impl<T> Store for T where
         + SignalStore
         + CommandStore
         + ConfigStore
+        + FileStore
+        + CertStore
+        + ItemStore
         + AuditStore
         + std::fmt::Debug
         + 'static
@@ -352,6 +360,108 @@ pub trait ConfigStore: Send + Sync {
     /// configuration, are behind, or failed it (grouped by error).
     /// `NotFound(Config)` for a scope without versions.
     async fn config_status(&self, scope: &Scope) -> Result<ConfigStatus>;
+}
+
+/// Where the bytes of a blob come from while it is stored.
+pub type BlobSource<'a> = &'a mut (dyn tokio::io::AsyncRead + Send + Unpin);
+
+/// Managed files (protocol.md §7): content-addressed blobs, stored in
+/// chunks so neither side holds a whole file, and their assignments to
+/// targets. Targets are resolved when an assignment changes (to tell the
+/// agents) and whenever an agent asks for its files, so an agent that gains
+/// a label gains its files. Assignment changes append their signals in the
+/// same transaction, in bulk.
+#[async_trait]
+pub trait FileStore: Send + Sync {
+    /// Stores `size` bytes read from `source` as blob `sha256` (the caller
+    /// has hashed them), unless it is stored already; true when it was new.
+    async fn put_blob(&self, sha256: &str, size: u64, source: BlobSource<'_>, now: Millis) -> Result<bool>;
+    /// A blob's size, if it is stored.
+    async fn blob_size(&self, sha256: &str) -> Result<Option<u64>>;
+    /// Chunk `index` of a blob (chunks are [`crate::BLOB_CHUNK`] bytes, the
+    /// last one shorter), `None` past the end.
+    async fn blob_chunk(&self, sha256: &str, index: u64) -> Result<Option<Vec<u8>>>;
+    /// Assigns (or, for an active assignment of the same path to the same
+    /// target, updates) a file, and tells the targeted agents with
+    /// `file.updated`. `NotFound(Blob)` for content never uploaded; an
+    /// `agents` target naming an unknown agent is `Invalid` (as for commands).
+    async fn assign_file(
+        &self,
+        new: NewFileAssignment,
+        audit: AuditFor<'_, FileAssignmentRecord>,
+    ) -> Result<ItemChange<FileAssignmentRecord>>;
+    /// Ends an assignment and tells the targeted agents with `file.removed`.
+    async fn unassign_file(&self, id: i64, now: Millis, audit: AuditEntry) -> Result<ItemChange<FileAssignmentRecord>>;
+    /// Active assignments, oldest first.
+    async fn list_file_assignments(&self) -> Result<Vec<FileAssignmentRecord>>;
+    /// One assignment, active or not.
+    async fn get_file_assignment(&self, id: i64) -> Result<Option<FileAssignmentRecord>>;
+    /// The active assignments that target this agent now.
+    async fn agent_files(&self, agent_id: AgentId) -> Result<Vec<FileAssignmentRecord>>;
+}
+
+/// Certificates (protocol.md §7): uploaded ones with their key sealed by
+/// the server, issued ones signed by the server's CA, and the CAs. Changes
+/// that concern agents append `cert.renewed`/`cert.revoked` to the agents
+/// the certificate targets, in the same transaction.
+#[async_trait]
+pub trait CertStore: Send + Sync {
+    /// Creates a certificate and tells its agents (`cert.renewed`); a name
+    /// in use by an active certificate is `Conflict`.
+    async fn create_cert(&self, new: NewCert, audit: AuditFor<'_, CertRecord>) -> Result<ItemChange<CertRecord>>;
+    /// New material for an uploaded certificate: its version goes up and its
+    /// agents are told (`cert.renewed` with the new serial).
+    async fn replace_cert(
+        &self,
+        id: i64,
+        material: SealedMaterial,
+        now: Millis,
+        audit: AuditEntry,
+    ) -> Result<ItemChange<CertRecord>>;
+    /// Revokes a certificate; its agents remove it (`cert.revoked`).
+    async fn revoke_cert(&self, id: i64, now: Millis, audit: AuditEntry) -> Result<ItemChange<CertRecord>>;
+    /// Active certificates by name, then those revoked in the last `revoked_since`.
+    async fn list_certs(&self, revoked_since: Millis) -> Result<Vec<CertRecord>>;
+    async fn get_cert(&self, id: i64) -> Result<Option<CertRecord>>;
+    /// The active certificates that target this agent now.
+    async fn agent_certs(&self, agent_id: AgentId) -> Result<Vec<CertRecord>>;
+    /// Records a certificate the CA signed for an agent.
+    async fn record_issued(&self, issued: IssuedRecord, audit: AuditEntry) -> Result<()>;
+    /// The CAs agents trust (not retired), the active one first.
+    async fn list_cas(&self) -> Result<Vec<CaRecord>>;
+    /// The active CA, creating `candidate` as it when there is none (the
+    /// first start; several servers starting at once agree on one).
+    async fn ensure_ca(&self, candidate: NewCa) -> Result<CaRecord>;
+    /// Makes `ca` the active CA (a rotation or an import); the previous one
+    /// stays trusted until retired. Every issued certificate's version goes
+    /// up and its agents are told to get one from the new CA.
+    async fn activate_ca(&self, ca: NewCa, audit: AuditEntry) -> Result<(CaRecord, Vec<Head>)>;
+    /// Stops trusting every CA but the active one; agents holding issued
+    /// certificates are told, to fetch the smaller bundle. The count retired.
+    async fn retire_cas(&self, now: Millis, audit: AuditEntry) -> Result<(u64, Vec<Head>)>;
+    /// Certificates (uploaded material, or what an agent reported holding)
+    /// whose `not_after` is before `before` and that were not announced yet.
+    async fn expiring_certs(&self, before: Millis) -> Result<Vec<ExpiringCert>>;
+    /// Announces one: remembers its serial, with the audit row.
+    async fn announce_expiring(&self, serial: &str, now: Millis, audit: AuditEntry) -> Result<()>;
+}
+
+/// What agents report about the files and certificates they hold.
+#[async_trait]
+pub trait ItemStore: Send + Sync {
+    /// Keeps an agent's last report on an item; `NotFound` unless the item
+    /// is active and targets the agent.
+    async fn report_item(
+        &self,
+        agent_id: AgentId,
+        kind: ItemKind,
+        item_id: i64,
+        report: ItemReport,
+        now: Millis,
+    ) -> Result<()>;
+    /// Of the agents an active item targets now: how many hold its current
+    /// version, are behind, or failed it.
+    async fn item_status(&self, kind: ItemKind, item_id: i64) -> Result<FleetStatus>;
 }
 
 /// The hash-chained audit log (protocol.md §10).

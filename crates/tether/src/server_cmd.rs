@@ -35,7 +35,7 @@ pub struct ServerArgs {
     pub cluster: String,
     /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `max_pending_device_grants`,
     /// `require_signed_requests`, `max_remembered_nonces`, `max_connections`, `database_max_connections`,
-    /// `tls_cert`, `tls_key`).
+    /// `max_file_bytes`, `cert_expiry_warning_days`, `tls_cert`, `tls_key`).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key); plain HTTP
@@ -66,6 +66,10 @@ struct FileConfig {
     max_connections: Option<usize>,
     /// Most connections to PostgreSQL per server (default 16).
     database_max_connections: Option<u32>,
+    /// Largest managed file accepted (default 64 MiB).
+    max_file_bytes: Option<u64>,
+    /// Certificates expiring within this many days are flagged (default 14).
+    cert_expiry_warning_days: Option<u32>,
     /// PEM certificate chain and key for HTTPS; the flags win over these.
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -124,6 +128,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.max_connections = file.max_connections.or(config.max_connections);
     if let Some(n) = file.database_max_connections {
         config.database_max_connections = n;
+    }
+    if let Some(n) = file.max_file_bytes {
+        config.max_file_bytes = n;
+    }
+    if let Some(days) = file.cert_expiry_warning_days {
+        config.cert_expiry_warning_days = days;
     }
     config.tls = tls_files(args.tls_cert, args.tls_key, file.tls_cert, file.tls_key)?;
     let (server, bootstrap) = Server::start(config, admin_password).await?;

@@ -2,11 +2,13 @@
 
 mod agents;
 mod audit;
+mod certs;
 mod commands;
 mod configs;
 pub mod device;
 pub mod enroll;
 mod etag;
+mod files;
 pub mod health;
 mod heartbeat;
 mod metrics;
@@ -78,6 +80,14 @@ route_table! {
     Agent    post   "/api/v1/agents/self/commands/{id}/result" => commands::report_result,
     Agent    post   "/api/v1/agents/self/heartbeat" => heartbeat::heartbeat,
     Agent    post   "/api/v1/agents/self/audit" => audit::agent_append,
+    Agent    get    "/api/v1/agents/self/files" => files::own,
+    Agent    get    "/api/v1/agents/self/files/{sha256}" => files::download,
+    Agent    post   "/api/v1/agents/self/files/{id}/status" => files::report_status,
+    Agent    get    "/api/v1/agents/self/certs" => certs::own,
+    Agent    get    "/api/v1/agents/self/certs/{id}" => certs::material,
+    Agent    post   "/api/v1/agents/self/certs/{id}/csr" => certs::sign,
+    Agent    post   "/api/v1/agents/self/certs/{id}/status" => certs::report_status,
+    Agent    post   "/api/v1/agents/self/certs/{id}/renew" => certs::request_renewal,
     // Operators.
     Public   post   "/api/v1/auth/login" => session::login,
     AnyUser  post   "/api/v1/auth/logout" => session::logout,
@@ -109,6 +119,23 @@ route_table! {
     Viewer   get    "/api/v1/configs/{scope}/history" => configs::history,
     Operator post   "/api/v1/configs/{scope}/rollback" => configs::rollback,
     Viewer   get    "/api/v1/configs/{scope}/status" => configs::status,
+    Operator post   "/api/v1/files" => files::upload,
+    Operator post   "/api/v1/files/assignments" => files::assign,
+    Viewer   get    "/api/v1/files/assignments" => files::list,
+    Viewer   get    "/api/v1/files/assignments/{id}" => files::get,
+    Operator delete "/api/v1/files/assignments/{id}" => files::unassign,
+    Viewer   get    "/api/v1/files/assignments/{id}/status" => files::status,
+    Operator post   "/api/v1/certs" => certs::upload,
+    Viewer   get    "/api/v1/certs" => certs::list,
+    Operator post   "/api/v1/certs/issued" => certs::issue,
+    Viewer   get    "/api/v1/certs/ca" => certs::list_cas,
+    Admin    post   "/api/v1/certs/ca/rotate" => certs::rotate_ca,
+    Admin    post   "/api/v1/certs/ca/import" => certs::import_ca,
+    Admin    post   "/api/v1/certs/ca/retire" => certs::retire_cas,
+    Viewer   get    "/api/v1/certs/{id}" => certs::get,
+    Operator post   "/api/v1/certs/{id}/replace" => certs::replace,
+    Operator post   "/api/v1/certs/{id}/revoke" => certs::revoke,
+    Viewer   get    "/api/v1/certs/{id}/status" => certs::status,
     AnyUser  get    "/api/v1/audit" => audit::list,
     Admin    get    "/api/v1/audit/verify" => audit::verify,
     Admin    get    "/api/v1/metrics" => metrics::get,

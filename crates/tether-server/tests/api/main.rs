@@ -9,6 +9,7 @@ mod configs;
 mod connections;
 mod database;
 mod device;
+mod items;
 mod limits;
 mod passwords;
 mod rbac;

@@ -58,6 +58,15 @@ pub(super) async fn load_agent(tx: &mut Tx, id: &str) -> Result<AgentRecord> {
     agent_from_row(&row)
 }
 
+/// An agent that is not revoked, inside `tx`; `NotFound(Agent)` otherwise.
+pub(super) async fn active_agent(tx: &mut Tx, id: AgentId) -> Result<AgentRecord> {
+    let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 AND revoked_at IS NULL")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| agent_from_row(&r)).transpose()?.ok_or(StoreError::NotFound(Entity::Agent))
+}
+
 /// Locks these agents' rows in id order (see the module docs of `postgres`).
 pub(super) async fn lock_agents(tx: &mut Tx, ids: &[String]) -> Result<()> {
     sqlx::query("SELECT 1 FROM agents WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(ids).execute(&mut **tx).await?;
@@ -176,6 +185,7 @@ impl AgentStore for PgStore {
     ) -> Result<(AgentRecord, Vec<Head>)> {
         let mut tx = self.begin().await?;
         lock(&mut tx, super::configs::CONFIGS_LOCK).await?;
+        let before = active_agent(&mut tx, id).await?;
         let done = sqlx::query(
             "UPDATE agents SET name = COALESCE($1, name), labels = COALESCE($2, labels)
              WHERE id = $3 AND revoked_at IS NULL",
@@ -190,11 +200,11 @@ impl AgentStore for PgStore {
         }
         let mut heads = Vec::new();
         if let Some(labels) = &update.labels {
-            let before = load_agent(&mut tx, &id.to_string()).await?.config_hash;
             let docs = super::configs::load_docs(&mut tx, Some(id)).await?;
-            let target = [Retarget { agent_id: id, labels: labels.clone(), config_hash: before }];
+            let target = [Retarget { agent_id: id, labels: labels.clone(), config_hash: before.config_hash }];
             let changed = crate::rules::config::retargeted(&docs, &target);
             heads = super::configs::retarget(&mut tx, &changed, RELABELLED, 0, now).await?;
+            heads.extend(super::items::relabel(&mut tx, id, &before.labels, labels, now).await?);
         }
         let rec = load_agent(&mut tx, &id.to_string()).await?;
         super::audit::insert_audit(&mut tx, &audit).await?;

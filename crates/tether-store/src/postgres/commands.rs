@@ -57,9 +57,19 @@ async fn cancel_in_tx(tx: &mut Tx, cmd: &Command, now: Millis) -> Result<Option<
     Ok(Some(append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?))
 }
 
-/// The agents a new batch goes to, in id order (the order their streams
-/// are then appended to, and so locked in).
-async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
+/// The agents a new batch (or assignment) goes to, in id order (the order
+/// their streams are then appended to, and so locked in); an `agents`
+/// target naming an unknown or revoked agent is `Invalid`.
+pub(super) async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
+    let found = targeted_agents(tx, target).await?;
+    if let TargetSpec::Agents(wanted) = target {
+        rules::missing_agent(wanted, &found)?;
+    }
+    Ok(found)
+}
+
+/// The active agents a target reaches now, in id order.
+pub(super) async fn targeted_agents(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
     let ids: Vec<String> = match target {
         TargetSpec::Agents(ids) => {
             let wanted: Vec<String> = ids.iter().map(ToString::to_string).collect();
@@ -82,11 +92,7 @@ async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>
                 .await?
         }
     };
-    let found = ids.iter().map(|id| parse_id(id)).collect::<Result<Vec<AgentId>>>()?;
-    if let TargetSpec::Agents(wanted) = target {
-        rules::missing_agent(wanted, &found)?;
-    }
-    Ok(found)
+    ids.iter().map(|id| parse_id(id)).collect()
 }
 
 #[async_trait]

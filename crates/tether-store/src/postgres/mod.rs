@@ -11,9 +11,12 @@
 
 mod agents;
 mod audit;
+mod certs;
 mod commands;
 mod configs;
 mod device;
+mod files;
+mod items;
 mod server;
 mod signals;
 mod tokens;

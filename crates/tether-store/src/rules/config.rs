@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
-use tether_proto::config::{
-    ApplyErrorCount, ConfigStatus, Doc, EffectiveConfig, Provenance, Scope, doc_hash, leaves, pointer_segment,
-};
+use tether_proto::config::{ConfigStatus, Doc, EffectiveConfig, Provenance, Scope, doc_hash, leaves, pointer_segment};
 use tether_proto::{AgentId, Labels};
 
 use crate::{Result, StoreError};
@@ -163,8 +161,7 @@ pub fn fleet_status(
             status.behind += 1;
         }
     }
-    status.errors = errors.into_iter().map(|(error, agents)| ApplyErrorCount { error, agents }).collect();
-    status.errors.sort_by(|a, b| b.agents.cmp(&a.agents).then_with(|| a.error.cmp(&b.error)));
+    status.errors = super::items::group_errors(errors);
     status
 }
 

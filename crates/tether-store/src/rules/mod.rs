@@ -6,6 +6,7 @@
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod items;
 pub mod refresh;
 
 use tether_proto::Labels;

@@ -59,6 +59,15 @@ pub(super) async fn load_agent(tx: &mut Tx, id: &str) -> Result<AgentRecord> {
     agent_from_row(&row)
 }
 
+/// An agent that is not revoked, inside `tx`; `NotFound(Agent)` otherwise.
+pub(super) async fn active_agent(tx: &mut Tx, id: AgentId) -> Result<AgentRecord> {
+    let row = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ? AND revoked_at IS NULL")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| agent_from_row(&r)).transpose()?.ok_or(StoreError::NotFound(Entity::Agent))
+}
+
 #[async_trait]
 impl AgentStore for SqliteStore {
     async fn enroll_agent(
@@ -172,6 +181,7 @@ impl AgentStore for SqliteStore {
         audit: AuditEntry,
     ) -> Result<(AgentRecord, Vec<Head>)> {
         let mut tx = self.begin().await?;
+        let before = active_agent(&mut tx, id).await?;
         let done = sqlx::query(
             "UPDATE agents SET name = COALESCE(?, name), labels = COALESCE(?, labels)
              WHERE id = ? AND revoked_at IS NULL",
@@ -186,11 +196,11 @@ impl AgentStore for SqliteStore {
         }
         let mut heads = Vec::new();
         if let Some(labels) = &update.labels {
-            let before = load_agent(&mut tx, &id.to_string()).await?.config_hash;
             let docs = super::configs::load_docs(&mut tx, Some(id)).await?;
-            let target = [Retarget { agent_id: id, labels: labels.clone(), config_hash: before }];
+            let target = [Retarget { agent_id: id, labels: labels.clone(), config_hash: before.config_hash }];
             let changed = crate::rules::config::retargeted(&docs, &target);
             heads = super::configs::retarget(&mut tx, &changed, RELABELLED, 0, now).await?;
+            heads.extend(super::items::relabel(&mut tx, id, &before.labels, labels, now).await?);
         }
         let rec = load_agent(&mut tx, &id.to_string()).await?;
         super::audit::insert_audit(&mut tx, &audit).await?;

@@ -54,8 +54,19 @@ async fn cancel_in_tx(tx: &mut Tx, cmd: &Command, now: Millis) -> Result<Option<
     Ok(Some(append_signal(tx, cmd.agent_id, signal::COMMAND_CANCELLED, &reference, now).await?))
 }
 
-/// The agents a new batch goes to, resolved inside its transaction.
-async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
+/// The agents a new batch (or assignment) goes to, resolved inside its
+/// transaction; an `agents` target naming an unknown or revoked agent is
+/// `NotFound(Agent)`.
+pub(super) async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
+    let found = targeted_agents(tx, target).await?;
+    if let TargetSpec::Agents(wanted) = target {
+        rules::missing_agent(wanted, &found)?;
+    }
+    Ok(found)
+}
+
+/// The active agents a target reaches now, in id order.
+pub(super) async fn targeted_agents(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>> {
     let ids: Vec<String> = match target {
         TargetSpec::Agents(ids) => {
             let wanted: Vec<String> = ids.iter().map(ToString::to_string).collect();
@@ -80,11 +91,7 @@ async fn resolve_target(tx: &mut Tx, target: &TargetSpec) -> Result<Vec<AgentId>
             sqlx::query_scalar("SELECT id FROM agents WHERE revoked_at IS NULL ORDER BY id").fetch_all(&mut **tx).await?
         }
     };
-    let found = ids.iter().map(|id| parse_id(id)).collect::<Result<Vec<AgentId>>>()?;
-    if let TargetSpec::Agents(wanted) = target {
-        rules::missing_agent(wanted, &found)?;
-    }
-    Ok(found)
+    ids.iter().map(|id| parse_id(id)).collect()
 }
 
 #[async_trait]

@@ -7,10 +7,12 @@ mod harness;
 
 mod agents;
 mod audit;
+mod certs;
 mod commands;
 mod concurrency;
 mod configs;
 mod device;
+mod files;
 mod server;
 mod signals;
 mod tokens;

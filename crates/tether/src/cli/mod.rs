@@ -4,9 +4,11 @@
 
 mod agents;
 mod audit;
+mod certs;
 mod commands;
 mod config;
 mod device;
+mod files;
 mod login;
 mod run;
 mod tokens;
@@ -93,6 +95,24 @@ pub enum OperatorCommand {
         #[command(subcommand)]
         command: users::UsersCommand,
     },
+    /// Push files to agents, list and unassign them, see who has them.
+    ///
+    /// Example: tether files push app.conf --path /etc/app/app.conf --mode 0644 --label role=web
+    Files {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: files::FilesCommand,
+    },
+    /// Certificates: upload, replace, issue from the server's CA, revoke, list; the CA.
+    ///
+    /// Example: tether certs issue api --dns api.internal --label role=api
+    Certs {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// Read the audit log and verify its hash chain.
     Audit {
         #[command(flatten)]
@@ -116,6 +136,8 @@ pub async fn run(command: OperatorCommand) -> anyhow::Result<i32> {
         OperatorCommand::Tokens { global, command } => tokens::run_api(&global.connect()?, command).await,
         OperatorCommand::Device { global, command } => device::run(&global.connect()?, command).await,
         OperatorCommand::Users { global, command } => users::run(&global.connect()?, command).await,
+        OperatorCommand::Files { global, command } => files::run(&global.connect()?, command).await,
+        OperatorCommand::Certs { global, command } => certs::run(&global.connect()?, command).await,
         OperatorCommand::Audit { global, command } => return audit::run(&global, command).await,
     }
     .map(|()| 0)
@@ -245,6 +267,46 @@ pub fn api_error(e: ClientError) -> anyhow::Error {
         ClientError::Http(_) => anyhow::Error::new(e).context("cannot reach the server"),
         _ => anyhow::Error::new(e),
     }
+}
+
+/// Which agents something is for: exactly one kind of target.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct TargetArgs {
+    /// This agent (repeatable)
+    #[arg(long = "agent", value_name = "ID")]
+    pub agents: Vec<tether_proto::AgentId>,
+    /// The agents with this label (repeatable; all must match)
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Every agent
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl TargetArgs {
+    pub fn target(&self) -> anyhow::Result<tether_proto::command::Target> {
+        use tether_proto::command::Target;
+        Ok(if self.all {
+            Target::all()
+        } else if !self.agents.is_empty() {
+            Target::agents(self.agents.iter().copied())
+        } else {
+            Target::labels(labels_from(&self.labels)?)
+        })
+    }
+}
+
+/// A target as one short text: `all`, `k=v,…` or the agent ids.
+pub fn fmt_target(target: &tether_proto::command::Target) -> String {
+    if target.all == Some(true) {
+        return "all".to_owned();
+    }
+    if let Some(labels) = &target.labels {
+        return fmt_labels(labels);
+    }
+    let ids = target.agents.iter().flatten().map(ToString::to_string).collect::<Vec<_>>();
+    format!("agents:{}", ids.join(","))
 }
 
 /// Parses one `k=v` label, checked with the same rules the server applies.

@@ -6,37 +6,29 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{ArgGroup, Args};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
 use tether_client::{Client, ClientError, CommandQuery};
+use tether_proto::BatchId;
 use tether_proto::command::{
     BatchStatus, Command, CommandStatus, CreateCommand, DEFAULT_PRIORITY, DEFAULT_TIMEOUT_S, MAX_PRIORITY,
-    MAX_TIMEOUT_S, Target,
+    MAX_TIMEOUT_S,
 };
-use tether_proto::{AgentId, BatchId};
 use tokio::time::Instant;
 
-use super::{GlobalOpts, Output, api_error, collect_pages, labels_from, parse_label, print_json, print_table, table};
+use super::{GlobalOpts, Output, TargetArgs, api_error, collect_pages, print_json, print_table, table};
 
 const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Width of the stdout/stderr excerpts in the results table.
 const EXCERPT_CHARS: usize = 80;
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).multiple(false).args(["agents", "labels", "all"])))]
 pub struct RunArgs {
     #[command(flatten)]
     global: GlobalOpts,
-    /// Run on this agent (repeatable)
-    #[arg(long = "agent", value_name = "ID")]
-    agents: Vec<AgentId>,
-    /// Run on the agents with this label (repeatable; all must match)
-    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
-    /// Run on every agent
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Seconds the command may run on the agent before it is killed
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TIMEOUT_S,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_TIMEOUT_S)))]
@@ -64,14 +56,7 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = args.global.connect()?;
-    let target = if args.all {
-        Target::all()
-    } else if !args.agents.is_empty() {
-        Target::agents(args.agents.iter().copied())
-    } else {
-        Target::labels(labels_from(&args.labels)?)
-    };
-    let mut req = CreateCommand::new(target, args.name.clone());
+    let mut req = CreateCommand::new(args.target.target()?, args.name.clone());
     req.args = Value::Object(args_object(args.args)?);
     req.timeout_s = args.timeout;
     req.priority = args.priority;
@@ -251,6 +236,7 @@ fn args_object(pairs: Vec<(String, Value)>) -> anyhow::Result<Map<String, Value>
 mod tests {
     use clap::Parser;
     use serde_json::json;
+    use tether_proto::AgentId;
 
     use super::*;
 
@@ -306,10 +292,10 @@ mod tests {
         assert!(parse(&["--all", "--label", "a=b", "--", "ping"]).is_err(), "two kinds");
         let id = AgentId::new().to_string();
         let two = parse(&["--agent", &id, "--agent", &id, "--", "ping", "n=1"]).expect("repeated --agent");
-        assert_eq!(two.run.agents.len(), 2);
+        assert_eq!(two.run.target.agents.len(), 2);
         assert_eq!(two.run.args, vec![("n".to_owned(), json!(1))]);
         let labels = parse(&["--label", "a=b", "--label", "c=d", "ping"]).expect("labels, no --");
-        assert_eq!(labels.run.labels.len(), 2);
+        assert_eq!(labels.run.target.labels.len(), 2);
         assert!(parse(&["--all", "--priority", "10", "--", "ping"]).is_err(), "priority range");
     }
 }

@@ -31,6 +31,21 @@ pub struct ServerProcess {
     pub url: Option<String>,
 }
 
+/// The `tether` CLI against `server` with `token`; panics unless it exits 0.
+pub fn cli(server: &ServerProcess, token: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(tether_bin())
+        .args(args)
+        .env("TETHER_SERVER", &server.base)
+        .env("TETHER_TOKEN", token)
+        .env("TETHER_LOG", "warn")
+        .env("HOME", &server.data_dir)
+        .env("XDG_CONFIG_HOME", server.data_dir.join("cli"))
+        .output()
+        .expect("run tether");
+    assert!(out.status.success(), "tether {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 /// `api_token` from a first start's `initial-admin.txt`.
 pub fn initial_admin_token(data_dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(data_dir.join("initial-admin.txt")).ok()?;

@@ -11,22 +11,7 @@ use tether_client::Client;
 use tether_proto::AgentId;
 use tether_proto::config::{PutConfig, Scope};
 
-use crate::common::{AgentProcess, ServerProcess, enroll_token, eventually, tether_bin};
-
-/// The `tether` CLI against `server` with `token`; panics unless it exits 0.
-fn cli(server: &ServerProcess, token: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(tether_bin())
-        .args(args)
-        .env("TETHER_SERVER", &server.base)
-        .env("TETHER_TOKEN", token)
-        .env("TETHER_LOG", "warn")
-        .env("HOME", &server.data_dir)
-        .env("XDG_CONFIG_HOME", server.data_dir.join("cli"))
-        .output()
-        .expect("run tether");
-    assert!(out.status.success(), "tether {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf-8")
-}
+use crate::common::{AgentProcess, ServerProcess, cli, enroll_token, eventually, tether_bin};
 
 /// `tether agent status --json` of the daemon in `dir`, once it answers.
 async fn agent_status(dir: &Path) -> Value {

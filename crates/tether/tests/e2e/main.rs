@@ -7,6 +7,7 @@ mod config;
 mod device;
 mod durability;
 mod exec_shim;
+mod files;
 mod python;
 mod run;
 mod signing;
