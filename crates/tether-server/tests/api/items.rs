@@ -358,3 +358,30 @@ async fn expiring_certificates_are_announced_once() {
     assert_eq!(audit.data.iter().filter(|r| r.action == "cert.expiring").count(), 1, "once per serial");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn certificate_keys_are_not_in_a_postgresql_dump() {
+    let Some(db) = tether_testkit::pg::TestDatabase::create("certificate_keys_are_not_in_a_postgresql_dump").await
+    else {
+        return;
+    };
+    let url = db.url.clone();
+    let app = spawn_app_with(|c| c.database_url = Some(url)).await;
+    let (agent, _) = app.agent(&[]).await;
+    let (cert, key) = self_signed("pg.example.com", now_ms() + 30 * DAY_MS);
+    let id = app.admin.upload_cert(&upload_req("pg", &cert, &key, Target::all())).await.expect("upload").cert.id;
+    assert_eq!(agent.cert_material(id).await.expect("material").key_pem, key, "the holder gets it back");
+    let dump = std::process::Command::new("pg_dump").arg("--data-only").arg(&db.url).output().expect("run pg_dump");
+    assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
+    assert!(
+        contains(&dump.stdout, cert.lines().nth(1).expect("a body line").as_bytes()),
+        "the dump has the certificate"
+    );
+    assert!(!contains(&dump.stdout, pem_body(&key).as_bytes()), "key material in the clear in the dump");
+    // Lines that only encode the public key also appear in the certificate:
+    // every other line of the key must be absent.
+    for line in pem_body(&key).lines().filter(|l| l.len() > 20 && !cert.contains(*l)) {
+        assert!(!contains(&dump.stdout, line.as_bytes()), "a line of the key is in the dump");
+    }
+    app.stop().await;
+}
