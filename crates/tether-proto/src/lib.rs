@@ -11,6 +11,7 @@ pub mod files;
 pub mod ids;
 pub mod signal;
 pub mod signing;
+pub mod telemetry;
 pub mod user;
 
 pub use cursor::Cursor;
