@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub labels: Labels,
     pub poll_wait_s: Option<u32>,
     pub heartbeat_s: Option<u64>,
+    /// Seconds between host metric collections; 0 turns them off.
+    pub metrics_s: Option<u64>,
     pub backoff_base_s: Option<u64>,
     pub command_timeout_s: Option<u32>,
     pub max_concurrent_commands: Option<usize>,
@@ -44,6 +46,22 @@ pub struct FileConfig {
     /// Where certificates are installed.
     #[serde(default)]
     pub certs: CertsSection,
+    /// Which host metrics are collected, and how many wait for the server.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]` in `agent.toml` (protocol.md §12).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Sources to read: `cpu`, `memory`, `load`, `disk`, `network`
+    /// (default all of them).
+    pub collect: Option<Vec<String>>,
+    /// Most batches kept on disk while the server cannot be reached (default 1,000).
+    pub spool_max_batches: Option<usize>,
+    /// Most bytes they may take (default 16 MiB).
+    pub spool_max_bytes: Option<u64>,
 }
 
 /// `[files]` in `agent.toml`: the only directories managed files (protocol.md
@@ -231,6 +249,10 @@ pub struct AgentConfig {
     pub labels: Labels,
     pub poll_wait_s: u32,
     pub heartbeat_s: u64,
+    /// Seconds between host metric collections; 0 = none.
+    pub metrics_s: u64,
+    /// `[metrics]`, checked.
+    pub metrics: crate::metrics::Settings,
     pub backoff_base_s: u64,
     /// Upper bound on any command's run time.
     pub command_timeout_s: u32,
@@ -286,6 +308,21 @@ pub fn read_file(dir: &Path) -> Result<FileConfig, ConfigError> {
         Err(source) => return Err(ConfigError::Read { path, source }),
     };
     toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.to_string() })
+}
+
+/// `[metrics]` checked: known sources, spool limits that keep something.
+fn metrics_settings(section: &MetricsSection) -> Result<crate::metrics::Settings, ConfigError> {
+    let invalid = |name: &str, message: String| ConfigError::Invalid { name: name.into(), message };
+    let sources = crate::metrics::sources(section.collect.as_deref()).map_err(|m| invalid("metrics.collect", m))?;
+    let defaults = crate::metrics::SpoolLimits::default();
+    let spool = crate::metrics::SpoolLimits {
+        max_batches: section.spool_max_batches.unwrap_or(defaults.max_batches),
+        max_bytes: section.spool_max_bytes.unwrap_or(defaults.max_bytes),
+    };
+    if spool.max_batches == 0 || spool.max_bytes == 0 {
+        return Err(invalid("metrics.spool_max_batches/spool_max_bytes", "must be positive".into()));
+    }
+    Ok(crate::metrics::Settings { sources, spool })
 }
 
 fn parse_env<T: std::str::FromStr>(name: &str, value: Option<String>) -> Result<Option<T>, ConfigError> {
@@ -349,6 +386,8 @@ impl AgentConfig {
                 .or(parse_env("TETHER_HEARTBEAT_S", var("TETHER_HEARTBEAT_S", None))?)
                 .or(file.heartbeat_s)
                 .unwrap_or(30),
+            metrics_s: file.metrics_s.unwrap_or(60),
+            metrics: metrics_settings(&file.metrics)?,
             backoff_base_s: parse_env(
                 "POLLING_BACKOFF_SECS",
                 var("TETHER_BACKOFF_BASE_S", Some("POLLING_BACKOFF_SECS")),
@@ -391,6 +430,9 @@ impl AgentConfig {
         }
         if self.poll_wait_s > 30 {
             return invalid("poll_wait_s", "must be 0..=30");
+        }
+        if self.metrics_s > 86_400 {
+            return invalid("metrics_s", "must be 0..=86400 (0 turns metrics off)");
         }
         if self.heartbeat_s == 0 || self.max_concurrent_commands == 0 || self.command_timeout_s == 0 {
             return invalid("heartbeat_s/max_concurrent_commands/command_timeout_s", "must be positive");
@@ -609,6 +651,38 @@ mod tests {
     }
 
     #[test]
+    fn metrics_default_to_every_source_each_minute_and_unknown_sources_are_named() {
+        let dir = Path::new("/d");
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!((cfg.metrics_s, &cfg.metrics), (60, &crate::metrics::Settings::default()));
+        assert_eq!(cfg.metrics.spool, crate::metrics::SpoolLimits { max_batches: 1_000, max_bytes: 16 << 20 });
+
+        let file: FileConfig = toml::from_str(
+            "metrics_s = 0\n[metrics]\ncollect = [\"load\", \"disk\"]\nspool_max_batches = 10\nspool_max_bytes = 4096",
+        )
+        .expect("toml");
+        let cfg = AgentConfig::resolve(dir, file, env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.metrics_s, 0, "0 turns collection off");
+        use crate::metrics::Source;
+        assert_eq!(cfg.metrics.sources, [Source::Load, Source::Disk]);
+        assert_eq!(cfg.metrics.spool, crate::metrics::SpoolLimits { max_batches: 10, max_bytes: 4096 });
+
+        for (bad, name) in [
+            (
+                "[metrics]\ncollect = [\"cpu\", \"temperature\"]",
+                "metrics.collect: unknown metric source \"temperature\"",
+            ),
+            ("[metrics]\nspool_max_batches = 0", "metrics.spool_max_batches"),
+            ("metrics_s = 86401", "metrics_s"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).expect("toml");
+            let err = AgentConfig::resolve(dir, file, env_of(&[]), Overrides::default()).expect_err(bad);
+            assert!(err.to_string().starts_with(name), "{err}");
+        }
+        assert!(toml::from_str::<FileConfig>("[metrics]\ninterval = 5").is_err());
+    }
+
+    #[test]
     fn the_shipped_example_agent_toml_is_valid() {
         let file: FileConfig =
             toml::from_str(include_str!("../../../deploy/agent.toml.example")).expect("the example parses");
@@ -630,5 +704,15 @@ mod tests {
         let cfg = AgentConfig::resolve(Path::new("/d"), file, env_of(&[]), Overrides::default()).expect("and resolves");
         assert_eq!((cfg.sinks.format(), cfg.sinks.mode()), (FileFormat::Toml, 0o640));
         assert_eq!(cfg.sinks.post_url.as_deref(), Some("http://127.0.0.1:8082/config"));
+        // So is the commented-out [metrics] block, and it says the defaults.
+        let block: String = example
+            .lines()
+            .skip_while(|l| *l != "# [metrics]")
+            .take_while(|l| !l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let file: FileConfig = toml::from_str(&block).expect("the [metrics] example parses");
+        let cfg = AgentConfig::resolve(Path::new("/d"), file, env_of(&[]), Overrides::default()).expect("and resolves");
+        assert_eq!(cfg.metrics, crate::metrics::Settings::default());
     }
 }

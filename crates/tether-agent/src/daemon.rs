@@ -1,7 +1,7 @@
 //! The daemon: concurrent loops (stream, executor pool, result spool,
-//! heartbeat, distributed configuration, managed files, certificates,
-//! control socket) sharing one [`Shared`] state, and the lifecycle around
-//! them (recovery at start, graceful stop).
+//! heartbeat, host metrics, distributed configuration, managed files,
+//! certificates, control socket) sharing one [`Shared`] state, and the
+//! lifecycle around them (recovery at start, graceful stop).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,6 +18,7 @@ use tether_proto::signal::{
     CERT_RENEWED, CERT_REVOKED, COMMAND_CANCELLED, COMMAND_QUEUED, CONFIG_UPDATED, CommandCancelled, CommandQueued,
     FILE_REMOVED, FILE_UPDATED, Signal,
 };
+use tether_proto::telemetry::MetricBatch;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,10 +30,11 @@ use crate::journal::Journal;
 use crate::managed::Ctx;
 use crate::managed_certs::{self, Events, ManagedCerts, RenewCommand};
 use crate::managed_files::ManagedFiles;
+use crate::metrics::{self, Collector, CpuMemory, Delivered, MetricSpool};
 use crate::remote_config::{self, Applied, Tuning};
 use crate::session::{Failure, Session};
 use crate::spool::Spool;
-use crate::state::StateDir;
+use crate::state::{StateDir, off_thread};
 
 /// Signals waiting to run are bounded; the stream stops reading when full.
 pub const QUEUE_CAPACITY: usize = 1000;
@@ -109,6 +111,12 @@ pub struct Status {
     pub max_concurrent_commands: usize,
     pub running_commands: Vec<CommandId>,
     pub spooled_results: usize,
+    /// Seconds between host metric collections in force (0: none).
+    pub metrics_s: u64,
+    /// Metric batches waiting for the server in `state/metrics/`.
+    pub metrics_spooled: usize,
+    /// When the server last took a metric batch.
+    pub metrics_last_sent: Option<String>,
 }
 
 struct Shared {
@@ -132,6 +140,8 @@ struct Shared {
     config_changed: Notify,
     /// Send a heartbeat now (a configuration was applied or failed).
     heartbeat_now: Notify,
+    /// A configuration was applied: the metrics interval may have changed.
+    metrics_changed: Notify,
     /// The newest document for the `post_url` sink.
     post: watch::Sender<Option<Doc>>,
     /// A `file.updated`/`file.removed` signal (or a resync): reconcile the managed files.
@@ -189,6 +199,10 @@ impl Shared {
 
     fn heartbeat_s(&self) -> u64 {
         lock(&self.tuning).heartbeat_s.unwrap_or_else(|| self.cfg().heartbeat_s)
+    }
+
+    fn metrics_s(&self) -> u64 {
+        lock(&self.tuning).metrics_s.unwrap_or_else(|| self.cfg().metrics_s)
     }
 
     fn max_concurrent(&self) -> usize {
@@ -541,7 +555,9 @@ async fn spool_loop(shared: Arc<Shared>) {
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>) {
+    let mut host = CpuMemory::new();
     loop {
+        let reading = host.as_mut().map(CpuMemory::read);
         let beat = Heartbeat {
             uptime_s: shared.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -549,8 +565,10 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             config_status: lock(&shared.config_report).clone(),
             running_commands: lock(&shared.running).len() as u32,
             queue_depth: shared.queue_len() as u32,
-            mem_used_bytes: None,
-            mem_total_bytes: None,
+            cpu_pct: reading.and_then(|r| r.cpu_pct),
+            mem_used_bytes: reading.map(|r| r.mem_used_bytes),
+            mem_total_bytes: reading.map(|r| r.mem_total_bytes),
+            load1: metrics::load1(),
         };
         let b = &beat;
         match shared.session.call(|c| async move { c.heartbeat(b).await }).await {
@@ -563,6 +581,88 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             _ = shared.heartbeat_now.notified() => {}
             _ = shared.stop.cancelled() => return,
         }
+    }
+}
+
+/// Collects host metrics every `metrics_s` (the distributed value, else
+/// `agent.toml`'s; 0: none) and delivers them (protocol.md §12): batches
+/// the server cannot take wait in `state/metrics/` and are retried with
+/// backoff, oldest first, before anything newer. The collector is kept
+/// across collections (CPU use is measured between two) and runs off the
+/// runtime thread: a hung network mount must not stall the other loops.
+async fn metrics_loop(shared: Arc<Shared>) {
+    let settings = shared.cfg().metrics;
+    let mut spool = match MetricSpool::open(shared.state.metrics_dir(), settings.spool) {
+        Ok(spool) => spool,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot open the metrics spool; no host metrics this run");
+            return;
+        }
+    };
+    let collector = Arc::new(Mutex::new(Collector::new(settings.sources)));
+    let mut backoff = Backoff::new(Duration::from_secs(shared.cfg().backoff_base_s), Box::new(rand::random::<f64>));
+    let mut last_collected = tokio::time::Instant::now();
+    // What a previous run left is sent at once.
+    let mut retry_at = (!spool.is_empty()).then(tokio::time::Instant::now);
+    shared.update_status(|s| s.metrics_spooled = spool.len());
+    loop {
+        let every = shared.metrics_s();
+        let tick = (every > 0).then(|| last_collected + Duration::from_secs(every));
+        let wake = tick.into_iter().chain(retry_at).min();
+        tokio::select! {
+            _ = sleep_until(wake) => {}
+            _ = shared.metrics_changed.notified() => continue,
+            _ = shared.stop.cancelled() => return,
+        }
+        let now = tokio::time::Instant::now();
+        let mut fresh = Vec::new();
+        if tick.is_some_and(|t| t <= now) {
+            last_collected = now;
+            let collector = collector.clone();
+            match off_thread(move || lock(&collector).collect(now_ms())).await {
+                Ok(points) => fresh = metrics::batches(points),
+                Err(e) => tracing::warn!(error = %e, "Collecting host metrics failed"),
+            }
+        }
+        let send = |batch: MetricBatch| {
+            let shared = &shared;
+            async move {
+                // Stopping: what is left waits in the spool for the next run.
+                if shared.stop.is_cancelled() {
+                    return Err(Failure::Retry { retry_after: None, why: "the agent is stopping".into() });
+                }
+                let b = &batch;
+                shared.session.call(|c| async move { c.send_metrics(b).await }).await?;
+                shared.update_status(|s| s.metrics_last_sent = Some(rfc3339_now()));
+                Ok(())
+            }
+        };
+        retry_at = match metrics::deliver(&mut spool, fresh, send).await {
+            Ok(Delivered::All) => {
+                backoff.success();
+                None
+            }
+            Ok(Delivered::Partly { retry_after }) => {
+                let delay = backoff.failure(retry_after);
+                tracing::debug!(
+                    spooled = spool.len(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "Metrics not delivered yet"
+                );
+                Some(now + delay)
+            }
+            Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
+            Err(e) => return shared.finish(Exit::Fatal(e.to_string())),
+        };
+        shared.update_status(|s| s.metrics_spooled = spool.len());
+    }
+}
+
+/// Sleeps until `at`, or forever for `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -579,6 +679,7 @@ async fn apply_config(shared: &Shared, applied: Applied, from_server: bool) -> R
         crate::cli::set_log_level(tuning.log_level.as_deref());
     }
     shared.slots_changed.notify_waiters();
+    shared.metrics_changed.notify_one();
     shared.post.send_replace(Some(applied.doc.clone()));
     if from_server && let Err(e) = remote_config::save(&shared.state, &applied) {
         tracing::error!(error = %e, "Could not keep the configuration as the last good one");
@@ -835,6 +936,7 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         config_report: Mutex::new(None),
         config_changed: Notify::new(),
         heartbeat_now: Notify::new(),
+        metrics_changed: Notify::new(),
         post: watch::channel(None).0,
         files_changed: Notify::new(),
         certs_changed: Notify::new(),
@@ -875,6 +977,7 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
             loops.spawn(executor_loop(shared.clone(), commands.clone()));
             loops.spawn(spool_loop(shared.clone()));
             loops.spawn(heartbeat_loop(shared.clone()));
+            loops.spawn(metrics_loop(shared.clone()));
             loops.spawn(config_loop(shared.clone()));
             loops.spawn(files_loop(shared.clone()));
             loops.spawn(certs_loop(shared.clone(), renewal_requests));
@@ -934,6 +1037,7 @@ impl Control for Shared {
         s.queue_depth = self.queue_len();
         s.poll_wait_s = self.poll_wait_s();
         s.heartbeat_s = self.heartbeat_s();
+        s.metrics_s = self.metrics_s();
         s.max_concurrent_commands = self.max_concurrent();
         s.running_commands = lock(&self.running).keys().copied().collect();
         s.spooled_results = self.spool.len();

@@ -16,6 +16,7 @@ pub mod journal;
 pub mod managed;
 pub mod managed_certs;
 pub mod managed_files;
+pub mod metrics;
 pub mod remote_config;
 pub mod session;
 pub mod shim;

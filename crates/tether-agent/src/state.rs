@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/agent.toml        local configuration (never written by the agent)
 //! DIR/state/            agent_id, access_token, refresh_token, cursor, journal,
-//!                       results/ (unacknowledged results), agent.sock,
+//!                       results/ (unacknowledged results), metrics/ (metric
+//!                       batches the server has not taken yet), agent.sock,
 //!                       config.json (last good configuration), files.json and
 //!                       certs.json (what the agent placed and installed)
 //! DIR/keys/agent.key    Ed25519 private key (raw 32 bytes)
@@ -22,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
-const SUBDIRS: [&str; 6] = ["state", "state/results", "keys", "certs", "files", "logs"];
+const SUBDIRS: [&str; 7] = ["state", "state/results", "state/metrics", "keys", "certs", "files", "logs"];
 
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -134,6 +135,10 @@ impl StateDir {
 
     pub fn results_dir(&self) -> PathBuf {
         self.root.join("state/results")
+    }
+
+    pub fn metrics_dir(&self) -> PathBuf {
+        self.root.join("state/metrics")
     }
 
     /// A small text file under `state/`, trimmed; `None` when absent.

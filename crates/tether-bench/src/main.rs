@@ -5,12 +5,14 @@
 //! thousands of polls parked at once, (3) the agent's own footprint,
 //! (4) a flood of wrong passwords from one address, and (5) durable command
 //! results per second beside `pgbench` on the same PostgreSQL, and (6) a
-//! label-scope configuration change reaching thousands of agents' streams.
+//! label-scope configuration change reaching thousands of agents' streams,
+//! and (7) heartbeats and metric points ingested per second.
 //! Prints a table.
 
 mod certs;
 mod config;
 mod results;
+mod telemetry;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -57,6 +59,9 @@ enum Bench {
     /// An uploaded certificate's replacement reaching a thousand holders:
     /// `cert.renewed` on every parked long-poll, then the new material fetched.
     Certs(certs::CertsArgs),
+    /// Heartbeats per second from a fleet (each committed before its 200),
+    /// and metric points per second in 5,000-point gzip batches.
+    Telemetry(telemetry::TelemetryArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -387,6 +392,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Results(args) => results::run(&bin, args).await,
         Bench::Config(args) => config::run(&bin, args).await,
         Bench::Certs(args) => certs::run(&bin, args).await,
+        Bench::Telemetry(args) => telemetry::run(&bin, args).await,
     }
 }
 

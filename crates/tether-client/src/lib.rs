@@ -4,6 +4,7 @@
 
 mod items;
 pub mod signing;
+mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,11 @@ use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_MATCH, IF_NONE_MATCH, RET
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+pub use telemetry::{InventoryQuery, MetricQuery};
 use tether_proto::agent::{
-    Agent, CreateEnrollToken, CreatedEnrollToken, DEVICE_CLIENT_ID, DEVICE_GRANT_TYPE, DeviceAuthorization,
-    DeviceDecision, DeviceDetails, EnrollRequest, EnrollToken, OAuthError, RefreshRequest, RevokeRequest, TokenPair,
-    UpdateAgent,
+    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, DEVICE_CLIENT_ID, DEVICE_GRANT_TYPE,
+    DeviceAuthorization, DeviceDecision, DeviceDetails, EnrollRequest, EnrollToken, OAuthError, RefreshRequest,
+    RevokeRequest, TokenPair, UpdateAgent,
 };
 use tether_proto::command::{Batch, Command, CreateCommand, CreatedCommands, ResultReport, StatusReport};
 use tether_proto::config::{
@@ -184,6 +186,8 @@ pub struct AuditQuery {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AgentQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<AgentStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -609,6 +613,11 @@ impl Client {
 
     pub async fn revoke_agent(&self, id: AgentId, reason: &str) -> Result<Agent> {
         self.post(&format!("api/v1/agents/{id}/revoke"), &RevokeRequest { reason: reason.to_owned() }).await
+    }
+
+    /// `DELETE /api/v1/agents/{id}` (204): the agent and what the server kept for it.
+    pub async fn delete_agent(&self, id: AgentId) -> Result<()> {
+        self.send_empty(self.request(Method::DELETE, &format!("api/v1/agents/{id}"))?).await
     }
 }
 

@@ -32,7 +32,7 @@ pub fn validate_labels(labels: &Labels) -> Result<(), String> {
 }
 
 /// `POST /api/v1/agents/enroll`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     pub enroll_token: String,
@@ -46,7 +46,7 @@ pub struct EnrollRequest {
 }
 
 /// Answer of enrollment and of every refresh.
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TokenPair {
     pub agent_id: AgentId,
     pub access_token: String,
@@ -66,7 +66,7 @@ impl std::fmt::Debug for TokenPair {
 }
 
 /// `POST /api/v1/auth/token/refresh` (certificate-agent form, protocol.md §16.4).
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     pub refresh_token: String,
@@ -83,14 +83,14 @@ impl std::fmt::Debug for RefreshRequest {
 }
 
 /// `POST /api/v1/agents/{id}/revoke`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     #[serde(default)]
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
     Online,
@@ -99,7 +99,7 @@ pub enum AgentStatus {
 }
 
 /// An agent as operators see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Agent {
     pub id: AgentId,
     pub name: String,
@@ -108,6 +108,7 @@ pub struct Agent {
     pub status: AgentStatus,
     pub version: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_seen: Option<Timestamp>,
     pub applied_config_hash: Option<String>,
     /// The hash of the effective configuration the agent should run.
@@ -117,15 +118,20 @@ pub struct Agent {
     #[serde(default)]
     pub config_error: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<Timestamp>,
     #[serde(default)]
     pub facts: Value,
+    /// The latest heartbeat, as the agent sent it (`null` before the first).
+    #[serde(default)]
+    pub heartbeat: Value,
 }
 
 /// `PATCH /api/v1/agents/{id}`: what is given replaces what the agent had.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAgent {
     /// The whole new label set (its configuration follows, protocol.md §6).
@@ -136,7 +142,7 @@ pub struct UpdateAgent {
 }
 
 /// `POST /api/v1/enroll-tokens`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrollToken {
     #[serde(default)]
@@ -156,7 +162,7 @@ fn one_day() -> u64 {
     86_400
 }
 
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct CreatedEnrollToken {
     pub id: String,
     pub token: String,
@@ -169,17 +175,20 @@ impl std::fmt::Debug for CreatedEnrollToken {
 }
 
 /// An enrollment token as listed (never with its secret).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct EnrollToken {
     pub id: String,
     pub labels: Labels,
     pub uses: u32,
     pub used: u32,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub expires_at: Timestamp,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<Timestamp>,
 }
 
@@ -196,10 +205,17 @@ pub struct Heartbeat {
     pub config_status: Option<crate::config::ConfigApply>,
     pub running_commands: u32,
     pub queue_depth: u32,
+    /// Host CPU use since the previous heartbeat, 0–100 (absent on the
+    /// first one: usage is the difference of two readings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pct: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem_used_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem_total_bytes: Option<u64>,
+    /// The host's one-minute load average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load1: Option<f64>,
 }
 
 /// Largest heartbeat body the server keeps.
@@ -211,7 +227,7 @@ pub const DEVICE_CLIENT_ID: &str = "tether-agent";
 pub const DEVICE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// The answer of `POST /oauth/device_authorization` (RFC 8628 §3.2).
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct DeviceAuthorization {
     /// The secret the agent polls with; never shown to people.
     pub device_code: String,
@@ -245,7 +261,7 @@ impl std::fmt::Debug for DeviceAuthorization {
 }
 
 /// An RFC 6749 §5.2 error body, as the `/oauth/*` endpoints answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OAuthError {
     pub error: String,
     #[serde(default)]
@@ -253,7 +269,7 @@ pub struct OAuthError {
 }
 
 /// `POST /api/v1/device/approve {user_code, labels}` and `…/deny {user_code}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceDecision {
     /// `XXXX-XXXX`; the server also accepts it without the dash and in any case.

@@ -22,13 +22,13 @@ pub use signal::Signal;
 use serde::{Deserialize, Serialize};
 
 /// `{"data": …}`: every successful single-object response.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Data<T> {
     pub data: T,
 }
 
 /// `{"data": […], "next_cursor": …}`: every list response (keyset pagination).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,

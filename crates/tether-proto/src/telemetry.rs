@@ -22,7 +22,7 @@ pub const MAX_ATTRS_BYTES: usize = 4_096;
 pub const MAX_BATCH_ID_LEN: usize = 128;
 
 /// One measurement.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricPoint {
     /// `[A-Za-z_:][A-Za-z0-9_:.]*`, at most [`MAX_NAME_LEN`] bytes.
@@ -35,7 +35,7 @@ pub struct MetricPoint {
 
 /// `POST /api/v1/agents/self/metrics`. The same `batch_id` sent again is
 /// stored once, so an agent may retry a batch whose answer it lost.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricBatch {
     pub batch_id: String,
@@ -43,7 +43,7 @@ pub struct MetricBatch {
 }
 
 /// The answer to a metric batch.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct MetricBatchAccepted {
     /// Points written now (0 when the batch id was stored before).
     pub stored: u64,
@@ -59,9 +59,105 @@ pub fn metric_name_ok(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.'))
 }
 
+/// What is wrong with a batch, found before anything is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchProblem {
+    /// More items than the limit (answered 413).
+    TooMany { limit: usize },
+    /// A field that is not acceptable (answered 400).
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: String) -> BatchProblem {
+    BatchProblem::Invalid { field, message }
+}
+
+impl MetricBatch {
+    /// Checks the whole batch against the limits of protocol.md §8, with
+    /// `now_ms` the server's clock: a batch is stored whole or not at all.
+    pub fn check(&self, now_ms: i64) -> Result<(), BatchProblem> {
+        if self.points.len() > MAX_METRIC_POINTS {
+            return Err(BatchProblem::TooMany { limit: MAX_METRIC_POINTS });
+        }
+        if self.batch_id.is_empty()
+            || self.batch_id.len() > MAX_BATCH_ID_LEN
+            || self.batch_id.chars().any(char::is_control)
+        {
+            return Err(invalid("batch_id", format!("batch_id must be 1-{MAX_BATCH_ID_LEN} printable chars")));
+        }
+        for (i, p) in self.points.iter().enumerate() {
+            if !metric_name_ok(&p.name) {
+                return Err(invalid("name", format!("points[{i}].name {:?} is not a metric name", p.name)));
+            }
+            if p.ts_ms < 0 || p.ts_ms > now_ms + MAX_FUTURE_SKEW_MS {
+                return Err(invalid("ts_ms", format!("points[{i}].ts_ms is before 1970 or too far in the future")));
+            }
+            if !p.value.is_finite() {
+                return Err(invalid("value", format!("points[{i}].value must be a finite number")));
+            }
+            if p.labels.len() > MAX_POINT_LABELS {
+                return Err(invalid("labels", format!("points[{i}] has more than {MAX_POINT_LABELS} labels")));
+            }
+            if p.labels
+                .iter()
+                .any(|(k, v)| !metric_name_ok(k) || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control))
+            {
+                return Err(invalid("labels", format!("points[{i}] has a malformed label")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn item_name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_LEN && !s.chars().any(char::is_control)
+}
+
+fn check_item(i: usize, kind: &str, key: &str, attrs: Option<&Value>) -> Result<(), BatchProblem> {
+    if !item_name_ok(kind) {
+        return Err(invalid("kind", format!("item {i}: kind must be 1-{MAX_NAME_LEN} printable chars")));
+    }
+    if !item_name_ok(key) {
+        return Err(invalid("key", format!("item {i}: key must be 1-{MAX_NAME_LEN} printable chars")));
+    }
+    if attrs.is_some_and(|a| a.to_string().len() > MAX_ATTRS_BYTES) {
+        return Err(invalid("attrs", format!("item {i}: attrs are over {MAX_ATTRS_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+impl InventoryChange {
+    /// At most [`MAX_INVENTORY_ITEMS`] upserts and removals together, each well formed.
+    pub fn check(&self) -> Result<(), BatchProblem> {
+        if self.upsert.len() + self.remove.len() > MAX_INVENTORY_ITEMS {
+            return Err(BatchProblem::TooMany { limit: MAX_INVENTORY_ITEMS });
+        }
+        for (i, item) in self.upsert.iter().enumerate() {
+            check_item(i, &item.kind, &item.key, Some(&item.attrs))?;
+        }
+        for (i, item) in self.remove.iter().enumerate() {
+            check_item(i, &item.kind, &item.key, None)?;
+        }
+        Ok(())
+    }
+}
+
+impl InventoryReplace {
+    /// At most [`MAX_INVENTORY_ITEMS`] items, each well formed.
+    pub fn check(&self) -> Result<(), BatchProblem> {
+        if self.items.len() > MAX_INVENTORY_ITEMS {
+            return Err(BatchProblem::TooMany { limit: MAX_INVENTORY_ITEMS });
+        }
+        for (i, item) in self.items.iter().enumerate() {
+            check_item(i, &item.kind, &item.key, Some(&item.attrs))?;
+        }
+        Ok(())
+    }
+}
+
 /// One inventory entry, e.g. a printer an agent looks after (`kind`
 /// `printer`, `key` its serial number). `attrs` is free-form.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryItem {
     pub kind: String,
@@ -71,7 +167,7 @@ pub struct InventoryItem {
 }
 
 /// Names an inventory entry to remove.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryKey {
     pub kind: String,
@@ -79,7 +175,7 @@ pub struct InventoryKey {
 }
 
 /// `POST /api/v1/agents/self/inventory`: a change applied as one.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryChange {
     #[serde(default)]
@@ -89,24 +185,25 @@ pub struct InventoryChange {
 }
 
 /// `PUT /api/v1/agents/self/inventory`: the whole inventory.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryReplace {
     pub items: Vec<InventoryItem>,
 }
 
 /// An inventory entry as operators read it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct InventoryEntry {
     pub kind: String,
     pub key: String,
     pub attrs: Value,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: crate::Timestamp,
 }
 
 /// Which stored form answered a metric query.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Resolution {
     /// Every point as sent.
@@ -119,7 +216,7 @@ pub enum Resolution {
 
 /// One value of a series: a raw point has `count` 1 and
 /// `min` = `max` = `avg` = its value.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SeriesPoint {
     /// The point's time, or the start of its bucket.
     pub ts_ms: i64,
@@ -131,14 +228,14 @@ pub struct SeriesPoint {
 }
 
 /// The points of one series (one name and label set).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Series {
     pub labels: Labels,
     pub points: Vec<SeriesPoint>,
 }
 
 /// `GET /api/v1/agents/{id}/metrics?name&from&to`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct MetricQueryResult {
     pub name: String,
     pub resolution: Resolution,
@@ -152,6 +249,30 @@ pub struct MetricQueryResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn point(name: &str, ts_ms: i64) -> MetricPoint {
+        MetricPoint { name: name.into(), ts_ms, value: 1.0, labels: Labels::new() }
+    }
+
+    #[test]
+    fn batches_are_checked_whole() {
+        let now = 1_700_000_000_000;
+        let ok = MetricBatch { batch_id: "b1".into(), points: vec![point("cpu", now); MAX_METRIC_POINTS] };
+        assert_eq!(ok.check(now), Ok(()));
+        let big = MetricBatch { batch_id: "b1".into(), points: vec![point("cpu", now); MAX_METRIC_POINTS + 1] };
+        assert_eq!(big.check(now), Err(BatchProblem::TooMany { limit: MAX_METRIC_POINTS }));
+        let future = MetricBatch { batch_id: "b".into(), points: vec![point("cpu", now + MAX_FUTURE_SKEW_MS + 1)] };
+        assert!(matches!(future.check(now), Err(BatchProblem::Invalid { field: "ts_ms", .. })));
+        let bad_name = MetricBatch { batch_id: "b".into(), points: vec![point("cpu load", now)] };
+        assert!(matches!(bad_name.check(now), Err(BatchProblem::Invalid { field: "name", .. })));
+        let no_id = MetricBatch { batch_id: String::new(), points: vec![] };
+        assert!(matches!(no_id.check(now), Err(BatchProblem::Invalid { field: "batch_id", .. })));
+        let item = |k: &str| InventoryItem { kind: "printer".into(), key: k.into(), attrs: Value::Null };
+        let many = InventoryReplace { items: (0..=MAX_INVENTORY_ITEMS).map(|i| item(&i.to_string())).collect() };
+        assert_eq!(many.check(), Err(BatchProblem::TooMany { limit: MAX_INVENTORY_ITEMS }));
+        let empty_key = InventoryChange { upsert: vec![item("")], remove: vec![] };
+        assert!(matches!(empty_key.check(), Err(BatchProblem::Invalid { field: "key", .. })));
+    }
 
     #[test]
     fn metric_names() {

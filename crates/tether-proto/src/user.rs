@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::Timestamp;
 
 /// `POST /api/v1/tokens`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiToken {
     pub name: String,
@@ -15,12 +15,13 @@ pub struct CreateApiToken {
 }
 
 /// The answer to `POST /api/v1/tokens`: the secret is shown this once.
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct CreatedApiToken {
     pub id: String,
     pub name: String,
     pub token: String,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Timestamp>,
 }
 
@@ -31,31 +32,35 @@ impl std::fmt::Debug for CreatedApiToken {
 }
 
 /// A token as listed (never with its secret).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ApiToken {
     pub id: String,
     pub name: String,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Timestamp>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<Timestamp>,
 }
 
 /// A user as admins see it (never with the password hash).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct User {
     pub id: String,
     pub username: String,
     pub role: String,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     pub disabled: bool,
 }
 
 /// `POST /api/v1/users`
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     pub username: String,
@@ -70,7 +75,7 @@ impl std::fmt::Debug for CreateUser {
 }
 
 /// `PATCH /api/v1/users/{id}`: any subset.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,10 +106,11 @@ pub fn validate_username(username: &str) -> Result<(), String> {
 }
 
 /// One audit row (protocol.md §10).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AuditRow {
     pub id: i64,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub ts: Timestamp,
     pub actor: String,
     pub actor_kind: String,
@@ -119,7 +125,7 @@ pub struct AuditRow {
 }
 
 /// `POST /api/v1/agents/self/audit`: an event the agent reports about itself.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentAuditEvent {
     /// Stored as `agent.<action>`.
@@ -131,7 +137,7 @@ pub struct AgentAuditEvent {
 }
 
 /// `GET /api/v1/audit/verify`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AuditVerification {
     pub ok: bool,
     pub checked: u64,
@@ -148,7 +154,7 @@ pub struct AuditVerification {
 }
 
 /// One row that breaks the audit hash chain.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AuditBreak {
     pub id: i64,
     pub problem: String,

@@ -20,3 +20,8 @@ impl Clock for SystemClock {
         now.as_millis() as Millis
     }
 }
+
+/// Milliseconds since the epoch as a wire timestamp.
+pub fn rfc3339(ms: Millis) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}

@@ -275,11 +275,15 @@ pub(crate) fn too_large(limit: usize) -> ApiError {
 /// Body limit for ordinary JSON requests, after decompression (protocol.md §2).
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
-/// A JSON body, decoded by [`decode_json`]; rejections are envelope errors (400/413/415).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ApiJson<T>(pub T);
+/// Body limit for batch endpoints (metrics, inventory), after decompression.
+pub const BATCH_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
-impl<T, S> FromRequest<S> for ApiJson<T>
+/// A JSON body of at most `LIMIT` bytes once decompressed, decoded by
+/// [`decode_json`]; rejections are envelope errors (400/413/415).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T, const LIMIT: usize = DEFAULT_BODY_LIMIT>(pub T);
+
+impl<T, S, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT>
 where
     T: serde::de::DeserializeOwned,
     S: Send + Sync,
@@ -295,7 +299,7 @@ where
                 ApiError::new(ErrorKey::BadRequest, "could not read the request body")
             }
         })?;
-        decode_json(&headers, &body, DEFAULT_BODY_LIMIT).map(Self)
+        decode_json(&headers, &body, LIMIT).map(Self)
     }
 }
 

@@ -99,8 +99,9 @@ pub async fn sweeper(state: AppState, interval: Duration, stop: CancellationToke
 
 /// Once per `interval`: drops this server's idle rate-limit keys, password
 /// cache entries and expired nonces; and, on the one server holding the
-/// claim, signals beyond the retention (age and count), old device grants
-/// and expired shared nonces.
+/// claim, signals beyond the retention (age and count), old device grants,
+/// expired shared nonces, and metrics, rollups, finished commands and
+/// audit rows past their horizons.
 pub async fn retention(state: AppState, interval: Duration, stop: CancellationToken) {
     let mut tick = every(interval);
     let mut claim = Singleton::new("retention");
@@ -135,6 +136,65 @@ pub async fn retention(state: AppState, interval: Duration, stop: CancellationTo
         {
             tracing::warn!(error = %e, "Nonce retention failed");
         }
+        prune_history(&state, now, &stop).await;
+    }
+}
+
+/// Rows deleted per kind in one retention transaction: small enough that
+/// the API's writes never wait long behind one.
+const PRUNE_ROWS: u32 = 2_000;
+/// The metric batch ids remembered for retries (a day is far beyond any
+/// agent's retry window).
+const METRIC_BATCH_IDS_KEEP_MS: i64 = 86_400_000;
+
+/// Deletes metrics, rollups, finished commands and audit rows past their
+/// horizons (protocol.md §8), a small batch at a time with a pause
+/// between batches, until nothing is left to delete or the server stops.
+async fn prune_history(state: &AppState, now: i64, stop: &CancellationToken) {
+    let kept = &state.config.telemetry.retention;
+    let before = |keep: Duration| now - keep.as_millis() as i64;
+    let horizons = tether_store::Horizons {
+        raw_metrics_before: before(kept.raw_metrics),
+        hourly_before: before(kept.hourly_rollups),
+        daily_before: before(kept.daily_rollups),
+        metric_batches_before: now - METRIC_BATCH_IDS_KEEP_MS,
+        finished_commands_before: before(kept.finished_commands),
+        audit_before: before(kept.audit),
+    };
+    let mut total = tether_store::PruneCounts::default();
+    loop {
+        let done = match state.store.prune_history(&horizons, PRUNE_ROWS).await {
+            Ok(n) => {
+                total.raw += n.raw;
+                total.hourly += n.hourly;
+                total.daily += n.daily;
+                total.batches += n.batches;
+                total.commands += n.commands;
+                total.audit += n.audit;
+                [n.raw, n.hourly, n.daily, n.batches, n.commands, n.audit].iter().all(|&c| c < u64::from(PRUNE_ROWS))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "History retention failed");
+                true
+            }
+        };
+        if done {
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    if total.raw + total.hourly + total.daily + total.commands + total.audit > 0 {
+        tracing::info!(
+            raw_points = total.raw,
+            hourly = total.hourly,
+            daily = total.daily,
+            commands = total.commands,
+            audit_rows = total.audit,
+            "Deleted history past its retention"
+        );
     }
 }
 
@@ -166,6 +226,45 @@ pub async fn cert_expiry(state: AppState, interval: Duration, stop: Cancellation
             if let Err(e) = state.store.announce_expiring(&cert.serial, now, audit).await {
                 tracing::warn!(error = %e, "Announcing an expiring certificate failed");
             }
+        }
+    }
+}
+
+/// Once per `interval`, on the one server holding the claim: marks agents
+/// offline whose `last_seen` is older than the threshold and online again
+/// when it is not (protocol.md §8). The store records each transition once
+/// (with its audit row); this job tells the webhook and the log.
+pub async fn presence(state: AppState, interval: Duration, stop: CancellationToken) {
+    let mut tick = every(interval);
+    let mut claim = Singleton::new("presence");
+    while next_tick(&mut tick, &stop).await {
+        if !claim.held(state.store.as_ref()).await {
+            continue;
+        }
+        let now = state.clock.now_ms();
+        let offline_before = now - state.config.telemetry.offline_after.as_millis() as i64;
+        let changes = match state.store.update_presence(offline_before, now).await {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "Updating agent presence failed");
+                continue;
+            }
+        };
+        for change in changes {
+            let event = if change.online { "agent.online" } else { "agent.offline" };
+            tracing::info!(agent_id = %change.agent_id, name = %change.name, event, "Agent presence changed");
+            metrics::counter!("tether_presence_transitions_total", "to" => if change.online { "online" } else { "offline" })
+                .increment(1);
+            state.alerts.send(crate::alerts::PresenceAlert {
+                id: uuid::Uuid::now_v7().to_string(),
+                event,
+                agent_id: change.agent_id.to_string(),
+                name: change.name,
+                hostname: change.hostname,
+                labels: change.labels,
+                last_seen: change.last_seen.map(crate::clock::rfc3339),
+                at: crate::clock::rfc3339(now),
+            });
         }
     }
 }

@@ -5,12 +5,14 @@
 //! until the shutdown token fires, then ends long-polls with 204, drains
 //! connections and flushes batched writes.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod clock;
 mod conn;
 pub mod error;
 mod fsutil;
+mod heartbeats;
 mod jobs;
 pub mod keys;
 pub mod limits;
@@ -40,8 +42,11 @@ use crate::state::{AppState, ClientAddr, Inner};
 use crate::stream::nats::{NatsNotifier, NatsTasks};
 use crate::stream::{LocalNotifier, Notifier, Streams};
 
-/// How long shutdown waits for open connections before giving up on them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open connections before giving up on them…
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
+/// …and then for the jobs' last writes (batched `last_seen`, heartbeats),
+/// so the whole shutdown stays within 10 s (protocol.md §11).
+const JOBS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the bootstrap admin API token lives (docs/decisions.md): long
 /// enough for a first session, short enough that a forgotten
@@ -83,6 +88,10 @@ pub struct Server {
     tls: Option<TlsAcceptor>,
     /// The NATS publisher and subscriber, started with the server.
     nats: Option<NatsTasks>,
+    /// Taken by the heartbeat writer when the server runs.
+    heartbeat_queue: heartbeats::HeartbeatQueue,
+    /// The webhook and its queue, when one is configured.
+    alert_queue: Option<(alerts::WebhookTarget, alerts::AlertQueue)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -234,6 +243,8 @@ impl Server {
             anyhow::bail!("--nats-url connects servers that share a database: it needs --database-url postgres://…");
         }
         let options = OpenOptions { create: true, max_connections: config.database_max_connections };
+        // The process-wide metrics recorder, before anything records (`/metrics`).
+        api::prometheus::handle();
         let (store, store_calls) = CountingStore::new(tether_store::open(&location, &options).await?);
         let store: Arc<dyn Store> = Arc::new(store);
         let jwt = keys::load(store.as_ref(), &config.data_dir, config.master_key.as_ref(), keys::JWT_KEY).await?;
@@ -254,6 +265,14 @@ impl Server {
             None => (Arc::new(LocalNotifier(streams.clone())), None),
         };
         tracing::info!(store = %location, nats = nats.is_some(), "Store opened");
+        let (heartbeats, heartbeat_queue) = heartbeats::channel();
+        let (alerts, alert_queue) = match &config.telemetry.webhook {
+            Some(target) => {
+                let (alerts, queue) = alerts::channel();
+                (alerts, Some((target.clone(), queue)))
+            }
+            None => (alerts::Alerts::none(), None),
+        };
         let state = AppState(Arc::new(Inner {
             store,
             store_calls,
@@ -271,8 +290,12 @@ impl Server {
             config,
             shutdown: CancellationToken::new(),
             readiness: Default::default(),
+            open_connections: Default::default(),
+            heartbeats,
+            alerts,
+            fleet_gauges: Default::default(),
         }));
-        Ok((Self { state, listener, tls, nats }, bootstrap))
+        Ok((Self { state, listener, tls, nats, heartbeat_queue, alert_queue }, bootstrap))
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -312,7 +335,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { state, listener, tls, nats } = self;
+        let Self { state, listener, tls, nats, heartbeat_queue, alert_queue } = self;
         let app = api::routes(state.clone())
             .layer(tower_http::catch_panic::CatchPanicLayer::new())
             .layer(error::EnvelopeLayer);
@@ -322,6 +345,11 @@ impl Server {
         jobs.spawn(jobs::retention(state.clone(), state.config.retention_interval, stop_jobs.clone()));
         jobs.spawn(jobs::cert_expiry(state.clone(), state.config.cert_expiry_interval, stop_jobs.clone()));
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
+        jobs.spawn(heartbeats::run(state.store.clone(), heartbeat_queue, stop_jobs.clone()));
+        jobs.spawn(jobs::presence(state.clone(), state.config.telemetry.presence_interval, stop_jobs.clone()));
+        if let Some((target, queue)) = alert_queue {
+            jobs.spawn(alerts::deliver(target, queue, stop_jobs.clone()));
+        }
         if state.store.kind().shared() {
             jobs.spawn(jobs::catch_up(state.clone(), stop_jobs.clone()));
         }
@@ -344,7 +372,7 @@ impl Server {
             .keep_alive_interval(limits.h2_ping)
             .keep_alive_timeout(limits.h2_ping);
         let max_connections = state.config.max_connections.unwrap_or_else(conn::default_max_connections);
-        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = state.open_connections.clone();
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "Server listening");
         loop {
@@ -416,7 +444,9 @@ impl Server {
         }
         stop_jobs.cancel();
         jobs.close();
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, jobs.wait()).await;
+        if tokio::time::timeout(JOBS_TIMEOUT, jobs.wait()).await.is_err() {
+            tracing::warn!("Background jobs still running after the shutdown timeout");
+        }
         tracing::info!("Server stopped");
         Ok(())
     }

@@ -73,6 +73,58 @@ pub struct ServerConfig {
     pub cert_expiry_warning_days: u32,
     /// How often certificate expiry is checked.
     pub cert_expiry_interval: std::time::Duration,
+    /// Liveness, metrics and how long history is kept (protocol.md §8).
+    pub telemetry: TelemetryConfig,
+}
+
+/// Liveness, metrics and retention (protocol.md §8).
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// An agent not seen for this long is offline. The default is the
+    /// protocol's max(3 × heartbeat 30 s, long-poll wait 30 s + 15 s).
+    pub offline_after: std::time::Duration,
+    /// How often presence is compared with `last_seen` for transitions.
+    pub presence_interval: std::time::Duration,
+    /// Told of every online/offline transition, when set.
+    pub webhook: Option<crate::alerts::WebhookTarget>,
+    /// Distinct metric series (name and labels) one agent may create.
+    pub max_series_per_agent: u32,
+    pub retention: Retention,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            offline_after: std::time::Duration::from_secs(90),
+            presence_interval: std::time::Duration::from_secs(5),
+            webhook: None,
+            max_series_per_agent: 1_000,
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// How long each kind of history is kept (protocol.md §8 defaults).
+#[derive(Debug, Clone)]
+pub struct Retention {
+    pub raw_metrics: std::time::Duration,
+    pub hourly_rollups: std::time::Duration,
+    pub daily_rollups: std::time::Duration,
+    pub finished_commands: std::time::Duration,
+    pub audit: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let days = |d: u64| std::time::Duration::from_secs(d * 86_400);
+        Self {
+            raw_metrics: days(7),
+            hourly_rollups: days(90),
+            daily_rollups: days(400),
+            finished_commands: days(30),
+            audit: days(730),
+        }
+    }
 }
 
 /// How often a server sharing its database reads what changed there
@@ -146,6 +198,7 @@ impl ServerConfig {
             max_file_bytes: 64 * 1024 * 1024,
             cert_expiry_warning_days: 14,
             cert_expiry_interval: std::time::Duration::from_secs(3600),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -172,6 +225,14 @@ pub struct Inner {
     pub shutdown: CancellationToken,
     /// The last readiness check, reused for a second (`/readyz`).
     pub readiness: crate::api::health::Readiness,
+    /// Client connections open right now (`conn::Slot`s taken), for `/metrics`.
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Commits heartbeats in groups.
+    pub heartbeats: crate::heartbeats::HeartbeatWriter,
+    /// The presence webhook's queue (a no-op without a webhook).
+    pub alerts: crate::alerts::Alerts,
+    /// The agent and command counts `/metrics` shows, read at most every 15 s.
+    pub fleet_gauges: crate::api::prometheus::FleetGauges,
 }
 
 #[derive(Debug, Clone)]

@@ -131,24 +131,50 @@ impl AuditRecord {
     }
 }
 
+/// Where the chain starts once retention deleted a prefix of it: the last
+/// deleted row's id and hash. The first remaining row's `prev_hash` must
+/// equal `hash`, as it equalled that row's hash when it was appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditAnchor {
+    pub id: i64,
+    pub hash: Vec<u8>,
+}
+
 /// Most broken rows listed in one verification (all are counted).
 pub const MAX_LISTED_BREAKS: usize = 1000;
 
 /// Walks the whole audit chain and reports every row that breaks it, not
 /// just the first: after a broken row the walk goes on from that row's
 /// stored hash, so each altered or removed row is named once and tampering
-/// further on is still seen.
+/// further on is still seen. The walk starts at the retention anchor (the
+/// last pruned row), or at [`GENESIS_HASH`] when nothing was pruned.
 pub async fn verify_audit(store: &dyn Store) -> Result<AuditVerification> {
-    let mut prev = GENESIS_HASH.to_vec();
-    let mut after = 0;
+    let anchor = store.audit_anchor().await?;
+    let (mut after, mut prev) = match anchor {
+        Some(a) => (a.id, a.hash),
+        None => (0, GENESIS_HASH.to_vec()),
+    };
     let mut v = AuditVerification::default();
     loop {
         let rows = store.list_audit(after, 1000).await?;
         let Some(last) = rows.last() else { break };
+        let checked_up_to = after;
         after = last.id;
-        for row in &rows {
+        for (i, row) in rows.iter().enumerate() {
             v.checked += 1;
-            if let Some(problem) = audit_row_problem(row, &prev) {
+            let mut problem = audit_row_problem(row, &prev);
+            if problem.is_some() && i == 0 && row.prev_hash != prev {
+                // Retention may have pruned past where this walk had read
+                // while it was reading: then the row follows the new anchor.
+                if let Some(a) = store.audit_anchor().await?
+                    && a.id > checked_up_to
+                    && a.id < row.id
+                    && a.hash == row.prev_hash
+                {
+                    problem = audit_row_problem(row, &a.hash);
+                }
+            }
+            if let Some(problem) = problem {
                 v.broken_count += 1;
                 if v.broken.len() < MAX_LISTED_BREAKS {
                     v.broken.push(AuditBreak { id: row.id, problem: problem.to_owned() });

@@ -23,8 +23,8 @@ mod store;
 use std::sync::Arc;
 
 pub use audit::{
-    AuditBreak, AuditEntry, AuditRecord, AuditVerification, GENESIS_HASH, MAX_LISTED_BREAKS, audit_row_problem,
-    chain_hash, verify_audit,
+    AuditAnchor, AuditBreak, AuditEntry, AuditRecord, AuditVerification, GENESIS_HASH, MAX_LISTED_BREAKS,
+    audit_row_problem, chain_hash, verify_audit,
 };
 pub use counting::{CountingStore, StoreCalls};
 pub use error::{BackendError, Entity, Result, StoreError};
@@ -32,7 +32,7 @@ pub use location::{Location, redact as redact_url};
 pub use model::*;
 pub use store::{
     AgentStore, AuditStore, BlobSource, CertStore, CommandStore, ConfigStore, DeviceGrantStore, FileStore, ItemStore,
-    JobLease, ServerStore, SignalStore, Store, TokenStore, UserStore,
+    JobLease, ServerStore, SignalStore, Store, TelemetryStore, TokenStore, UserStore,
 };
 
 /// Bytes per stored chunk of a blob: what one row holds and one read returns.

@@ -5,6 +5,7 @@ use serde_json::Value;
 use tether_proto::certs::CertSource;
 use tether_proto::command::{Command, CommandStatus, CreateCommand, TargetSpec};
 use tether_proto::config::{Doc, Scope};
+use tether_proto::telemetry::{MetricPoint, Resolution};
 use tether_proto::{AgentId, BatchId, CommandId, Labels};
 
 use crate::audit::AuditEntry;
@@ -167,6 +168,11 @@ pub struct AgentRecord {
     /// The desired hash the agent reported it could not apply, and why.
     pub config_failed_hash: Option<String>,
     pub config_error: Option<String>,
+    /// The presence last recorded by [`crate::AgentStore::update_presence`];
+    /// `None` until it first decided (a new agent starts online).
+    pub online: Option<bool>,
+    /// The latest heartbeat body, as the agent sent it (`null` before the first).
+    pub heartbeat: Value,
 }
 
 impl AgentRecord {
@@ -193,6 +199,8 @@ impl AgentRecord {
             config_hash: Some(config_hash),
             config_failed_hash: None,
             config_error: None,
+            online: Some(true),
+            heartbeat: Value::Null,
         }
     }
 }
@@ -260,9 +268,39 @@ pub struct AgentFilter {
     pub labels: Labels,
     /// Substring of name or hostname.
     pub q: Option<String>,
+    /// Only agents in this state.
+    pub status: Option<StatusFilter>,
     /// Keyset cursor: the last agent id of the previous page.
     pub after: Option<AgentId>,
     pub limit: u32,
+}
+
+/// Agents by liveness, as an operator filters them. Decided from
+/// `last_seen` at the caller's `seen_since`, not from the stored presence
+/// (which lags by the presence job's interval).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Not revoked, `last_seen >= seen_since`.
+    Online {
+        seen_since: Millis,
+    },
+    /// Not revoked, `last_seen` unknown or `< seen_since`.
+    Offline {
+        seen_since: Millis,
+    },
+    Revoked,
+}
+
+impl StatusFilter {
+    /// The filter as the backends' SQL takes it: a state name and the
+    /// instant it is decided at (0 for `revoked`, where it is not used).
+    pub fn sql_params(self) -> (&'static str, Millis) {
+        match self {
+            StatusFilter::Online { seen_since } => ("online", seen_since),
+            StatusFilter::Offline { seen_since } => ("offline", seen_since),
+            StatusFilter::Revoked => ("revoked", 0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -430,16 +468,36 @@ pub struct AgentUpdate {
     pub name: Option<String>,
 }
 
-/// What a heartbeat tells the store.
-#[derive(Debug, Clone, Copy)]
-pub struct HeartbeatFacts<'a> {
-    pub version: Option<&'a str>,
+/// One agent's latest heartbeat, to be written with others in one
+/// transaction ([`crate::AgentStore::record_heartbeats`]): the server
+/// collects them in memory and flushes them in batches, as it does
+/// `last_seen`, so a fleet's heartbeats cost one write per flush.
+#[derive(Debug, Clone)]
+pub struct HeartbeatRow {
+    pub agent_id: AgentId,
+    pub version: Option<String>,
     /// The effective configuration the agent runs now.
-    pub applied_config_hash: Option<&'a str>,
-    /// A configuration (hash) the agent could not apply, and why.
-    pub failed_config: Option<(&'a str, &'a str)>,
+    pub applied_config_hash: Option<String>,
+    /// A configuration (hash) the agent could not apply, and why: `(hash, error)`.
+    pub failed_config: Option<(String, String)>,
     /// The whole body, as the agent sent it.
-    pub body: &'a Value,
+    pub body: Value,
+    /// When the server received it; `last_seen` moves to it (never back).
+    pub at: Millis,
+}
+
+/// An agent whose stored presence changed from one decided value to the
+/// other ([`crate::AgentStore::update_presence`]), with what an operator
+/// needs to recognise it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub agent_id: AgentId,
+    pub name: String,
+    pub hostname: String,
+    pub labels: Labels,
+    /// The new state.
+    pub online: bool,
+    pub last_seen: Option<Millis>,
 }
 
 /// The two kinds of item agents hold and report on (protocol.md §7).
@@ -594,4 +652,97 @@ pub struct ExpiringCert {
     pub serial: String,
     pub agent_id: Option<AgentId>,
     pub not_after: Millis,
+}
+
+/// A metric batch to store ([`crate::TelemetryStore::store_metrics`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewMetrics<'a> {
+    pub agent_id: AgentId,
+    /// Unique per agent: the same id again is a retry and stores nothing.
+    pub batch_id: &'a str,
+    pub points: &'a [MetricPoint],
+    /// Distinct series (name + labels) one agent may have; a batch that
+    /// would create more is refused whole.
+    pub max_series: u32,
+    pub now: Millis,
+}
+
+/// What storing a metric batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsOutcome {
+    /// Points written now (a point for a series and instant already stored is not).
+    Stored { points: u64 },
+    /// This batch id was stored before: nothing was written.
+    Duplicate,
+}
+
+/// One metric's series for one agent over a time range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricQuery {
+    pub agent_id: AgentId,
+    pub name: String,
+    /// Inclusive.
+    pub from: Millis,
+    /// Exclusive.
+    pub to: Millis,
+    pub resolution: Resolution,
+    /// At most this many points in all; more → truncated.
+    pub max_points: u32,
+}
+
+/// A stored inventory entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InventoryRecord {
+    pub kind: String,
+    pub key: String,
+    pub attrs: Value,
+    pub updated_at: Millis,
+}
+
+/// How far back each kind of history is kept ([`crate::TelemetryStore::prune_history`]):
+/// anything older than its horizon goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizons {
+    /// Raw points by their `ts_ms`.
+    pub raw_metrics_before: Millis,
+    /// Hourly buckets by their start.
+    pub hourly_before: Millis,
+    /// Daily buckets by their start.
+    pub daily_before: Millis,
+    /// Remembered metric batch ids by when they were received.
+    pub metric_batches_before: Millis,
+    /// Commands in a terminal state by when they finished.
+    pub finished_commands_before: Millis,
+    /// Audit rows by their `ts`, as a prefix of the chain.
+    pub audit_before: Millis,
+}
+
+/// Agents by presence and commands by state ([`crate::TelemetryStore::fleet_counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    pub agents_online: u64,
+    pub agents_offline: u64,
+    pub agents_revoked: u64,
+    /// Every state with at least one command, by its wire name.
+    pub commands: Vec<(String, u64)>,
+}
+
+/// Rows one [`crate::TelemetryStore::prune_history`] call deleted, per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneCounts {
+    pub raw: u64,
+    pub hourly: u64,
+    pub daily: u64,
+    pub batches: u64,
+    pub commands: u64,
+    pub audit: u64,
+}
+
+impl PruneCounts {
+    /// Whether a kind may have more rows past its horizon: it deleted as
+    /// many as it was allowed to, so the caller should call again.
+    pub fn more(&self, max_rows: u32) -> bool {
+        let max = u64::from(max_rows);
+        [self.raw, self.hourly, self.daily, self.batches, self.commands, self.audit].iter().any(|&n| n >= max)
+    }
 }

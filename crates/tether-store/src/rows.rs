@@ -15,7 +15,7 @@ pub const COMMAND_COLUMNS: &str = "id, batch_id, agent_id, name, args, timeout_s
 /// Columns read by `agent_from_row`, in order.
 pub const AGENT_COLUMNS: &str = "id, name, hostname, labels, facts, public_key, version, applied_config_hash, \
      epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after, \
-     config_hash, config_failed_hash, config_error";
+     config_hash, config_failed_hash, config_error, online, heartbeat";
 
 /// Columns read by `stream_change_from_row`, in order.
 pub const STREAM_COLUMNS: &str = "id, epoch, head_seq, floor_seq, revoked_at, revoke_reason, tokens_valid_after";
@@ -56,6 +56,9 @@ pub const CERT_COLUMNS: &str = "c.id, c.name, c.source, c.target, c.grp, c.hook,
 
 /// Columns read by `ca_from_row`, in order.
 pub const CA_COLUMNS: &str = "id, serial, cert_pem, key_sealed, not_after, active, created_at";
+
+/// Columns read by `inventory_from_row`, in order.
+pub const INVENTORY_COLUMNS: &str = "kind, key, attrs, updated_at";
 
 /// Columns read by `agent_item_from_row`, in order.
 pub const AGENT_ITEM_COLUMNS: &str = "agent_id, version, state, error, serial, not_after";
@@ -124,7 +127,43 @@ macro_rules! decoders {
                 config_hash: r.try_get(16)?,
                 config_failed_hash: r.try_get(17)?,
                 config_error: r.try_get(18)?,
+                online: r.try_get(19)?,
+                heartbeat: r.try_get::<Option<&str>, _>(20)?.map(parse_json).transpose()?.unwrap_or_default(),
             })
+        }
+
+        /// An agent whose presence changes, from `id, name, hostname,
+        /// labels, <new state>, last_seen` (each backend's presence query).
+        pub fn presence_from_row(r: &$row) -> Result<crate::PresenceChange> {
+            Ok(crate::PresenceChange {
+                agent_id: parse_id(r.try_get(0)?)?,
+                name: r.try_get(1)?,
+                hostname: r.try_get(2)?,
+                labels: parse_json(r.try_get(3)?)?,
+                online: r.try_get(4)?,
+                last_seen: r.try_get(5)?,
+            })
+        }
+
+        pub fn inventory_from_row(r: &$row) -> Result<crate::InventoryRecord> {
+            Ok(crate::InventoryRecord {
+                kind: r.try_get(0)?,
+                key: r.try_get(1)?,
+                attrs: parse_json(r.try_get(2)?)?,
+                updated_at: r.try_get(3)?,
+            })
+        }
+
+        /// A raw point or a rollup bucket as a query answers it: the
+        /// series' label text, then the point.
+        pub fn series_point_from_row(r: &$row) -> Result<(String, tether_proto::telemetry::SeriesPoint)> {
+            let agg = crate::rules::telemetry::Agg {
+                count: r.try_get::<i64, _>(2)? as u64,
+                sum: r.try_get(3)?,
+                min: r.try_get(4)?,
+                max: r.try_get(5)?,
+            };
+            Ok((r.try_get(0)?, agg.point(r.try_get(1)?)))
         }
 
         pub fn stream_change_from_row(r: &$row) -> Result<StreamChange> {

@@ -15,7 +15,10 @@
 //!   each read-decide-write method locks what it decides on before reading
 //!   it: the audit chain head (so two replicas never fork the chain), the
 //!   refresh-token family, the device grant, the command, the agent whose
-//!   stream is appended to, and the set of pending device grants (the cap).
+//!   stream is appended to, the set of pending device grants (the cap), an
+//!   agent's set of metric series (the series cap), and agents whose
+//!   presence changes (in id order, re-checked once locked, so a transition
+//!   is reported once).
 //!   An idempotency key is unique in the schema, and a use of an enrollment
 //!   token is a conditional update, so neither can be taken twice.
 //! - **Appends return heads, they never wake anyone.** A method that
@@ -29,16 +32,18 @@ use async_trait::async_trait;
 use tether_proto::command::{Batch, Command, ResultReport};
 use tether_proto::config::{ConfigStatus, EffectiveConfig, Scope};
 use tether_proto::files::{FleetStatus, ItemReport};
+use tether_proto::telemetry::{InventoryItem, InventoryKey, Series};
 use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
-use crate::audit::{AuditEntry, AuditRecord};
+use crate::audit::{AuditAnchor, AuditEntry, AuditRecord};
 use crate::{
     AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CaRecord, CancelOutcome,
     CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo,
-    DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord, FirstAdmin, Head,
-    HeartbeatFacts, IssuedRecord, ItemChange, ItemKind, Millis, NewAgent, NewBatch, NewCa, NewCert, NewConfigVersion,
-    NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, RefreshOutcome, Result, ResultAudit,
-    ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome, User, UserRecord,
+    DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord, FirstAdmin, FleetCounts, Head,
+    HeartbeatRow, Horizons, InventoryRecord, IssuedRecord, ItemChange, ItemKind, MetricQuery, MetricsOutcome, Millis,
+    NewAgent, NewBatch, NewCa, NewCert, NewConfigVersion, NewDeviceGrant, NewEnrollToken, NewFileAssignment,
+    NewGrantOutcome, NewMetrics, PresenceChange, PruneCounts, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role,
+    SealedMaterial, StreamChange, SweepOutcome, User, UserRecord,
 };
 
 /// Every area of the store. Implemented for anything that implements them all.
@@ -54,6 +59,7 @@ pub trait Store:
     + FileStore
     + CertStore
     + ItemStore
+    + TelemetryStore
     + AuditStore
     + std::fmt::Debug
     + 'static
@@ -72,6 +78,7 @@ impl<T> Store for T where
         + FileStore
         + CertStore
         + ItemStore
+        + TelemetryStore
         + AuditStore
         + std::fmt::Debug
         + 'static
@@ -222,9 +229,30 @@ pub trait AgentStore: Send + Sync {
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>>;
     /// Revokes the agent and its refresh tokens.
     async fn revoke_agent(&self, id: AgentId, reason: &str, now: Millis, audit: AuditEntry) -> Result<AgentRecord>;
-    /// Records a heartbeat: version, the configuration the agent runs or
-    /// could not apply (an applied one clears an earlier failure), the body.
-    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()>;
+    /// Writes every row in ONE transaction: per row the version, the
+    /// configuration the agent runs or could not apply (an applied one
+    /// clears an earlier failure), the body, and `last_seen = max(old, at)`.
+    /// Of several rows for one agent the latest (`at`) is written. Rows for
+    /// agents that no longer exist are skipped silently (deleted meanwhile).
+    async fn record_heartbeats(&self, beats: &[HeartbeatRow]) -> Result<()>;
+    /// Marks each non-revoked agent online (`last_seen >= offline_before`)
+    /// or offline (otherwise). Where the stored state changes from a decided
+    /// value, appends one audit row (`AuditEntry::system("server",
+    /// "agent.online"|"agent.offline", agent_id, {name, hostname,
+    /// last_seen}, now)`) in the same transaction and returns the change;
+    /// an agent whose state was not decided yet (`NULL`) is set without an
+    /// audit row and is not returned. Concurrent callers (two replicas)
+    /// never report the same transition twice: the rows are locked (in id
+    /// order) and re-checked before they change. Cheap when nothing changes:
+    /// only agents whose state differs are read.
+    async fn update_presence(&self, offline_before: Millis, now: Millis) -> Result<Vec<PresenceChange>>;
+    /// Removes the agent and everything that is only its (stream signals,
+    /// commands with their results and any batch left empty, item reports,
+    /// issued certificates, refresh tokens, device grants, nonces, its agent
+    /// configuration scope, metrics, rollups, series, metric batch ids,
+    /// inventory) in one transaction with `audit` appended; audit rows that
+    /// mention it stay. Returns the agent as it was. `NotFound(Agent)` when absent.
+    async fn delete_agent(&self, id: AgentId, audit: AuditEntry) -> Result<AgentRecord>;
     /// Changes an agent's name and/or labels; new labels retarget its
     /// configuration like a config write does (a `config.updated` signal when
     /// its effective hash changes, whose head is returned). `NotFound(Agent)`
@@ -473,4 +501,69 @@ pub trait AuditStore: Send + Sync {
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>>;
     /// Newest first, filtered; `before` is the keyset cursor (an audit id).
     async fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
+    /// The last row retention deleted (see [`TelemetryStore::prune_history`]):
+    /// where [`crate::verify_audit`] starts instead of the genesis hash.
+    /// `None` while nothing was pruned.
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>>;
+}
+
+/// What agents report besides commands (protocol.md §8): metric points with
+/// their hourly and daily rollups, and inventory; and the retention of
+/// everything that grows with time.
+///
+/// A metric series is one agent's name and label set (labels stored as
+/// canonical JSON text); points are unique per series and instant. Rollups
+/// are kept incrementally, from exactly the points each batch inserted, so
+/// they always equal an aggregate of the raw points ever stored (until
+/// retention removes either).
+#[async_trait]
+pub trait TelemetryStore: Send + Sync {
+    /// One transaction: records `(agent_id, batch_id)` (already there →
+    /// `Duplicate`, nothing written), creates missing series (more than
+    /// `max_series` for the agent → `Invalid { field: "points" }`, nothing
+    /// written), inserts the points (one for an existing `(series, ts_ms)`
+    /// is ignored) and adds exactly the inserted ones to the hourly and
+    /// daily rollups ([`crate::rules::telemetry::bucket_start`]). A
+    /// non-finite value is `Invalid`. `NotFound(Agent)` for an unknown agent.
+    async fn store_metrics(&self, batch: NewMetrics<'_>) -> Result<MetricsOutcome>;
+    /// The agent's series of that name that have points in `[from, to)`,
+    /// by label set, each with its points in time order (raw: count 1,
+    /// min = max = sum = avg = value; rollups: by bucket start); at most
+    /// `max_points` in all, and whether more were cut off.
+    async fn query_metrics(&self, q: &MetricQuery) -> Result<(Vec<Series>, bool)>;
+    /// Applies `upsert` (attrs replaced, `updated_at = now`; of one key
+    /// given twice the last wins) then `remove` (missing ones ignored) in
+    /// one transaction. `NotFound(Agent)` for an unknown agent.
+    async fn change_inventory(
+        &self,
+        agent_id: AgentId,
+        upsert: &[InventoryItem],
+        remove: &[InventoryKey],
+        now: Millis,
+    ) -> Result<()>;
+    /// Replaces the agent's whole inventory in one transaction.
+    /// `NotFound(Agent)` for an unknown agent.
+    async fn replace_inventory(&self, agent_id: AgentId, items: &[InventoryItem], now: Millis) -> Result<()>;
+    /// The agent's inventory by `(kind, key)`, after the keyset cursor
+    /// `after`; only `kind` when given.
+    async fn list_inventory(
+        &self,
+        agent_id: AgentId,
+        kind: Option<&str>,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<Vec<InventoryRecord>>;
+    /// Deletes at most `max_rows` rows per kind that are past their horizon:
+    /// raw points and rollup buckets by their ts, metric batch ids by when
+    /// they were received, commands in a terminal state that finished
+    /// before the horizon (with any batch they leave empty), and audit rows
+    /// older than the horizon, always a whole prefix of the chain (the last
+    /// deleted row becomes the [`AuditStore::audit_anchor`]). Each kind is
+    /// one short transaction, so nothing waits long; the caller calls again
+    /// while [`PruneCounts::more`].
+    async fn prune_history(&self, h: &Horizons, max_rows: u32) -> Result<PruneCounts>;
+    /// How many agents are online (seen at or after `seen_since`), offline
+    /// and revoked, and how many commands are in each state: one read for
+    /// the operations gauges.
+    async fn fleet_counts(&self, seen_since: Millis) -> Result<FleetCounts>;
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -35,7 +36,7 @@ pub struct ServerArgs {
     pub cluster: String,
     /// TOML file with further settings (`[limits]`, `device_code_ttl_s`, `max_pending_device_grants`,
     /// `require_signed_requests`, `max_remembered_nonces`, `max_connections`, `database_max_connections`,
-    /// `max_file_bytes`, `cert_expiry_warning_days`, `tls_cert`, `tls_key`).
+    /// `max_file_bytes`, `cert_expiry_warning_days`, `tls_cert`, `tls_key`, `[telemetry]`).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key); plain HTTP
@@ -73,6 +74,74 @@ struct FileConfig {
     /// PEM certificate chain and key for HTTPS; the flags win over these.
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    #[serde(default)]
+    telemetry: TelemetryFile,
+}
+
+/// `[telemetry]`: liveness, the presence webhook, metrics and retention
+/// (protocol.md §8).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryFile {
+    /// An agent not seen for this many seconds is offline (default 90).
+    offline_after_s: Option<u64>,
+    /// POSTed a JSON alert on every online/offline transition.
+    webhook_url: Option<String>,
+    /// Let `webhook_url` reach loopback, private and link-local addresses.
+    #[serde(default)]
+    allow_private_targets: bool,
+    /// Distinct metric series one agent may create (default 1,000).
+    max_series_per_agent: Option<u32>,
+    #[serde(default)]
+    retention_days: RetentionFile,
+}
+
+/// `[telemetry.retention_days]`, each in days.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    raw_metrics: Option<u64>,
+    hourly_rollups: Option<u64>,
+    daily_rollups: Option<u64>,
+    finished_commands: Option<u64>,
+    audit: Option<u64>,
+}
+
+impl TelemetryFile {
+    fn apply(self, config: &mut ServerConfig) -> anyhow::Result<()> {
+        let t = &mut config.telemetry;
+        if let Some(s) = self.offline_after_s {
+            anyhow::ensure!(s >= 1, "[telemetry] offline_after_s must be at least 1");
+            t.offline_after = Duration::from_secs(s);
+            // Presence is checked, and last_seen written, often enough for
+            // a short threshold to hold.
+            t.presence_interval = (t.offline_after / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
+            config.seen_flush_interval = config.seen_flush_interval.min(t.offline_after / 6);
+        }
+        if let Some(url) = self.webhook_url {
+            let target = tether_server::alerts::WebhookTarget::parse(&url, self.allow_private_targets)
+                .map_err(|e| anyhow::anyhow!("[telemetry] webhook_url: {e}"))?;
+            t.webhook = Some(target);
+        }
+        if let Some(n) = self.max_series_per_agent {
+            t.max_series_per_agent = n;
+        }
+        let days = |d: u64| Duration::from_secs(d * 86_400);
+        let r = self.retention_days;
+        for (kept, set) in [
+            (&mut t.retention.raw_metrics, r.raw_metrics),
+            (&mut t.retention.hourly_rollups, r.hourly_rollups),
+            (&mut t.retention.daily_rollups, r.daily_rollups),
+            (&mut t.retention.finished_commands, r.finished_commands),
+            (&mut t.retention.audit, r.audit),
+        ] {
+            if let Some(d) = set {
+                anyhow::ensure!(d >= 1, "[telemetry.retention_days] values must be at least 1 day");
+                *kept = days(d);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -135,6 +204,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(days) = file.cert_expiry_warning_days {
         config.cert_expiry_warning_days = days;
     }
+    file.telemetry.apply(&mut config)?;
     config.tls = tls_files(args.tls_cert, args.tls_key, file.tls_cert, file.tls_key)?;
     let (server, bootstrap) = Server::start(config, admin_password).await?;
     let url = server.url()?;

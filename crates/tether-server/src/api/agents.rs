@@ -9,22 +9,22 @@ use tether_proto::agent::{
     Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest, UpdateAgent, validate_labels,
 };
 use tether_proto::{AgentId, Data, Labels, Page};
-use tether_store::{AgentFilter, AgentRecord, AgentUpdate, Millis, NewEnrollToken};
+use tether_store::{AgentFilter, AgentRecord, AgentUpdate, Millis, NewEnrollToken, StatusFilter};
 
 use crate::api::page::{page_limit, parse_param};
 use crate::auth::Operator;
 use crate::auth::secret::{ENROLL_TOKEN_PREFIX, hash_token, new_token};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 use crate::stream::StreamEvent;
 
-/// An agent is offline when not seen for this long: max(3 × heartbeat 30 s, wait 30 s + 15 s).
-const OFFLINE_AFTER_MS: Millis = 90_000;
 const MAX_ENROLL_USES: u32 = 1_000_000;
 const MAX_ENROLL_LIFETIME_S: u64 = 366 * 86_400;
 
-pub fn rfc3339(ms: Millis) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+/// Agents seen at or after this instant are online (protocol.md §8).
+fn seen_since(state: &AppState) -> Millis {
+    state.clock.now_ms() - state.config.telemetry.offline_after.as_millis() as Millis
 }
 
 fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
@@ -32,7 +32,7 @@ fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
     let last_seen = rec.last_seen.max(state.streams.last_seen(rec.id));
     let status = if rec.revoked_at.is_some() {
         AgentStatus::Revoked
-    } else if last_seen.is_some_and(|seen| state.clock.now_ms() - seen <= OFFLINE_AFTER_MS) {
+    } else if last_seen.is_some_and(|seen| seen >= seen_since(state)) {
         AgentStatus::Online
     } else {
         AgentStatus::Offline
@@ -54,18 +54,33 @@ fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
         created_at: rfc3339(rec.created_at),
         revoked_at: rec.revoked_at.map(rfc3339),
         facts: rec.facts,
+        heartbeat: rec.heartbeat,
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AgentListQuery {
     label: Option<String>,
+    status: Option<AgentStatus>,
     q: Option<String>,
     cursor: Option<String>,
     limit: Option<u32>,
 }
 
-/// `GET /api/v1/agents?label=k=v&q=&cursor=&limit=`
+/// `GET /api/v1/agents?label=k=v&status=online|offline|revoked&q=&cursor=&limit=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents",
+    tag = "agents",
+    description = "Requires the viewer role.",
+    params(AgentListQuery),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Page<tether_proto::agent::Agent>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     _: Operator,
@@ -83,6 +98,11 @@ pub async fn list(
     let filter = AgentFilter {
         labels,
         q: q.q.filter(|s| !s.is_empty()),
+        status: q.status.map(|status| match status {
+            AgentStatus::Online => StatusFilter::Online { seen_since: seen_since(&state) },
+            AgentStatus::Offline => StatusFilter::Offline { seen_since: seen_since(&state) },
+            AgentStatus::Revoked => StatusFilter::Revoked,
+        }),
         after: parse_param("cursor", q.cursor.as_deref())?,
         limit,
     };
@@ -93,6 +113,18 @@ pub async fn list(
 }
 
 /// `GET /api/v1/agents/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{id}",
+    tag = "agents",
+    description = "Requires the viewer role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::agent::Agent>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<AgentId>) -> ApiResult<Response> {
     let rec = state.store.get_agent(id).await?.ok_or_else(|| ApiError::not_found("agent"))?;
     Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
@@ -100,6 +132,19 @@ pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPat
 
 /// `PATCH /api/v1/agents/{id} {labels, name}`: new labels re-target the
 /// agent's configuration (and, from now on, commands by label).
+#[utoipa::path(
+    patch,
+    path = "/api/v1/agents/{id}",
+    request_body = tether_proto::agent::UpdateAgent,
+    tag = "agents",
+    description = "Requires the operator role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::agent::Agent>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn update(
     State(state): State<AppState>,
     op: Operator,
@@ -125,6 +170,19 @@ pub async fn update(
 
 /// `POST /api/v1/agents/{id}/revoke {reason}`: every further call of the
 /// agent answers 403 DEVICE_REVOKED and its open poll ends now.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/{id}/revoke",
+    request_body(content = Option<tether_proto::agent::RevokeRequest>, content_type = "application/json", description = "Optional: `{\"reason\": …}`"),
+    tag = "agents",
+    description = "Requires the operator role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::agent::Agent>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     op: Operator,
@@ -151,7 +209,48 @@ pub async fn revoke(
     Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
 }
 
+/// `DELETE /api/v1/agents/{id}`: revokes the agent (its open poll ends,
+/// its tokens stop working) and removes it with its stream, commands,
+/// reports, metrics and inventory; the audit log keeps its history.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/agents/{id}",
+    tag = "agents",
+    description = "Requires the operator role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    op: Operator,
+    ctx: AuditContext,
+    ApiPath(id): ApiPath<AgentId>,
+) -> ApiResult<Response> {
+    let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "agent.delete", id.to_string(), json!({})));
+    let rec = state.store.delete_agent(id, audit).await?;
+    let reason = format!("deleted by {}", op.name());
+    state.notifier.publish(StreamEvent::Revoked { agent_id: id, at: state.clock.now_ms(), reason });
+    tracing::info!(agent_id = %id, name = %rec.name, "Agent deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// `POST /api/v1/enroll-tokens {labels, uses, expires_in_s}`: the secret is shown once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/enroll-tokens",
+    request_body = tether_proto::agent::CreateEnrollToken,
+    tag = "agents",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "Success", body = tether_proto::Data<tether_proto::agent::CreatedEnrollToken>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn create_enroll_token(
     State(state): State<AppState>,
     op: Operator,
@@ -197,6 +296,17 @@ pub async fn create_enroll_token(
 }
 
 /// `GET /api/v1/enroll-tokens`
+#[utoipa::path(
+    get,
+    path = "/api/v1/enroll-tokens",
+    tag = "agents",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Page<tether_proto::agent::EnrollToken>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list_enroll_tokens(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let data: Vec<EnrollToken> = state
         .store
@@ -217,6 +327,18 @@ pub async fn list_enroll_tokens(State(state): State<AppState>, _: Operator) -> A
 }
 
 /// `DELETE /api/v1/enroll-tokens/{id}`
+#[utoipa::path(
+    delete,
+    path = "/api/v1/enroll-tokens/{id}",
+    tag = "agents",
+    description = "Requires the operator role.",
+    params(("id" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 204, description = "No content"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn revoke_enroll_token(
     State(state): State<AppState>,
     op: Operator,

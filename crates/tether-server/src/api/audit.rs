@@ -9,13 +9,14 @@ use tether_proto::user::{AgentAuditEvent, AuditBreak, AuditRow, AuditVerificatio
 use tether_proto::{Data, Page};
 use tether_store::{AuditFilter, AuditRecord, Role};
 
-use crate::api::agents::rfc3339;
-use crate::api::page::{page_limit, parse_param};
+use crate::api::page::{page_limit, parse_param, parse_time};
 use crate::auth::{AgentCaller, Operator};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     actor: Option<String>,
     agent_id: Option<String>,
@@ -24,16 +25,6 @@ pub struct AuditQuery {
     to: Option<String>,
     cursor: Option<String>,
     limit: Option<u32>,
-}
-
-fn parse_time(field: &'static str, v: Option<&str>) -> ApiResult<Option<i64>> {
-    v.filter(|s| !s.is_empty())
-        .map(|s| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-                .map_err(|_| ApiError::bad_request(field, format!("{field} must be an RFC 3339 time")))
-        })
-        .transpose()
 }
 
 fn row(r: AuditRecord) -> AuditRow {
@@ -54,6 +45,18 @@ fn row(r: AuditRecord) -> AuditRow {
 
 /// `GET /api/v1/audit?actor=&agent_id=&action=&from=&to=&cursor=&limit=`:
 /// admins see every row, other users only their own.
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "audit",
+    description = "Any signed-in user.",
+    params(AuditQuery),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Page<tether_proto::user::AuditRow>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     op: Operator,
@@ -77,6 +80,17 @@ pub async fn list(
 
 /// `GET /api/v1/audit/verify`: walks the hash chain from the first row and
 /// lists every row that breaks it.
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit/verify",
+    tag = "audit",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn verify(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let v = tether_store::verify_audit(state.store.as_ref()).await?;
     let first = v.broken.first();
@@ -92,6 +106,17 @@ pub async fn verify(State(state): State<AppState>, _: Operator) -> ApiResult<Res
 }
 
 /// `POST /api/v1/agents/self/audit {action, target, details}`
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/audit",
+    request_body = tether_proto::user::AgentAuditEvent,
+    tag = "audit",
+    security(("agent_token" = [])),
+    responses(
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn agent_append(
     State(state): State<AppState>,
     agent: AgentCaller,

@@ -14,8 +14,8 @@ use tether_proto::files::ItemReport;
 use tether_proto::{Data, Page};
 use tether_store::{CaRecord, CertRecord, IssuedRecord, ItemChange, ItemKind, NewCa, NewCert};
 
-use crate::api::agents::rfc3339;
 use crate::auth::{AgentCaller, Operator};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
 use crate::pki::{self, Problem, SignRefusal};
 use crate::state::{AppState, AuditContext, AuditEvent};
@@ -59,6 +59,18 @@ fn changed(state: &AppState, change: ItemChange<CertRecord>, status: StatusCode)
 }
 
 /// `POST /api/v1/certs`: an uploaded certificate, its key sealed at rest.
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn upload(
     State(state): State<AppState>,
     op: Operator,
@@ -93,6 +105,18 @@ pub async fn upload(
 
 /// `POST /api/v1/certs/issued`: each targeted agent gets a certificate for
 /// these names from the server's CA, for a key it makes itself.
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs/issued",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn issue(
     State(state): State<AppState>,
     op: Operator,
@@ -133,6 +157,19 @@ async fn active_cert(state: &AppState, id: i64) -> ApiResult<CertRecord> {
 
 /// `POST /api/v1/certs/{id}/replace`: new material for an uploaded
 /// certificate; its holders are told (`cert.renewed`) with the new serial.
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs/{id}/replace",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    description = "Requires the operator role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn replace(
     State(state): State<AppState>,
     op: Operator,
@@ -159,6 +196,18 @@ pub async fn replace(
 }
 
 /// `POST /api/v1/certs/{id}/revoke`: its holders remove it (`cert.revoked`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs/{id}/revoke",
+    tag = "certs",
+    description = "Requires the operator role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     op: Operator,
@@ -173,6 +222,17 @@ pub async fn revoke(
 
 /// `GET /api/v1/certs`: active certificates by name, then those revoked in
 /// the last day; each says whether it expires within the warning window.
+#[utoipa::path(
+    get,
+    path = "/api/v1/certs",
+    tag = "certs",
+    description = "Requires the viewer role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let since = state.clock.now_ms() - REVOKED_LISTED_MS;
     let data = state.store.list_certs(since).await?.into_iter().map(|c| cert_view(&state, c)).collect();
@@ -180,12 +240,36 @@ pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Respo
 }
 
 /// `GET /api/v1/certs/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/certs/{id}",
+    tag = "certs",
+    description = "Requires the viewer role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
     let cert = state.store.get_cert(id).await?.ok_or_else(|| ApiError::not_found("certificate"))?;
     Ok(axum::Json(Data { data: cert_view(&state, cert) }).into_response())
 }
 
 /// `GET /api/v1/certs/{id}/status`: holders current, behind or failed.
+#[utoipa::path(
+    get,
+    path = "/api/v1/certs/{id}/status",
+    tag = "certs",
+    description = "Requires the viewer role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn status(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
     Ok(axum::Json(Data { data: state.store.item_status(ItemKind::Cert, id).await? }).into_response())
 }
@@ -201,6 +285,17 @@ fn ca_view(ca: CaRecord) -> CaCert {
 }
 
 /// `GET /api/v1/certs/ca`: the CAs agents trust, the active one first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/certs/ca",
+    tag = "certs",
+    description = "Requires the viewer role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list_cas(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let data = state.store.list_cas().await?.into_iter().map(ca_view).collect();
     Ok(axum::Json(Page::<CaCert> { data, next_cursor: None }).into_response())
@@ -217,12 +312,35 @@ async fn activate(state: &AppState, ca: NewCa, op: &Operator, ctx: &AuditContext
 
 /// `POST /api/v1/certs/ca/rotate`: a new CA signs from now on; agents get
 /// new certificates from it and trust both until the old one is retired.
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs/ca/rotate",
+    tag = "certs",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "The new signing CA", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn rotate_ca(State(state): State<AppState>, op: Operator, ctx: AuditContext) -> ApiResult<Response> {
     let ca = pki::new_ca(&state.sealer, state.clock.now_ms()).map_err(ApiError::internal)?;
     activate(&state, ca, &op, &ctx, "ca.rotate").await
 }
 
 /// `POST /api/v1/certs/ca/import`: an operator's CA signs from now on.
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs/ca/import",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "The new signing CA", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn import_ca(
     State(state): State<AppState>,
     op: Operator,
@@ -234,6 +352,17 @@ pub async fn import_ca(
 }
 
 /// `POST /api/v1/certs/ca/retire`: stop trusting every CA but the active one.
+#[utoipa::path(
+    post,
+    path = "/api/v1/certs/ca/retire",
+    tag = "certs",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn retire_cas(State(state): State<AppState>, op: Operator, ctx: AuditContext) -> ApiResult<Response> {
     let audit = state.audit_entry(&ctx, AuditEvent::by_user(op.name(), "ca.retire", "ca".into(), json!({})));
     let (retired, heads) = state.store.retire_cas(state.clock.now_ms(), audit).await?;
@@ -248,6 +377,16 @@ async fn own_cert(state: &AppState, agent: &AgentCaller, id: i64) -> ApiResult<C
 }
 
 /// `GET /api/v1/agents/self/certs`: the certificates the caller must hold.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/certs",
+    tag = "certs",
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn own(State(state): State<AppState>, agent: AgentCaller) -> ApiResult<Response> {
     let data: Vec<AgentCert> = state
         .store
@@ -271,6 +410,17 @@ pub async fn own(State(state): State<AppState>, agent: AgentCaller) -> ApiResult
 
 /// `GET /api/v1/agents/self/certs/{id}`: an uploaded certificate's material,
 /// its key unsealed for the holder.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/certs/{id}",
+    tag = "certs",
+    params(("id" = i64, Path)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn material(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -298,6 +448,18 @@ pub async fn material(
 /// `POST /api/v1/agents/self/certs/{id}/csr`: the active CA signs the
 /// caller's CSR for an issued certificate. Names outside the assignment are
 /// refused and audited.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/certs/{id}/csr",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    params(("id" = i64, Path)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn sign(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -364,6 +526,18 @@ pub async fn sign(
 }
 
 /// `POST /api/v1/agents/self/certs/{id}/status`
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/certs/{id}/status",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    params(("id" = i64, Path)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn report_status(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -375,6 +549,18 @@ pub async fn report_status(
 
 /// `POST /api/v1/agents/self/certs/{id}/renew`: an agent asks for its
 /// certificate to be renewed (audited, for an operator to act on).
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/certs/{id}/renew",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "certs",
+    params(("id" = i64, Path)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 202, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn request_renewal(
     State(state): State<AppState>,
     agent: AgentCaller,

@@ -20,6 +20,18 @@ use crate::state::{AppState, AuditContext, AuditEvent};
 use crate::stream::StreamEvent;
 
 /// `POST /api/v1/commands`
+#[utoipa::path(
+    post,
+    path = "/api/v1/commands",
+    request_body = tether_proto::command::CreateCommand,
+    tag = "commands",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "Success", body = tether_proto::Data<tether_proto::command::CreatedCommands>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     op: Operator,
@@ -55,7 +67,8 @@ pub async fn create(
     Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     status: Option<String>,
     agent_id: Option<String>,
@@ -87,11 +100,35 @@ async fn list_page(state: &AppState, q: ListQuery, agent_id: Option<AgentId>) ->
 }
 
 /// `GET /api/v1/commands?status=&agent_id=&batch_id=&cursor=&limit=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands",
+    tag = "commands",
+    description = "Requires the viewer role.",
+    params(ListQuery),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Page<tether_proto::command::Command>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, _: Operator, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Response> {
     Ok(axum::Json(list_page(&state, q, None).await?).into_response())
 }
 
 /// `GET /api/v1/agents/{id}/commands`
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{id}/commands",
+    tag = "commands",
+    description = "Requires the viewer role.",
+    params(("id" = String, Path, format = Uuid), ListQuery),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Page<tether_proto::command::Command>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list_for_agent(
     State(state): State<AppState>,
     _: Operator,
@@ -102,6 +139,18 @@ pub async fn list_for_agent(
 }
 
 /// `GET /api/v1/commands/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/{id}",
+    tag = "commands",
+    description = "Requires the viewer role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::command::Command>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<CommandId>) -> ApiResult<Response> {
     let cmd = state.store.get_command(id).await?.ok_or_else(|| ApiError::not_found("command"))?;
     Ok(axum::Json(Data { data: cmd }).into_response())
@@ -115,6 +164,18 @@ fn cancel_error(e: StoreError, what: &str) -> ApiError {
 }
 
 /// `POST /api/v1/commands/{id}/cancel`
+#[utoipa::path(
+    post,
+    path = "/api/v1/commands/{id}/cancel",
+    tag = "commands",
+    description = "Requires the operator role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::command::Command>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     op: Operator,
@@ -130,6 +191,18 @@ pub async fn cancel(
 }
 
 /// `GET /api/v1/batches/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/batches/{id}",
+    tag = "commands",
+    description = "Requires the viewer role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::command::Batch>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get_batch(
     State(state): State<AppState>,
     _: Operator,
@@ -140,6 +213,18 @@ pub async fn get_batch(
 }
 
 /// `POST /api/v1/batches/{id}/cancel`: cancels every command still active.
+#[utoipa::path(
+    post,
+    path = "/api/v1/batches/{id}/cancel",
+    tag = "commands",
+    description = "Requires the operator role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::command::Batch>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn cancel_batch(
     State(state): State<AppState>,
     op: Operator,
@@ -159,6 +244,18 @@ pub async fn cancel_batch(
 }
 
 /// `POST /api/v1/agents/self/commands/{id}/status {state:"running"}`
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/commands/{id}/status",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "commands",
+    params(("id" = String, Path, format = Uuid)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn report_status(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -173,6 +270,18 @@ pub async fn report_status(
 }
 
 /// `POST /api/v1/agents/self/commands/{id}/result`
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/commands/{id}/result",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "commands",
+    params(("id" = String, Path, format = Uuid)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn report_result(
     State(state): State<AppState>,
     agent: AgentCaller,

@@ -14,10 +14,10 @@ use tether_proto::config::{
 use tether_proto::{AgentId, Data, Page};
 use tether_store::{ConfigChange, ConfigVersionRecord, NewConfigVersion};
 
-use crate::api::agents::rfc3339;
 use crate::api::etag::{IfNoneMatch, if_match_version, quoted};
 use crate::api::page::{page_limit, parse_param};
 use crate::auth::{AgentCaller, Operator};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 use crate::stream::StreamEvent;
@@ -49,6 +49,17 @@ fn written(state: &AppState, change: ConfigChange, status: StatusCode) -> Respon
 }
 
 /// `GET /api/v1/configs`: every scope and its current version.
+#[utoipa::path(
+    get,
+    path = "/api/v1/configs",
+    tag = "configs",
+    description = "Requires the viewer role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let data: Vec<ConfigScope> = state
         .store
@@ -66,12 +77,25 @@ pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Respo
     Ok(axum::Json(Page { data, next_cursor: None }).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct VersionQuery {
     version: Option<String>,
 }
 
 /// `GET /api/v1/configs/{scope}[?version=N]`, with the version as `ETag`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/configs/{scope}",
+    tag = "configs",
+    description = "Requires the viewer role.",
+    params(("scope" = String, Path), VersionQuery),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     _: Operator,
@@ -89,6 +113,20 @@ pub async fn get(
 
 /// `PUT /api/v1/configs/{scope} {doc, comment}`: `If-Match` with the version
 /// replaced is required once the scope exists (428 without, 409 when stale).
+#[utoipa::path(
+    put,
+    path = "/api/v1/configs/{scope}",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "configs",
+    description = "Requires the operator role.",
+    params(("scope" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn put(
     State(state): State<AppState>,
     op: Operator,
@@ -124,7 +162,8 @@ pub async fn put(
     Ok(written(&state, change, status))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     cursor: Option<String>,
     limit: Option<u32>,
@@ -132,6 +171,18 @@ pub struct HistoryQuery {
 
 /// `GET /api/v1/configs/{scope}/history`: versions newest first, with
 /// author, time, comment and document; the cursor is a version.
+#[utoipa::path(
+    get,
+    path = "/api/v1/configs/{scope}/history",
+    tag = "configs",
+    description = "Requires the viewer role.",
+    params(("scope" = String, Path), HistoryQuery),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn history(
     State(state): State<AppState>,
     _: Operator,
@@ -150,6 +201,19 @@ pub async fn history(
 
 /// `POST /api/v1/configs/{scope}/rollback {version}`: a new version whose
 /// document is that version's.
+#[utoipa::path(
+    post,
+    path = "/api/v1/configs/{scope}/rollback",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "configs",
+    description = "Requires the operator role.",
+    params(("scope" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn rollback(
     State(state): State<AppState>,
     op: Operator,
@@ -168,6 +232,18 @@ pub async fn rollback(
 
 /// `GET /api/v1/configs/{scope}/status`: of the agents the scope targets,
 /// how many run their desired configuration, are behind, or failed it.
+#[utoipa::path(
+    get,
+    path = "/api/v1/configs/{scope}/status",
+    tag = "configs",
+    description = "Requires the viewer role.",
+    params(("scope" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn status(
     State(state): State<AppState>,
     _: Operator,
@@ -179,6 +255,18 @@ pub async fn status(
 
 /// `GET /api/v1/agents/{id}/config`: an agent's effective configuration
 /// and where each value came from.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{id}/config",
+    tag = "configs",
+    description = "Requires the viewer role.",
+    params(("id" = String, Path, format = Uuid)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn agent_config(
     State(state): State<AppState>,
     _: Operator,
@@ -190,6 +278,17 @@ pub async fn agent_config(
 
 /// `GET /api/v1/agents/self/config`: the caller's effective configuration,
 /// `ETag` its hash; 304 when `If-None-Match` names it already.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/config",
+    tag = "configs",
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn own(State(state): State<AppState>, agent: AgentCaller, if_none_match: IfNoneMatch) -> ApiResult<Response> {
     let effective: EffectiveConfig =
         state.store.effective_config(agent.id).await?.ok_or_else(ApiError::unauthenticated)?;

@@ -13,11 +13,11 @@ use tether_proto::agent::{DeviceDetails, key_fingerprint, validate_labels};
 use tether_proto::{AgentId, Data, ErrorKey, Labels};
 use tether_store::{DeviceGrantInfo, DevicePoll, DeviceRedeemed, NewDeviceGrant, NewGrantOutcome, StoreError};
 
-use crate::api::agents::rfc3339;
 use crate::api::enroll::{OAuthForm, hostname_ok, no_store, oauth_error, parse_public_key};
 use crate::auth::jwt::ACCESS_TOKEN_TTL_S;
 use crate::auth::secret::{REFRESH_TOKEN_PREFIX, hash_token, new_token};
 use crate::auth::{Operator, PasswordSource, basic_user};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiResult, DEFAULT_BODY_LIMIT, OwnErrorFormat};
 use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
 
@@ -61,6 +61,17 @@ fn client_refusal(client_id: Option<&str>) -> Option<Response> {
 }
 
 /// `POST /oauth/device_authorization` (form: client_id, public_key, hostname).
+#[utoipa::path(
+    post,
+    path = "/oauth/device_authorization",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "RFC 8628 §3.1 form: `client_id`, `scope`, and the agent's `public_key`, `hostname`"),
+    tag = "device",
+    responses(
+        (status = 200, description = "RFC 6749 / RFC 8628 token or device response", body = serde_json::Value),
+        (status = "4XX", description = "RFC 6749 §5.2 error (or the error envelope for a malformed request)", body = serde_json::Value),
+        (status = "default", description = "Error envelope", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn authorization(
     State(state): State<AppState>,
     caller: Result<PublicCaller, ApiError>,
@@ -323,6 +334,18 @@ fn decided(flag: &str, details: &DeviceDetails) -> ApiResult<Response> {
 }
 
 /// `POST /api/v1/device/approve {user_code, labels}`
+#[utoipa::path(
+    post,
+    path = "/api/v1/device/approve",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "device",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn approve(
     State(state): State<AppState>,
     op: Operator,
@@ -334,6 +357,18 @@ pub async fn approve(
 }
 
 /// `POST /api/v1/device/deny {user_code}`
+#[utoipa::path(
+    post,
+    path = "/api/v1/device/deny",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "device",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn deny(
     State(state): State<AppState>,
     op: Operator,
@@ -432,6 +467,16 @@ const PROMPT: &str = "Enter the code your agent printed, then sign in to approve
 /// With a pending code it shows the requesting device; an unknown code
 /// counts against the IP like a wrong code at approval, so the page is no
 /// cheaper a guessing oracle than the approve API.
+#[utoipa::path(
+    get,
+    path = "/device",
+    tag = "device",
+    responses(
+        (status = 200, description = "HTML page", content_type = "text/html", body = String),
+        (status = "4XX", description = "HTML page naming the problem, or the error envelope", content_type = "text/html", body = String),
+        (status = "default", description = "Error envelope", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn page_get(
     State(state): State<AppState>,
     caller: Result<PublicCaller, ApiError>,
@@ -494,6 +539,16 @@ impl std::fmt::Debug for PageForm {
 /// `POST /device`: credentials travel with the decision, so no session or
 /// CSRF token is involved. The body is read and parsed here rather than by
 /// extractors so that every failure is answered by the page, headers included.
+#[utoipa::path(
+    post,
+    path = "/device",
+    tag = "device",
+    responses(
+        (status = 200, description = "HTML page", content_type = "text/html", body = String),
+        (status = "4XX", description = "HTML page naming the problem, or the error envelope", content_type = "text/html", body = String),
+        (status = "default", description = "Error envelope", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn page_post(
     State(state): State<AppState>,
     caller: Result<PublicCaller, ApiError>,

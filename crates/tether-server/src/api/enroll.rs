@@ -45,6 +45,16 @@ pub fn parse_public_key(text: &str) -> ApiResult<Vec<u8>> {
 }
 
 /// `POST /api/v1/agents/enroll`
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/enroll",
+    request_body = tether_proto::agent::EnrollRequest,
+    tag = "enroll",
+    responses(
+        (status = 201, description = "Success", body = tether_proto::Data<tether_proto::agent::TokenPair>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn enroll(
     State(state): State<AppState>,
     _: PublicCaller,
@@ -181,6 +191,16 @@ async fn rotate(
 }
 
 /// `POST /api/v1/auth/token/refresh {refresh_token, device_public_id}` (certificate-agent form, protocol.md §3, §16.4).
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/token/refresh",
+    request_body = tether_proto::agent::RefreshRequest,
+    tag = "enroll",
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::agent::TokenPair>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn refresh(
     State(state): State<AppState>,
     _: PublicCaller,
@@ -270,6 +290,17 @@ pub fn oauth_api_error(e: &ApiError) -> Response {
 }
 
 /// `POST /oauth/token` (form-encoded, RFC 6749): refresh and device-code grants.
+#[utoipa::path(
+    post,
+    path = "/oauth/token",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "RFC 6749 form: `grant_type=refresh_token` or the RFC 8628 device code grant"),
+    tag = "enroll",
+    responses(
+        (status = 200, description = "RFC 6749 / RFC 8628 token or device response", body = serde_json::Value),
+        (status = "4XX", description = "RFC 6749 §5.2 error (or the error envelope for a malformed request)", body = serde_json::Value),
+        (status = "default", description = "Error envelope", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn oauth_token(
     State(state): State<AppState>,
     caller: Result<PublicCaller, ApiError>,

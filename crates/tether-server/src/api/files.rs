@@ -14,8 +14,8 @@ use tether_proto::{Data, ErrorKey, Page};
 use tether_store::{FileAssignmentRecord, ItemChange, ItemKind, NewFileAssignment};
 use tokio::io::AsyncWriteExt;
 
-use crate::api::agents::rfc3339;
 use crate::auth::{AgentCaller, Operator};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 use crate::stream::StreamEvent;
@@ -29,6 +29,18 @@ fn too_large(max: u64) -> ApiError {
 /// once under its sha256, streamed through a private temp file so that
 /// neither memory nor the store ever holds a partial or unhashed file.
 /// 201 when new, 200 when the content was stored already.
+#[utoipa::path(
+    post,
+    path = "/api/v1/files",
+    tag = "files",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn upload(State(state): State<AppState>, _: Operator, headers: HeaderMap, body: Body) -> ApiResult<Response> {
     let max = state.config.max_file_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -89,6 +101,19 @@ fn changed(state: &AppState, change: ItemChange<FileAssignmentRecord>, status: S
 
 /// `POST /api/v1/files/assignments`: 201 for a new assignment, 200 when it
 /// updated the active assignment of the same path to the same target.
+#[utoipa::path(
+    post,
+    path = "/api/v1/files/assignments",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "files",
+    description = "Requires the operator role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn assign(
     State(state): State<AppState>,
     op: Operator,
@@ -133,18 +158,53 @@ pub async fn assign(
 }
 
 /// `GET /api/v1/files/assignments`: the active assignments, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/files/assignments",
+    tag = "files",
+    description = "Requires the viewer role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let data = state.store.list_file_assignments().await?.into_iter().map(assignment_view).collect();
     Ok(axum::Json(Page::<FileAssignment> { data, next_cursor: None }).into_response())
 }
 
 /// `GET /api/v1/files/assignments/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/files/assignments/{id}",
+    tag = "files",
+    description = "Requires the viewer role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
     let a = state.store.get_file_assignment(id).await?.ok_or_else(|| ApiError::not_found("file assignment"))?;
     Ok(axum::Json(Data { data: assignment_view(a) }).into_response())
 }
 
 /// `DELETE /api/v1/files/assignments/{id}`: the agents remove the file.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/files/assignments/{id}",
+    tag = "files",
+    description = "Requires the operator role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn unassign(
     State(state): State<AppState>,
     op: Operator,
@@ -158,11 +218,33 @@ pub async fn unassign(
 }
 
 /// `GET /api/v1/files/assignments/{id}/status`
+#[utoipa::path(
+    get,
+    path = "/api/v1/files/assignments/{id}/status",
+    tag = "files",
+    description = "Requires the viewer role.",
+    params(("id" = i64, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn status(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
     Ok(axum::Json(Data { data: state.store.item_status(ItemKind::File, id).await? }).into_response())
 }
 
 /// `GET /api/v1/agents/self/files`: the files the caller must hold now.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/files",
+    tag = "files",
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn own(State(state): State<AppState>, agent: AgentCaller) -> ApiResult<Response> {
     let data: Vec<AgentFile> = state
         .store
@@ -187,6 +269,17 @@ pub async fn own(State(state): State<AppState>, agent: AgentCaller) -> ApiResult
 /// `GET /api/v1/agents/self/files/{sha256}`: content assigned to the
 /// caller, streamed chunk by chunk from the store. Content not assigned to
 /// the caller is 404, whether or not it exists.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/files/{sha256}",
+    tag = "files",
+    params(("sha256" = String, Path)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "The file content", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn download(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -235,6 +328,18 @@ pub(super) async fn report(
 }
 
 /// `POST /api/v1/agents/self/files/{id}/status`
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/files/{id}/status",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "files",
+    params(("id" = i64, Path)),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn report_status(
     State(state): State<AppState>,
     agent: AgentCaller,

@@ -40,11 +40,29 @@ impl Readiness {
 }
 
 /// `GET /healthz`: the process is up and serving.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Plain text", content_type = "text/plain", body = String),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
 /// `GET /readyz`: 200 `ready`, or 503 with the reason and `Retry-After`.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Plain text", content_type = "text/plain", body = String),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return ApiError::unavailable("the server is shutting down", STORE_RETRY_AFTER_S).into_response();

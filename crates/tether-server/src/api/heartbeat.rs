@@ -1,4 +1,6 @@
-//! `POST /api/v1/agents/self/heartbeat`: liveness and agent-reported state.
+//! `POST /api/v1/agents/self/heartbeat`: liveness and agent-reported state
+//! (protocol.md §8). Written in groups by [`crate::heartbeats`]; the 200
+//! comes once this heartbeat's group is committed.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -6,12 +8,23 @@ use serde_json::Value;
 use tether_proto::Data;
 use tether_proto::agent::MAX_HEARTBEAT_BYTES;
 use tether_proto::config::{ApplyState, ConfigApply};
-use tether_store::HeartbeatFacts;
+use tether_store::HeartbeatRow;
 
 use crate::auth::AgentCaller;
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::state::AppState;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/self/heartbeat",
+    request_body = serde_json::Value,
+    tag = "heartbeat",
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -42,8 +55,20 @@ pub async fn heartbeat(
         .as_ref()
         .filter(|c| c.state == ApplyState::Failed)
         .map(|c| (c.hash.as_str(), c.error.as_deref().unwrap_or("the agent gave no reason")));
-    let beat =
-        HeartbeatFacts { version: text("version"), applied_config_hash: applied, failed_config: failed, body: &body };
-    state.store.record_heartbeat(agent.id, beat, state.clock.now_ms()).await?;
+    let row = HeartbeatRow {
+        agent_id: agent.id,
+        version: text("version").map(str::to_owned),
+        applied_config_hash: applied.map(str::to_owned),
+        failed_config: failed.map(|(hash, why)| (hash.to_owned(), why.to_owned())),
+        at: state.clock.now_ms(),
+        body,
+    };
+    match state.heartbeats.write(row).await {
+        Ok(written) => written?,
+        Err(crate::heartbeats::Stopped) => {
+            return Err(ApiError::unavailable("the server is shutting down", crate::error::STORE_RETRY_AFTER_S));
+        }
+    }
+    metrics::counter!("tether_heartbeats_received_total").increment(1);
     Ok(axum::Json(Data { data: serde_json::json!({}) }).into_response())
 }

@@ -9,6 +9,17 @@ use tether_proto::Data;
 use crate::auth::Operator;
 use crate::state::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics",
+    tag = "metrics",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn get(State(state): State<AppState>, _: Operator) -> Response {
     let p = &state.passwords;
     let peers = state.notifier.counters();

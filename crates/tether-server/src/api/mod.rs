@@ -12,9 +12,12 @@ mod files;
 pub mod health;
 mod heartbeat;
 mod metrics;
+pub mod openapi;
 mod page;
+pub mod prometheus;
 mod session;
 mod stream;
+mod telemetry;
 mod tokens;
 mod users;
 
@@ -79,6 +82,9 @@ route_table! {
     Agent    post   "/api/v1/agents/self/commands/{id}/status" => commands::report_status,
     Agent    post   "/api/v1/agents/self/commands/{id}/result" => commands::report_result,
     Agent    post   "/api/v1/agents/self/heartbeat" => heartbeat::heartbeat,
+    Agent    post   "/api/v1/agents/self/metrics" => telemetry::ingest,
+    Agent    post   "/api/v1/agents/self/inventory" => telemetry::change_inventory,
+    Agent    put    "/api/v1/agents/self/inventory" => telemetry::replace_inventory,
     Agent    post   "/api/v1/agents/self/audit" => audit::agent_append,
     Agent    get    "/api/v1/agents/self/files" => files::own,
     Agent    get    "/api/v1/agents/self/files/{sha256}" => files::download,
@@ -101,6 +107,9 @@ route_table! {
     Viewer   get    "/api/v1/agents" => agents::list,
     Viewer   get    "/api/v1/agents/{id}" => agents::get,
     Operator patch  "/api/v1/agents/{id}" => agents::update,
+    Operator delete "/api/v1/agents/{id}" => agents::delete,
+    Viewer   get    "/api/v1/agents/{id}/metrics" => telemetry::query,
+    Viewer   get    "/api/v1/agents/{id}/inventory" => telemetry::inventory,
     Viewer   get    "/api/v1/agents/{id}/config" => configs::agent_config,
     Operator post   "/api/v1/agents/{id}/revoke" => agents::revoke,
     Viewer   get    "/api/v1/agents/{id}/commands" => commands::list_for_agent,
@@ -139,6 +148,11 @@ route_table! {
     AnyUser  get    "/api/v1/audit" => audit::list,
     Admin    get    "/api/v1/audit/verify" => audit::verify,
     Admin    get    "/api/v1/metrics" => metrics::get,
+    Public   get    "/metrics" => prometheus::get,
+    Public   get    "/api/openapi.json" => openapi::document,
+    Public   get    "/docs" => openapi::docs_redirect,
+    Public   get    "/docs/" => openapi::docs_index,
+    Public   get    "/docs/{file}" => openapi::docs_file,
 }
 
 /// The stream long-poll route, rate-limited by its own rule (protocol.md §4).
@@ -150,5 +164,8 @@ pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
 }
 
 pub fn routes(state: AppState) -> Router {
-    router(&state).layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT)).with_state(state)
+    router(&state)
+        .layer(prometheus::HttpMetricsLayer)
+        .layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT))
+        .with_state(state)
 }

@@ -21,3 +21,21 @@ pub fn parse_param<T: std::str::FromStr>(field: &'static str, value: Option<&str
         .map(|v| v.parse().map_err(|_| ApiError::bad_request(field, format!("{field} is malformed"))))
         .transpose()
 }
+
+/// An optional time parameter: RFC 3339 or milliseconds since the epoch;
+/// 400 naming it when malformed.
+pub fn parse_time(field: &'static str, value: Option<&str>) -> ApiResult<Option<i64>> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .or_else(|| {
+                    time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                })
+                .ok_or_else(|| ApiError::bad_request(field, format!("{field} must be an RFC 3339 time or epoch ms")))
+        })
+        .transpose()
+}

@@ -31,6 +31,16 @@ impl std::fmt::Debug for Login {
 }
 
 /// `POST /api/v1/auth/login {username, password}`
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    request_body(content = serde_json::Value, content_type = "application/json", description = "See protocol.md §15"),
+    tag = "session",
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     caller: PublicCaller,
@@ -61,6 +71,17 @@ pub async fn login(
 }
 
 /// `POST /api/v1/auth/logout`: ends the cookie session (if that is how the caller signed in).
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout",
+    tag = "session",
+    description = "Any signed-in user.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 204, description = "No content"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn logout(State(state): State<AppState>, _: Operator, headers: HeaderMap) -> ApiResult<Response> {
     if let Some(token) = session_token(&headers) {
         state.store.delete_session(hash_token(token)).await?;

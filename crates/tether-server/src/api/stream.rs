@@ -20,7 +20,8 @@ pub const MAX_WAIT_S: u32 = 30;
 pub const MAX_LIMIT: u32 = 100;
 const DEFAULT_LIMIT: u32 = 20;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UpdatesQuery {
     cursor: Option<String>,
     limit: Option<u32>,
@@ -63,6 +64,18 @@ async fn park(
 }
 
 /// `GET /api/v1/agents/self/updates?cursor=&limit=&wait=`
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/updates",
+    tag = "stream",
+    params(UpdatesQuery),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = 204, description = "No content"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn updates(
     State(state): State<AppState>,
     agent: AgentCaller,
@@ -127,13 +140,26 @@ pub async fn updates(
     Ok(with_etag(StatusCode::OK, cursor, Some(body)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct NextQuery {
     wait: Option<u32>,
 }
 
 /// `GET /api/v1/agents/self/commands/next?wait=`: the next queued command,
 /// marked delivered, or 204 after `wait` seconds.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/self/commands/next",
+    tag = "stream",
+    params(NextQuery),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = 204, description = "No content"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn next_command(
     State(state): State<AppState>,
     agent: AgentCaller,

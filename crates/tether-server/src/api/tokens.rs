@@ -8,10 +8,10 @@ use tether_proto::user::{ApiToken, CreateApiToken, CreatedApiToken};
 use tether_proto::{Data, Page};
 use tether_store::Millis;
 
-use crate::api::agents::rfc3339;
 use crate::api::enroll::no_store;
 use crate::auth::secret::{API_TOKEN_PREFIX, hash_token, new_token};
 use crate::auth::{Credential, Operator};
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 
@@ -31,6 +31,18 @@ pub fn capped_expiry(requested: Option<Millis>, creator: Credential) -> Option<M
 }
 
 /// `POST /api/v1/tokens {name, expires_in_s}`: a token with the caller's role.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    request_body = tether_proto::user::CreateApiToken,
+    tag = "tokens",
+    description = "Any signed-in user.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     op: Operator,
@@ -65,6 +77,17 @@ pub async fn create(
 }
 
 /// `GET /api/v1/tokens`: the caller's own tokens.
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    tag = "tokens",
+    description = "Any signed-in user.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, op: Operator) -> ApiResult<Response> {
     let data: Vec<ApiToken> = state
         .store
@@ -83,6 +106,18 @@ pub async fn list(State(state): State<AppState>, op: Operator) -> ApiResult<Resp
 }
 
 /// `DELETE /api/v1/tokens/{id}`: takes effect on the next request.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{id}",
+    tag = "tokens",
+    description = "Any signed-in user.",
+    params(("id" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 204, description = "No content"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     op: Operator,

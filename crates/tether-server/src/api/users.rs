@@ -8,9 +8,9 @@ use tether_proto::user::{CreateUser, MIN_PASSWORD_LEN, UpdateUser, User, validat
 use tether_proto::{Data, Page};
 use tether_store::{Role, UserRecord};
 
-use crate::api::agents::rfc3339;
 use crate::auth::Operator;
 use crate::auth::password::hash_off_thread;
+use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent};
 
@@ -39,11 +39,34 @@ async fn hash(password: String) -> ApiResult<String> {
     hash_off_thread(&password).await.map_err(ApiError::internal)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Page<tether_proto::user::User>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, _: Operator) -> ApiResult<Response> {
     let data: Vec<User> = state.store.list_users().await?.into_iter().map(view).collect();
     Ok(axum::Json(Page { data, next_cursor: None }).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    request_body = tether_proto::user::CreateUser,
+    tag = "users",
+    description = "Requires the admin role.",
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 201, description = "Success", body = tether_proto::Data<tether_proto::user::User>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     op: Operator,
@@ -68,6 +91,19 @@ pub async fn create(
     Ok((StatusCode::CREATED, axum::Json(Data { data: view(record) })).into_response())
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/users/{id}",
+    request_body = tether_proto::user::UpdateUser,
+    tag = "users",
+    description = "Requires the admin role.",
+    params(("id" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 200, description = "Success", body = tether_proto::Data<tether_proto::user::User>),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn update(
     State(state): State<AppState>,
     op: Operator,
@@ -101,6 +137,18 @@ pub async fn update(
     Ok(axum::Json(Data { data: view(user) }).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    description = "Requires the admin role.",
+    params(("id" = String, Path)),
+    security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
+    responses(
+        (status = 204, description = "No content"),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     op: Operator,

@@ -124,6 +124,22 @@ impl Notifier for NatsNotifier {
     }
 }
 
+/// The NATS header carrying when the publishing server sent a message (Unix ms).
+const PUBLISHED_MS_HEADER: &str = "Tether-Published-Ms";
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Seconds from publish to `now_ms` by the publisher's header; clocks of
+/// two machines can disagree, so a negative delay counts as none.
+fn lag_seconds(headers: Option<&async_nats::HeaderMap>, now_ms: i64) -> Option<f64> {
+    let sent: i64 = headers?.get(PUBLISHED_MS_HEADER)?.as_str().parse().ok()?;
+    Some(now_ms.saturating_sub(sent).max(0) as f64 / 1000.0)
+}
+
 /// The shard of an agent's head subject: its id's random low bits.
 fn shard(head: &Head) -> u128 {
     head.agent_id.as_uuid().as_u128() % SHARDS
@@ -151,7 +167,10 @@ async fn publish(
         };
         for (subject, event) in subjects(&cluster, event) {
             let payload = serde_json::to_vec(&event).expect("stream events serialize");
-            if let Err(e) = client.publish(subject, payload.into()).await {
+            // A header, not a payload field: replicas that do not know it read the same JSON.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(PUBLISHED_MS_HEADER, unix_ms().to_string().as_str());
+            if let Err(e) = client.publish_with_headers(subject, headers, payload.into()).await {
                 tracing::debug!(error = %e, "Publishing a stream event failed");
             }
         }
@@ -198,6 +217,9 @@ async fn receive(
             Ok(event) => {
                 streams.apply(&event);
                 received.fetch_add(1, Ordering::Relaxed);
+                if let Some(lag) = lag_seconds(message.headers.as_ref(), unix_ms()) {
+                    metrics::histogram!(crate::api::prometheus::NOTIFIER_LAG).record(lag);
+                }
             }
             Err(e) => tracing::warn!(subject = %message.subject, error = %e, "Ignoring a malformed stream event"),
         }
@@ -209,6 +231,17 @@ mod tests {
     use tether_proto::AgentId;
 
     use super::*;
+
+    #[test]
+    fn lag_comes_from_the_publishers_header_and_is_never_negative() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(PUBLISHED_MS_HEADER, "1000");
+        assert_eq!(lag_seconds(Some(&headers), 3_500), Some(2.5));
+        assert_eq!(lag_seconds(Some(&headers), 900), Some(0.0));
+        assert_eq!(lag_seconds(None, 3_500), None);
+        headers.insert(PUBLISHED_MS_HEADER, "soon");
+        assert_eq!(lag_seconds(Some(&headers), 3_500), None);
+    }
 
     #[test]
     fn heads_go_to_their_agents_shard_and_the_rest_to_one_subject() {

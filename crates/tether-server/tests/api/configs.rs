@@ -166,8 +166,7 @@ async fn apply_reports_feed_the_agent_view_and_the_fleet_status() {
         config_status: Some(status),
         running_commands: 0,
         queue_depth: 0,
-        mem_used_bytes: None,
-        mem_total_bytes: None,
+        ..Default::default()
     };
     ok_agent
         .heartbeat(&beat(ConfigApply { hash: hash.clone(), state: ApplyState::Applied, error: None }))

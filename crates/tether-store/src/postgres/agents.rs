@@ -1,17 +1,18 @@
 //! Agents on PostgreSQL: enrollment, identity, liveness and stream state.
 
 use async_trait::async_trait;
+use sqlx::Row;
 use tether_proto::{AgentId, Labels};
 
-use super::rows::{agent_from_row, stream_change_from_row};
+use super::rows::{agent_from_row, presence_from_row, stream_change_from_row};
 use super::{PgStore, Tx, lock};
 use crate::rows::{AGENT_COLUMNS, STREAM_COLUMNS};
 use crate::rules::config::{RELABELLED, Retarget};
-use crate::rules::{enrollment_labels, new_stream_epoch};
+use crate::rules::{enrollment_labels, latest_heartbeats, new_stream_epoch, presence_audit};
 use crate::sql::{json_text, like_pattern, parse_json, q};
 use crate::{
-    AgentFilter, AgentRecord, AgentStore, AgentUpdate, AuditEntry, AuditFor, Entity, Head, HeartbeatFacts, Millis,
-    NewAgent, Result, StoreError, StreamChange,
+    AgentFilter, AgentRecord, AgentStore, AgentUpdate, AuditEntry, AuditFor, Entity, Head, HeartbeatRow, Millis,
+    NewAgent, PresenceChange, Result, StatusFilter, StoreError, StreamChange,
 };
 
 /// Most agents one `last_seen` transaction touches: keeps row locks short.
@@ -29,8 +30,8 @@ pub(super) async fn insert_agent(
     let config_hash = super::configs::initial_hash(tx, agent.id, &agent.labels).await?;
     sqlx::query(
         "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen,
-                             stream_changed_at, config_hash)
-         VALUES ($1, $2, $2, $3, $4, $5, $6, $7, $7, $7, $8)",
+                             stream_changed_at, config_hash, online)
+         VALUES ($1, $2, $2, $3, $4, $5, $6, $7, $7, $7, $8, true)",
     )
     .bind(agent.id.to_string())
     .bind(&agent.hostname)
@@ -114,15 +115,22 @@ impl AgentStore for PgStore {
 
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>> {
         let like = filter.q.as_deref().map(like_pattern);
+        let (status, seen_since) = filter.status.map(StatusFilter::sql_params).unzip();
         let rows = q!("SELECT {AGENT_COLUMNS} FROM agents
              WHERE ($1::text IS NULL OR id > $1)
                AND ($2::text IS NULL OR name LIKE $2 ESCAPE '\\' OR hostname LIKE $2 ESCAPE '\\')
                AND labels::jsonb @> $3::jsonb
+               AND ($5::text IS NULL
+                    OR ($5 = 'online' AND revoked_at IS NULL AND last_seen >= $6)
+                    OR ($5 = 'offline' AND revoked_at IS NULL AND (last_seen IS NULL OR last_seen < $6))
+                    OR ($5 = 'revoked' AND revoked_at IS NOT NULL))
              ORDER BY id LIMIT $4")
         .bind(filter.after.map(|a| a.to_string()))
         .bind(&like)
         .bind(json_text(&filter.labels))
         .bind(i64::from(filter.limit))
+        .bind(status)
+        .bind(seen_since)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(agent_from_row).collect()
@@ -153,27 +161,147 @@ impl AgentStore for PgStore {
         Ok(rec)
     }
 
-    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()> {
-        let (failed_hash, error) = beat.failed_config.unzip();
-        // An applied configuration clears the failure recorded before it.
+    async fn record_heartbeats(&self, beats: &[HeartbeatRow]) -> Result<()> {
+        let beats = latest_heartbeats(beats);
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = beats.iter().map(|b| b.agent_id.to_string()).collect();
+        let versions: Vec<Option<&str>> = beats.iter().map(|b| b.version.as_deref()).collect();
+        let applied: Vec<Option<&str>> = beats.iter().map(|b| b.applied_config_hash.as_deref()).collect();
+        let failed: Vec<Option<&str>> = beats.iter().map(|b| b.failed_config.as_ref().map(|f| f.0.as_str())).collect();
+        let errors: Vec<Option<&str>> = beats.iter().map(|b| b.failed_config.as_ref().map(|f| f.1.as_str())).collect();
+        let bodies: Vec<String> = beats.iter().map(|b| b.body.to_string()).collect();
+        let at: Vec<Millis> = beats.iter().map(|b| b.at).collect();
+        let mut tx = self.begin().await?;
+        lock_agents(&mut tx, &ids).await?;
+        // One statement for the whole batch. An applied configuration clears
+        // the failure recorded before it; an agent deleted meanwhile matches
+        // no row and is skipped.
         sqlx::query(
-            "UPDATE agents SET version = COALESCE($1, version), applied_config_hash = COALESCE($2, applied_config_hash),
-                    config_failed_hash = CASE WHEN $3::text IS NOT NULL THEN $3 WHEN $2::text IS NOT NULL THEN NULL
-                                              ELSE config_failed_hash END,
-                    config_error = CASE WHEN $3::text IS NOT NULL THEN $4 WHEN $2::text IS NOT NULL THEN NULL
-                                        ELSE config_error END,
-                    heartbeat = $5, last_seen = GREATEST(COALESCE(last_seen, 0), $6) WHERE id = $7",
+            "UPDATE agents SET version = COALESCE(b.version, agents.version),
+                    applied_config_hash = COALESCE(b.applied, agents.applied_config_hash),
+                    config_failed_hash = CASE WHEN b.failed IS NOT NULL THEN b.failed
+                                              WHEN b.applied IS NOT NULL THEN NULL
+                                              ELSE agents.config_failed_hash END,
+                    config_error = CASE WHEN b.failed IS NOT NULL THEN b.error
+                                        WHEN b.applied IS NOT NULL THEN NULL
+                                        ELSE agents.config_error END,
+                    heartbeat = b.body, last_seen = GREATEST(COALESCE(agents.last_seen, 0), b.at)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
+                  AS b(id, version, applied, failed, error, body, at)
+             WHERE agents.id = b.id",
         )
-        .bind(beat.version)
-        .bind(beat.applied_config_hash)
-        .bind(failed_hash)
-        .bind(error)
-        .bind(beat.body.to_string())
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.pool)
+        .bind(&ids)
+        .bind(&versions)
+        .bind(&applied)
+        .bind(&failed)
+        .bind(&errors)
+        .bind(&bodies)
+        .bind(&at)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn update_presence(&self, offline_before: Millis, now: Millis) -> Result<Vec<PresenceChange>> {
+        let mut tx = self.begin().await?;
+        // The candidates come from the partial index of each direction (no
+        // row is read when nothing changed); they are locked in id order
+        // and re-checked once locked, so of two replicas running this at
+        // once, the second finds the row changed and skips it: each
+        // transition is recorded, and reported, once. `was` is the state
+        // as locked.
+        let rows = sqlx::query(
+            "WITH due AS (
+                 SELECT id, online AS was FROM agents
+                 WHERE id IN (SELECT id FROM agents
+                              WHERE revoked_at IS NULL AND online IS NOT TRUE AND last_seen >= $1
+                              UNION ALL
+                              SELECT id FROM agents
+                              WHERE revoked_at IS NULL AND online IS NOT FALSE AND last_seen < $1
+                              UNION ALL
+                              SELECT id FROM agents
+                              WHERE revoked_at IS NULL AND online IS NOT FALSE AND last_seen IS NULL)
+                   AND revoked_at IS NULL AND online IS DISTINCT FROM COALESCE(last_seen >= $1, false)
+                 ORDER BY id FOR UPDATE)
+             UPDATE agents a SET online = COALESCE(a.last_seen >= $1, false) FROM due WHERE a.id = due.id
+             RETURNING a.id, a.name, a.hostname, a.labels, a.online, a.last_seen, due.was",
+        )
+        .bind(offline_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut changes = Vec::new();
+        for row in &rows {
+            let change = presence_from_row(row)?;
+            if row.try_get::<Option<bool>, _>(6)?.is_some() {
+                changes.push(change);
+            }
+        }
+        changes.sort_unstable_by_key(|c| c.agent_id);
+        for change in &changes {
+            super::audit::insert_audit(&mut tx, &presence_audit(change, now)).await?;
+        }
+        tx.commit().await?;
+        Ok(changes)
+    }
+
+    async fn delete_agent(&self, id: AgentId, audit: AuditEntry) -> Result<AgentRecord> {
+        let mut tx = self.begin().await?;
+        // Its configuration scope goes too: configuration writes first, then
+        // the agent's row (as `update_agent` does), the audit head last.
+        lock(&mut tx, super::configs::CONFIGS_LOCK).await?;
+        let agent = id.to_string();
+        // Locked before its children go, so a concurrent write for it (a
+        // metric batch, an item report) waits and then finds it gone.
+        let rec = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 FOR UPDATE")
+            .bind(&agent)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| agent_from_row(&r))
+            .transpose()?
+            .ok_or(StoreError::NotFound(Entity::Agent))?;
+        // Children before the agent row (foreign keys). Batches are shared
+        // by the commands of many agents: only those left empty go.
+        sqlx::query(
+            "WITH gone AS (DELETE FROM commands WHERE agent_id = $1 RETURNING batch_id)
+             DELETE FROM batches b WHERE b.id IN (SELECT batch_id FROM gone)
+               AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.batch_id = b.id AND c.agent_id <> $1)",
+        )
+        .bind(&agent)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM cert_expiry_announced WHERE serial IN (SELECT serial FROM issued_certs WHERE agent_id = $1)",
+        )
+        .bind(&agent)
+        .execute(&mut *tx)
+        .await?;
+        for sql in [
+            "DELETE FROM metric_points WHERE series_id IN (SELECT id FROM metric_series WHERE agent_id = $1)",
+            "DELETE FROM metric_hourly WHERE series_id IN (SELECT id FROM metric_series WHERE agent_id = $1)",
+            "DELETE FROM metric_daily WHERE series_id IN (SELECT id FROM metric_series WHERE agent_id = $1)",
+            "DELETE FROM metric_series WHERE agent_id = $1",
+            "DELETE FROM metric_batches WHERE agent_id = $1",
+            "DELETE FROM inventory WHERE agent_id = $1",
+            "DELETE FROM signals WHERE agent_id = $1",
+            "DELETE FROM agent_items WHERE agent_id = $1",
+            "DELETE FROM issued_certs WHERE agent_id = $1",
+            "DELETE FROM refresh_tokens WHERE agent_id = $1",
+            "DELETE FROM device_grants WHERE agent_id = $1",
+            "DELETE FROM request_nonces WHERE agent_id = $1",
+            "DELETE FROM agents WHERE id = $1",
+        ] {
+            sqlx::query(sql).bind(&agent).execute(&mut *tx).await?;
+        }
+        let scope = tether_proto::config::Scope::Agent(id).to_string();
+        for sql in ["DELETE FROM config_versions WHERE scope = $1", "DELETE FROM config_scopes WHERE scope = $1"] {
+            sqlx::query(sql).bind(&scope).execute(&mut *tx).await?;
+        }
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(rec)
     }
 
     async fn update_agent(

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 
 use super::rows::audit_from_row;
 use super::{PgStore, Tx};
-use crate::audit::{AuditEntry, AuditRecord};
+use crate::audit::{AuditAnchor, AuditEntry, AuditRecord};
 use crate::rows::AUDIT_COLUMNS;
 use crate::sql::q;
 use crate::{AuditFilter, AuditStore, Result};
@@ -76,5 +76,11 @@ impl AuditStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>> {
+        let row: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT id, hash FROM audit_anchor").fetch_optional(&self.pool).await?;
+        Ok(row.map(|(id, hash)| AuditAnchor { id, hash }))
     }
 }

@@ -4,15 +4,15 @@ use async_trait::async_trait;
 use sqlx::Row;
 use tether_proto::{AgentId, Labels};
 
-use super::rows::{agent_from_row, stream_change_from_row};
+use super::rows::{agent_from_row, presence_from_row, stream_change_from_row};
 use super::{SqliteStore, Tx};
 use crate::rows::{AGENT_COLUMNS, STREAM_COLUMNS};
 use crate::rules::config::{RELABELLED, Retarget};
-use crate::rules::{enrollment_labels, new_stream_epoch};
+use crate::rules::{enrollment_labels, latest_heartbeats, new_stream_epoch, presence_audit};
 use crate::sql::{json_text, like_pattern, parse_json, q};
 use crate::{
-    AgentFilter, AgentRecord, AgentStore, AgentUpdate, AuditEntry, AuditFor, Entity, Head, HeartbeatFacts, Millis,
-    NewAgent, Result, StoreError, StreamChange,
+    AgentFilter, AgentRecord, AgentStore, AgentUpdate, AuditEntry, AuditFor, Entity, Head, HeartbeatRow, Millis,
+    NewAgent, PresenceChange, Result, StatusFilter, StoreError, StreamChange,
 };
 
 /// Inserts a new agent (labels already final) and the first refresh token of
@@ -27,8 +27,8 @@ pub(super) async fn insert_agent(
     let config_hash = super::configs::initial_hash(tx, agent.id, &agent.labels).await?;
     sqlx::query(
         "INSERT INTO agents (id, name, hostname, labels, facts, public_key, epoch, created_at, last_seen,
-                             stream_changed_at, config_hash)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             stream_changed_at, config_hash, online)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
     )
     .bind(agent.id.to_string())
     .bind(&agent.hostname)
@@ -108,11 +108,16 @@ impl AgentStore for SqliteStore {
     async fn list_agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>> {
         let like = filter.q.as_deref().map(like_pattern);
         let after = filter.after.map(|a| a.to_string());
+        let (status, seen_since) = filter.status.map(StatusFilter::sql_params).unzip();
         let rows = q!("SELECT {AGENT_COLUMNS} FROM agents
              WHERE (? IS NULL OR id > ?)
                AND (? IS NULL OR name LIKE ? ESCAPE '\\' OR hostname LIKE ? ESCAPE '\\')
                AND NOT EXISTS (SELECT 1 FROM json_each(?) l WHERE json_extract(agents.labels, '$.\"' || l.key || '\"') IS NOT l.value)
-             ORDER BY id LIMIT ?")
+               AND (?8 IS NULL
+                    OR (?8 = 'online' AND revoked_at IS NULL AND last_seen >= ?9)
+                    OR (?8 = 'offline' AND revoked_at IS NULL AND (last_seen IS NULL OR last_seen < ?9))
+                    OR (?8 = 'revoked' AND revoked_at IS NOT NULL))
+             ORDER BY id LIMIT ?7")
         .bind(&after)
         .bind(&after)
         .bind(&like)
@@ -120,6 +125,8 @@ impl AgentStore for SqliteStore {
         .bind(&like)
         .bind(json_text(&filter.labels))
         .bind(filter.limit)
+        .bind(status)
+        .bind(seen_since)
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(agent_from_row).collect()
@@ -151,26 +158,126 @@ impl AgentStore for SqliteStore {
         Ok(rec)
     }
 
-    async fn record_heartbeat(&self, id: AgentId, beat: HeartbeatFacts<'_>, now: Millis) -> Result<()> {
-        let (failed_hash, error) = beat.failed_config.unzip();
-        // An applied configuration clears the failure recorded before it.
-        sqlx::query(
-            "UPDATE agents SET version = COALESCE(?1, version), applied_config_hash = COALESCE(?2, applied_config_hash),
-                    config_failed_hash = CASE WHEN ?3 IS NOT NULL THEN ?3 WHEN ?2 IS NOT NULL THEN NULL
-                                              ELSE config_failed_hash END,
-                    config_error = CASE WHEN ?3 IS NOT NULL THEN ?4 WHEN ?2 IS NOT NULL THEN NULL ELSE config_error END,
-                    heartbeat = ?5, last_seen = MAX(COALESCE(last_seen, 0), ?6) WHERE id = ?7",
-        )
-        .bind(beat.version)
-        .bind(beat.applied_config_hash)
-        .bind(failed_hash)
-        .bind(error)
-        .bind(beat.body.to_string())
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.writer)
-        .await?;
+    async fn record_heartbeats(&self, beats: &[HeartbeatRow]) -> Result<()> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for beat in latest_heartbeats(beats) {
+            let (failed_hash, error) = beat.failed_config.clone().unzip();
+            // An applied configuration clears the failure recorded before it.
+            // An agent deleted meanwhile matches no row: skipped.
+            sqlx::query(
+                "UPDATE agents SET version = COALESCE(?1, version),
+                        applied_config_hash = COALESCE(?2, applied_config_hash),
+                        config_failed_hash = CASE WHEN ?3 IS NOT NULL THEN ?3 WHEN ?2 IS NOT NULL THEN NULL
+                                                  ELSE config_failed_hash END,
+                        config_error = CASE WHEN ?3 IS NOT NULL THEN ?4 WHEN ?2 IS NOT NULL THEN NULL
+                                            ELSE config_error END,
+                        heartbeat = ?5, last_seen = MAX(COALESCE(last_seen, 0), ?6) WHERE id = ?7",
+            )
+            .bind(&beat.version)
+            .bind(&beat.applied_config_hash)
+            .bind(failed_hash)
+            .bind(error)
+            .bind(beat.body.to_string())
+            .bind(beat.at)
+            .bind(beat.agent_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn update_presence(&self, offline_before: Millis, now: Millis) -> Result<Vec<PresenceChange>> {
+        let mut tx = self.begin().await?;
+        // Only agents whose state differs, through the partial indexes of
+        // each direction; the single writer keeps the read and the update
+        // together.
+        let rows = sqlx::query(
+            "SELECT id, name, hostname, labels, COALESCE(last_seen >= ?1, 0), last_seen, online FROM agents
+             WHERE revoked_at IS NULL AND online IS NOT 1 AND last_seen >= ?1
+             UNION ALL
+             SELECT id, name, hostname, labels, 0, last_seen, online FROM agents
+             WHERE revoked_at IS NULL AND online IS NOT 0 AND (last_seen < ?1 OR last_seen IS NULL)
+             ORDER BY id",
+        )
+        .bind(offline_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut changes = Vec::new();
+        for row in &rows {
+            let change = presence_from_row(row)?;
+            let was: Option<bool> = row.try_get(6)?;
+            sqlx::query("UPDATE agents SET online = ? WHERE id = ?")
+                .bind(change.online)
+                .bind(change.agent_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            if was.is_some() {
+                super::audit::insert_audit(&mut tx, &presence_audit(&change, now)).await?;
+                changes.push(change);
+            }
+        }
+        tx.commit().await?;
+        Ok(changes)
+    }
+
+    async fn delete_agent(&self, id: AgentId, audit: AuditEntry) -> Result<AgentRecord> {
+        let mut tx = self.begin().await?;
+        let rec = q!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| agent_from_row(&r))
+            .transpose()?
+            .ok_or(StoreError::NotFound(Entity::Agent))?;
+        let agent = id.to_string();
+        // Children before the agent row (foreign keys). Batches are shared
+        // by the commands of many agents: only those left empty go.
+        let batches: Vec<String> = sqlx::query_scalar("DELETE FROM commands WHERE agent_id = ? RETURNING batch_id")
+            .bind(&agent)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?))
+               AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.batch_id = batches.id)",
+        )
+        .bind(json_text(&batches))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM cert_expiry_announced WHERE serial IN (SELECT serial FROM issued_certs WHERE agent_id = ?)",
+        )
+        .bind(&agent)
+        .execute(&mut *tx)
+        .await?;
+        for sql in [
+            "DELETE FROM metric_points WHERE series_id IN (SELECT id FROM metric_series WHERE agent_id = ?)",
+            "DELETE FROM metric_hourly WHERE series_id IN (SELECT id FROM metric_series WHERE agent_id = ?)",
+            "DELETE FROM metric_daily WHERE series_id IN (SELECT id FROM metric_series WHERE agent_id = ?)",
+            "DELETE FROM metric_series WHERE agent_id = ?",
+            "DELETE FROM metric_batches WHERE agent_id = ?",
+            "DELETE FROM inventory WHERE agent_id = ?",
+            "DELETE FROM signals WHERE agent_id = ?",
+            "DELETE FROM agent_items WHERE agent_id = ?",
+            "DELETE FROM issued_certs WHERE agent_id = ?",
+            "DELETE FROM refresh_tokens WHERE agent_id = ?",
+            "DELETE FROM device_grants WHERE agent_id = ?",
+            "DELETE FROM request_nonces WHERE agent_id = ?",
+            "DELETE FROM agents WHERE id = ?",
+        ] {
+            sqlx::query(sql).bind(&agent).execute(&mut *tx).await?;
+        }
+        // Its own configuration scope is only its.
+        let scope = tether_proto::config::Scope::Agent(id).to_string();
+        for sql in ["DELETE FROM config_versions WHERE scope = ?", "DELETE FROM config_scopes WHERE scope = ?"] {
+            sqlx::query(sql).bind(&scope).execute(&mut *tx).await?;
+        }
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(rec)
     }
 
     async fn update_agent(

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 
 use super::rows::audit_from_row;
 use super::{SqliteStore, Tx};
-use crate::audit::{AuditEntry, AuditRecord, GENESIS_HASH};
+use crate::audit::{AuditAnchor, AuditEntry, AuditRecord, GENESIS_HASH};
 use crate::rows::AUDIT_COLUMNS;
 use crate::sql::q;
 use crate::{AuditFilter, AuditStore, Result};
@@ -13,10 +13,14 @@ use crate::{AuditFilter, AuditStore, Result};
 /// mutation it describes: both commit or neither does. The chain head is
 /// read inside the same `BEGIN IMMEDIATE` transaction, so appends are
 /// serialised by SQLite's single writer. The hash covers `details` as the
-/// exact text stored.
+/// exact text stored. When retention deleted every row, the chain goes on
+/// from the anchor it left.
 pub(super) async fn insert_audit(tx: &mut Tx, entry: &AuditEntry) -> Result<()> {
-    let prev: Option<Vec<u8>> =
-        sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetch_optional(&mut **tx).await?;
+    let prev: Option<Vec<u8>> = sqlx::query_scalar(
+        "SELECT COALESCE((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), (SELECT hash FROM audit_anchor))",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
     let details = entry.details_text();
     let hash = entry.hash_after(&prev, &details);
@@ -81,5 +85,11 @@ impl AuditStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>> {
+        let row: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT id, hash FROM audit_anchor").fetch_optional(&self.reader).await?;
+        Ok(row.map(|(id, hash)| AuditAnchor { id, hash }))
     }
 }

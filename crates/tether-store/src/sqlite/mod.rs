@@ -12,8 +12,10 @@ mod configs;
 mod device;
 mod files;
 mod items;
+mod retention;
 mod server;
 mod signals;
+mod telemetry;
 mod tokens;
 mod users;
 

@@ -53,14 +53,15 @@ async fn last_seen_only_moves_forward(h: &Harness) {
     let (a, b) = (enroll(store, &[]).await, enroll(store, &[]).await);
     store.touch_agents(&[(a, T0 + 10), (b, T0 + 20)]).await.expect("touch");
     store.touch_agents(&[(a, T0 + 5)]).await.expect("an older value");
-    let body = serde_json::json!({"x": 1});
-    let beat = tether_store::HeartbeatFacts {
-        version: Some("1.2.3"),
-        applied_config_hash: Some("abc"),
+    let beat = tether_store::HeartbeatRow {
+        agent_id: b,
+        version: Some("1.2.3".into()),
+        applied_config_hash: Some("abc".into()),
         failed_config: None,
-        body: &body,
+        body: serde_json::json!({"x": 1}),
+        at: T0 + 15,
     };
-    store.record_heartbeat(b, beat, T0 + 15).await.expect("beat");
+    store.record_heartbeats(&[beat]).await.expect("beat");
     let seen = |id| async move { store.get_agent(id).await.expect("get").expect("agent") };
     assert_eq!(seen(a).await.last_seen, Some(T0 + 10));
     let b = seen(b).await;

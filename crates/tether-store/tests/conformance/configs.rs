@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tether_proto::AgentId;
 use tether_proto::config::{ConfigUpdated, Doc, Scope};
 use tether_proto::signal::CONFIG_UPDATED;
-use tether_store::{AgentUpdate, Entity, HeartbeatFacts, NewConfigVersion, Store, StoreError};
+use tether_store::{AgentUpdate, Entity, HeartbeatRow, NewConfigVersion, Store, StoreError};
 
 use crate::fixtures::{T0, audit_entry, enroll, labels};
 use crate::harness::{Harness, conformance};
@@ -197,17 +197,16 @@ async fn fleet_status_counts_what_agents_reported(h: &Harness) {
     put(store, &Scope::Global, json!({"x": 1}), None).await.expect("global");
     let hash = desired(store, agents[0]).await.expect("desired");
     let hash = hash.as_str();
-    let body = json!({});
-    store.record_heartbeat(agents[0], beat(&body, Some(hash), None), T0).await.expect("applied");
-    let failed = beat(&body, None, Some((hash, "invalid agent.heartbeat_s")));
-    store.record_heartbeat(agents[1], failed, T0).await.expect("failed");
+    let failed = beat(agents[1], None, Some((hash, "invalid agent.heartbeat_s")), T0);
+    // Both in one batch.
+    store.record_heartbeats(&[beat(agents[0], Some(hash), None, T0), failed]).await.expect("applied and failed");
     let status = store.config_status(&Scope::Global).await.expect("status");
     assert_eq!((status.targeted, status.applied, status.failed, status.behind), (3, 1, 1, 1));
     assert_eq!(status.errors[0].error, "invalid agent.heartbeat_s");
     let failed = store.get_agent(agents[1]).await.expect("get").expect("agent");
     assert_eq!(failed.config_error.as_deref(), Some("invalid agent.heartbeat_s"));
     // Applying later clears the failure.
-    store.record_heartbeat(agents[1], beat(&body, Some(hash), None), T0 + 1).await.expect("applied now");
+    store.record_heartbeats(&[beat(agents[1], Some(hash), None, T0 + 1)]).await.expect("applied now");
     let status = store.config_status(&Scope::Global).await.expect("status");
     assert_eq!((status.applied, status.failed, status.behind), (2, 0, 1));
     assert!(status.errors.is_empty());
@@ -215,8 +214,15 @@ async fn fleet_status_counts_what_agents_reported(h: &Harness) {
     assert!(matches!(missing, Err(StoreError::NotFound(Entity::Config))), "{missing:?}");
 }
 
-fn beat<'a>(body: &'a Value, applied: Option<&'a str>, failed: Option<(&'a str, &'a str)>) -> HeartbeatFacts<'a> {
-    HeartbeatFacts { version: Some("1.0"), applied_config_hash: applied, failed_config: failed, body }
+fn beat(agent_id: AgentId, applied: Option<&str>, failed: Option<(&str, &str)>, at: i64) -> HeartbeatRow {
+    HeartbeatRow {
+        agent_id,
+        version: Some("1.0".into()),
+        applied_config_hash: applied.map(Into::into),
+        failed_config: failed.map(|(h, e)| (h.into(), e.into())),
+        body: json!({}),
+        at,
+    }
 }
 
 async fn concurrent_writes_and_enrollments_on_two_servers_leave_every_agent_its_true_effective_hash(h: &Harness) {

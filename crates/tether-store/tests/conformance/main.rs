@@ -15,5 +15,6 @@ mod device;
 mod files;
 mod server;
 mod signals;
+mod telemetry;
 mod tokens;
 mod users;

@@ -112,7 +112,7 @@ async fn verify(global: &GlobalOpts) -> anyhow::Result<i32> {
 
 /// `--since`/`--until`: RFC 3339 as is, or an age (`90s`, `30m`, `2h`, `7d`)
 /// turned into the RFC 3339 time that long ago.
-fn parse_when(s: &str) -> Result<String, String> {
+pub fn parse_when(s: &str) -> Result<String, String> {
     if OffsetDateTime::parse(s, &Rfc3339).is_ok() {
         return Ok(s.to_owned());
     }

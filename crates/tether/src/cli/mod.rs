@@ -33,7 +33,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 pub enum OperatorCommand {
     /// Log in to a server and save an API token for the other operator commands.
     Login(login::LoginArgs),
-    /// List, inspect and revoke agents.
+    /// List, inspect, label, rename, revoke and delete agents; read their metrics.
     Agents {
         #[command(flatten)]
         global: GlobalOpts,

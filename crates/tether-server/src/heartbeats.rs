@@ -1,0 +1,116 @@
+//! Heartbeats committed in groups (protocol.md §8).
+//!
+//! A fleet sends a heartbeat per agent every 30 s; one transaction each
+//! would make the database's commit rate the fleet's ceiling. Handlers
+//! hand their heartbeat to one writer task and wait: the writer takes
+//! everything queued, writes it in one transaction, and answers every
+//! waiter with its outcome. No timer adds latency — while one group is
+//! being committed the next one gathers — and a 200 still means the
+//! heartbeat is committed.
+
+use std::collections::HashMap;
+
+use tether_proto::AgentId;
+use tether_store::{HeartbeatRow, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Heartbeats waiting for the writer; beyond it handlers wait to queue.
+const QUEUE: usize = 10_000;
+/// Most heartbeats in one transaction.
+const MAX_GROUP: usize = 2_000;
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+/// The handlers' side of the writer.
+#[derive(Debug, Clone)]
+pub struct HeartbeatWriter(mpsc::Sender<(HeartbeatRow, Waiter)>);
+
+/// The writer's side, consumed by [`run`].
+#[derive(Debug)]
+pub struct HeartbeatQueue(mpsc::Receiver<(HeartbeatRow, Waiter)>);
+
+/// The heartbeat could not be written because the server is stopping.
+#[derive(Debug)]
+pub struct Stopped;
+
+pub fn channel() -> (HeartbeatWriter, HeartbeatQueue) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (HeartbeatWriter(tx), HeartbeatQueue(rx))
+}
+
+impl HeartbeatWriter {
+    /// Queues `row` and waits until its group is committed (or failed).
+    pub async fn write(&self, row: HeartbeatRow) -> Result<Result<(), StoreError>, Stopped> {
+        let (done, outcome) = oneshot::channel();
+        self.0.send((row, done)).await.map_err(|_| Stopped)?;
+        outcome.await.map_err(|_| Stopped)
+    }
+}
+
+/// Commits queued heartbeats in groups until `stop` fires, then commits
+/// what is still queued and returns.
+pub async fn run(store: std::sync::Arc<dyn Store>, mut queue: HeartbeatQueue, stop: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => break,
+            next = queue.0.recv() => match next {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.0.try_recv() {
+                Ok(item) => group.push(item),
+                Err(_) => break,
+            }
+        }
+        commit(store.as_ref(), group).await;
+    }
+    // Nothing new can be queued now; what is queued is still committed.
+    queue.0.close();
+    loop {
+        let mut group = Vec::new();
+        while group.len() < MAX_GROUP {
+            match queue.0.try_recv() {
+                Ok(item) => group.push(item),
+                Err(_) => break,
+            }
+        }
+        if group.is_empty() {
+            return;
+        }
+        commit(store.as_ref(), group).await;
+    }
+}
+
+/// Writes one group: an agent's later heartbeat in the group supersedes
+/// its earlier one, and every waiter hears the one outcome.
+async fn commit(store: &dyn Store, group: Vec<(HeartbeatRow, Waiter)>) {
+    let mut latest: HashMap<AgentId, usize> = HashMap::with_capacity(group.len());
+    for (i, (row, _)) in group.iter().enumerate() {
+        latest.insert(row.agent_id, i);
+    }
+    let (rows, waiters): (Vec<HeartbeatRow>, Vec<Waiter>) = group.into_iter().unzip();
+    let rows: Vec<HeartbeatRow> =
+        rows.into_iter().enumerate().filter(|(i, row)| latest[&row.agent_id] == *i).map(|(_, row)| row).collect();
+    let outcome = store.record_heartbeats(&rows).await;
+    metrics::counter!("tether_heartbeats_written_total").increment(rows.len() as u64);
+    metrics::histogram!("tether_heartbeat_group_size").record(rows.len() as f64);
+    for waiter in waiters {
+        let _ = waiter.send(match &outcome {
+            Ok(()) => Ok(()),
+            Err(e) => Err(share(e)),
+        });
+    }
+}
+
+/// The same failure for another waiter (store errors are not `Clone`):
+/// an unreachable database stays a 503, anything else a 500.
+fn share(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(inner) => StoreError::Unavailable(inner.to_string().into()),
+        other => StoreError::Backend(other.to_string().into()),
+    }
+}
