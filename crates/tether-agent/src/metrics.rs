@@ -208,7 +208,7 @@ impl Collector {
                     let Some(disks) = &mut self.disks else { continue };
                     disks.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
                     let mut seen = std::collections::HashSet::new();
-                    for disk in disks.iter() {
+                    for disk in disks.iter().filter(|d| !ephemeral_mount(&d.mount_point().to_string_lossy())) {
                         let mount = disk.mount_point().to_string_lossy().into_owned();
                         // A file system mounted twice counts once, under its first mount.
                         if !seen.insert(mount.clone()) {
@@ -227,7 +227,8 @@ impl Collector {
                 Source::Network => {
                     let Some(networks) = &mut self.networks else { continue };
                     networks.refresh(true);
-                    for (iface, data) in networks.iter() {
+                    for (iface, data) in networks.iter().filter(|(iface, _)| !ephemeral_iface(&iface.to_string_lossy()))
+                    {
                         let Some(labels) = label("iface", iface.to_string_lossy().into_owned()) else { continue };
                         point("host.net_rx_bytes", data.total_received() as f64, labels.clone());
                         point("host.net_tx_bytes", data.total_transmitted() as f64, labels);
@@ -239,11 +240,26 @@ impl Collector {
     }
 }
 
+/// Container and virtual interfaces come and go by the hundred on a busy
+/// host; each would be a new series, and the server caps series per agent.
+fn ephemeral_iface(name: &str) -> bool {
+    name == "lo"
+        || ["veth", "docker", "br-", "cni", "flannel", "cali", "virbr", "vxlan", "kube-", "tunl", "lxc"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+}
+
+/// Mounts of container layers and runtime state, one per container.
+fn ephemeral_mount(mount: &str) -> bool {
+    ["/var/lib/docker/", "/var/lib/containers/", "/var/lib/kubelet/", "/run/", "/snap/"]
+        .iter()
+        .any(|prefix| mount.starts_with(prefix))
+}
+
 /// A one-label set, or `None` when the value would not pass the server's
 /// label checks (the whole batch would be refused for it).
 fn label(key: &str, value: String) -> Option<Labels> {
-    let labels = Labels::from([(key.to_owned(), value)]);
-    tether_proto::agent::validate_labels(&labels).is_ok().then_some(labels)
+    tether_proto::telemetry::label_ok(key, &value).then(|| Labels::from([(key.to_owned(), value)]))
 }
 
 /// `points` as batches of at most [`MAX_METRIC_POINTS`], each with a fresh
@@ -436,6 +452,20 @@ mod tests {
 
     fn batch(value: f64) -> MetricBatch {
         MetricBatch { batch_id: uuid::Uuid::now_v7().to_string(), points: vec![point(value)] }
+    }
+
+    #[test]
+    fn container_interfaces_and_mounts_are_not_series() {
+        for name in ["lo", "veth1a2b3c", "docker0", "br-5f2", "cni0", "cali12ab", "flannel.1"] {
+            assert!(ephemeral_iface(name), "{name}");
+        }
+        for name in ["eth0", "ens3", "wlp2s0", "bond0"] {
+            assert!(!ephemeral_iface(name), "{name}");
+        }
+        assert!(ephemeral_mount("/var/lib/docker/overlay2/abc/merged"));
+        assert!(ephemeral_mount("/run/user/1000"));
+        assert!(!ephemeral_mount("/"));
+        assert!(!ephemeral_mount("/var/lib/postgresql"));
     }
 
     fn spool(dir: &tempfile::TempDir, limits: SpoolLimits) -> MetricSpool {

@@ -20,6 +20,9 @@ pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60_000;
 pub const MAX_ATTRS_BYTES: usize = 4_096;
 /// Longest batch id.
 pub const MAX_BATCH_ID_LEN: usize = 128;
+/// Largest label set of one point, as JSON: the series key must stay
+/// small enough for a database index.
+pub const MAX_LABELS_BYTES: usize = 1_024;
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -59,6 +62,12 @@ pub fn metric_name_ok(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.'))
 }
 
+/// Whether `key=value` may label a metric point: a metric-name-like key and
+/// a printable value of at most [`MAX_NAME_LEN`] bytes.
+pub fn label_ok(key: &str, value: &str) -> bool {
+    metric_name_ok(key) && value.len() <= MAX_NAME_LEN && !value.chars().any(char::is_control)
+}
+
 /// What is wrong with a batch, found before anything is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchProblem {
@@ -74,8 +83,11 @@ fn invalid(field: &'static str, message: String) -> BatchProblem {
 
 impl MetricBatch {
     /// Checks the whole batch against the limits of protocol.md §8, with
-    /// `now_ms` the server's clock: a batch is stored whole or not at all.
-    pub fn check(&self, now_ms: i64) -> Result<(), BatchProblem> {
+    /// `now_ms` the server's clock and `oldest_ms` the oldest time raw
+    /// points are still kept (an older point would be pruned at once and,
+    /// if sent again, counted twice in the rollups): a batch is stored
+    /// whole or not at all.
+    pub fn check(&self, now_ms: i64, oldest_ms: i64) -> Result<(), BatchProblem> {
         if self.points.len() > MAX_METRIC_POINTS {
             return Err(BatchProblem::TooMany { limit: MAX_METRIC_POINTS });
         }
@@ -89,8 +101,11 @@ impl MetricBatch {
             if !metric_name_ok(&p.name) {
                 return Err(invalid("name", format!("points[{i}].name {:?} is not a metric name", p.name)));
             }
-            if p.ts_ms < 0 || p.ts_ms > now_ms + MAX_FUTURE_SKEW_MS {
-                return Err(invalid("ts_ms", format!("points[{i}].ts_ms is before 1970 or too far in the future")));
+            if p.ts_ms < oldest_ms.max(0) || p.ts_ms > now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
+                return Err(invalid(
+                    "ts_ms",
+                    format!("points[{i}].ts_ms is older than raw metrics are kept, or too far in the future"),
+                ));
             }
             if !p.value.is_finite() {
                 return Err(invalid("value", format!("points[{i}].value must be a finite number")));
@@ -98,11 +113,11 @@ impl MetricBatch {
             if p.labels.len() > MAX_POINT_LABELS {
                 return Err(invalid("labels", format!("points[{i}] has more than {MAX_POINT_LABELS} labels")));
             }
-            if p.labels
-                .iter()
-                .any(|(k, v)| !metric_name_ok(k) || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control))
-            {
+            if p.labels.iter().any(|(k, v)| !label_ok(k, v)) {
                 return Err(invalid("labels", format!("points[{i}] has a malformed label")));
+            }
+            if serde_json::to_string(&p.labels).map_or(0, |s| s.len()) > MAX_LABELS_BYTES {
+                return Err(invalid("labels", format!("points[{i}] has labels over {MAX_LABELS_BYTES} bytes")));
             }
         }
         Ok(())
@@ -258,15 +273,21 @@ mod tests {
     fn batches_are_checked_whole() {
         let now = 1_700_000_000_000;
         let ok = MetricBatch { batch_id: "b1".into(), points: vec![point("cpu", now); MAX_METRIC_POINTS] };
-        assert_eq!(ok.check(now), Ok(()));
+        assert_eq!(ok.check(now, 0), Ok(()));
         let big = MetricBatch { batch_id: "b1".into(), points: vec![point("cpu", now); MAX_METRIC_POINTS + 1] };
-        assert_eq!(big.check(now), Err(BatchProblem::TooMany { limit: MAX_METRIC_POINTS }));
+        assert_eq!(big.check(now, 0), Err(BatchProblem::TooMany { limit: MAX_METRIC_POINTS }));
         let future = MetricBatch { batch_id: "b".into(), points: vec![point("cpu", now + MAX_FUTURE_SKEW_MS + 1)] };
-        assert!(matches!(future.check(now), Err(BatchProblem::Invalid { field: "ts_ms", .. })));
+        assert!(matches!(future.check(now, 0), Err(BatchProblem::Invalid { field: "ts_ms", .. })));
         let bad_name = MetricBatch { batch_id: "b".into(), points: vec![point("cpu load", now)] };
-        assert!(matches!(bad_name.check(now), Err(BatchProblem::Invalid { field: "name", .. })));
+        assert!(matches!(bad_name.check(now, 0), Err(BatchProblem::Invalid { field: "name", .. })));
         let no_id = MetricBatch { batch_id: String::new(), points: vec![] };
-        assert!(matches!(no_id.check(now), Err(BatchProblem::Invalid { field: "batch_id", .. })));
+        assert!(matches!(no_id.check(now, 0), Err(BatchProblem::Invalid { field: "batch_id", .. })));
+        let old = MetricBatch { batch_id: "b".into(), points: vec![point("cpu", now - 10)] };
+        assert!(matches!(old.check(now, now - 5), Err(BatchProblem::Invalid { field: "ts_ms", .. })));
+        let mut wide = point("cpu", now);
+        wide.labels = (0..10).map(|i| (format!("k{i}"), "v".repeat(150))).collect();
+        let wide = MetricBatch { batch_id: "b".into(), points: vec![wide] };
+        assert!(matches!(wide.check(now, 0), Err(BatchProblem::Invalid { field: "labels", .. })));
         let item = |k: &str| InventoryItem { kind: "printer".into(), key: k.into(), attrs: Value::Null };
         let many = InventoryReplace { items: (0..=MAX_INVENTORY_ITEMS).map(|i| item(&i.to_string())).collect() };
         assert_eq!(many.check(), Err(BatchProblem::TooMany { limit: MAX_INVENTORY_ITEMS }));

@@ -102,16 +102,15 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a >= 240) // reserved
 }
 
+/// Only global unicast (`2000::/3`) minus its special blocks: everything
+/// else (loopback, unique-local, link-local, IPv4-compatible, NAT64, …) is
+/// not an ordinary public address.
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00 // unique local
-        || (first & 0xffc0) == 0xfe80 // link-local
-        || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
-        || first == 0x2001 && ip.segments()[1] == 0x0db8 // documentation
-        || first == 0x0064 && ip.segments()[1] == 0xff9b) // NAT64, may reach IPv4 private space
+    let [a, b, ..] = ip.segments();
+    (a & 0xe000) == 0x2000
+        && !(a == 0x2001 && b < 0x0200) // IETF protocol assignments, Teredo included (2001::/23)
+        && !(a == 0x2001 && b == 0x0db8) // documentation
+        && a != 0x2002 // 6to4: may carry a private IPv4 address
 }
 
 /// Resolves names for the webhook client and refuses any answer holding a
@@ -182,7 +181,10 @@ pub fn channel() -> (Alerts, AlertQueue) {
 
 /// Sends queued alerts to `target` one after another until `stop` fires.
 pub async fn deliver(target: WebhookTarget, mut queue: AlertQueue, stop: CancellationToken) {
+    // No proxy from the environment: a proxy would resolve the name itself,
+    // out of reach of the resolver that enforces the rules above.
     let mut builder = reqwest::Client::builder()
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(ATTEMPT_TIMEOUT)
         .user_agent(concat!("tether-server/", env!("CARGO_PKG_VERSION")));
@@ -248,6 +250,13 @@ mod tests {
             "http://[fe80::1]/hook",
             "http://[fd00::1]/hook",
             "http://[::ffff:127.0.0.1]/hook",
+            "http://[::127.0.0.1]/hook",
+            "http://[::169.254.169.254]/hook",
+            "http://[2002:7f00:1::1]/hook",
+            "http://[2001:0:4136:e378::1]/hook",
+            "http://[64:ff9b::a9fe:a9fe]/hook",
+            "http://2130706433/hook",
+            "http://0x7f.1/hook",
             "http://localhost:8080/hook",
             "http://metadata.google.internal/computeMetadata/v1/",
         ] {
@@ -257,7 +266,7 @@ mod tests {
         for bad in ["ftp://example.com/x", "not a url", "http://user:pw@example.com/x", "file:///etc/passwd"] {
             assert!(WebhookTarget::parse(bad, true).is_err(), "{bad}");
         }
-        for ok in ["https://hooks.example.com/tether", "http://203.0.113.9.nip.io/x", "http://8.8.8.8/x"] {
+        for ok in ["https://hooks.example.com/tether", "http://8.8.8.8/x", "http://[2606:4700::1111]/x"] {
             assert!(WebhookTarget::parse(ok, false).is_ok(), "{ok}");
         }
     }

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Heartbeats waiting for the writer; beyond it handlers wait to queue.
-const QUEUE: usize = 10_000;
+/// Each holds at most a 4 KiB body.
+const QUEUE: usize = 4_000;
 /// Most heartbeats in one transaction.
 const MAX_GROUP: usize = 2_000;
 
@@ -86,23 +87,42 @@ pub async fn run(store: std::sync::Arc<dyn Store>, mut queue: HeartbeatQueue, st
 }
 
 /// Writes one group: an agent's later heartbeat in the group supersedes
-/// its earlier one, and every waiter hears the one outcome.
+/// its earlier one. Every waiter hears how its agent's row went: if the
+/// group fails for a reason other than an unreachable database, each row
+/// is tried on its own, so one bad row fails only its own agent's request.
 async fn commit(store: &dyn Store, group: Vec<(HeartbeatRow, Waiter)>) {
     let mut latest: HashMap<AgentId, usize> = HashMap::with_capacity(group.len());
     for (i, (row, _)) in group.iter().enumerate() {
         latest.insert(row.agent_id, i);
     }
     let (rows, waiters): (Vec<HeartbeatRow>, Vec<Waiter>) = group.into_iter().unzip();
+    let agents: Vec<AgentId> = rows.iter().map(|r| r.agent_id).collect();
     let rows: Vec<HeartbeatRow> =
         rows.into_iter().enumerate().filter(|(i, row)| latest[&row.agent_id] == *i).map(|(_, row)| row).collect();
-    let outcome = store.record_heartbeats(&rows).await;
-    metrics::counter!("tether_heartbeats_written_total").increment(rows.len() as u64);
     metrics::histogram!("tether_heartbeat_group_size").record(rows.len() as f64);
-    for waiter in waiters {
-        let _ = waiter.send(match &outcome {
-            Ok(()) => Ok(()),
-            Err(e) => Err(share(e)),
-        });
+    let mut failed: HashMap<AgentId, StoreError> = HashMap::new();
+    match store.record_heartbeats(&rows).await {
+        Ok(()) => {}
+        Err(e @ StoreError::Unavailable(_)) => {
+            for row in &rows {
+                failed.insert(row.agent_id, share(&e));
+            }
+        }
+        Err(e) if rows.len() == 1 => {
+            failed.insert(rows[0].agent_id, e);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, rows = rows.len(), "A heartbeat group failed; writing its rows one by one");
+            for row in &rows {
+                if let Err(e) = store.record_heartbeats(std::slice::from_ref(row)).await {
+                    failed.insert(row.agent_id, e);
+                }
+            }
+        }
+    }
+    metrics::counter!("tether_heartbeats_written_total").increment((rows.len() - failed.len()) as u64);
+    for (agent, waiter) in agents.into_iter().zip(waiters) {
+        let _ = waiter.send(failed.get(&agent).map_or(Ok(()), |e| Err(share(e))));
     }
 }
 

@@ -480,8 +480,9 @@ pub struct HeartbeatRow {
     pub applied_config_hash: Option<String>,
     /// A configuration (hash) the agent could not apply, and why: `(hash, error)`.
     pub failed_config: Option<(String, String)>,
-    /// The whole body, as the agent sent it.
-    pub body: Value,
+    /// The whole body as JSON text, as the agent sent it (text, so a queue
+    /// of heartbeats holds no more than their bytes).
+    pub body: String,
     /// When the server received it; `last_seen` moves to it (never back).
     pub at: Millis,
 }

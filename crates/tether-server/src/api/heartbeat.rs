@@ -33,7 +33,8 @@ pub async fn heartbeat(
     let Some(fields) = body.as_object() else {
         return Err(ApiError::bad_request("body", "heartbeat must be a JSON object"));
     };
-    if body.to_string().len() > MAX_HEARTBEAT_BYTES {
+    let json = body.to_string();
+    if json.len() > MAX_HEARTBEAT_BYTES {
         return Err(ApiError::new(tether_proto::ErrorKey::PayloadTooLarge, "heartbeat is too large")
             .with("limit", MAX_HEARTBEAT_BYTES));
     }
@@ -55,13 +56,27 @@ pub async fn heartbeat(
         .as_ref()
         .filter(|c| c.state == ApplyState::Failed)
         .map(|c| (c.hash.as_str(), c.error.as_deref().unwrap_or("the agent gave no reason")));
+    // These go to columns of their own: short and printable (a NUL byte
+    // cannot even be stored in PostgreSQL text).
+    let printable = |field: &'static str, value: Option<&str>, max: usize| match value {
+        Some(v) if v.len() > max || v.chars().any(char::is_control) => {
+            Err(ApiError::bad_request(field, format!("{field} must be at most {max} printable characters")))
+        }
+        _ => Ok(()),
+    };
+    printable("version", text("version"), 64)?;
+    printable("applied_config_hash", applied, 128)?;
+    printable("config_status", failed.map(|(hash, _)| hash), 128)?;
+    if failed.is_some_and(|(_, why)| why.len() > 4096 || why.contains('\0')) {
+        return Err(ApiError::bad_request("config_status", "config_status.error must be at most 4 KiB, without NUL"));
+    }
     let row = HeartbeatRow {
         agent_id: agent.id,
         version: text("version").map(str::to_owned),
         applied_config_hash: applied.map(str::to_owned),
         failed_config: failed.map(|(hash, why)| (hash.to_owned(), why.to_owned())),
         at: state.clock.now_ms(),
-        body,
+        body: json,
     };
     match state.heartbeats.write(row).await {
         Ok(written) => written?,

@@ -41,8 +41,10 @@ impl FleetGauges {
                 gauge!("tether_agents", "status" => "online").set(c.agents_online as f64);
                 gauge!("tether_agents", "status" => "offline").set(c.agents_offline as f64);
                 gauge!("tether_agents", "status" => "revoked").set(c.agents_revoked as f64);
-                for (status, n) in c.commands {
-                    gauge!("tether_commands", "status" => status).set(n as f64);
+                // A state no command is in any more reads 0, not its last count.
+                for status in tether_proto::command::CommandStatus::ALL {
+                    let n = c.commands.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
+                    gauge!("tether_commands", "status" => status.as_str()).set(n as f64);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "Counting agents and commands for /metrics failed"),
@@ -213,6 +215,22 @@ where
     }
 }
 
+/// The method as a label: the standard ones by name, any other `other`,
+/// since a client may send any token as a method and each would otherwise
+/// be a new series kept forever.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Records the request once its response is ready.
     pub struct HttpMetricsFuture<F> {
@@ -235,10 +253,9 @@ where
         let res = std::task::ready!(this.inner.poll(cx));
         if let Ok(res) = &res {
             let route = this.route.as_ref().map_or("unmatched", |r| r.as_str()).to_owned();
-            let method = this.method.as_str().to_owned();
+            let method = method_label(this.method);
             let status = res.status().as_u16().to_string();
-            counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status)
-                .increment(1);
+            counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
             histogram!(HTTP_DURATION, "route" => route, "method" => method).record(this.start.elapsed().as_secs_f64());
         }
         std::task::Poll::Ready(res)

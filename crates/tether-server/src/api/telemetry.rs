@@ -21,6 +21,8 @@ use crate::state::AppState;
 
 /// Most points one metric query answers with.
 const MAX_QUERY_POINTS: u32 = 10_000;
+/// The end of the year 9999: later times are refused, so range arithmetic cannot overflow.
+const LATEST_MS: Millis = 253_402_300_799_999;
 /// The default query range.
 const DEFAULT_RANGE_MS: Millis = 3_600_000;
 /// Raw points answer ranges up to this long…
@@ -57,7 +59,8 @@ pub async fn ingest(
     ApiJson(batch): ApiJson<MetricBatch, BATCH_BODY_LIMIT>,
 ) -> ApiResult<Response> {
     let now = state.clock.now_ms();
-    batch.check(now).map_err(problem)?;
+    let oldest = now - state.config.telemetry.retention.raw_metrics.as_millis() as Millis;
+    batch.check(now, oldest).map_err(problem)?;
     let new = NewMetrics {
         agent_id: agent.id,
         batch_id: &batch.batch_id,
@@ -169,7 +172,13 @@ pub async fn query(
     }
     let now = state.clock.now_ms();
     let to = parse_time("to", q.to.as_deref())?.unwrap_or(now);
-    let from = parse_time("from", q.from.as_deref())?.unwrap_or(to - DEFAULT_RANGE_MS);
+    if !(0..=LATEST_MS).contains(&to) {
+        return Err(ApiError::bad_request("to", "to must be between 1970 and 9999"));
+    }
+    let from = parse_time("from", q.from.as_deref())?.unwrap_or(to.saturating_sub(DEFAULT_RANGE_MS).max(0));
+    if !(0..=LATEST_MS).contains(&from) {
+        return Err(ApiError::bad_request("from", "from must be between 1970 and 9999"));
+    }
     if from >= to {
         return Err(ApiError::bad_request("from", "from must be before to"));
     }

@@ -171,6 +171,11 @@ async fn metric_queries_pick_raw_points_or_rollups_by_range() {
     assert_eq!(get(&app, &format!("/api/v1/agents/{id}/metrics")).await.0, 400);
     assert_eq!(get(&app, &format!("/api/v1/agents/{id}/metrics?name=temp&from=yesterday")).await.0, 400);
     assert_eq!(get(&app, &format!("/api/v1/agents/{id}/metrics?name=temp&from=10&to=5")).await.0, 400);
+    assert_eq!(get(&app, &format!("/api/v1/agents/{id}/metrics?name=temp&to=-9223372036854775808")).await.0, 400);
+    assert_eq!(
+        get(&app, &format!("/api/v1/agents/{id}/metrics?name=temp&from=-5&to=9223372036854775807")).await.0,
+        400
+    );
     assert_eq!(get(&app, &format!("/api/v1/agents/{}/metrics?name=temp", AgentId::new())).await.0, 404);
 }
 
@@ -237,6 +242,10 @@ async fn concurrent_heartbeats_are_all_committed() {
     for status in futures::future::join_all(beats).await {
         assert_eq!(status, 200);
     }
+    // A field that goes to a column of its own must be printable.
+    let bad = json!({"uptime_s": 5, "version": "1\u{0}", "running_commands": 0, "queue_depth": 0});
+    let (status, body) = post(&app, &agents[0].1, "/api/v1/agents/self/heartbeat", &bad).await;
+    assert_eq!((status, body["error"]["params"]["field"].as_str()), (400, Some("version")), "{body}");
     for (id, _) in &agents {
         let agent = app.admin.get_agent(*id).await.expect("call");
         assert_eq!(agent.version.as_deref(), Some("9.9.9"));

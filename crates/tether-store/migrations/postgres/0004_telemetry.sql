@@ -88,3 +88,16 @@ CREATE TABLE audit_anchor (
 CREATE INDEX commands_finished_at ON commands (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX device_grants_agent ON device_grants (agent_id) WHERE agent_id IS NOT NULL;
 CREATE INDEX issued_certs_agent ON issued_certs (agent_id);
+-- Deleting an agent finds its item reports without scanning every report.
+CREATE INDEX agent_items_agent ON agent_items (agent_id);
+
+-- Deleted agents, for a day: other servers catch up from here (the agent
+-- row is gone) and revoke the agent's stream they hold in memory.
+CREATE TABLE deleted_agents (
+    id          TEXT PRIMARY KEY,
+    epoch       BIGINT NOT NULL,
+    head_seq    BIGINT NOT NULL,
+    floor_seq   BIGINT NOT NULL,
+    deleted_at  BIGINT NOT NULL
+);
+CREATE INDEX deleted_agents_at ON deleted_agents (deleted_at);

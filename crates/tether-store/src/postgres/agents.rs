@@ -69,8 +69,14 @@ pub(super) async fn active_agent(tx: &mut Tx, id: AgentId) -> Result<AgentRecord
 }
 
 /// Locks these agents' rows in id order (see the module docs of `postgres`).
+/// `NO KEY UPDATE`: these writers exclude each other, but not telemetry
+/// ingest, which only needs the row to stay (`KEY SHARE`); only deleting
+/// an agent takes the full `FOR UPDATE`.
 pub(super) async fn lock_agents(tx: &mut Tx, ids: &[String]) -> Result<()> {
-    sqlx::query("SELECT 1 FROM agents WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(ids).execute(&mut **tx).await?;
+    sqlx::query("SELECT 1 FROM agents WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -171,7 +177,7 @@ impl AgentStore for PgStore {
         let applied: Vec<Option<&str>> = beats.iter().map(|b| b.applied_config_hash.as_deref()).collect();
         let failed: Vec<Option<&str>> = beats.iter().map(|b| b.failed_config.as_ref().map(|f| f.0.as_str())).collect();
         let errors: Vec<Option<&str>> = beats.iter().map(|b| b.failed_config.as_ref().map(|f| f.1.as_str())).collect();
-        let bodies: Vec<String> = beats.iter().map(|b| b.body.to_string()).collect();
+        let bodies: Vec<&str> = beats.iter().map(|b| b.body.as_str()).collect();
         let at: Vec<Millis> = beats.iter().map(|b| b.at).collect();
         let mut tx = self.begin().await?;
         lock_agents(&mut tx, &ids).await?;
@@ -262,6 +268,22 @@ impl AgentStore for PgStore {
             .map(|r| agent_from_row(&r))
             .transpose()?
             .ok_or(StoreError::NotFound(Entity::Agent))?;
+        // A tombstone for the other servers' catch-up; a day is far beyond it.
+        sqlx::query("DELETE FROM deleted_agents WHERE deleted_at < $1")
+            .bind(audit.ts - 86_400_000)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO deleted_agents (id, epoch, head_seq, floor_seq, deleted_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(rec.epoch as i64)
+        .bind(rec.head_seq as i64)
+        .bind(rec.floor_seq as i64)
+        .bind(audit.ts)
+        .execute(&mut *tx)
+        .await?;
         // Children before the agent row (foreign keys). Batches are shared
         // by the commands of many agents: only those left empty go.
         sqlx::query(
@@ -362,10 +384,14 @@ impl AgentStore for PgStore {
     }
 
     async fn stream_changes(&self, since: Millis) -> Result<Vec<StreamChange>> {
-        let rows = q!("SELECT {STREAM_COLUMNS} FROM agents WHERE stream_changed_at >= $1")
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await?;
+        // Deleted agents come as revoked, from their tombstones.
+        let rows = q!("SELECT {STREAM_COLUMNS} FROM agents WHERE stream_changed_at >= $1
+                       UNION ALL
+                       SELECT id, epoch, head_seq, floor_seq, deleted_at, 'deleted', NULL FROM deleted_agents
+                       WHERE deleted_at >= $1")
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(stream_change_from_row).collect()
     }
 }

@@ -79,7 +79,7 @@ mod tests {
             version: Some(version.into()),
             applied_config_hash: None,
             failed_config: None,
-            body: serde_json::Value::Null,
+            body: "null".into(),
             at,
         };
         let (a, b) = (tether_proto::AgentId::new(), tether_proto::AgentId::new());

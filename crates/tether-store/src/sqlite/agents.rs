@@ -180,7 +180,7 @@ impl AgentStore for SqliteStore {
             .bind(&beat.applied_config_hash)
             .bind(failed_hash)
             .bind(error)
-            .bind(beat.body.to_string())
+            .bind(&beat.body)
             .bind(beat.at)
             .bind(beat.agent_id.to_string())
             .execute(&mut *tx)
@@ -234,6 +234,22 @@ impl AgentStore for SqliteStore {
             .transpose()?
             .ok_or(StoreError::NotFound(Entity::Agent))?;
         let agent = id.to_string();
+        // A tombstone for the other servers' catch-up; a day is far beyond it.
+        sqlx::query("DELETE FROM deleted_agents WHERE deleted_at < ?")
+            .bind(audit.ts - 86_400_000)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO deleted_agents (id, epoch, head_seq, floor_seq, deleted_at)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(rec.epoch as i64)
+        .bind(rec.head_seq as i64)
+        .bind(rec.floor_seq as i64)
+        .bind(audit.ts)
+        .execute(&mut *tx)
+        .await?;
         // Children before the agent row (foreign keys). Batches are shared
         // by the commands of many agents: only those left empty go.
         let batches: Vec<String> = sqlx::query_scalar("DELETE FROM commands WHERE agent_id = ? RETURNING batch_id")
@@ -333,10 +349,14 @@ impl AgentStore for SqliteStore {
     }
 
     async fn stream_changes(&self, since: Millis) -> Result<Vec<StreamChange>> {
-        let rows = q!("SELECT {STREAM_COLUMNS} FROM agents WHERE stream_changed_at >= ?")
-            .bind(since)
-            .fetch_all(&self.reader)
-            .await?;
+        // Deleted agents come as revoked, from their tombstones.
+        let rows = q!("SELECT {STREAM_COLUMNS} FROM agents WHERE stream_changed_at >= ?1
+                       UNION ALL
+                       SELECT id, epoch, head_seq, floor_seq, deleted_at, 'deleted', NULL FROM deleted_agents
+                       WHERE deleted_at >= ?1")
+        .bind(since)
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(stream_change_from_row).collect()
     }
 }

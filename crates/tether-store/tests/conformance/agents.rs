@@ -58,7 +58,7 @@ async fn last_seen_only_moves_forward(h: &Harness) {
         version: Some("1.2.3".into()),
         applied_config_hash: Some("abc".into()),
         failed_config: None,
-        body: serde_json::json!({"x": 1}),
+        body: serde_json::json!({"x": 1}).to_string(),
         at: T0 + 15,
     };
     store.record_heartbeats(&[beat]).await.expect("beat");

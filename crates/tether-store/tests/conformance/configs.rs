@@ -220,7 +220,7 @@ fn beat(agent_id: AgentId, applied: Option<&str>, failed: Option<(&str, &str)>, 
         version: Some("1.0".into()),
         applied_config_hash: applied.map(Into::into),
         failed_config: failed.map(|(h, e)| (h.into(), e.into())),
-        body: json!({}),
+        body: "{}".into(),
         at,
     }
 }

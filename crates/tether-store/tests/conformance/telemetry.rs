@@ -464,7 +464,7 @@ async fn heartbeats_are_written_in_one_batch(h: &Harness) {
         version: Some(version.into()),
         applied_config_hash: None,
         failed_config: Some(("h1".into(), "bad".into())),
-        body: json!({"v": version}),
+        body: json!({"v": version}).to_string(),
         at,
     };
     let beats =
@@ -529,6 +529,10 @@ async fn deleting_an_agent_removes_everything_only_its(h: &Harness) {
     assert_eq!(deleted.id, victim);
     let again = store.delete_agent(victim, audit_entry("agent.delete")).await;
     assert!(matches!(again, Err(StoreError::NotFound(Entity::Agent))), "{again:?}");
+    // Other servers hear of it when they catch up: as a revocation.
+    let changes = store.stream_changes(T0).await.expect("changes");
+    let change = changes.iter().find(|c| c.agent_id == victim).expect("the deleted agent is a stream change");
+    assert_eq!((change.revoked_at, change.revoke_reason.as_deref()), (Some(T0), Some("deleted")));
 
     assert!(store.get_agent(victim).await.expect("get").is_none());
     let all = store.list_agents(&AgentFilter { limit: 100, ..Default::default() }).await.expect("list");
