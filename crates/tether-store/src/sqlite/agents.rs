@@ -256,13 +256,7 @@ impl AgentStore for SqliteStore {
             .bind(&agent)
             .fetch_all(&mut *tx)
             .await?;
-        sqlx::query(
-            "DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?))
-               AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.batch_id = batches.id)",
-        )
-        .bind(json_text(&batches))
-        .execute(&mut *tx)
-        .await?;
+        super::retention::delete_empty_batches(&mut tx, &batches).await?;
         sqlx::query(
             "DELETE FROM cert_expiry_announced WHERE serial IN (SELECT serial FROM issued_certs WHERE agent_id = ?)",
         )

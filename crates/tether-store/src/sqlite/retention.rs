@@ -5,7 +5,7 @@
 use sqlx::Row;
 use tether_proto::command::CommandStatus;
 
-use super::SqliteStore;
+use super::{SqliteStore, Tx};
 use crate::rules::telemetry::audit_prefix;
 use crate::sql::{json_text, q};
 use crate::{Horizons, PruneCounts, Result};
@@ -21,6 +21,19 @@ async fn prune_by(store: &SqliteStore, table: &str, key: &str, column: &str, bef
         .await?;
     tx.commit().await?;
     Ok(done.rows_affected())
+}
+
+/// Of `batches`, those left without commands: a batch is shared by the
+/// commands of many agents, so it goes only with its last command.
+pub(super) async fn delete_empty_batches(tx: &mut Tx, batches: &[String]) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?))
+           AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.batch_id = batches.id)",
+    )
+    .bind(json_text(&batches))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Commands in a terminal state that finished before `before`, and any
@@ -39,13 +52,7 @@ async fn prune_commands(store: &SqliteStore, before: i64, max: u32) -> Result<u6
     .bind(max)
     .fetch_all(&mut *tx)
     .await?;
-    sqlx::query(
-        "DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?))
-           AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.batch_id = batches.id)",
-    )
-    .bind(json_text(&batches))
-    .execute(&mut *tx)
-    .await?;
+    delete_empty_batches(&mut tx, &batches).await?;
     tx.commit().await?;
     Ok(batches.len() as u64)
 }
