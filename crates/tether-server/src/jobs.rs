@@ -171,7 +171,7 @@ async fn prune_history(state: &AppState, now: i64, stop: &CancellationToken) {
                 total.batches += n.batches;
                 total.commands += n.commands;
                 total.audit += n.audit;
-                [n.raw, n.hourly, n.daily, n.batches, n.commands, n.audit].iter().all(|&c| c < u64::from(PRUNE_ROWS))
+                !n.more(PRUNE_ROWS)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "History retention failed");
@@ -242,8 +242,7 @@ pub async fn presence(state: AppState, interval: Duration, stop: CancellationTok
             continue;
         }
         let now = state.clock.now_ms();
-        let offline_before = now - state.config.telemetry.offline_after.as_millis() as i64;
-        let changes = match state.store.update_presence(offline_before, now).await {
+        let changes = match state.store.update_presence(state.config.telemetry.seen_since(now), now).await {
             Ok(changes) => changes,
             Err(e) => {
                 tracing::warn!(error = %e, "Updating agent presence failed");

@@ -92,6 +92,13 @@ pub struct TelemetryConfig {
     pub retention: Retention,
 }
 
+impl TelemetryConfig {
+    /// Agents seen at or after this instant are online at `now` (protocol.md §8).
+    pub fn seen_since(&self, now: tether_store::Millis) -> tether_store::Millis {
+        now - self.offline_after.as_millis() as tether_store::Millis
+    }
+}
+
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {

@@ -24,7 +24,7 @@ const MAX_ENROLL_LIFETIME_S: u64 = 366 * 86_400;
 
 /// Agents seen at or after this instant are online (protocol.md §8).
 fn seen_since(state: &AppState) -> Millis {
-    state.clock.now_ms() - state.config.telemetry.offline_after.as_millis() as Millis
+    state.config.telemetry.seen_since(state.clock.now_ms())
 }
 
 fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {

@@ -35,8 +35,7 @@ impl FleetGauges {
             return;
         }
         *last = Some(Instant::now());
-        let seen_since = state.clock.now_ms() - state.config.telemetry.offline_after.as_millis() as i64;
-        match state.store.fleet_counts(seen_since).await {
+        match state.store.fleet_counts(state.config.telemetry.seen_since(state.clock.now_ms())).await {
             Ok(c) => {
                 gauge!("tether_agents", "status" => "online").set(c.agents_online as f64);
                 gauge!("tether_agents", "status" => "offline").set(c.agents_offline as f64);
