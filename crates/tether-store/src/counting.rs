@@ -295,6 +295,11 @@ impl AgentStore for CountingStore {
         self.inner.update_presence(offline_before, now).await
     }
 
+    async fn disconnect_agent(&self, id: AgentId, at: Millis) -> Result<Option<PresenceChange>> {
+        let _t = self.call("disconnect_agent");
+        self.inner.disconnect_agent(id, at).await
+    }
+
     async fn delete_agent(&self, id: AgentId, audit: AuditEntry) -> Result<AgentRecord> {
         let _t = self.call("delete_agent");
         self.inner.delete_agent(id, audit).await

@@ -173,6 +173,20 @@ pub struct AgentRecord {
     pub online: Option<bool>,
     /// The latest heartbeat body, as the agent sent it (`null` before the first).
     pub heartbeat: Value,
+    /// When its last WebSocket closed ([`crate::AgentStore::disconnect_agent`]):
+    /// seen at or before this, the agent is offline.
+    pub disconnected_at: Option<Millis>,
+}
+
+impl AgentRecord {
+    /// Whether the agent counts as online (protocol.md §8): not revoked,
+    /// seen at or after `seen_since`, and seen after its last WebSocket
+    /// closed. `last_seen` may be newer than the stored one (requests not
+    /// yet flushed). The SQL of both backends states the same rule.
+    pub fn online_at(&self, last_seen: Option<Millis>, seen_since: Millis) -> bool {
+        self.revoked_at.is_none()
+            && last_seen.is_some_and(|seen| seen >= seen_since && self.disconnected_at.is_none_or(|gone| seen > gone))
+    }
 }
 
 impl AgentRecord {
@@ -201,6 +215,7 @@ impl AgentRecord {
             config_error: None,
             online: Some(true),
             heartbeat: Value::Null,
+            disconnected_at: None,
         }
     }
 }

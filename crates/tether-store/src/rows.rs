@@ -15,7 +15,7 @@ pub const COMMAND_COLUMNS: &str = "id, batch_id, agent_id, name, args, timeout_s
 /// Columns read by `agent_from_row`, in order.
 pub const AGENT_COLUMNS: &str = "id, name, hostname, labels, facts, public_key, version, applied_config_hash, \
      epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after, \
-     config_hash, config_failed_hash, config_error, online, heartbeat";
+     config_hash, config_failed_hash, config_error, online, heartbeat, disconnected_at";
 
 /// Columns read by `stream_change_from_row`, in order.
 pub const STREAM_COLUMNS: &str = "id, epoch, head_seq, floor_seq, revoked_at, revoke_reason, tokens_valid_after";
@@ -129,6 +129,7 @@ macro_rules! decoders {
                 config_error: r.try_get(18)?,
                 online: r.try_get(19)?,
                 heartbeat: r.try_get::<Option<&str>, _>(20)?.map(parse_json).transpose()?.unwrap_or_default(),
+                disconnected_at: r.try_get(21)?,
             })
         }
 

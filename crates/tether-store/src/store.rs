@@ -235,8 +235,8 @@ pub trait AgentStore: Send + Sync {
     /// Of several rows for one agent the latest (`at`) is written. Rows for
     /// agents that no longer exist are skipped silently (deleted meanwhile).
     async fn record_heartbeats(&self, beats: &[HeartbeatRow]) -> Result<()>;
-    /// Marks each non-revoked agent online (`last_seen >= offline_before`)
-    /// or offline (otherwise). Where the stored state changes from a decided
+    /// Marks each non-revoked agent online (`last_seen >= offline_before`
+    /// and after its `disconnected_at`) or offline (otherwise). Where the stored state changes from a decided
     /// value, appends one audit row (`AuditEntry::system("server",
     /// "agent.online"|"agent.offline", agent_id, {name, hostname,
     /// last_seen}, now)`) in the same transaction and returns the change;
@@ -246,6 +246,13 @@ pub trait AgentStore: Send + Sync {
     /// order) and re-checked before they change. Cheap when nothing changes:
     /// only agents whose state differs are read.
     async fn update_presence(&self, offline_before: Millis, now: Millis) -> Result<Vec<PresenceChange>>;
+    /// Records that the agent's last WebSocket closed at `at` (protocol.md
+    /// §9): seen at or before `at`, it is offline from now on, whatever its
+    /// `last_seen` says. If it was stored online it is flipped offline with
+    /// the same audit row as [`Self::update_presence`] writes, in one
+    /// transaction, and the change is returned; `None` otherwise (already
+    /// offline, seen after `at`, revoked or gone).
+    async fn disconnect_agent(&self, id: AgentId, at: Millis) -> Result<Option<PresenceChange>>;
     /// Removes the agent and everything that is only its (stream signals,
     /// commands with their results and any batch left empty, item reports,
     /// issued certificates, refresh tokens, device grants, nonces, its agent

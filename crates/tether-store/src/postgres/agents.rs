@@ -127,8 +127,9 @@ impl AgentStore for PgStore {
                AND ($2::text IS NULL OR name LIKE $2 ESCAPE '\\' OR hostname LIKE $2 ESCAPE '\\')
                AND labels::jsonb @> $3::jsonb
                AND ($5::text IS NULL
-                    OR ($5 = 'online' AND revoked_at IS NULL AND last_seen >= $6)
-                    OR ($5 = 'offline' AND revoked_at IS NULL AND (last_seen IS NULL OR last_seen < $6))
+                    OR ($5 = 'online' AND revoked_at IS NULL AND last_seen >= $6 AND last_seen > COALESCE(disconnected_at, -1))
+                    OR ($5 = 'offline' AND revoked_at IS NULL
+                        AND (last_seen IS NULL OR last_seen < $6 OR last_seen <= disconnected_at))
                     OR ($5 = 'revoked' AND revoked_at IS NOT NULL))
              ORDER BY id LIMIT $4")
         .bind(filter.after.map(|a| a.to_string()))
@@ -224,15 +225,18 @@ impl AgentStore for PgStore {
                  SELECT id, online AS was FROM agents
                  WHERE id IN (SELECT id FROM agents
                               WHERE revoked_at IS NULL AND online IS NOT TRUE AND last_seen >= $1
+                                AND last_seen > COALESCE(disconnected_at, -1)
                               UNION ALL
                               SELECT id FROM agents
                               WHERE revoked_at IS NULL AND online IS NOT FALSE AND last_seen < $1
                               UNION ALL
                               SELECT id FROM agents
                               WHERE revoked_at IS NULL AND online IS NOT FALSE AND last_seen IS NULL)
-                   AND revoked_at IS NULL AND online IS DISTINCT FROM COALESCE(last_seen >= $1, false)
+                   AND revoked_at IS NULL AND online IS DISTINCT FROM COALESCE(last_seen >= $1
+                                                   AND last_seen > COALESCE(disconnected_at, -1), false)
                  ORDER BY id FOR UPDATE)
-             UPDATE agents a SET online = COALESCE(a.last_seen >= $1, false) FROM due WHERE a.id = due.id
+             UPDATE agents a SET online = COALESCE(a.last_seen >= $1 AND a.last_seen > COALESCE(a.disconnected_at, -1), false)
+             FROM due WHERE a.id = due.id
              RETURNING a.id, a.name, a.hostname, a.labels, a.online, a.last_seen, due.was",
         )
         .bind(offline_before)
@@ -251,6 +255,35 @@ impl AgentStore for PgStore {
         }
         tx.commit().await?;
         Ok(changes)
+    }
+
+    async fn disconnect_agent(&self, id: AgentId, at: Millis) -> Result<Option<PresenceChange>> {
+        let mut tx = self.begin().await?;
+        // The row lock orders this against a presence round on another
+        // replica, so the transition is recorded once.
+        let row = sqlx::query(
+            "WITH gone AS (
+                 SELECT id, online AS was, last_seen FROM agents WHERE id = $2 FOR NO KEY UPDATE)
+             UPDATE agents a SET disconnected_at = GREATEST(COALESCE(a.disconnected_at, $1), $1),
+                                 online = CASE WHEN a.revoked_at IS NULL AND (a.last_seen IS NULL OR a.last_seen <= $1)
+                                               THEN false ELSE a.online END
+             FROM gone WHERE a.id = gone.id
+             RETURNING a.id, a.name, a.hostname, a.labels, false, a.last_seen,
+                       (a.revoked_at IS NULL AND gone.was IS NOT FALSE AND (gone.last_seen IS NULL OR gone.last_seen <= $1))",
+        )
+        .bind(at)
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let change = match &row {
+            Some(row) if row.try_get::<bool, _>(6)? => Some(presence_from_row(row)?),
+            _ => None,
+        };
+        if let Some(change) = &change {
+            super::audit::insert_audit(&mut tx, &presence_audit(change, at)).await?;
+        }
+        tx.commit().await?;
+        Ok(change)
     }
 
     async fn delete_agent(&self, id: AgentId, audit: AuditEntry) -> Result<AgentRecord> {

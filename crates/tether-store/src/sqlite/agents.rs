@@ -114,8 +114,9 @@ impl AgentStore for SqliteStore {
                AND (? IS NULL OR name LIKE ? ESCAPE '\\' OR hostname LIKE ? ESCAPE '\\')
                AND NOT EXISTS (SELECT 1 FROM json_each(?) l WHERE json_extract(agents.labels, '$.\"' || l.key || '\"') IS NOT l.value)
                AND (?8 IS NULL
-                    OR (?8 = 'online' AND revoked_at IS NULL AND last_seen >= ?9)
-                    OR (?8 = 'offline' AND revoked_at IS NULL AND (last_seen IS NULL OR last_seen < ?9))
+                    OR (?8 = 'online' AND revoked_at IS NULL AND last_seen >= ?9 AND last_seen > COALESCE(disconnected_at, -1))
+                    OR (?8 = 'offline' AND revoked_at IS NULL
+                        AND (last_seen IS NULL OR last_seen < ?9 OR last_seen <= disconnected_at))
                     OR (?8 = 'revoked' AND revoked_at IS NOT NULL))
              ORDER BY id LIMIT ?7")
         .bind(&after)
@@ -196,8 +197,9 @@ impl AgentStore for SqliteStore {
         // each direction; the single writer keeps the read and the update
         // together.
         let rows = sqlx::query(
-            "SELECT id, name, hostname, labels, COALESCE(last_seen >= ?1, 0), last_seen, online FROM agents
+            "SELECT id, name, hostname, labels, 1, last_seen, online FROM agents
              WHERE revoked_at IS NULL AND online IS NOT 1 AND last_seen >= ?1
+               AND last_seen > COALESCE(disconnected_at, -1)
              UNION ALL
              SELECT id, name, hostname, labels, 0, last_seen, online FROM agents
              WHERE revoked_at IS NULL AND online IS NOT 0 AND (last_seen < ?1 OR last_seen IS NULL)
@@ -222,6 +224,32 @@ impl AgentStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(changes)
+    }
+
+    async fn disconnect_agent(&self, id: AgentId, at: Millis) -> Result<Option<PresenceChange>> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE agents SET disconnected_at = MAX(COALESCE(disconnected_at, ?1), ?1) WHERE id = ?2")
+            .bind(at)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        // A disconnected agent goes offline here, not in the presence job,
+        // which only ever sees it again once it is seen after `at`.
+        let row = sqlx::query(
+            "UPDATE agents SET online = 0
+             WHERE id = ?2 AND revoked_at IS NULL AND online IS NOT 0 AND (last_seen IS NULL OR last_seen <= ?1)
+             RETURNING id, name, hostname, labels, 0, last_seen",
+        )
+        .bind(at)
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let change = row.as_ref().map(presence_from_row).transpose()?;
+        if let Some(change) = &change {
+            super::audit::insert_audit(&mut tx, &presence_audit(change, at)).await?;
+        }
+        tx.commit().await?;
+        Ok(change)
     }
 
     async fn delete_agent(&self, id: AgentId, audit: AuditEntry) -> Result<AgentRecord> {

@@ -229,8 +229,11 @@ impl TelemetryStore for SqliteStore {
 
     async fn fleet_counts(&self, seen_since: Millis) -> Result<FleetCounts> {
         let agents = sqlx::query(
-            "SELECT COALESCE(SUM(CASE WHEN revoked_at IS NULL AND last_seen >= ?1 THEN 1 ELSE 0 END), 0),
-                    COALESCE(SUM(CASE WHEN revoked_at IS NULL AND (last_seen IS NULL OR last_seen < ?1) THEN 1 ELSE 0 END), 0),
+            "SELECT COALESCE(SUM(CASE WHEN revoked_at IS NULL AND last_seen >= ?1
+                                          AND last_seen > COALESCE(disconnected_at, -1) THEN 1 ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN revoked_at IS NULL
+                                          AND (last_seen IS NULL OR last_seen < ?1 OR last_seen <= disconnected_at)
+                                     THEN 1 ELSE 0 END), 0),
                     COALESCE(SUM(CASE WHEN revoked_at IS NOT NULL THEN 1 ELSE 0 END), 0)
              FROM agents",
         )

@@ -29,6 +29,7 @@ conformance!(
     inventory_is_upserted_removed_replaced_and_listed_in_pages,
     presence_transitions_are_recorded_and_reported_once,
     agents_are_filtered_by_status_in_id_pages_and_counted,
+    a_disconnected_agent_is_offline_until_seen_again,
     heartbeats_are_written_in_one_batch,
     deleting_an_agent_removes_everything_only_its,
 );
@@ -454,6 +455,54 @@ async fn agents_are_filtered_by_status_in_id_pages_and_counted(h: &Harness) {
     let counts = store.fleet_counts(since).await.expect("counts");
     assert_eq!((counts.agents_online, counts.agents_offline, counts.agents_revoked), (1, 3, 1));
     assert_eq!(counts.commands, vec![("queued".to_owned(), 1)]);
+}
+
+async fn a_disconnected_agent_is_offline_until_seen_again(h: &Harness) {
+    let store = h.store();
+    let (gone, stays) = (enroll(store, &[("env", "ws")]).await, enroll(store, &[("env", "ws")]).await);
+    store.touch_agents(&[(gone, T0 + 100), (stays, T0 + 100)]).await.expect("touch");
+    let since = T0 + 50;
+    let online = |id| async move { store.get_agent(id).await.expect("get").expect("agent").online };
+
+    // Flipped at once, with its audit row, reported once.
+    let change = store.disconnect_agent(gone, T0 + 120).await.expect("disconnect").expect("a transition");
+    assert_eq!((change.agent_id, change.online, change.last_seen), (gone, false, Some(T0 + 100)));
+    assert!(store.disconnect_agent(gone, T0 + 121).await.expect("again").is_none(), "reported once");
+    assert_eq!((online(gone).await, online(stays).await), (Some(false), Some(true)));
+    let rec = store.get_agent(gone).await.expect("get").expect("agent");
+    assert_eq!(rec.disconnected_at, Some(T0 + 121));
+    assert!(!rec.online_at(rec.last_seen, since), "seen before the close");
+
+    // Every reader applies the same rule, and the presence job does not undo it.
+    let filter = |status| AgentFilter {
+        status: Some(status),
+        after: None,
+        limit: 10,
+        labels: labels(&[("env", "ws")]),
+        q: None,
+    };
+    let ids = |status| async move {
+        store.list_agents(&filter(status)).await.expect("list").into_iter().map(|a| a.id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(StatusFilter::Online { seen_since: since }).await, vec![stays]);
+    assert_eq!(ids(StatusFilter::Offline { seen_since: since }).await, vec![gone]);
+    let counts = store.fleet_counts(since).await.expect("counts");
+    assert_eq!((counts.agents_online, counts.agents_offline), (1, 1));
+    assert!(store.update_presence(since, T0 + 130).await.expect("presence").is_empty());
+
+    // A late flush of an older `last_seen` changes nothing; being seen after the close does.
+    store.touch_agents(&[(gone, T0 + 110)]).await.expect("late flush");
+    assert!(store.update_presence(since, T0 + 140).await.expect("presence").is_empty());
+    store.touch_agents(&[(gone, T0 + 150)]).await.expect("back");
+    let changes = store.update_presence(since, T0 + 160).await.expect("presence");
+    assert_eq!(changes.iter().map(|c| (c.agent_id, c.online)).collect::<Vec<_>>(), vec![(gone, true)]);
+    assert_eq!(ids(StatusFilter::Online { seen_since: since }).await.len(), 2);
+
+    // Seen after the moment given (another replica got it first): nothing flips.
+    assert!(store.disconnect_agent(gone, T0 + 140).await.expect("stale").is_none());
+    assert_eq!(online(gone).await, Some(true));
+    assert!(store.disconnect_agent(AgentId::new(), T0).await.expect("unknown agent").is_none());
+    assert_eq!(verify_audit(store).await.expect("verify").broken_count, 0);
 }
 
 async fn heartbeats_are_written_in_one_batch(h: &Harness) {
