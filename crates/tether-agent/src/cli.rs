@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// Needed when the server sets require_signed_requests.
     #[arg(long)]
     pub sign_requests: bool,
+    /// What carries the stream: auto (the WebSocket, falling back to long-poll where it
+    /// does not work, and back again), websocket or long-poll (env TETHER_TRANSPORT,
+    /// agent.toml transport; default auto).
+    #[arg(long, value_name = "auto|websocket|long-poll")]
+    pub transport: Option<crate::config::Transport>,
     /// Keep running (the default; accepted for compatibility).
     #[arg(long, hide = true)]
     pub keep_running: bool,
@@ -139,6 +144,7 @@ impl RunArgs {
             ca_file: self.ca_file.clone(),
             // A bare flag can only turn signing on; absent, env and file decide.
             sign_requests: self.sign_requests.then_some(true),
+            transport: self.transport,
         };
         Ok(AgentConfig::resolve(&dir, file, |k| std::env::var(k).ok(), flags)?)
     }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tether_proto::Labels;
 
+pub use crate::transport::Transport;
+
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 
 /// What `agent.toml` may contain.
@@ -33,6 +35,8 @@ pub struct FileConfig {
     pub shutdown_grace_s: Option<u64>,
     pub ca_file: Option<PathBuf>,
     pub sign_requests: Option<bool>,
+    /// `auto` (the WebSocket, else long-poll), `websocket` or `long-poll`.
+    pub transport: Option<Transport>,
     #[serde(default)]
     pub allow_shell: bool,
     #[serde(default)]
@@ -233,6 +237,7 @@ pub struct Overrides {
     pub ca_file: Option<PathBuf>,
     /// `--sign-requests`: only ever turns signing on.
     pub sign_requests: Option<bool>,
+    pub transport: Option<Transport>,
 }
 
 /// The effective configuration.
@@ -262,6 +267,9 @@ pub struct AgentConfig {
     pub ca_file: Option<PathBuf>,
     /// Sign every agent request with the agent's Ed25519 key (protocol.md §3).
     pub sign_requests: bool,
+    /// What carries the stream (protocol.md §9): the WebSocket, long-poll, or
+    /// the WebSocket with long-poll where it does not work.
+    pub transport: Transport,
     pub allow_shell: bool,
     pub actions: BTreeMap<String, Action>,
     pub sinks: ConfigSinks,
@@ -281,6 +289,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("labels", &self.labels)
             .field("poll_wait_s", &self.poll_wait_s)
             .field("sign_requests", &self.sign_requests)
+            .field("transport", &self.transport)
             .field("allow_shell", &self.allow_shell)
             .field("actions", &self.actions.keys().collect::<Vec<_>>())
             .field("file_dirs", &self.file_dirs)
@@ -342,6 +351,14 @@ fn parse_bool(name: &str, value: Option<String>) -> Result<Option<bool>, ConfigE
         "0" | "false" | "no" | "off" => Ok(Some(false)),
         _ => Err(ConfigError::Invalid { name: name.into(), message: format!("expected true or false, got {v:?}") }),
     }
+}
+
+/// `TETHER_TRANSPORT`: `auto`, `websocket` or `long-poll`.
+fn parse_transport(value: Option<String>) -> Result<Option<Transport>, ConfigError> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse().map_err(|message| ConfigError::Invalid { name: "TETHER_TRANSPORT".into(), message }))
+        .transpose()
 }
 
 impl AgentConfig {
@@ -412,6 +429,11 @@ impl AgentConfig {
                 .or(parse_env::<bool>("TETHER_SIGN_REQUESTS", var("TETHER_SIGN_REQUESTS", None))?)
                 .or(file.sign_requests)
                 .unwrap_or(false),
+            transport: flags
+                .transport
+                .or(parse_transport(var("TETHER_TRANSPORT", None))?)
+                .or(file.transport)
+                .unwrap_or_default(),
             allow_shell: file.allow_shell,
             actions: file.actions,
             sinks: file.config,
@@ -592,6 +614,31 @@ mod tests {
         let env = env_of(&[("TETHER_SIGN_REQUESTS", "yes")]);
         let err = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect_err("bad bool");
         assert!(err.to_string().contains("TETHER_SIGN_REQUESTS"), "{err}");
+    }
+
+    #[test]
+    fn transport_is_auto_by_default_and_layers_file_env_flag() {
+        let dir = Path::new("/d");
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.transport, Transport::Auto);
+        let file: FileConfig = toml::from_str("transport = \"long-poll\"").expect("toml");
+        let cfg = AgentConfig::resolve(dir, file.clone(), env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.transport, Transport::LongPoll);
+        let env = env_of(&[("TETHER_TRANSPORT", "websocket")]);
+        let cfg = AgentConfig::resolve(dir, file.clone(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.transport, Transport::WebSocket, "the environment beats the file");
+        let flags = Overrides { transport: Some(Transport::Auto), ..Default::default() };
+        let cfg = AgentConfig::resolve(dir, file, env_of(&[("TETHER_TRANSPORT", "websocket")]), flags).expect("ok");
+        assert_eq!(cfg.transport, Transport::Auto, "the flag beats the environment");
+        let err = AgentConfig::resolve(
+            dir,
+            FileConfig::default(),
+            env_of(&[("TETHER_TRANSPORT", "ws")]),
+            Overrides::default(),
+        )
+        .expect_err("unknown transport");
+        assert!(err.to_string().starts_with("TETHER_TRANSPORT: expected auto, websocket or long-poll"), "{err}");
+        assert!(toml::from_str::<FileConfig>("transport = \"ws\"").is_err());
     }
 
     #[test]

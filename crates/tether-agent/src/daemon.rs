@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tether_client::Poll;
-use tether_proto::CommandId;
+use tether_client::ws::{ReconnectPolicy, WsHandle};
+use tether_client::{Client, ClientError, Poll};
 use tether_proto::agent::Heartbeat;
 use tether_proto::certs::{CertRenewed, CertRevoked};
 use tether_proto::command::{CommandStatus, ResultReport};
@@ -19,6 +19,7 @@ use tether_proto::signal::{
     FILE_REMOVED, FILE_UPDATED, Signal,
 };
 use tether_proto::telemetry::MetricBatch;
+use tether_proto::{CommandId, ErrorKey};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,9 +33,10 @@ use crate::managed_certs::{self, Events, ManagedCerts, RenewCommand};
 use crate::managed_files::ManagedFiles;
 use crate::metrics::{self, Collector, CpuMemory, Delivered, MetricSpool};
 use crate::remote_config::{self, Applied, Tuning};
-use crate::session::{Failure, Session};
+use crate::session::{Failure, Session, classify};
 use crate::spool::Spool;
 use crate::state::{StateDir, off_thread};
+use crate::transport::{InUse, Next, Switch, Transport};
 
 /// Signals waiting to run are bounded; the stream stops reading when full.
 pub const QUEUE_CAPACITY: usize = 1000;
@@ -90,7 +92,14 @@ pub struct Status {
     pub uptime_s: u64,
     pub server: String,
     pub agent_id: String,
+    /// The transport carrying the stream now: `websocket` or `long-poll`.
     pub connection: String,
+    /// Since when that transport carries it (RFC 3339).
+    pub connection_since: Option<String>,
+    /// The `transport` setting: `auto`, `websocket` or `long-poll`.
+    pub transport: String,
+    /// With `auto` on long-poll after a fallback: when the WebSocket is tried again.
+    pub websocket_retry_at: Option<String>,
     pub last_poll: Option<String>,
     pub cursor: Option<String>,
     pub poll_wait_s: u32,
@@ -153,6 +162,11 @@ struct Shared {
     /// `renew NAME` from the control socket, for the certificate loop.
     renewals: mpsc::UnboundedSender<RenewCommand>,
     status: Mutex<Status>,
+    /// The open WebSocket, for reports, while the stream runs over it.
+    ws: Mutex<Option<WsHandle>>,
+    /// The stream loop is waiting for room in the queue, so it reads nothing
+    /// from the WebSocket, replies included: reports go over HTTP meanwhile.
+    stream_paused: std::sync::atomic::AtomicBool,
     poll_now: Notify,
     spool_changed: Notify,
     exit: Mutex<Option<Exit>>,
@@ -167,6 +181,12 @@ fn now_ms() -> i64 {
 
 fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The wall-clock time `d` from now.
+fn rfc3339_in(d: Duration) -> Option<String> {
+    let t = time::OffsetDateTime::now_utc().checked_add(time::Duration::try_from(d).ok()?)?;
+    t.format(&time::format_description::well_known::Rfc3339).ok()
 }
 
 fn rfc3339_from_s(s: u64) -> Option<String> {
@@ -215,6 +235,55 @@ impl Shared {
 
     fn queue_len(&self) -> usize {
         lock(&self.queue).len()
+    }
+
+    /// Notes the transport in use, and since when when it changed.
+    fn set_connection(&self, in_use: InUse) {
+        self.update_status(|s| {
+            if s.connection != in_use.as_str() || s.connection_since.is_none() {
+                if s.connection_since.is_some() {
+                    tracing::info!(from = %s.connection, to = in_use.as_str(), "Stream transport changed");
+                }
+                s.connection = in_use.as_str().into();
+                s.connection_since = Some(rfc3339_now());
+            }
+            if in_use == InUse::WebSocket {
+                s.websocket_retry_at = None;
+            }
+        });
+    }
+
+    /// The WebSocket for a report: open, and read by the stream loop (else
+    /// the reply would wait behind the signals it does not take).
+    fn ws(&self) -> Option<WsHandle> {
+        if self.stream_paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        lock(&self.ws).clone().filter(WsHandle::is_open)
+    }
+
+    /// Sends one report (heartbeat, command status or result) over the
+    /// WebSocket while it is up, else over HTTP; over HTTP too when the
+    /// socket fails under it (the server may then get it twice, which these
+    /// reports allow). An error the server replied with counts like the same
+    /// answer over HTTP, except an expired token, which the HTTP path refreshes.
+    async fn report<T, W, WF, H, HF>(&self, over_ws: W, over_http: H) -> Result<T, Failure>
+    where
+        W: FnOnce(WsHandle) -> WF,
+        WF: std::future::Future<Output = Result<T, ClientError>>,
+        H: Fn(Client) -> HF,
+        HF: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        if let Some(ws) = self.ws() {
+            match over_ws(ws).await {
+                Ok(v) => return Ok(v),
+                Err(e @ ClientError::Api { .. }) if e.key() != Some(ErrorKey::TokenExpired) => {
+                    return Err(classify(&e));
+                }
+                Err(e) => tracing::debug!(error = %e.detail(), "Not sent over the WebSocket; sending over HTTP"),
+            }
+        }
+        self.session.call(over_http).await
     }
 
     /// Takes one signal from the stream.
@@ -290,100 +359,331 @@ async fn sleep_or_stop(shared: &Shared, d: Duration) {
     }
 }
 
+/// Whether the stream loop goes on after one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The stream (protocol.md §4, §9): over the WebSocket or by long-poll as
+/// the `transport` setting and [`Switch`] decide, one step (a poll, or one
+/// connection's life) at a time. Both transports resume from the same
+/// persisted cursor.
 async fn stream_loop(shared: Arc<Shared>, mode: Mode) {
     let cfg = shared.cfg();
     let mut backoff = Backoff::new(Duration::from_secs(cfg.backoff_base_s), Box::new(rand::random::<f64>));
     let mut cursor = shared.state.read("cursor").ok().flatten();
+    // `once` is one poll with wait=0: long-poll's job.
+    let setting = if mode == Mode::Once { Transport::LongPoll } else { cfg.transport };
+    let mut switch = Switch::new(setting, ReconnectPolicy::default());
     shared.update_status(|s| {
-        s.connection = "long-poll".into();
+        s.transport = setting.as_str().into();
         s.cursor = cursor.clone();
     });
+    shared.set_connection(switch.in_use(std::time::Instant::now()));
     loop {
         if shared.stop.is_cancelled() {
             return;
         }
-        // Backpressure: do not read more work than the queue can hold.
-        while shared.queue_len() >= QUEUE_CAPACITY {
-            tokio::select! {
-                _ = shared.queue_changed.notified() => {}
-                _ = shared.stop.cancelled() => return,
-            }
-        }
-        let wait = if mode == Mode::Once { 0 } else { shared.poll_wait_s() };
-        shared.update_status(|s| {
-            s.poll_wait_s = wait;
-            s.next_poll = Some(rfc3339_now());
-        });
-        let c = cursor.clone();
-        let expires = shared.session.token_expires_at().await;
-        shared.update_status(|s| s.token_expires_at = rfc3339_from_s(expires));
-        let res = tokio::select! {
-            r = shared.session.call(|client| { let c = c.clone(); async move { client.updates(c.as_deref(), 100, wait).await } }) => r,
-            _ = shared.stop.cancelled() => return,
-            // `tether agent poll-now`: drop the parked poll and ask again.
-            _ = shared.poll_now.notified() => continue,
-        };
-        let new_cursor = match res {
-            Ok(Poll::Signals(updates)) => {
-                for signal in &updates.signals {
-                    shared.accept(signal);
-                }
-                Some(updates.cursor)
-            }
-            Ok(Poll::Idle { cursor: c }) => Some(c).filter(|c| !c.is_empty()),
-            Err(Failure::CursorExpired) => {
-                tracing::warn!("Stream cursor expired; resyncing from the start of the retained stream");
-                let _ = shared.state.remove("cursor");
-                cursor = None;
-                // Signals may have been missed: configuration, files and certificates may have changed too.
-                shared.config_changed.notify_one();
-                shared.files_changed.notify_one();
-                shared.certs_changed.notify_one();
-                continue;
-            }
-            Err(Failure::Revoked(msg)) => return shared.finish(Exit::Revoked(msg)),
-            Err(Failure::Fatal(msg)) => return shared.finish(Exit::Fatal(msg)),
-            Err(e @ (Failure::Retry { .. } | Failure::Refused { .. })) => {
-                let retry_after = match &e {
-                    Failure::Retry { retry_after, .. } => *retry_after,
-                    _ => None,
-                };
-                let delay = backoff.failure(retry_after);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, failures = backoff.failures(), "Poll failed");
-                shared.update_status(|s| {
-                    s.consecutive_failures = backoff.failures();
-                    s.circuit_open = backoff.is_open();
-                    s.retry_after_s = retry_after.map(|d| d.as_secs());
-                    s.next_poll = Some(format!("in {} ms", delay.as_millis()));
-                });
-                if mode == Mode::Once {
-                    return shared.finish(Exit::Fatal(format!("poll failed: {e}")));
-                }
-                sleep_or_stop(&shared, delay).await;
-                continue;
+        let flow = match switch.in_use(std::time::Instant::now()) {
+            // Marked as the connection once it is open: a retry that falls
+            // back at once does not flip the status.
+            InUse::WebSocket => websocket_step(&shared, &mut switch, &mut cursor, &mut backoff).await,
+            InUse::LongPoll => {
+                shared.set_connection(InUse::LongPoll);
+                poll_step(&shared, mode, &mut cursor, &mut backoff).await
             }
         };
-        backoff.success();
-        if new_cursor != cursor {
-            if let Some(c) = &new_cursor
-                && let Err(e) = shared.state.write("cursor", c)
-            {
-                tracing::error!(error = %e, "Could not persist the cursor");
-            }
-            cursor = new_cursor;
-        }
-        shared.update_status(|s| {
-            s.last_poll = Some(rfc3339_now());
-            s.cursor = cursor.clone();
-            s.consecutive_failures = 0;
-            s.circuit_open = false;
-            s.retry_after_s = None;
-            s.queue_depth = shared.queue_len();
-        });
-        if mode == Mode::Once {
+        if flow == Flow::Stop {
             return;
         }
-        // Re-poll at once (protocol.md §12: no sleep between polls).
+    }
+}
+
+/// Waits while the queue is full (backpressure: no more work is read than
+/// it can hold); `false` when the agent is stopping.
+async fn room_in_queue(shared: &Shared) -> bool {
+    while shared.queue_len() >= QUEUE_CAPACITY {
+        tokio::select! {
+            _ = shared.queue_changed.notified() => {}
+            _ = shared.stop.cancelled() => return false,
+        }
+    }
+    !shared.stop.is_cancelled()
+}
+
+/// Takes the signals of one answer (a poll or a signals frame) and persists
+/// the cursor after them.
+fn take_signals(shared: &Shared, cursor: &mut Option<String>, updates: &tether_proto::signal::Updates) {
+    for signal in &updates.signals {
+        shared.accept(signal);
+    }
+    advance(shared, cursor, Some(updates.cursor.clone()).filter(|c| !c.is_empty()));
+}
+
+/// Persists a new cursor (only when it moved).
+fn advance(shared: &Shared, cursor: &mut Option<String>, new_cursor: Option<String>) {
+    if new_cursor.is_some() && new_cursor != *cursor {
+        if let Some(c) = &new_cursor
+            && let Err(e) = shared.state.write("cursor", c)
+        {
+            tracing::error!(error = %e, "Could not persist the cursor");
+        }
+        *cursor = new_cursor;
+    }
+    shared.update_status(|s| {
+        s.last_poll = Some(rfc3339_now());
+        s.cursor = cursor.clone();
+        s.consecutive_failures = 0;
+        s.circuit_open = false;
+        s.retry_after_s = None;
+        s.queue_depth = shared.queue_len();
+    });
+}
+
+/// CURSOR_EXPIRED (409 or close 4409): start again from the retained stream.
+fn resync(shared: &Shared, cursor: &mut Option<String>) {
+    tracing::warn!("Stream cursor expired; resyncing from the start of the retained stream");
+    let _ = shared.state.remove("cursor");
+    *cursor = None;
+    // Signals may have been missed: configuration, files and certificates may have changed too.
+    shared.config_changed.notify_one();
+    shared.files_changed.notify_one();
+    shared.certs_changed.notify_one();
+}
+
+/// One long-poll (protocol.md §4): re-polls at once after an answer, backs
+/// off after a failure.
+async fn poll_step(shared: &Shared, mode: Mode, cursor: &mut Option<String>, backoff: &mut Backoff) -> Flow {
+    if !room_in_queue(shared).await {
+        return Flow::Stop;
+    }
+    let wait = if mode == Mode::Once { 0 } else { shared.poll_wait_s() };
+    shared.update_status(|s| {
+        s.poll_wait_s = wait;
+        s.next_poll = Some(rfc3339_now());
+    });
+    let c = cursor.clone();
+    let expires = shared.session.token_expires_at().await;
+    shared.update_status(|s| s.token_expires_at = rfc3339_from_s(expires));
+    let res = tokio::select! {
+        r = shared.session.call(|client| { let c = c.clone(); async move { client.updates(c.as_deref(), 100, wait).await } }) => r,
+        _ = shared.stop.cancelled() => return Flow::Stop,
+        // `tether agent poll-now`: drop the parked poll and ask again.
+        _ = shared.poll_now.notified() => return Flow::Continue,
+    };
+    match res {
+        Ok(Poll::Signals(updates)) => take_signals(shared, cursor, &updates),
+        Ok(Poll::Idle { cursor: c }) => advance(shared, cursor, Some(c).filter(|c| !c.is_empty())),
+        Err(Failure::CursorExpired) => {
+            resync(shared, cursor);
+            return Flow::Continue;
+        }
+        Err(Failure::Revoked(msg)) => {
+            shared.finish(Exit::Revoked(msg));
+            return Flow::Stop;
+        }
+        Err(Failure::Fatal(msg)) => {
+            shared.finish(Exit::Fatal(msg));
+            return Flow::Stop;
+        }
+        Err(e @ (Failure::Retry { .. } | Failure::Refused { .. })) => {
+            let retry_after = match &e {
+                Failure::Retry { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            let delay = backoff.failure(retry_after);
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, failures = backoff.failures(), "Poll failed");
+            shared.update_status(|s| {
+                s.consecutive_failures = backoff.failures();
+                s.circuit_open = backoff.is_open();
+                s.retry_after_s = retry_after.map(|d| d.as_secs());
+                s.next_poll = Some(format!("in {} ms", delay.as_millis()));
+            });
+            if mode == Mode::Once {
+                shared.finish(Exit::Fatal(format!("poll failed: {e}")));
+                return Flow::Stop;
+            }
+            sleep_or_stop(shared, delay).await;
+            return Flow::Continue;
+        }
+    }
+    backoff.success();
+    // Re-poll at once (protocol.md §12: no sleep between polls).
+    if mode == Mode::Once { Flow::Stop } else { Flow::Continue }
+}
+
+/// One WebSocket connection's life (protocol.md §9): open it from the
+/// cursor, take signals frames until it ends, then do what [`Switch`] says
+/// (reconnect after a jittered wait, refresh, resync, fall back, stop).
+/// While it is up, heartbeats and command reports go over it.
+async fn websocket_step(
+    shared: &Shared,
+    switch: &mut Switch,
+    cursor: &mut Option<String>,
+    backoff: &mut Backoff,
+) -> Flow {
+    if !room_in_queue(shared).await {
+        return Flow::Stop;
+    }
+    let client = match shared.session.client().await {
+        Ok(c) => c,
+        Err(f) => return session_failed(shared, f, backoff).await,
+    };
+    let expires = shared.session.token_expires_at().await;
+    shared.update_status(|s| {
+        s.token_expires_at = rfc3339_from_s(expires);
+        s.next_poll = Some(rfc3339_now());
+    });
+    let opened = tokio::select! {
+        r = client.connect_ws(cursor.as_deref()) => r,
+        _ = shared.stop.cancelled() => return Flow::Stop,
+    };
+    let mut conn = match opened {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e.detail(), "Opening the WebSocket failed");
+            let mut next = switch.connect_failed(&e, std::time::Instant::now(), rand::random::<f64>());
+            if let Next::Probe { why } = next {
+                let http_works = tokio::select! {
+                    works = http_reaches_server(&client) => works,
+                    _ = shared.stop.cancelled() => return Flow::Stop,
+                };
+                tracing::debug!(http_works, "Connecting the WebSocket keeps failing; asked over HTTP");
+                next = switch.probed(http_works, why, std::time::Instant::now(), rand::random::<f64>());
+            }
+            return follow(shared, next, cursor, backoff, expires).await;
+        }
+    };
+    let connected = std::time::Instant::now();
+    tracing::info!(cursor = cursor.as_deref().unwrap_or("-"), "Stream connected over the WebSocket");
+    *lock(&shared.ws) = Some(conn.handle());
+    shared.set_connection(InUse::WebSocket);
+    backoff.success();
+    advance(shared, cursor, None);
+    shared.update_status(|s| s.next_poll = None);
+    let end = loop {
+        shared.stream_paused.store(true, std::sync::atomic::Ordering::Relaxed);
+        let room = room_in_queue(shared).await;
+        shared.stream_paused.store(false, std::sync::atomic::Ordering::Relaxed);
+        if !room {
+            break None;
+        }
+        tokio::select! {
+            next = conn.next() => match next {
+                Ok(updates) => take_signals(shared, cursor, &updates),
+                Err(e) => break Some(e),
+            },
+            _ = shared.stop.cancelled() => break None,
+        }
+    };
+    *lock(&shared.ws) = None;
+    let Some(end) = end else {
+        conn.close().await;
+        return Flow::Stop;
+    };
+    let lived = connected.elapsed();
+    let next = switch.closed(&end, lived, std::time::Instant::now(), rand::random::<f64>());
+    tracing::info!(error = %end.detail(), up_s = lived.as_secs(), "The WebSocket ended");
+    follow(shared, next, cursor, backoff, expires).await
+}
+
+/// Whether any HTTP answer comes back from the server (`/healthz`, through
+/// whatever proxy the HTTP client uses): then the WebSocket is what does
+/// not get through.
+async fn http_reaches_server(client: &Client) -> bool {
+    let Ok(request) = client.request(reqwest::Method::GET, "healthz") else { return false };
+    matches!(tokio::time::timeout(Duration::from_secs(10), client.execute(request)).await, Ok(Ok(_)))
+}
+
+/// Does what [`Switch`] decided after a WebSocket attempt or connection;
+/// `token_expiry` is that of the access token it used.
+async fn follow(
+    shared: &Shared,
+    next: Next,
+    cursor: &mut Option<String>,
+    backoff: &mut Backoff,
+    token_expiry: u64,
+) -> Flow {
+    match next {
+        Next::Reconnect(delay) => {
+            shared.update_status(|s| {
+                s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                s.next_poll = Some(format!("in {} ms", delay.as_millis()));
+            });
+            tracing::debug!(retry_in_ms = delay.as_millis() as u64, "Reconnecting the WebSocket");
+            sleep_or_stop(shared, delay).await;
+            Flow::Continue
+        }
+        Next::Refresh => match shared.session.refresh_after(token_expiry).await {
+            Ok(()) => Flow::Continue,
+            Err(f) => session_failed(shared, f, backoff).await,
+        },
+        Next::Resync => {
+            resync(shared, cursor);
+            Flow::Continue
+        }
+        Next::FallBack { until, why } => {
+            let back_at = rfc3339_in(until.saturating_duration_since(std::time::Instant::now()));
+            tracing::warn!(why = %why, websocket_again_at = back_at.as_deref().unwrap_or("-"), "The WebSocket does not work here; using long-poll");
+            shared.update_status(|s| s.websocket_retry_at = back_at);
+            Flow::Continue
+        }
+        Next::Stop(Failure::Revoked(m)) => {
+            // A close frame has room for a short reason only; the HTTP
+            // envelope says when and why, for the operator reading the exit.
+            let asked = tokio::time::timeout(
+                Duration::from_secs(5),
+                shared.session.call(|c| async move { c.own_config(Some("-")).await }),
+            )
+            .await;
+            let message = match asked {
+                Ok(Err(Failure::Revoked(detail))) => detail,
+                _ => m,
+            };
+            shared.finish(Exit::Revoked(message));
+            Flow::Stop
+        }
+        // Answered in `websocket_step` before this; should one slip
+        // through, it must not turn into a busy loop.
+        Next::Probe { .. } => {
+            sleep_or_stop(shared, ReconnectPolicy::default().first).await;
+            Flow::Continue
+        }
+        Next::Stop(other) => {
+            shared.finish(Exit::Fatal(other.to_string()));
+            Flow::Stop
+        }
+    }
+}
+
+/// The session could not give a usable token (refresh failed).
+async fn session_failed(shared: &Shared, failure: Failure, backoff: &mut Backoff) -> Flow {
+    match failure {
+        Failure::Revoked(m) => {
+            shared.finish(Exit::Revoked(m));
+            Flow::Stop
+        }
+        Failure::Fatal(m) => {
+            shared.finish(Exit::Fatal(m));
+            Flow::Stop
+        }
+        e => {
+            let retry_after = match &e {
+                Failure::Retry { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            let delay = backoff.failure(retry_after);
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Refreshing the access token failed");
+            shared.update_status(|s| {
+                s.consecutive_failures = backoff.failures();
+                s.circuit_open = backoff.is_open();
+                s.next_poll = Some(format!("in {} ms", delay.as_millis()));
+            });
+            sleep_or_stop(shared, delay).await;
+            Flow::Continue
+        }
     }
 }
 
@@ -407,11 +707,11 @@ async fn execute(shared: Arc<Shared>, cmd: CommandQueued, cancel: CancellationTo
             executor::rejected(reason)
         }
         Plan::Builtin(b) => {
-            let _ = shared.session.call(|c| async move { c.report_running(id).await }).await;
+            let _ = report_running(&shared, id).await;
             run_builtin(&shared, b)
         }
         Plan::Process(spec) => {
-            if let Err(e) = shared.session.call(|c| async move { c.report_running(id).await }).await {
+            if let Err(e) = report_running(&shared, id).await {
                 tracing::debug!(command_id = %id, error = %e, "Running report failed; the result will still be sent");
             }
             executor::run_process(std::path::Path::new(executor::SELF_EXE), &spec, &cancel).await
@@ -422,6 +722,10 @@ async fn execute(shared: Arc<Shared>, cmd: CommandQueued, cancel: CancellationTo
     if plan_restarts(&cmd) {
         shared.finish(Exit::Restart);
     }
+}
+
+async fn report_running(shared: &Shared, id: CommandId) -> Result<serde_json::Value, Failure> {
+    shared.report(|ws| async move { ws.report_running(id).await }, |c| async move { c.report_running(id).await }).await
 }
 
 fn plan_restarts(cmd: &CommandQueued) -> bool {
@@ -513,7 +817,10 @@ async fn flush_spool(shared: &Shared) -> Result<bool, Failure> {
     let results = shared.spool.all().unwrap_or_default();
     for (id, report) in results {
         let r = &report;
-        match shared.session.call(|c| async move { c.report_result(id, r).await }).await {
+        let sent = shared
+            .report(|ws| async move { ws.report_result(id, r).await }, |c| async move { c.report_result(id, r).await })
+            .await;
+        match sent {
             Ok(_) => {}
             Err(Failure::Refused { status, what }) => {
                 // The server has a final answer for it (e.g. cancelled meanwhile): nothing to retry.
@@ -571,7 +878,10 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             load1: metrics::load1(),
         };
         let b = &beat;
-        match shared.session.call(|c| async move { c.heartbeat(b).await }).await {
+        match shared
+            .report(|ws| async move { ws.send_heartbeat(b).await }, |c| async move { c.heartbeat(b).await })
+            .await
+        {
             Ok(_) => tracing::debug!("Heartbeat sent"),
             Err(Failure::Revoked(m)) => return shared.finish(Exit::Revoked(m)),
             Err(e) => tracing::debug!(error = %e, "Heartbeat failed"),
@@ -919,8 +1229,11 @@ pub async fn run(cfg: AgentConfig, mode: Mode, shutdown: CancellationToken) -> E
         status: Mutex::new(Status {
             server: cfg.server.clone(),
             agent_id: session.agent_id().to_string(),
+            transport: cfg.transport.as_str().into(),
             ..Status::default()
         }),
+        ws: Mutex::new(None),
+        stream_paused: Default::default(),
         spool: Spool::new(state.results_dir()),
         cfg: RwLock::new(cfg),
         state,

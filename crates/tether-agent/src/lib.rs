@@ -22,6 +22,7 @@ pub mod session;
 pub mod shim;
 pub mod spool;
 pub mod state;
+pub mod transport;
 
 pub use config::{AgentConfig, Overrides};
 pub use daemon::{Exit, Mode, Status, run};

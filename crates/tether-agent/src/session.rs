@@ -53,7 +53,16 @@ pub(crate) fn classify(e: &ClientError) -> Failure {
                 ClientError::Api { body, .. } => {
                     let reason = body.params.get("reason").and_then(|v| v.as_str()).unwrap_or_default();
                     let at = body.params.get("revoked_at").and_then(|v| v.as_str()).unwrap_or_default();
-                    format!("this agent was revoked by the server at {at} (reason: {reason}); re-enroll it to continue")
+                    // A WebSocket close (4403) carries only its reason text.
+                    match (at.is_empty(), reason.is_empty()) {
+                        (false, _) => format!(
+                            "this agent was revoked by the server at {at} (reason: {reason}); re-enroll it to continue"
+                        ),
+                        (true, false) => {
+                            format!("this agent was revoked by the server ({reason}); re-enroll it to continue")
+                        }
+                        (true, true) => "this agent was revoked by the server; re-enroll it to continue".into(),
+                    }
                 }
                 _ => "this agent was revoked by the server; re-enroll it to continue".into(),
             };
@@ -229,6 +238,18 @@ impl Session {
             self.refresh_locked(&mut tokens).await?;
         }
         Ok(self.base.clone().with_bearer(tokens.access.clone()))
+    }
+
+    /// Refreshes the access token the server no longer takes (the WebSocket
+    /// closed with 4401, protocol.md §9), whatever its expiry says; the token
+    /// is the one expiring at `used_expires_at_s`. Nothing happens when
+    /// another loop has refreshed since: the next connection takes the newer one.
+    pub async fn refresh_after(&self, used_expires_at_s: u64) -> Result<(), Failure> {
+        let mut tokens = self.tokens.lock().await;
+        if tokens.expires_at_s > used_expires_at_s {
+            return Ok(());
+        }
+        self.refresh_locked(&mut tokens).await
     }
 
     /// Runs one API call; refreshes once and retries on TOKEN_EXPIRED.

@@ -5,6 +5,7 @@
 mod items;
 pub mod signing;
 mod telemetry;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub enum ClientError {
     Url(#[from] url::ParseError),
     #[error("invalid CA certificate: {0}")]
     Ca(String),
+    /// The agent WebSocket could not be opened or stopped working (protocol.md §9).
+    #[error("websocket {0}")]
+    WebSocket(#[from] ws::WsError),
 }
 
 impl ClientError {
@@ -61,7 +65,7 @@ impl ClientError {
         match self {
             Self::Api { status, .. } | Self::Unexpected { status, .. } => Some(*status),
             Self::Http(e) => e.status().map(|s| s.as_u16()),
-            Self::Url(_) | Self::Ca(_) => None,
+            Self::Url(_) | Self::Ca(_) | Self::WebSocket(_) => None,
         }
     }
 
@@ -150,6 +154,8 @@ pub struct Client {
     credentials: Credentials,
     /// Signs agent-route requests when set (protocol.md §3); `Arc` keeps clones cheap.
     signer: Option<Arc<ed25519_dalek::SigningKey>>,
+    /// What the agent WebSocket shares with the HTTP client: user agent and trusted roots.
+    ws: Arc<ws::Settings>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -227,7 +233,7 @@ impl ClientBuilder {
         // timeout (10 s, protocol.md §11); dropping ours first means a request
         // never goes out on a connection the server is closing at that moment.
         let mut http = reqwest::Client::builder()
-            .user_agent(self.user_agent)
+            .user_agent(&self.user_agent)
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(5));
         if let Some(pem) = &self.ca_pem {
@@ -239,7 +245,9 @@ impl ClientBuilder {
             }
             http = http.tls_certs_only(certs);
         }
-        Client::with_http(http.build()?, &self.base)
+        let mut client = Client::with_http(http.build()?, &self.base)?;
+        client.ws = Arc::new(ws::Settings::new(self.user_agent, self.ca_pem));
+        Ok(client)
     }
 }
 
@@ -251,11 +259,7 @@ impl Client {
 
     /// A builder for a client with a private CA or its own user agent.
     pub fn builder(base: &str) -> ClientBuilder {
-        ClientBuilder {
-            base: base.to_owned(),
-            user_agent: concat!("tether-client/", env!("CARGO_PKG_VERSION")).to_owned(),
-            ca_pem: None,
-        }
+        ClientBuilder { base: base.to_owned(), user_agent: default_user_agent(), ca_pem: None }
     }
 
     /// A client sharing an existing connection pool (proxies …).
@@ -264,7 +268,9 @@ impl Client {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        Ok(Self { http, base, credentials: Credentials::None, signer: None })
+        // Another pool's roots are unknown here: the WebSocket trusts the system's.
+        let ws = Arc::new(ws::Settings::new(default_user_agent(), None));
+        Ok(Self { http, base, credentials: Credentials::None, signer: None, ws })
     }
 
     pub fn with_credentials(mut self, credentials: Credentials) -> Self {
@@ -302,14 +308,18 @@ impl Client {
     /// this client signs and the target is an agent route.
     pub async fn execute(&self, req: RequestBuilder) -> Result<reqwest::Response> {
         let mut req = req.build()?;
-        if let Some(key) = &self.signer {
-            let relative = req.url().path().strip_prefix(self.base.path()).unwrap_or_default();
-            let agent_prefix = tether_proto::signing::AGENT_ROUTES_PREFIX.trim_start_matches('/');
-            if relative.starts_with(agent_prefix) {
-                signing::sign_request(key, &mut req);
-            }
+        if let Some(key) = &self.signer
+            && self.is_agent_route(req.url())
+        {
+            signing::sign_request(key, &mut req);
         }
         Ok(self.http.execute(req).await?)
+    }
+
+    /// Whether `url` is under the agent routes, the ones that are signed.
+    fn is_agent_route(&self, url: &url::Url) -> bool {
+        let relative = url.path().strip_prefix(self.base.path()).unwrap_or_default();
+        relative.starts_with(tether_proto::signing::AGENT_ROUTES_PREFIX.trim_start_matches('/'))
     }
 
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
@@ -619,6 +629,10 @@ impl Client {
     pub async fn delete_agent(&self, id: AgentId) -> Result<()> {
         self.send_empty(self.request(Method::DELETE, &format!("api/v1/agents/{id}"))?).await
     }
+}
+
+fn default_user_agent() -> String {
+    concat!("tether-client/", env!("CARGO_PKG_VERSION")).to_owned()
 }
 
 fn etag_cursor(headers: &HeaderMap) -> Option<String> {

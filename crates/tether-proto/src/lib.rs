@@ -13,6 +13,7 @@ pub mod signal;
 pub mod signing;
 pub mod telemetry;
 pub mod user;
+pub mod ws;
 
 pub use cursor::Cursor;
 pub use error::{ErrorBody, ErrorEnvelope, ErrorKey};

@@ -154,6 +154,20 @@ impl Slot {
     }
 }
 
+/// The connection's [`Slot`], shared with the requests it carries: a
+/// WebSocket outlives hyper's connection task and keeps counting until the
+/// socket closes.
+#[derive(Debug, Clone)]
+pub struct ConnSlot {
+    _slot: std::sync::Arc<Slot>,
+}
+
+impl ConnSlot {
+    pub fn new(slot: Slot) -> Self {
+        Self { _slot: std::sync::Arc::new(slot) }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);

@@ -59,6 +59,15 @@ impl ApiError {
         Self::new(ErrorKey::ServiceUnavailable, what).with("retry_after", retry_after_s)
     }
 
+    /// The `error` object of the envelope (also sent in WebSocket replies).
+    pub fn into_body(self, request_id: String) -> ErrorBody {
+        let mut params = self.params;
+        if self.key == ErrorKey::ServerError {
+            params.insert("request_id".into(), json!(request_id));
+        }
+        ErrorBody { code: self.key.code(), key: self.key.as_str().to_owned(), what: self.what, params, request_id }
+    }
+
     pub fn internal(err: impl std::fmt::Display) -> Self {
         // Details stay in the server log; the client gets the request id.
         tracing::error!(error = %err, "Request failed");
@@ -188,20 +197,7 @@ fn finish(mut res: Response, id: Option<String>) -> Response {
             let key = ErrorKey::from_status(status.as_u16());
             ApiError::new(key, status.canonical_reason().unwrap_or("error").to_lowercase())
         });
-        let request_id = id.clone().unwrap_or_default();
-        let mut params = err.params;
-        if err.key == ErrorKey::ServerError {
-            params.insert("request_id".into(), json!(request_id));
-        }
-        let body = ErrorEnvelope {
-            error: ErrorBody {
-                code: err.key.code(),
-                key: err.key.as_str().to_owned(),
-                what: err.what,
-                params,
-                request_id,
-            },
-        };
+        let body = ErrorEnvelope { error: err.into_body(id.clone().unwrap_or_default()) };
         let headers = std::mem::take(res.headers_mut());
         res = (status, axum::Json(body)).into_response();
         for (name, value) in headers.iter() {
@@ -255,17 +251,19 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(
         }
     };
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)).map_err(|e| {
-        let what = e.to_string();
-        let mut err = ApiError::new(ErrorKey::BadRequest, format!("invalid JSON body: {what}"));
-        if let Some(field) = what.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-            err = err.with("field", field);
-        } else if let Some(field) = what.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
-            err = err.with("field", field);
-        }
-        err
-    })?;
-    Ok(value)
+    T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)).map_err(invalid_json)
+}
+
+/// A body that does not decode: 400 naming the unknown or missing field.
+pub fn invalid_json(e: serde_json::Error) -> ApiError {
+    let what = e.to_string();
+    let mut err = ApiError::new(ErrorKey::BadRequest, format!("invalid JSON body: {what}"));
+    if let Some(field) = what.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        err = err.with("field", field);
+    } else if let Some(field) = what.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+        err = err.with("field", field);
+    }
+    err
 }
 
 pub(crate) fn too_large(limit: usize) -> ApiError {

@@ -250,22 +250,28 @@ pub async fn presence(state: AppState, interval: Duration, stop: CancellationTok
             }
         };
         for change in changes {
-            let event = if change.online { "agent.online" } else { "agent.offline" };
-            tracing::info!(agent_id = %change.agent_id, name = %change.name, event, "Agent presence changed");
-            metrics::counter!("tether_presence_transitions_total", "to" => if change.online { "online" } else { "offline" })
-                .increment(1);
-            state.alerts.send(crate::alerts::PresenceAlert {
-                id: uuid::Uuid::now_v7().to_string(),
-                event,
-                agent_id: change.agent_id.to_string(),
-                name: change.name,
-                hostname: change.hostname,
-                labels: change.labels,
-                last_seen: change.last_seen.map(crate::clock::rfc3339),
-                at: crate::clock::rfc3339(now),
-            });
+            announce_presence(&state, change, now);
         }
     }
+}
+
+/// Tells the log, the metrics and the webhook about a presence transition
+/// the store recorded (with its audit row) at `at`.
+pub fn announce_presence(state: &AppState, change: tether_store::PresenceChange, at: tether_store::Millis) {
+    let event = if change.online { "agent.online" } else { "agent.offline" };
+    tracing::info!(agent_id = %change.agent_id, name = %change.name, event, "Agent presence changed");
+    metrics::counter!("tether_presence_transitions_total", "to" => if change.online { "online" } else { "offline" })
+        .increment(1);
+    state.alerts.send(crate::alerts::PresenceAlert {
+        id: uuid::Uuid::now_v7().to_string(),
+        event,
+        agent_id: change.agent_id.to_string(),
+        name: change.name,
+        hostname: change.hostname,
+        labels: change.labels,
+        last_seen: change.last_seen.map(crate::clock::rfc3339),
+        at: crate::clock::rfc3339(at),
+    });
 }
 
 /// On a shared database: reads which agents' streams changed since the

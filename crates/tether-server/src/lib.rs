@@ -20,6 +20,7 @@ pub mod pki;
 pub mod state;
 pub mod stream;
 pub mod tls;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,6 +295,7 @@ impl Server {
             heartbeats,
             alerts,
             fleet_gauges: Default::default(),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_EVENT_STREAMS)),
         }));
         Ok((Self { state, listener, tls, nats, heartbeat_queue, alert_queue }, bootstrap))
     }
@@ -373,7 +375,11 @@ impl Server {
             .keep_alive_timeout(limits.h2_ping);
         let max_connections = state.config.max_connections.unwrap_or_else(conn::default_max_connections);
         let open = state.open_connections.clone();
+        // HTTP/2 connections are drained by hyper-util's watcher; HTTP/1.1
+        // ones (which may upgrade to a WebSocket, which it cannot watch) by
+        // `serve_http1`, each in a task of `http1_conns`.
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let http1_conns = TaskTracker::new();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "Server listening");
         loop {
             let (tcp, addr) = tokio::select! {
@@ -400,18 +406,25 @@ impl Server {
                 // the work the cap saves: the connection is just closed.
                 continue;
             };
+            let slot = conn::ConnSlot::new(slot);
             let stall = limits.body_stall;
+            let request_slot = slot.clone();
             let svc = TowerToHyperService::new(app.clone().map_request(
                 move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ClientAddr(addr));
+                    // Only an upgrade outlives its connection task; parked polls stay lean.
+                    if req.headers().contains_key(axum::http::header::UPGRADE) {
+                        req.extensions_mut().insert(request_slot.clone());
+                    }
                     req.map(|body| axum::body::Body::new(conn::StallBody::new(body, stall)))
                 },
             ));
             match &tls {
                 None => {
-                    let conn = graceful.watch(http1.serve_connection(TokioIo::new(tcp), svc));
-                    jobs.spawn(async move {
-                        let _ = conn.await;
+                    let conn = http1.serve_connection(TokioIo::new(tcp), svc).with_upgrades();
+                    let draining = state.shutdown.clone();
+                    http1_conns.spawn(async move {
+                        serve_http1(conn, draining).await;
                         drop(slot);
                     });
                 }
@@ -422,7 +435,8 @@ impl Server {
                     let handshake = tls_handshake(acceptor.clone(), tcp, addr, limits.tls_handshake, shutdown.clone());
                     let (http1, http2, watcher) = (http1.clone(), http2.clone(), graceful.watcher());
                     let first_bytes = limits.header;
-                    jobs.spawn(async move {
+                    let draining = state.shutdown.clone();
+                    http1_conns.spawn(async move {
                         let _slot = slot;
                         let Some(stream) = handshake.await else { return };
                         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
@@ -430,7 +444,8 @@ impl Server {
                             let _ = watcher.watch(http2.serve_connection(io, svc)).await;
                         } else {
                             // No ALPN or `http/1.1`: the header timeout bounds a silent client.
-                            let _ = watcher.watch(http1.serve_connection(TokioIo::new(stream), svc)).await;
+                            serve_http1(http1.serve_connection(TokioIo::new(stream), svc).with_upgrades(), draining)
+                                .await;
                         }
                     });
                 }
@@ -439,7 +454,12 @@ impl Server {
         drop(listener);
         // Waiting polls answer 204 now; then connections close as they go idle.
         state.shutdown.cancel();
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        http1_conns.close();
+        let drained = async {
+            graceful.shutdown().await;
+            http1_conns.wait().await;
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
             tracing::warn!("Connections still open after the drain timeout");
         }
         stop_jobs.cancel();
@@ -449,6 +469,42 @@ impl Server {
         }
         tracing::info!("Server stopped");
         Ok(())
+    }
+}
+
+/// Serves one HTTP/1.1 connection; once `draining` is cancelled it finishes
+/// the request in flight and closes. An upgraded connection (a WebSocket)
+/// ends here; its socket lives on in its own task, which watches the same
+/// token.
+async fn serve_http1<C>(conn: C, draining: CancellationToken)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + GracefulHttp1,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = draining.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// hyper's upgradeable HTTP/1.1 connection, which hyper-util's graceful
+/// watcher does not take.
+trait GracefulHttp1 {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulHttp1 for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 

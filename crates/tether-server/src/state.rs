@@ -240,6 +240,8 @@ pub struct Inner {
     pub alerts: crate::alerts::Alerts,
     /// The agent and command counts `/metrics` shows, read at most every 15 s.
     pub fleet_gauges: crate::api::prometheus::FleetGauges,
+    /// Event feeds (`/api/v1/events`) open at once are bounded.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Clone)]

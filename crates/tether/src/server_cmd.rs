@@ -212,6 +212,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     crate::first_start::print_credentials(&bootstrap, "");
     // Last, so whoever waits for this line has seen the credentials.
     println!("tether server listening on {url}");
+    println!("dashboard: {url}{}", tether_server::web::UI_PATH);
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {

@@ -36,6 +36,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     };
 
     println!("tether is up: {url}");
+    println!("  dashboard: {url}{}", tether_server::web::UI_PATH);
     crate::first_start::print_credentials(&bootstrap, "  ");
     if bootstrap.admin_token.is_none() {
         println!("  reusing {}; the admin credentials were set up at first start.", args.data_dir.display());

@@ -32,7 +32,7 @@ fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
     let last_seen = rec.last_seen.max(state.streams.last_seen(rec.id));
     let status = if rec.revoked_at.is_some() {
         AgentStatus::Revoked
-    } else if last_seen.is_some_and(|seen| seen >= seen_since(state)) {
+    } else if rec.online_at(last_seen, seen_since(state)) {
         AgentStatus::Online
     } else {
         AgentStatus::Offline

@@ -27,7 +27,8 @@ pub struct AuditQuery {
     limit: Option<u32>,
 }
 
-fn row(r: AuditRecord) -> AuditRow {
+/// A stored row as the API shows it (also the event feed's `data`).
+pub(crate) fn row(r: AuditRecord) -> AuditRow {
     AuditRow {
         id: r.id,
         ts: rfc3339(r.ts),

@@ -262,11 +262,23 @@ pub async fn report_status(
     ApiPath(id): ApiPath<CommandId>,
     ApiJson(report): ApiJson<StatusReport>,
 ) -> ApiResult<Response> {
+    let data = record_status(&state, agent.id, id, report).await?;
+    Ok(axum::Json(Data { data }).into_response())
+}
+
+/// Records that the agent started a command; shared by the HTTP route and
+/// the agent WebSocket.
+pub(crate) async fn record_status(
+    state: &AppState,
+    agent_id: AgentId,
+    id: CommandId,
+    report: StatusReport,
+) -> ApiResult<serde_json::Value> {
     if report.state != CommandStatus::Running {
         return Err(ApiError::bad_request("state", "state must be \"running\"; send results to …/result"));
     }
-    let cmd = state.store.report_running(agent.id, id, state.clock.now_ms()).await?;
-    Ok(axum::Json(Data { data: json!({"id": cmd.id, "status": cmd.status}) }).into_response())
+    let cmd = state.store.report_running(agent_id, id, state.clock.now_ms()).await?;
+    Ok(json!({"id": cmd.id, "status": cmd.status}))
 }
 
 /// `POST /api/v1/agents/self/commands/{id}/result`
@@ -287,8 +299,21 @@ pub async fn report_result(
     agent: AgentCaller,
     ctx: AuditContext,
     ApiPath(id): ApiPath<CommandId>,
-    ApiJson(mut report): ApiJson<ResultReport>,
+    ApiJson(report): ApiJson<ResultReport>,
 ) -> ApiResult<Response> {
+    let data = record_result(&state, &ctx, agent.id, id, report).await?;
+    Ok(axum::Json(Data { data }).into_response())
+}
+
+/// Records a command's result (once: a different second result is a
+/// conflict); shared by the HTTP route and the agent WebSocket.
+pub(crate) async fn record_result(
+    state: &AppState,
+    ctx: &AuditContext,
+    agent_id: AgentId,
+    id: CommandId,
+    mut report: ResultReport,
+) -> ApiResult<serde_json::Value> {
     if !report.status.is_result() {
         return Err(ApiError::bad_request(
             "status",
@@ -298,7 +323,7 @@ pub async fn report_result(
     let cut_out = tether_proto::cap_utf8(&mut report.stdout, MAX_OUTPUT_BYTES);
     let cut_err = tether_proto::cap_utf8(&mut report.stderr, MAX_OUTPUT_BYTES);
     report.truncated |= cut_out || cut_err;
-    let agent_name = agent.id.to_string();
+    let agent_name = agent_id.to_string();
     let event = |action, outcome, details| AuditEvent {
         actor: &agent_name,
         actor_kind: "agent",
@@ -309,18 +334,14 @@ pub async fn report_result(
     };
     let audit = |command: &Command, late: bool| {
         let outcome = if late { "late" } else { "ok" };
-        state.audit_entry(&ctx, event("command.result", outcome, json!({"status": command.status})))
+        state.audit_entry(ctx, event("command.result", outcome, json!({"status": command.status})))
     };
-    match state.store.report_result(agent.id, id, &report, state.clock.now_ms(), &audit).await {
-        Ok(ResultOutcome::Recorded { command, .. }) => {
-            Ok(axum::Json(Data { data: json!({"id": id, "status": command.status}) }).into_response())
-        }
-        Ok(ResultOutcome::Unchanged) => {
-            Ok(axum::Json(Data { data: json!({"id": id, "status": report.status}) }).into_response())
-        }
+    match state.store.report_result(agent_id, id, &report, state.clock.now_ms(), &audit).await {
+        Ok(ResultOutcome::Recorded { command, .. }) => Ok(json!({"id": id, "status": command.status})),
+        Ok(ResultOutcome::Unchanged) => Ok(json!({"id": id, "status": report.status})),
         Err(StoreError::Conflict(what)) => {
             state
-                .audit(&ctx, event("command.result", "conflict", json!({"reported": report.status, "reason": what})))
+                .audit(ctx, event("command.result", "conflict", json!({"reported": report.status, "reason": what})))
                 .await;
             Err(ApiError::conflict(format!("a different result is already recorded: {what}")))
         }

@@ -5,9 +5,9 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
-use tether_proto::Data;
 use tether_proto::agent::MAX_HEARTBEAT_BYTES;
 use tether_proto::config::{ApplyState, ConfigApply};
+use tether_proto::{AgentId, Data};
 use tether_store::HeartbeatRow;
 
 use crate::auth::AgentCaller;
@@ -30,6 +30,13 @@ pub async fn heartbeat(
     agent: AgentCaller,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<Response> {
+    record(&state, agent.id, body).await?;
+    Ok(axum::Json(Data { data: serde_json::json!({}) }).into_response())
+}
+
+/// Checks a heartbeat and returns once its group is committed; shared by
+/// the HTTP route and the agent WebSocket.
+pub(crate) async fn record(state: &AppState, agent_id: AgentId, body: Value) -> ApiResult<()> {
     let Some(fields) = body.as_object() else {
         return Err(ApiError::bad_request("body", "heartbeat must be a JSON object"));
     };
@@ -71,7 +78,7 @@ pub async fn heartbeat(
         return Err(ApiError::bad_request("config_status", "config_status.error must be at most 4 KiB, without NUL"));
     }
     let row = HeartbeatRow {
-        agent_id: agent.id,
+        agent_id,
         version: text("version").map(str::to_owned),
         applied_config_hash: applied.map(str::to_owned),
         failed_config: failed.map(|(hash, why)| (hash.to_owned(), why.to_owned())),
@@ -85,5 +92,5 @@ pub async fn heartbeat(
         }
     }
     metrics::counter!("tether_heartbeats_received_total").increment(1);
-    Ok(axum::Json(Data { data: serde_json::json!({}) }).into_response())
+    Ok(())
 }

@@ -8,6 +8,7 @@ mod configs;
 pub mod device;
 pub mod enroll;
 mod etag;
+mod events;
 mod files;
 pub mod health;
 mod heartbeat;
@@ -20,6 +21,7 @@ mod stream;
 mod telemetry;
 mod tokens;
 mod users;
+mod ws;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -78,6 +80,7 @@ route_table! {
     // The agent's own stream and reports.
     Agent    get    "/api/v1/agents/self/updates" => stream::updates,
     Agent    get    "/api/v1/agents/self/commands/next" => stream::next_command,
+    Agent    get    "/api/v1/agents/self/ws" => ws::connect,
     Agent    get    "/api/v1/agents/self/config" => configs::own,
     Agent    post   "/api/v1/agents/self/commands/{id}/status" => commands::report_status,
     Agent    post   "/api/v1/agents/self/commands/{id}/result" => commands::report_result,
@@ -97,6 +100,7 @@ route_table! {
     // Operators.
     Public   post   "/api/v1/auth/login" => session::login,
     AnyUser  post   "/api/v1/auth/logout" => session::logout,
+    AnyUser  get    "/api/v1/auth/session" => session::current,
     AnyUser  post   "/api/v1/tokens" => tokens::create,
     AnyUser  get    "/api/v1/tokens" => tokens::list,
     AnyUser  delete "/api/v1/tokens/{id}" => tokens::revoke,
@@ -146,6 +150,7 @@ route_table! {
     Operator post   "/api/v1/certs/{id}/revoke" => certs::revoke,
     Viewer   get    "/api/v1/certs/{id}/status" => certs::status,
     AnyUser  get    "/api/v1/audit" => audit::list,
+    Viewer   get    "/api/v1/events" => events::stream,
     Admin    get    "/api/v1/audit/verify" => audit::verify,
     Admin    get    "/api/v1/metrics" => metrics::get,
     Public   get    "/metrics" => prometheus::get,
@@ -158,6 +163,8 @@ route_table! {
 /// The stream long-poll route, rate-limited by its own rule (protocol.md §4).
 pub const UPDATES_PATH: &str = "/api/v1/agents/self/updates";
 
+pub use events::MAX_EVENT_STREAMS;
+
 /// The access rule of the route that matched `method` and `path` (a route template).
 pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
     ROUTES.iter().find(|r| r.path == path && r.method.eq_ignore_ascii_case(method.as_str())).map(|r| r.access)
@@ -165,6 +172,7 @@ pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
 
 pub fn routes(state: AppState) -> Router {
     router(&state)
+        .merge(crate::web::router())
         .layer(prometheus::HttpMetricsLayer)
         .layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT))
         .with_state(state)

@@ -7,10 +7,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tether_proto::{Data, ErrorKey};
+use tether_store::User;
 
 use crate::api::enroll::no_store;
 use crate::auth::secret::{hash_token, new_token};
-use crate::auth::{Operator, PasswordSource, SESSION_COOKIE, basic_user, session_token};
+use crate::auth::{Credential, Operator, PasswordSource, SESSION_COOKIE, basic_user, session_token};
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::state::{AppState, AuditContext, AuditEvent, PublicCaller};
 
@@ -63,8 +64,7 @@ pub async fn login(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         SESSION_TTL_MS / 1000
     );
-    let body =
-        json!({"csrf_token": csrf, "user": {"id": user.id, "username": user.username, "role": user.role.as_str()}});
+    let body = json!({"csrf_token": csrf, "user": user_view(&user)});
     let mut res = axum::Json(Data { data: body }).into_response();
     res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(ApiError::internal)?);
     Ok(no_store(res))
@@ -90,4 +90,36 @@ pub async fn logout(State(state): State<AppState>, _: Operator, headers: HeaderM
     let expired = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&expired).map_err(ApiError::internal)?);
     Ok(res)
+}
+
+/// A user as the session routes show it.
+fn user_view(user: &User) -> serde_json::Value {
+    json!({"id": user.id, "username": user.username, "role": user.role.as_str()})
+}
+
+/// `GET /api/v1/auth/session`: who is signed in, and, for a cookie session,
+/// its CSRF token. A reloaded dashboard still has the HttpOnly cookie but
+/// has lost what the login answered; this gives both back without a new
+/// password check. `csrf_token` is `null` for API tokens and Basic, which
+/// need none.
+#[utoipa::path(
+    get,
+    path = "/api/v1/auth/session",
+    tag = "session",
+    description = "Any signed-in user: `{data:{user:{id, username, role}, csrf_token}}`.",
+    security(("bearer" = []), ("basic" = []), ("session" = [])),
+    responses(
+        (status = 200, description = "Success", body = crate::api::openapi::DataAny),
+        (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
+    )
+)]
+pub async fn current(State(state): State<AppState>, op: Operator, headers: HeaderMap) -> ApiResult<Response> {
+    let csrf = match (op.credential, session_token(&headers)) {
+        (Credential::Session, Some(token)) => {
+            state.store.find_session(hash_token(token), state.clock.now_ms()).await?.map(|(_, csrf)| csrf)
+        }
+        _ => None,
+    };
+    let body = json!({"csrf_token": csrf, "user": user_view(&op.user)});
+    Ok(no_store(axum::Json(Data { data: body }).into_response()))
 }

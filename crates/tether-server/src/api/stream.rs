@@ -8,7 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tether_proto::signal::{COMMAND_QUEUED, CommandQueued, Updates};
-use tether_proto::{CommandId, Cursor, Data, ErrorKey};
+use tether_proto::{AgentId, CommandId, Cursor, Data, ErrorKey};
 
 use crate::api::etag::IfNoneMatch;
 use crate::auth::{AgentCaller, revoked_error};
@@ -87,24 +87,11 @@ pub async fn updates(
         return Err(ApiError::bad_request("limit", format!("limit must be 1..={MAX_LIMIT}")));
     }
     let wait = check_wait(q.wait)?;
-    let cursor_text = q.cursor.or(if_none_match);
-    let cursor = cursor_text
-        .filter(|t| !t.is_empty())
-        .map(|t| Cursor::parse_etag(&t))
-        .transpose()
-        .map_err(|e| ApiError::bad_request("cursor", e.to_string()))?;
-
+    let cursor = parse_cursor(q.cursor.or(if_none_match))?;
     let generation = agent.stream.begin_poll();
     let mut rx = agent.stream.subscribe();
     let start = *rx.borrow_and_update();
-    let from = match cursor {
-        None => start.floor,
-        Some(c) if c.epoch == start.epoch && c.seq <= start.head && c.seq >= start.floor => c.seq,
-        Some(_) => {
-            return Err(ApiError::new(ErrorKey::CursorExpired, "cursor is outside the retained stream; resync")
-                .with("cursor", format!("{}-{}", start.epoch, start.floor)));
-        }
-    };
+    let from = resume_from(cursor, &start)?;
     // Only polls answered at once count against the poll bucket; a poll that waits is free.
     if start.head > from || wait == 0 {
         state.limits.immediate_poll(agent.id)?;
@@ -126,18 +113,50 @@ pub async fn updates(
         return Ok(with_etag(StatusCode::NO_CONTENT, Cursor { epoch: start.epoch, seq: from }, None));
     }
 
-    let signals = state.store.read_signals(agent.id, from, limit).await?;
-    let last = signals.last().map_or(from, |(seq, _)| *seq);
+    let (cursor, body) = deliver(&state, agent.id, Cursor { epoch: start.epoch, seq: from }, limit).await?;
+    Ok(with_etag(StatusCode::OK, cursor, Some(body)))
+}
+
+/// The cursor of a poll or WebSocket (query or `If-None-Match`); none or
+/// empty means from the start.
+pub(crate) fn parse_cursor(text: Option<String>) -> ApiResult<Option<Cursor>> {
+    text.filter(|t| !t.is_empty())
+        .map(|t| Cursor::parse_etag(&t))
+        .transpose()
+        .map_err(|e| ApiError::bad_request("cursor", e.to_string()))
+}
+
+/// The seq after which to send signals, or 409 CURSOR_EXPIRED for a cursor
+/// of another epoch or outside the retained window (protocol.md §4).
+pub(crate) fn resume_from(cursor: Option<Cursor>, start: &StreamState) -> ApiResult<u64> {
+    match cursor {
+        None => Ok(start.floor),
+        Some(c) if c.epoch == start.epoch && c.seq <= start.head && c.seq >= start.floor => Ok(c.seq),
+        Some(_) => Err(ApiError::new(ErrorKey::CursorExpired, "cursor is outside the retained stream; resync")
+            .with("cursor", format!("{}-{}", start.epoch, start.floor))),
+    }
+}
+
+/// Reads up to `limit` signals after `from` and marks the commands among
+/// them delivered: the caller writes them out next (protocol.md §4).
+pub(crate) async fn deliver(
+    state: &AppState,
+    agent_id: AgentId,
+    from: Cursor,
+    limit: u32,
+) -> ApiResult<(Cursor, Updates)> {
+    let signals = state.store.read_signals(agent_id, from.seq, limit).await?;
+    let last = signals.last().map_or(from.seq, |(seq, _)| *seq);
     let delivered: Vec<CommandId> = signals
         .iter()
         .filter(|(_, s)| s.kind == COMMAND_QUEUED)
         .filter_map(|(_, s)| serde_json::from_value::<CommandQueued>(s.reference.clone()).ok())
         .map(|c| c.command_id)
         .collect();
-    state.store.mark_delivered(agent.id, &delivered, state.clock.now_ms()).await?;
-    let cursor = Cursor { epoch: start.epoch, seq: last };
+    state.store.mark_delivered(agent_id, &delivered, state.clock.now_ms()).await?;
+    let cursor = Cursor { epoch: from.epoch, seq: last };
     let body = Updates { cursor: cursor.to_string(), signals: signals.into_iter().map(|(_, s)| s).collect() };
-    Ok(with_etag(StatusCode::OK, cursor, Some(body)))
+    Ok((cursor, body))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -26,6 +26,17 @@ use crate::stream::AgentStream;
 pub struct AgentCaller {
     pub id: AgentId,
     pub stream: Arc<AgentStream>,
+    /// When the access token was issued (seconds since the epoch).
+    pub issued_at: u64,
+}
+
+impl AgentCaller {
+    /// How long the access token stays valid: a WebSocket authenticated by
+    /// it closes then (protocol.md §9).
+    pub fn token_lifetime_left(&self, now: tether_store::Millis) -> std::time::Duration {
+        let expires_ms = self.issued_at.saturating_add(jwt::ACCESS_TOKEN_TTL_S).saturating_mul(1000);
+        std::time::Duration::from_millis(expires_ms.saturating_sub(now.max(0) as u64))
+    }
 }
 
 /// Name of the dashboard session cookie.
@@ -110,7 +121,7 @@ impl FromRequestParts<AppState> for AgentCaller {
         // Only a fully verified request counts as the agent being online: a
         // stolen token without the key must not keep it looking alive.
         stream.seen(state.clock.now_ms());
-        Ok(Self { id, stream })
+        Ok(Self { id, stream, issued_at })
     }
 }
 

@@ -160,8 +160,12 @@ async fn results_survive_a_server_outage_and_arrive_after_it_returns() {
     let cmd = finished(&admin, id, Duration::from_secs(90)).await;
     assert_eq!((cmd.status, cmd.stdout.as_str()), (CommandStatus::Succeeded, "done\n"), "{}", agent.log_text());
     let log = agent.log_text();
-    let delays: Vec<&str> =
-        log.lines().filter(|l| l.contains("Poll failed")).filter_map(|l| l.split("retry_in_ms=").nth(1)).collect();
+    // Over the WebSocket (the default) or long-poll, whichever the agent was on.
+    let delays: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Poll failed") || l.contains("Reconnecting the WebSocket"))
+        .filter_map(|l| l.split("retry_in_ms=").nth(1))
+        .collect();
     assert!(delays.len() >= 2, "the agent retried with backoff: {log}");
     assert!(delays.windows(2).any(|w| w[0] != w[1]), "delays vary (jitter): {delays:?}");
     // And the stream works again: a new command runs.
@@ -197,15 +201,21 @@ async fn status_and_poll_now_talk_to_the_running_daemon() {
     eventually(Duration::from_secs(10), || async { socket.exists().then_some(()) }).await.expect("control socket");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&socket).expect("socket").permissions().mode() & 0o777, 0o600);
-    let out = std::process::Command::new(crate::common::tether_bin())
-        .args(["agent", "status", "--json", "-c"])
-        .arg(&agent.dir)
-        .output()
-        .expect("status");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    let status_now = || {
+        let out = std::process::Command::new(crate::common::tether_bin())
+            .args(["agent", "status", "--json", "-c"])
+            .arg(&agent.dir)
+            .output()
+            .expect("status");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json status")
+    };
+    // The stream runs over the WebSocket once the first connection is up.
+    let status =
+        eventually(Duration::from_secs(10), || async { Some(status_now()).filter(|s| s["connection"] == "websocket") })
+            .await
+            .unwrap_or_else(|| panic!("not on the WebSocket: {}", status_now()));
     assert_eq!(status["agent_id"], id.to_string());
-    assert_eq!(status["connection"], "long-poll");
     assert_eq!(status["server"], server.base);
     for key in ["uptime_s", "last_poll", "cursor", "queue_depth", "token_expires_at", "running_commands"] {
         assert!(status.get(key).is_some(), "status lacks {key}: {status}");
@@ -282,6 +292,7 @@ async fn tether_up_runs_a_server_with_a_local_agent_and_reuses_it() {
         (child, lines, url)
     };
     let (mut first, lines, url) = up(0);
+    assert!(lines.iter().any(|l| l.trim() == format!("dashboard: {url}/ui/")), "{lines:?}");
     // Stdout is not a terminal: the credentials are in the file only.
     assert!(!lines.iter().any(|l| l.contains("tth_")), "{lines:?}");
     let token = crate::common::initial_admin_token(&data).expect("first start writes initial-admin.txt");
