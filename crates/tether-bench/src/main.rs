@@ -6,11 +6,14 @@
 //! (4) a flood of wrong passwords from one address, and (5) durable command
 //! results per second beside `pgbench` on the same PostgreSQL, and (6) a
 //! label-scope configuration change reaching thousands of agents' streams,
-//! and (7) heartbeats and metric points ingested per second.
+//! (7) heartbeats and metric points ingested per second, and (8) the agent
+//! WebSocket: memory per idle connection beside Mosquitto, delivery latency
+//! beside long-poll, and the reconnect spread after a server kill.
 //! Prints a table.
 
 mod certs;
 mod config;
+mod realtime;
 mod results;
 mod telemetry;
 
@@ -62,6 +65,10 @@ enum Bench {
     /// Heartbeats per second from a fleet (each committed before its 200),
     /// and metric points per second in 5,000-point gzip batches.
     Telemetry(telemetry::TelemetryArgs),
+    /// The agent WebSocket: server memory per idle connection beside
+    /// Mosquitto's per MQTT client, delivery latency beside long-poll, and
+    /// the reconnect spread after the server is killed and restarted.
+    Realtime(realtime::RealtimeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,11 +174,33 @@ fn start_server(bin: &PathBuf, storage: &Storage) -> anyhow::Result<Server> {
         limits.push_str(&format!("{name}_per_s = 1000000\n{name}_burst = 1000000\n"));
     }
     std::fs::write(&config, limits)?;
-    let data = dir.path().join("data");
     // Port 0: the server picks a free port and names it in its "listening" line.
+    let (child, base) = spawn_server(bin, dir.path(), "127.0.0.1:0", storage.database_url())?;
+    let addr = base.strip_prefix("http://").context("a plain HTTP server")?.to_owned();
+    // Stdout is a pipe, so the first admin's token is only in the file.
+    let text =
+        std::fs::read_to_string(dir.path().join("data/initial-admin.txt")).context("reading initial-admin.txt")?;
+    let admin_token = text.lines().find_map(|l| l.strip_prefix("api_token: ")).context("no api_token")?.to_owned();
+    Ok(Server { child, base, addr, admin_token, _dir: dir })
+}
+
+/// Starts `tether server` on `listen` with the configuration and data dir
+/// [`start_server`] laid out in `dir`; returns once it says where it
+/// listens (blocking: its first line may take a moment), with that URL.
+/// Also used to start a killed server again on the same port and data.
+fn spawn_server(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+    listen: &str,
+    database_url: Option<&str>,
+) -> anyhow::Result<(Child, String)> {
     let mut command = Command::new(bin);
-    command.args(["server", "--listen", "127.0.0.1:0", "--config"]).arg(&config).arg("--data-dir").arg(&data);
-    if let Some(url) = storage.database_url() {
+    command
+        .args(["server", "--listen", listen, "--config"])
+        .arg(dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"));
+    if let Some(url) = database_url {
         command.args(["--database-url", url]);
     }
     let mut child = command
@@ -188,12 +217,14 @@ fn start_server(bin: &PathBuf, storage: &Storage) -> anyhow::Result<Server> {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    let base = base.context("the server never said where it listens")?;
-    let addr = base.strip_prefix("http://").context("a plain HTTP server")?.to_owned();
-    // Stdout is a pipe, so the first admin's token is only in the file.
-    let text = std::fs::read_to_string(data.join("initial-admin.txt")).context("reading initial-admin.txt")?;
-    let admin_token = text.lines().find_map(|l| l.strip_prefix("api_token: ")).context("no api_token")?.to_owned();
-    Ok(Server { child, base, addr, admin_token, _dir: dir })
+    match base {
+        Some(base) => Ok((child, base)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the server never said where it listens")
+        }
+    }
 }
 
 /// Resident memory of a process in bytes.
@@ -393,6 +424,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Config(args) => config::run(&bin, args).await,
         Bench::Certs(args) => certs::run(&bin, args).await,
         Bench::Telemetry(args) => telemetry::run(&bin, args).await,
+        Bench::Realtime(args) => realtime::run(&bin, args).await,
     }
 }
 
