@@ -13,6 +13,15 @@ use tether_proto::Labels;
 pub use crate::transport::Transport;
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+/// The status-panel agent's own default `DASHBOARD_URL`, used when the agent
+/// is configured through those names and no server is given (protocol.md §16.1).
+pub const STATUS_PANEL_SERVER: &str = "http://localhost:5000";
+/// The status-panel names other than `DASHBOARD_URL`: any of them set means
+/// the agent is configured the status-panel way.
+const STATUS_PANEL_NAMES: [&str; 5] =
+    ["AGENT_ID", "DEPLOYMENT_HASH", "POLLING_TIMEOUT_SECS", "POLLING_BACKOFF_SECS", "COMMAND_TIMEOUT_SECS"];
+/// Longest wait per poll the server grants (protocol.md §4).
+const MAX_POLL_WAIT_S: u32 = 30;
 
 /// What `agent.toml` may contain.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -378,13 +387,23 @@ impl AgentConfig {
         labels.extend(flags.labels);
         tether_proto::agent::validate_labels(&labels)
             .map_err(|message| ConfigError::Invalid { name: "labels".into(), message })?;
+        let default_server =
+            if STATUS_PANEL_NAMES.iter().any(|n| env(n).is_some()) { STATUS_PANEL_SERVER } else { DEFAULT_SERVER };
+        let poll_wait_env = match env("TETHER_POLL_WAIT_S") {
+            Some(v) => parse_env("TETHER_POLL_WAIT_S", Some(v))?,
+            // A status-panel agent may wait longer than the server's bound:
+            // it waits the bound instead and polls again at once.
+            None => {
+                parse_env::<u32>("POLLING_TIMEOUT_SECS", env("POLLING_TIMEOUT_SECS"))?.map(|s| s.min(MAX_POLL_WAIT_S))
+            }
+        };
         let cfg = Self {
             dir: dir.to_owned(),
             server: flags
                 .server
                 .or(var("TETHER_SERVER", Some("DASHBOARD_URL")))
                 .or(file.server)
-                .unwrap_or_else(|| DEFAULT_SERVER.into()),
+                .unwrap_or_else(|| default_server.into()),
             enroll_token: flags.enroll_token.or(var("TETHER_ENROLL_TOKEN", None)).or(file.enroll_token),
             device_flow: flags
                 .device_flow
@@ -393,11 +412,7 @@ impl AgentConfig {
                 .unwrap_or(false),
             name: flags.name.or(var("TETHER_AGENT_NAME", Some("AGENT_ID"))).or(file.name),
             labels,
-            poll_wait_s: flags
-                .poll_wait_s
-                .or(parse_env("POLLING_TIMEOUT_SECS", var("TETHER_POLL_WAIT_S", Some("POLLING_TIMEOUT_SECS")))?)
-                .or(file.poll_wait_s)
-                .unwrap_or(30),
+            poll_wait_s: flags.poll_wait_s.or(poll_wait_env).or(file.poll_wait_s).unwrap_or(30),
             heartbeat_s: flags
                 .heartbeat_s
                 .or(parse_env("TETHER_HEARTBEAT_S", var("TETHER_HEARTBEAT_S", None))?)
@@ -450,7 +465,7 @@ impl AgentConfig {
         if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
             return invalid("server", "must be an http:// or https:// URL");
         }
-        if self.poll_wait_s > 30 {
+        if self.poll_wait_s > MAX_POLL_WAIT_S {
             return invalid("poll_wait_s", "must be 0..=30");
         }
         if self.metrics_s > 86_400 {
@@ -594,6 +609,47 @@ mod tests {
         let env = env_of(&[("DASHBOARD_URL", "http://seed:5000"), ("TETHER_SERVER", "http://tether:8080")]);
         let cfg = AgentConfig::resolve(Path::new("/d"), FileConfig::default(), env, Overrides::default()).expect("ok");
         assert_eq!(cfg.server, "http://tether:8080");
+    }
+
+    #[test]
+    fn status_panel_polling_names_and_default_dashboard() {
+        let dir = Path::new("/d");
+        let env = env_of(&[("POLLING_TIMEOUT_SECS", "25"), ("POLLING_BACKOFF_SECS", "5")]);
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect("ok");
+        assert_eq!((cfg.poll_wait_s, cfg.backoff_base_s), (25, 5));
+        // Set the status-panel way without DASHBOARD_URL: the status panel's own default.
+        assert_eq!(cfg.server, STATUS_PANEL_SERVER);
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[("AGENT_ID", "a")]), Overrides::default())
+            .expect("ok");
+        assert_eq!(cfg.server, "http://localhost:5000");
+        let file: FileConfig = toml::from_str("server = \"http://file:1\"").expect("toml");
+        let cfg = AgentConfig::resolve(dir, file, env_of(&[("AGENT_ID", "a")]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.server, "http://file:1", "a configured server wins over the status panel's default");
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env_of(&[]), Overrides::default()).expect("ok");
+        assert_eq!(cfg.server, DEFAULT_SERVER);
+
+        // The status panel may wait longer than the server's bound; tether's own name may not.
+        let env = env_of(&[("POLLING_TIMEOUT_SECS", "60")]);
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.poll_wait_s, 30);
+        let env = env_of(&[("TETHER_POLL_WAIT_S", "60")]);
+        let err = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect_err("too long");
+        assert!(err.to_string().contains("poll_wait_s"), "{err}");
+        let env =
+            env_of(&[("TETHER_POLL_WAIT_S", "10"), ("POLLING_TIMEOUT_SECS", "20"), ("TETHER_BACKOFF_BASE_S", "2")]);
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.poll_wait_s, 10, "TETHER_POLL_WAIT_S wins over its alias");
+        let env = env_of(&[("TETHER_BACKOFF_BASE_S", "2"), ("POLLING_BACKOFF_SECS", "5")]);
+        let cfg = AgentConfig::resolve(dir, FileConfig::default(), env, Overrides::default()).expect("ok");
+        assert_eq!(cfg.backoff_base_s, 2, "TETHER_BACKOFF_BASE_S wins over its alias");
+        let err = AgentConfig::resolve(
+            dir,
+            FileConfig::default(),
+            env_of(&[("TETHER_POLL_WAIT_S", "x")]),
+            Overrides::default(),
+        )
+        .expect_err("not a number");
+        assert!(err.to_string().contains("TETHER_POLL_WAIT_S"), "the variable that is wrong is named: {err}");
     }
 
     #[test]

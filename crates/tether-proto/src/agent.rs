@@ -128,6 +128,22 @@ pub struct Agent {
     /// The latest heartbeat, as the agent sent it (`null` before the first).
     #[serde(default)]
     pub heartbeat: Value,
+    /// The agent's long-lived keys (`GET /api/v1/agents/{id}` only: absent
+    /// from lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<AgentKey>>,
+}
+
+/// A long-lived agent key (`tta_…`, protocol.md §16.5) as operators see
+/// it: never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct AgentKey {
+    pub id: String,
+    /// The key's last four characters, to tell keys apart.
+    pub last4: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
 }
 
 /// `PATCH /api/v1/agents/{id}`: what is given replaces what the agent had.

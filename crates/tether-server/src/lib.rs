@@ -283,6 +283,7 @@ impl Server {
             sealer,
             limits: limits::Limits::new(config.limits.clone()),
             nonces: auth::signing::NonceCache::new(config.max_remembered_nonces, config.limits.nonce_quota()),
+            agent_keys: Default::default(),
             passwords: auth::password::PasswordChecks::new(
                 config.limits.password_checks_at_once,
                 std::time::Duration::from_millis(config.limits.password_check_wait_ms),

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     /// Most unexpired device grants waiting for an operator; beyond it
     /// `/oauth/device_authorization` answers 503 `temporarily_unavailable`.
     pub max_pending_device_grants: u64,
+    /// Answer the routes of the five seed designs (protocol.md §16, docs/compat.md).
+    pub seed_routes: bool,
     /// Mark session cookies `Secure`; [`crate::Server::start`] turns it on
     /// when `tls` is set (it may also be set behind a TLS-terminating proxy).
     pub secure_cookies: bool,
@@ -194,6 +196,7 @@ impl ServerConfig {
             tls: None,
             device_code_ttl_s: 600,
             max_pending_device_grants: 10_000,
+            seed_routes: true,
             signal_max_age: std::time::Duration::from_secs(7 * 86_400),
             signal_max_per_agent: 10_000,
             retention_interval: std::time::Duration::from_secs(60),
@@ -224,6 +227,8 @@ pub struct Inner {
     pub limits: crate::limits::Limits,
     /// Nonces of accepted signed agent requests (per process).
     pub nonces: crate::auth::signing::NonceCache,
+    /// Agent keys found in the store, so that their agents' requests skip it.
+    pub agent_keys: crate::auth::agent_key::AgentKeys,
     /// Rationed argon2 verifications and the Basic cache (protocol.md §3).
     pub passwords: crate::auth::password::PasswordChecks,
     pub clock: Arc<dyn Clock>,

@@ -20,13 +20,14 @@ use tether_proto::telemetry::{InventoryItem, InventoryKey, Series};
 use crate::audit::{AuditAnchor, AuditEntry, AuditRecord};
 use crate::store::*;
 use crate::{
-    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, BlobSource, CaRecord,
-    CancelOutcome, CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch,
-    DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord, FirstAdmin,
-    FleetCounts, Head, HeartbeatRow, Horizons, InventoryRecord, IssuedRecord, ItemChange, ItemKind, MetricQuery,
-    MetricsOutcome, Millis, NewAgent, NewBatch, NewCa, NewCert, NewConfigVersion, NewDeviceGrant, NewEnrollToken,
-    NewFileAssignment, NewGrantOutcome, NewMetrics, PresenceChange, PruneCounts, RefreshOutcome, Result, ResultAudit,
-    ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentKeyRecord, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind,
+    BlobSource, CaRecord, CancelOutcome, CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord,
+    ConfigVersionRecord, CreatedBatch, DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert,
+    FileAssignmentRecord, FirstAdmin, FleetCounts, Head, HeartbeatRow, Horizons, InventoryRecord, IssuedRecord,
+    ItemChange, ItemKind, MetricQuery, MetricsOutcome, Millis, NewAgent, NewAgentKey, NewBatch, NewCa, NewCert,
+    NewConfigVersion, NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, NewMetrics, PresenceChange,
+    PruneCounts, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome,
+    User, UserRecord,
 };
 
 #[derive(Debug)]
@@ -253,6 +254,30 @@ impl TokenStore for CountingStore {
     ) -> Result<RefreshOutcome> {
         let _t = self.call("rotate_refresh_token");
         self.inner.rotate_refresh_token(expected_agent, presented_hash, new_hash, grace_ms, now, reuse_audit).await
+    }
+
+    async fn current_refresh_agent(
+        &self,
+        expected_agent: Option<AgentId>,
+        presented_hash: [u8; 32],
+    ) -> Result<Option<AgentId>> {
+        let _t = self.call("current_refresh_agent");
+        self.inner.current_refresh_agent(expected_agent, presented_hash).await
+    }
+
+    async fn create_agent_key(&self, key: NewAgentKey, now: Millis, audit: AuditEntry) -> Result<AgentKeyRecord> {
+        let _t = self.call("create_agent_key");
+        self.inner.create_agent_key(key, now, audit).await
+    }
+
+    async fn find_agent_key(&self, key_hash: [u8; 32]) -> Result<Option<AgentId>> {
+        let _t = self.call("find_agent_key");
+        self.inner.find_agent_key(key_hash).await
+    }
+
+    async fn list_agent_keys(&self, agent_id: AgentId) -> Result<Vec<AgentKeyRecord>> {
+        let _t = self.call("list_agent_keys");
+        self.inner.list_agent_keys(agent_id).await
     }
 }
 

@@ -259,6 +259,30 @@ pub struct EnrollTokenRecord {
     pub revoked_at: Option<Millis>,
 }
 
+/// A long-lived agent key (`tta_…`, protocol.md §16.5) to store: only its
+/// hash, never the secret.
+#[derive(Debug, Clone)]
+pub struct NewAgentKey {
+    pub id: String,
+    pub agent_id: AgentId,
+    pub key_hash: [u8; 32],
+    /// The key's last four characters, so that operators can tell keys
+    /// apart without the secret.
+    pub last4: String,
+    /// A name the agent gets in the same transaction: the printer-fleet
+    /// agent's own `agent_id`, which it goes on sending in its bodies.
+    pub agent_name: Option<String>,
+}
+
+/// A stored agent key, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentKeyRecord {
+    pub id: String,
+    pub agent_id: AgentId,
+    pub last4: String,
+    pub created_at: Millis,
+}
+
 /// What presenting a refresh token led to (protocol.md §3 rotation rules).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {

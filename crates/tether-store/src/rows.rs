@@ -63,6 +63,9 @@ pub const INVENTORY_COLUMNS: &str = "kind, key, attrs, updated_at";
 /// Columns read by `agent_item_from_row`, in order.
 pub const AGENT_ITEM_COLUMNS: &str = "agent_id, version, state, error, serial, not_after";
 
+/// Columns read by `agent_key_from_row`, in order.
+pub const AGENT_KEY_COLUMNS: &str = "id, agent_id, last4, created_at";
+
 macro_rules! decoders {
     ($row:ty) => {
         use std::str::FromStr as _;
@@ -72,8 +75,8 @@ macro_rules! decoders {
 
         use crate::sql::{from_millis, opt_time, parse_id, parse_json};
         use crate::{
-            AgentRecord, AuditRecord, ConfigScopeRecord, ConfigVersionRecord, DeviceGrantInfo, EnrollTokenRecord,
-            Result, Role, StoreError, StreamChange, User, UserRecord,
+            AgentKeyRecord, AgentRecord, AuditRecord, ConfigScopeRecord, ConfigVersionRecord, DeviceGrantInfo,
+            EnrollTokenRecord, Result, Role, StoreError, StreamChange, User, UserRecord,
         };
 
         fn role(text: &str) -> Result<Role> {
@@ -207,6 +210,15 @@ macro_rules! decoders {
                 created_at: r.try_get(4)?,
                 expires_at: r.try_get(5)?,
                 revoked_at: r.try_get(6)?,
+            })
+        }
+
+        pub fn agent_key_from_row(r: &$row) -> Result<AgentKeyRecord> {
+            Ok(AgentKeyRecord {
+                id: r.try_get(0)?,
+                agent_id: parse_id(r.try_get(1)?)?,
+                last4: r.try_get(2)?,
+                created_at: r.try_get(3)?,
             })
         }
 

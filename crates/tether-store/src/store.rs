@@ -37,13 +37,14 @@ use tether_proto::{AgentId, BatchId, CommandId, Labels, Signal};
 
 use crate::audit::{AuditAnchor, AuditEntry, AuditRecord};
 use crate::{
-    AgentFilter, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind, CaRecord, CancelOutcome,
-    CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord, CreatedBatch, DeviceGrantInfo,
-    DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord, FirstAdmin, FleetCounts, Head,
-    HeartbeatRow, Horizons, InventoryRecord, IssuedRecord, ItemChange, ItemKind, MetricQuery, MetricsOutcome, Millis,
-    NewAgent, NewBatch, NewCa, NewCert, NewConfigVersion, NewDeviceGrant, NewEnrollToken, NewFileAssignment,
-    NewGrantOutcome, NewMetrics, PresenceChange, PruneCounts, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role,
-    SealedMaterial, StreamChange, SweepOutcome, User, UserRecord,
+    AgentFilter, AgentKeyRecord, AgentRecord, AgentUpdate, ApiTokenRecord, AuditFilter, AuditFor, BackendKind,
+    CaRecord, CancelOutcome, CertRecord, CommandFilter, ConfigChange, ConfigScopeRecord, ConfigVersionRecord,
+    CreatedBatch, DeviceGrantInfo, DevicePoll, DeviceRedeemed, EnrollTokenRecord, ExpiringCert, FileAssignmentRecord,
+    FirstAdmin, FleetCounts, Head, HeartbeatRow, Horizons, InventoryRecord, IssuedRecord, ItemChange, ItemKind,
+    MetricQuery, MetricsOutcome, Millis, NewAgent, NewAgentKey, NewBatch, NewCa, NewCert, NewConfigVersion,
+    NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, NewMetrics, PresenceChange, PruneCounts,
+    RefreshOutcome, Result, ResultAudit, ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome, User,
+    UserRecord,
 };
 
 /// Every area of the store. Implemented for anything that implements them all.
@@ -185,7 +186,8 @@ pub trait UserStore: Send + Sync {
     async fn find_api_token(&self, token_hash: [u8; 32], now: Millis) -> Result<Option<(User, Option<Millis>)>>;
 }
 
-/// Agent credentials: enrollment tokens and refresh-token families.
+/// Agent credentials: enrollment tokens, refresh-token families and
+/// long-lived agent keys.
 #[async_trait]
 pub trait TokenStore: Send + Sync {
     async fn create_enroll_token(&self, token: NewEnrollToken, now: Millis, audit: AuditEntry) -> Result<()>;
@@ -208,6 +210,30 @@ pub trait TokenStore: Send + Sync {
         now: Millis,
         reuse_audit: AuditEntry,
     ) -> Result<RefreshOutcome>;
+    /// The agent a *current* refresh token belongs to: one that
+    /// [`crate::rules::refresh::decide`] would rotate as a first use (never
+    /// used, not revoked, of an agent that is not revoked), and that
+    /// `expected_agent` owns when given. `None` for every other token, which
+    /// the caller leaves to [`Self::rotate_refresh_token`] and its reuse
+    /// rule. A read only: the token stays current (seed 003's refresh keeps
+    /// its token, docs/compat.md).
+    async fn current_refresh_agent(
+        &self,
+        expected_agent: Option<AgentId>,
+        presented_hash: [u8; 32],
+    ) -> Result<Option<AgentId>>;
+    /// Gives a live agent a long-lived key (and, with `agent_name`, that
+    /// name) with its audit row, in one transaction; the agent's row is
+    /// locked first, so a concurrent revocation or deletion is either
+    /// before (`NotFound(Agent)`) or after (and then ends the key too).
+    /// `NotFound(Agent)` for an agent that is absent or revoked.
+    async fn create_agent_key(&self, key: NewAgentKey, now: Millis, audit: AuditEntry) -> Result<AgentKeyRecord>;
+    /// The agent holding the key with this hash, revoked or not (the caller
+    /// tells a revoked agent apart); `None` for no such key. A key lives as
+    /// long as its agent: deleting the agent deletes it.
+    async fn find_agent_key(&self, key_hash: [u8; 32]) -> Result<Option<AgentId>>;
+    /// The agent's keys, oldest first.
+    async fn list_agent_keys(&self, agent_id: AgentId) -> Result<Vec<AgentKeyRecord>>;
 }
 
 /// Agents: enrollment, identity, liveness and the stream state replicas share.
@@ -255,7 +281,7 @@ pub trait AgentStore: Send + Sync {
     async fn disconnect_agent(&self, id: AgentId, at: Millis) -> Result<Option<PresenceChange>>;
     /// Removes the agent and everything that is only its (stream signals,
     /// commands with their results and any batch left empty, item reports,
-    /// issued certificates, refresh tokens, device grants, nonces, its agent
+    /// issued certificates, refresh tokens, agent keys, device grants, nonces, its agent
     /// configuration scope, metrics, rollups, series, metric batch ids,
     /// inventory) in one transaction with `audit` appended; audit rows that
     /// mention it stay. Returns the agent as it was. `NotFound(Agent)` when absent.

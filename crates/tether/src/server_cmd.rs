@@ -46,6 +46,10 @@ pub struct ServerArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Do not answer the routes of the seed designs (docs/compat.md): they
+    /// answer 404 then. `TETHER_SEED_ROUTES=false` does the same.
+    #[arg(long = "no-seed-routes", action = clap::ArgAction::SetFalse, env = "TETHER_SEED_ROUTES")]
+    pub seed_routes: bool,
 }
 
 /// What the `--config` file may set.
@@ -170,6 +174,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.database_url = args.database_url;
     config.nats_url = args.nats_url;
     config.cluster = args.cluster;
+    config.seed_routes = args.seed_routes;
     // A secret: taken from the environment only, never from a flag (flags show in `ps`).
     config.master_key = std::env::var("TETHER_MASTER_KEY")
         .ok()
@@ -261,5 +266,19 @@ mod tests {
         let file: FileConfig =
             toml::from_str("tls_cert = \"/etc/tether/cert.pem\"\ntls_key = \"/etc/tether/key.pem\"").expect("toml");
         assert_eq!((file.tls_cert, file.tls_key), (p("/etc/tether/cert.pem"), p("/etc/tether/key.pem")));
+    }
+
+    #[test]
+    fn seed_routes_are_on_unless_the_flag_or_the_environment_turns_them_off() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            server: ServerArgs,
+        }
+        // Other tests in this process do not set it; clap reads it at parse time.
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parse").server.seed_routes;
+        assert!(parse(&["tether"]));
+        assert!(!parse(&["tether", "--no-seed-routes"]));
     }
 }

@@ -6,7 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tether_proto::agent::{
-    Agent, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest, UpdateAgent, validate_labels,
+    Agent, AgentKey, AgentStatus, CreateEnrollToken, CreatedEnrollToken, EnrollToken, RevokeRequest, UpdateAgent,
+    validate_labels,
 };
 use tether_proto::{AgentId, Data, Labels, Page};
 use tether_store::{AgentFilter, AgentRecord, AgentUpdate, Millis, NewEnrollToken, StatusFilter};
@@ -55,6 +56,7 @@ fn agent_view(state: &AppState, rec: AgentRecord) -> Agent {
         revoked_at: rec.revoked_at.map(rfc3339),
         facts: rec.facts,
         heartbeat: rec.heartbeat,
+        keys: None,
     }
 }
 
@@ -106,13 +108,19 @@ pub async fn list(
         after: parse_param("cursor", q.cursor.as_deref())?,
         limit,
     };
-    let records = state.store.list_agents(&filter).await?;
-    let next_cursor = (records.len() == limit as usize).then(|| records.last().map(|a| a.id.to_string())).flatten();
-    let data = records.into_iter().map(|r| agent_view(&state, r)).collect();
-    Ok(axum::Json(Page { data, next_cursor }).into_response())
+    Ok(axum::Json(page(&state, &filter).await?).into_response())
 }
 
-/// `GET /api/v1/agents/{id}`
+/// One page of agents as operators see them, with the cursor of the next.
+pub(crate) async fn page(state: &AppState, filter: &AgentFilter) -> ApiResult<Page<Agent>> {
+    let records = state.store.list_agents(filter).await?;
+    let next_cursor =
+        (records.len() == filter.limit as usize).then(|| records.last().map(|a| a.id.to_string())).flatten();
+    let data = records.into_iter().map(|r| agent_view(state, r)).collect();
+    Ok(Page { data, next_cursor })
+}
+
+/// `GET /api/v1/agents/{id}`: the agent, with its long-lived keys (never their secrets).
 #[utoipa::path(
     get,
     path = "/api/v1/agents/{id}",
@@ -127,7 +135,10 @@ pub async fn list(
 )]
 pub async fn get(State(state): State<AppState>, _: Operator, ApiPath(id): ApiPath<AgentId>) -> ApiResult<Response> {
     let rec = state.store.get_agent(id).await?.ok_or_else(|| ApiError::not_found("agent"))?;
-    Ok(axum::Json(Data { data: agent_view(&state, rec) }).into_response())
+    let keys = state.store.list_agent_keys(id).await?;
+    let keys = keys.into_iter().map(|k| AgentKey { id: k.id, last4: k.last4, created_at: rfc3339(k.created_at) });
+    let agent = Agent { keys: Some(keys.collect()), ..agent_view(&state, rec) };
+    Ok(axum::Json(Data { data: agent }).into_response())
 }
 
 /// `PATCH /api/v1/agents/{id} {labels, name}`: new labels re-target the

@@ -124,6 +124,18 @@ pub async fn agent_append(
     ctx: AuditContext,
     ApiJson(event): ApiJson<AgentAuditEvent>,
 ) -> ApiResult<Response> {
+    agent_event(&state, &ctx, agent.id, event).await?;
+    Ok((StatusCode::CREATED, axum::Json(Data { data: serde_json::json!({}) })).into_response())
+}
+
+/// Checks an event an agent reports about itself and appends it as
+/// `agent.<action>`; returns once the row is committed.
+pub(crate) async fn agent_event(
+    state: &AppState,
+    ctx: &AuditContext,
+    agent_id: tether_proto::AgentId,
+    event: AgentAuditEvent,
+) -> ApiResult<()> {
     let action_ok = (1..=64).contains(&event.action.len())
         && event.action.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !action_ok {
@@ -132,10 +144,10 @@ pub async fn agent_append(
     if event.target.len() > 256 || event.details.to_string().len() > 4096 {
         return Err(ApiError::bad_request("details", "target ≤ 256 bytes and details ≤ 4 KiB"));
     }
-    let actor = agent.id.to_string();
+    let actor = agent_id.to_string();
     let action = format!("agent.{}", event.action);
     let entry = state.audit_entry(
-        &ctx,
+        ctx,
         AuditEvent {
             actor: &actor,
             actor_kind: "agent",
@@ -145,7 +157,7 @@ pub async fn agent_append(
             details: event.details,
         },
     );
-    // The row is what this call creates: 201 only once it is committed.
+    // The row is what this call creates: a 2xx only once it is committed.
     state.store.append_audit(entry).await?;
-    Ok((StatusCode::CREATED, axum::Json(Data { data: serde_json::json!({}) })).into_response())
+    Ok(())
 }

@@ -38,13 +38,26 @@ pub async fn create(
     ctx: AuditContext,
     ApiJson(req): ApiJson<CreateCommand>,
 ) -> ApiResult<Response> {
+    let body = create_commands(&state, &op, &ctx, req).await?;
+    Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
+}
+
+/// Creates a batch of commands (checked, idempotent by key, audited) and
+/// wakes the agents it targets; shared by the native route and the seed
+/// routes that enqueue.
+pub(crate) async fn create_commands(
+    state: &AppState,
+    op: &Operator,
+    ctx: &AuditContext,
+    req: CreateCommand,
+) -> ApiResult<CreatedCommands> {
     let target =
         req.validate().map_err(|(field, what)| ApiError::bad_request(field, format!("invalid {field}: {what}")))?;
     // serde_json maps are sorted, so this serialization is canonical.
     let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&req).map_err(ApiError::internal)?).into();
     let audit = |created: &CreatedBatch| {
         state.audit_entry(
-            &ctx,
+            ctx,
             AuditEvent::by_user(
                 op.name(),
                 "command.create",
@@ -63,8 +76,7 @@ pub async fn create(
     };
     let created = state.store.create_batch(batch, &audit).await?;
     state.notifier.publish(StreamEvent::Heads(created.heads));
-    let body = CreatedCommands { batch_id: created.batch_id, command_ids: created.command_ids };
-    Ok((StatusCode::CREATED, axum::Json(Data { data: body })).into_response())
+    Ok(CreatedCommands { batch_id: created.batch_id, command_ids: created.command_ids })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -38,13 +38,19 @@ fn version_view(v: ConfigVersionRecord) -> ConfigVersion {
     }
 }
 
-/// The answer to a write: the new version, its `ETag`, and the agents woken.
-fn written(state: &AppState, change: ConfigChange, status: StatusCode) -> Response {
+/// Wakes the agents a committed change appended `config.updated` to; what
+/// is left is the answer to the write.
+fn publish(state: &AppState, change: ConfigChange) -> ConfigWritten {
     let ConfigChange { scope, version, hash, agents_changed, heads } = change;
     state.notifier.publish(StreamEvent::Heads(heads));
-    let mut res =
-        (status, axum::Json(Data { data: ConfigWritten { scope, version, hash, agents_changed } })).into_response();
-    res.headers_mut().insert(header::ETAG, quoted(&version.to_string()));
+    ConfigWritten { scope, version, hash, agents_changed }
+}
+
+/// The answer to a write: the new version, its `ETag`, and the agents woken.
+fn written(data: ConfigWritten, status: StatusCode) -> Response {
+    let tag = quoted(&data.version.to_string());
+    let mut res = (status, axum::Json(Data { data })).into_response();
+    res.headers_mut().insert(header::ETAG, tag);
     res
 }
 
@@ -137,6 +143,22 @@ pub async fn put(
 ) -> ApiResult<Response> {
     let scope = parse_scope(&scope)?;
     let if_match = if_match_version(&headers)?;
+    let data = write(&state, &op, &ctx, scope, if_match, req).await?;
+    let status = if data.version == 1 { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(written(data, status))
+}
+
+/// Writes the next version of `scope` (checked, audited; `if_match` as
+/// protocol.md §6 says) and wakes the agents whose effective configuration
+/// it changed. Shared with the seed route that writes the `global` scope.
+pub(crate) async fn write(
+    state: &AppState,
+    op: &Operator,
+    ctx: &AuditContext,
+    scope: Scope,
+    if_match: Option<u64>,
+    req: PutConfig,
+) -> ApiResult<ConfigWritten> {
     if req.comment.len() > MAX_COMMENT_BYTES {
         return Err(ApiError::bad_request("comment", format!("comment is longer than {MAX_COMMENT_BYTES} bytes")));
     }
@@ -145,7 +167,7 @@ pub async fn put(
         return Err(ApiError::bad_request("doc", format!("doc nests deeper than {MAX_DOC_DEPTH} levels")));
     }
     let audit = state.audit_entry(
-        &ctx,
+        ctx,
         AuditEvent::by_user(op.name(), "config.put", scope.to_string(), json!({"comment": req.comment})),
     );
     let new = NewConfigVersion {
@@ -157,9 +179,8 @@ pub async fn put(
         now: state.clock.now_ms(),
     };
     let change = state.store.put_config(new, audit).await?;
-    let status = if change.version == 1 { StatusCode::CREATED } else { StatusCode::OK };
     tracing::info!(scope = %change.scope, version = change.version, agents = change.agents_changed, "Config written");
-    Ok(written(&state, change, status))
+    Ok(publish(state, change))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -227,7 +248,7 @@ pub async fn rollback(
         AuditEvent::by_user(op.name(), "config.rollback", scope.to_string(), json!({"to_version": req.version})),
     );
     let change = state.store.rollback_config(&scope, req.version, op.name(), state.clock.now_ms(), audit).await?;
-    Ok(written(&state, change, StatusCode::OK))
+    Ok(written(publish(&state, change), StatusCode::OK))
 }
 
 /// `GET /api/v1/configs/{scope}/status`: of the agents the scope targets,
@@ -290,14 +311,24 @@ pub async fn agent_config(
     )
 )]
 pub async fn own(State(state): State<AppState>, agent: AgentCaller, if_none_match: IfNoneMatch) -> ApiResult<Response> {
+    own_config(&state, &agent, &if_none_match, |effective| axum::Json(Data { data: effective }).into_response()).await
+}
+
+/// The caller's effective configuration, conditionally: 304 when
+/// `If-None-Match` names its hash already, else 200 with `body` made of it;
+/// `ETag` is the hash either way. Shared with the seed routes, which only
+/// shape the body differently.
+pub(crate) async fn own_config(
+    state: &AppState,
+    agent: &AgentCaller,
+    if_none_match: &IfNoneMatch,
+    body: impl FnOnce(EffectiveConfig) -> Response,
+) -> ApiResult<Response> {
     let effective: EffectiveConfig =
         state.store.effective_config(agent.id).await?.ok_or_else(ApiError::unauthenticated)?;
     let tag = quoted(&effective.hash);
-    let mut res = if if_none_match.matches(&effective.hash) {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        axum::Json(Data { data: effective }).into_response()
-    };
+    let mut res =
+        if if_none_match.matches(&effective.hash) { StatusCode::NOT_MODIFIED.into_response() } else { body(effective) };
     res.headers_mut().insert(header::ETAG, tag);
     Ok(res)
 }

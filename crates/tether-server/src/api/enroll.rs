@@ -1,5 +1,6 @@
 //! Agent identity endpoints: enrollment and refresh-token rotation, in the
-//! native, certificate-agent (protocol.md §16.4) and OAuth (`/oauth/token`) forms.
+//! native, certificate-agent (protocol.md §16.4) and OAuth (`/oauth/token`) forms,
+//! and seed 003's refresh that keeps a current refresh token (docs/compat.md).
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -62,6 +63,33 @@ pub async fn enroll(
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> ApiResult<Response> {
     let public_key = parse_public_key(&req.public_key)?;
+    let enrollment = Enrollment {
+        enroll_token: req.enroll_token,
+        hostname: req.hostname,
+        labels: req.labels,
+        facts: req.facts,
+        public_key,
+    };
+    let pair = enroll_agent(&state, &ctx, enrollment).await?;
+    Ok(no_store((StatusCode::CREATED, axum::Json(Data { data: pair })).into_response()))
+}
+
+/// What an agent enrolls with, whichever route it came by.
+pub(crate) struct Enrollment {
+    pub enroll_token: String,
+    pub hostname: String,
+    pub labels: tether_proto::Labels,
+    pub facts: serde_json::Value,
+    /// The raw Ed25519 key the agent signs with; empty for an agent of a
+    /// seed design that has none (it cannot sign requests then).
+    pub public_key: Vec<u8>,
+}
+
+/// Enrolls an agent with a one-time enrollment token (protocol.md §3, way 1):
+/// validates the request, creates the agent and its first token pair, and
+/// audits the attempt either way.
+pub(crate) async fn enroll_agent(state: &AppState, ctx: &AuditContext, req: Enrollment) -> ApiResult<TokenPair> {
+    let public_key = req.public_key;
     if !hostname_ok(&req.hostname) {
         return Err(ApiError::bad_request(
             "hostname",
@@ -75,7 +103,7 @@ pub async fn enroll(
         NewAgent { id: AgentId::new(), hostname: req.hostname, labels: req.labels, facts: req.facts, public_key };
     let audit = |rec: &AgentRecord| {
         state.audit_entry(
-            &ctx,
+            ctx,
             AuditEvent {
                 actor: &rec.id.to_string(),
                 actor_kind: "agent",
@@ -95,7 +123,7 @@ pub async fn enroll(
         Err(StoreError::NotFound(_)) => {
             state
                 .audit(
-                    &ctx,
+                    ctx,
                     AuditEvent {
                         actor: "anonymous",
                         actor_kind: "anonymous",
@@ -111,13 +139,12 @@ pub async fn enroll(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(agent_id = %rec.id, hostname = %rec.hostname, "Agent enrolled");
-    let pair = TokenPair {
+    Ok(TokenPair {
         agent_id: rec.id,
         access_token: state.tokens.issue(rec.id, state.clock.now_s()),
         refresh_token,
         expires_in: ACCESS_TOKEN_TTL_S,
-    };
-    Ok(no_store((StatusCode::CREATED, axum::Json(Data { data: pair })).into_response()))
+    })
 }
 
 /// Why a refresh failed, before it is shaped for the route's error format.
@@ -127,18 +154,33 @@ enum RefreshFailure {
     Api(ApiError),
 }
 
+/// Per-family bucket (protocol.md §11): one agent stuck in a refresh loop must
+/// not use up the per-IP budget of the rest of its NAT'ed fleet.
+async fn charge_family(state: &AppState, presented: &str) -> Result<(), RefreshFailure> {
+    let family = state.store.refresh_family(hash_token(presented)).await.map_err(|e| RefreshFailure::Api(e.into()))?;
+    if let Some(family) = family {
+        state.limits.refresh_family(&family).map_err(RefreshFailure::Api)?;
+    }
+    Ok(())
+}
+
 async fn rotate(
     state: &AppState,
     ctx: &AuditContext,
     presented: &str,
     expected_agent: Option<AgentId>,
 ) -> Result<TokenPair, RefreshFailure> {
-    // Per-family bucket (protocol.md §11): one agent stuck in a refresh loop must
-    // not use up the per-IP budget of the rest of its NAT'ed fleet.
-    let family = state.store.refresh_family(hash_token(presented)).await.map_err(|e| RefreshFailure::Api(e.into()))?;
-    if let Some(family) = family {
-        state.limits.refresh_family(&family).map_err(RefreshFailure::Api)?;
-    }
+    charge_family(state, presented).await?;
+    rotate_charged(state, ctx, presented, expected_agent).await
+}
+
+/// [`rotate`] once the family's bucket has been charged.
+async fn rotate_charged(
+    state: &AppState,
+    ctx: &AuditContext,
+    presented: &str,
+    expected_agent: Option<AgentId>,
+) -> Result<TokenPair, RefreshFailure> {
     let refresh_token = new_token(REFRESH_TOKEN_PREFIX);
     let now = state.clock.now_ms();
     // Written by the store, in the rotation's transaction, only on reuse
@@ -207,11 +249,57 @@ pub async fn refresh(
     ctx: AuditContext,
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> ApiResult<Response> {
-    match rotate(&state, &ctx, &req.refresh_token, Some(req.device_public_id)).await {
-        Ok(pair) => Ok(no_store(axum::Json(Data { data: pair }).into_response())),
-        Err(RefreshFailure::Invalid) => Err(ApiError::new(ErrorKey::Unauthenticated, "refresh token is invalid")),
-        Err(RefreshFailure::Revoked) => Err(ApiError::new(ErrorKey::DeviceRevoked, "this agent has been revoked")),
-        Err(RefreshFailure::Api(e)) => Err(e),
+    let pair = refresh_agent(&state, &ctx, &req).await?;
+    Ok(no_store(axum::Json(Data { data: pair }).into_response()))
+}
+
+/// Rotates the refresh token of the agent `device_public_id` names
+/// (protocol.md §3), failures in the error envelope.
+async fn refresh_agent(state: &AppState, ctx: &AuditContext, req: &RefreshRequest) -> ApiResult<TokenPair> {
+    rotate(state, ctx, &req.refresh_token, Some(req.device_public_id)).await.map_err(refresh_error)
+}
+
+/// A new access token for a refresh token that stays valid: seed 003's
+/// `/auth/token/refresh`, whose agents store their refresh token once and
+/// never replace it (docs/compat.md). A current token (never used, not
+/// revoked, of a live agent, the one `device_public_id` names) is answered
+/// with itself as the pair's refresh token. Every other token goes through
+/// the native rotation (protocol.md §3) and its errors: one a native refresh
+/// already rotated is reuse there (the family dies), unknown, foreign and
+/// dead ones are 401, a revoked agent `DEVICE_REVOKED`. The family's bucket
+/// is charged once either way.
+pub(crate) async fn refresh_agent_keeping_token(
+    state: &AppState,
+    ctx: &AuditContext,
+    req: &RefreshRequest,
+) -> ApiResult<TokenPair> {
+    let presented = &req.refresh_token;
+    let refreshed = async {
+        charge_family(state, presented).await?;
+        let current = state
+            .store
+            .current_refresh_agent(Some(req.device_public_id), hash_token(presented))
+            .await
+            .map_err(|e| RefreshFailure::Api(e.into()))?;
+        match current {
+            Some(agent_id) => Ok(TokenPair {
+                agent_id,
+                access_token: state.tokens.issue(agent_id, state.clock.now_s()),
+                refresh_token: presented.clone(),
+                expires_in: ACCESS_TOKEN_TTL_S,
+            }),
+            None => rotate_charged(state, ctx, presented, Some(req.device_public_id)).await,
+        }
+    };
+    refreshed.await.map_err(refresh_error)
+}
+
+/// A refresh failure in the error envelope.
+fn refresh_error(failure: RefreshFailure) -> ApiError {
+    match failure {
+        RefreshFailure::Invalid => ApiError::new(ErrorKey::Unauthenticated, "refresh token is invalid"),
+        RefreshFailure::Revoked => ApiError::new(ErrorKey::DeviceRevoked, "this agent has been revoked"),
+        RefreshFailure::Api(e) => e,
     }
 }
 

@@ -50,6 +50,20 @@ pub struct EventsQuery {
 /// `GET /api/v1/events`: `id` is the audit row id, `event` its action,
 /// `data` the row as `GET /api/v1/audit` shows it. Without `Last-Event-ID`
 /// (or `?after=`) the feed starts with the next event.
+/// One event of the feed as an SSE client reads it: documents the wire
+/// form for the OpenAPI document; the stream itself is written by axum's
+/// `Event`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "a schema only, never built")]
+pub struct FeedEvent {
+    /// The audit row's id: `Last-Event-ID` resumes after it.
+    id: String,
+    /// The audit action, e.g. `agent.offline`.
+    event: String,
+    /// The audit row as JSON.
+    data: String,
+}
+
 #[utoipa::path(
     get,
     path = "/api/v1/events",
@@ -58,7 +72,7 @@ pub struct EventsQuery {
     params(EventsQuery),
     security(("bearer" = []), ("basic" = []), ("session" = [], "csrf" = [])),
     responses(
-        (status = 200, description = "text/event-stream of audit rows", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream of audit rows", content_type = "text/event-stream", body = FeedEvent),
         (status = "default", description = "Error envelope (protocol.md §2)", body = tether_proto::ErrorEnvelope),
     )
 )]

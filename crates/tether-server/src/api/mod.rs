@@ -1,4 +1,21 @@
-//! The route table: every endpoint of the server, in one place.
+//! The route table: every endpoint of the server, in one place (the seed
+//! designs' routes in [`seed`], one table per seed).
+
+/// Declares every route once: the router and the access table are both
+/// generated from this list, so no route can exist without an access rule.
+/// Used here for the native routes and in [`seed`] for each seed's.
+macro_rules! route_table {
+    ($( $access:ident $method:ident $path:literal => $handler:path ),* $(,)?) => {
+        /// Every route of this table with the callers it admits (protocol.md §15).
+        pub const ROUTES: &[$crate::api::RouteSpec] = &[
+            $( $crate::api::RouteSpec { method: stringify!($method), path: $path, access: $crate::api::Access::$access } ),*
+        ];
+
+        pub fn router(state: &$crate::state::AppState) -> axum::Router<$crate::state::AppState> {
+            axum::Router::new() $( .route($path, $crate::auth::signing::for_access(state, $crate::api::Access::$access, axum::routing::$method($handler))) )*
+        }
+    };
+}
 
 mod agents;
 mod audit;
@@ -16,6 +33,7 @@ mod metrics;
 pub mod openapi;
 mod page;
 pub mod prometheus;
+mod seed;
 mod session;
 mod stream;
 mod telemetry;
@@ -48,21 +66,6 @@ pub struct RouteSpec {
     pub method: &'static str,
     pub path: &'static str,
     pub access: Access,
-}
-
-/// Declares every route once: the router and the access table are both
-/// generated from this list, so no route can exist without an access rule.
-macro_rules! route_table {
-    ($( $access:ident $method:ident $path:literal => $handler:path ),* $(,)?) => {
-        /// Every route with the callers it admits (protocol.md §15).
-        pub const ROUTES: &[RouteSpec] = &[
-            $( RouteSpec { method: stringify!($method), path: $path, access: Access::$access } ),*
-        ];
-
-        fn router(state: &AppState) -> Router<AppState> {
-            Router::new() $( .route($path, crate::auth::signing::for_access(state, Access::$access, axum::routing::$method($handler))) )*
-        }
-    };
 }
 
 route_table! {
@@ -163,15 +166,24 @@ route_table! {
 /// The stream long-poll route, rate-limited by its own rule (protocol.md §4).
 pub const UPDATES_PATH: &str = "/api/v1/agents/self/updates";
 
+/// Seed 003's alias of [`UPDATES_PATH`] (`seed/s003.rs`), under the same rule.
+pub const SEED_UPDATES_PATH: &str = "/apiv1/devices/self/updates";
+
 pub use events::MAX_EVENT_STREAMS;
 
 /// The access rule of the route that matched `method` and `path` (a route template).
 pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
-    ROUTES.iter().find(|r| r.path == path && r.method.eq_ignore_ascii_case(method.as_str())).map(|r| r.access)
+    std::iter::once(ROUTES)
+        .chain(seed::TABLES.iter().copied())
+        .flatten()
+        .find(|r| r.path == path && r.method.eq_ignore_ascii_case(method.as_str()))
+        .map(|r| r.access)
 }
 
 pub fn routes(state: AppState) -> Router {
+    let seeds = if state.config.seed_routes { seed::router(&state) } else { seed::unmounted() };
     router(&state)
+        .merge(seeds)
         .merge(crate::web::router())
         .layer(prometheus::HttpMetricsLayer)
         .layer(DefaultBodyLimit::max(crate::error::DEFAULT_BODY_LIMIT))

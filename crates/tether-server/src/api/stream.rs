@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use tether_proto::command::Command;
 use tether_proto::signal::{COMMAND_QUEUED, CommandQueued, Updates};
 use tether_proto::{AgentId, CommandId, Cursor, Data, ErrorKey};
 
@@ -82,6 +83,30 @@ pub async fn updates(
     IfNoneMatch(if_none_match): IfNoneMatch,
     ApiQuery(q): ApiQuery<UpdatesQuery>,
 ) -> ApiResult<Response> {
+    Ok(match poll(&state, &agent, if_none_match, q).await? {
+        Polled::Idle(cursor) => with_etag(StatusCode::NO_CONTENT, cursor, None),
+        Polled::Signals(cursor, body) => with_etag(StatusCode::OK, cursor, Some(body)),
+    })
+}
+
+/// What a poll found.
+pub(crate) enum Polled {
+    /// Nothing after the cursor (204).
+    Idle(Cursor),
+    /// Signals after the cursor, and the cursor after them (200).
+    Signals(Cursor, Updates),
+}
+
+/// One poll of the caller's stream (protocol.md §4): range checks, the
+/// cursor from the query or `If-None-Match`, the poll bucket, parking,
+/// revocation and `CURSOR_EXPIRED`. Shared with seed 003's alias, which
+/// only presents the answer differently.
+pub(crate) async fn poll(
+    state: &AppState,
+    agent: &AgentCaller,
+    if_none_match: Option<String>,
+    q: UpdatesQuery,
+) -> ApiResult<Polled> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request("limit", format!("limit must be 1..={MAX_LIMIT}")));
@@ -97,7 +122,7 @@ pub async fn updates(
         state.limits.immediate_poll(agent.id)?;
     }
     if start.head <= from && wait > 0 {
-        park(&state, &mut rx, wait, |s| {
+        park(state, &mut rx, wait, |s| {
             s.head > from || s.poll_gen != generation || s.revoked || s.epoch != start.epoch
         })
         .await;
@@ -110,11 +135,11 @@ pub async fn updates(
         return Err(ApiError::new(ErrorKey::CursorExpired, "the stream was reset or pruned past the cursor; resync"));
     }
     if now.head <= from || now.poll_gen != generation {
-        return Ok(with_etag(StatusCode::NO_CONTENT, Cursor { epoch: start.epoch, seq: from }, None));
+        return Ok(Polled::Idle(Cursor { epoch: start.epoch, seq: from }));
     }
 
-    let (cursor, body) = deliver(&state, agent.id, Cursor { epoch: start.epoch, seq: from }, limit).await?;
-    Ok(with_etag(StatusCode::OK, cursor, Some(body)))
+    let (cursor, body) = deliver(state, agent.id, Cursor { epoch: start.epoch, seq: from }, limit).await?;
+    Ok(Polled::Signals(cursor, body))
 }
 
 /// The cursor of a poll or WebSocket (query or `If-None-Match`); none or
@@ -184,14 +209,28 @@ pub async fn next_command(
     agent: AgentCaller,
     ApiQuery(q): ApiQuery<NextQuery>,
 ) -> ApiResult<Response> {
-    let wait = check_wait(q.wait)?;
+    match wait_next_command(&state, &agent, check_wait(q.wait)?).await? {
+        Some(cmd) => Ok(axum::Json(Data { data: cmd }).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+/// The agent's next queued command, marked delivered, waiting up to
+/// `wait_s` seconds (at most [`MAX_WAIT_S`]) for one; shared by
+/// `commands/next` and the seed routes that long-poll for a command.
+pub(crate) async fn wait_next_command(
+    state: &AppState,
+    agent: &AgentCaller,
+    wait_s: u32,
+) -> ApiResult<Option<Command>> {
+    let wait = wait_s.min(MAX_WAIT_S);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.into());
     let mut rx = agent.stream.subscribe();
     loop {
         let head = rx.borrow_and_update().head;
         let now = state.clock.now_ms();
         if let Some(cmd) = state.store.take_next_command(agent.id, now).await? {
-            return Ok(axum::Json(Data { data: cmd }).into_response());
+            return Ok(Some(cmd));
         }
         // Woken by any new signal; not every signal is a command, so look again.
         let parked = state.streams.park();
@@ -205,8 +244,7 @@ pub async fn next_command(
             return Err(revoked_error(&agent.stream));
         }
         if !woken {
-            break;
+            return Ok(None);
         }
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -30,7 +30,8 @@ const RAW_UP_TO_MS: Millis = 2 * 86_400_000;
 /// …hourly rollups up to this long; longer ranges get daily ones.
 const HOURLY_UP_TO_MS: Millis = 62 * 86_400_000;
 
-fn problem(p: BatchProblem) -> ApiError {
+/// A batch refused before the store saw it: 413 over the limit, 400 naming the field.
+pub(crate) fn problem(p: BatchProblem) -> ApiError {
     match p {
         BatchProblem::TooMany { limit } => {
             ApiError::new(ErrorKey::PayloadTooLarge, format!("a batch holds at most {limit} items"))
@@ -58,24 +59,33 @@ pub async fn ingest(
     agent: AgentCaller,
     ApiJson(batch): ApiJson<MetricBatch, BATCH_BODY_LIMIT>,
 ) -> ApiResult<Response> {
+    let accepted = store_batch(&state, agent.id, &batch).await?;
+    Ok(axum::Json(Data { data: accepted }).into_response())
+}
+
+/// Checks a metric batch whole, then stores it once per `batch_id`.
+pub(crate) async fn store_batch(
+    state: &AppState,
+    agent_id: AgentId,
+    batch: &MetricBatch,
+) -> ApiResult<MetricBatchAccepted> {
     let now = state.clock.now_ms();
     let oldest = now - state.config.telemetry.retention.raw_metrics.as_millis() as Millis;
     batch.check(now, oldest).map_err(problem)?;
     let new = NewMetrics {
-        agent_id: agent.id,
+        agent_id,
         batch_id: &batch.batch_id,
         points: &batch.points,
         max_series: state.config.telemetry.max_series_per_agent,
         now,
     };
-    let accepted = match state.store.store_metrics(new).await? {
+    Ok(match state.store.store_metrics(new).await? {
         MetricsOutcome::Stored { points } => {
             metrics::counter!("tether_metric_points_stored_total").increment(points);
             MetricBatchAccepted { stored: points, duplicate: false }
         }
         MetricsOutcome::Duplicate => MetricBatchAccepted { stored: 0, duplicate: true },
-    };
-    Ok(axum::Json(Data { data: accepted }).into_response())
+    })
 }
 
 /// `POST /api/v1/agents/self/inventory {upsert, remove}`
@@ -95,9 +105,15 @@ pub async fn change_inventory(
     agent: AgentCaller,
     ApiJson(change): ApiJson<InventoryChange, BATCH_BODY_LIMIT>,
 ) -> ApiResult<Response> {
-    change.check().map_err(problem)?;
-    state.store.change_inventory(agent.id, &change.upsert, &change.remove, state.clock.now_ms()).await?;
+    apply_inventory(&state, agent.id, &change).await?;
     Ok(axum::Json(Data { data: serde_json::json!({}) }).into_response())
+}
+
+/// Checks an inventory change whole, then applies it as one.
+pub(crate) async fn apply_inventory(state: &AppState, agent_id: AgentId, change: &InventoryChange) -> ApiResult<()> {
+    change.check().map_err(problem)?;
+    state.store.change_inventory(agent_id, &change.upsert, &change.remove, state.clock.now_ms()).await?;
+    Ok(())
 }
 
 /// `PUT /api/v1/agents/self/inventory {items}`: the whole inventory.

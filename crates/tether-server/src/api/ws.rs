@@ -36,8 +36,11 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(50);
 /// A frame the agent does not take within this long ends the connection.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite's defaults (128 KiB read buffer) would cost ~130 KB per idle
-/// agent; frames are small and bigger ones just take a few reads.
-const BUFFER_BYTES: usize = 4 * 1024;
+/// agent. Frames are small (a heartbeat, a status); a big result frame takes
+/// more reads of this size, a cost paid only when one arrives, while the
+/// buffer is held by every idle connection (docs/benchmarks.md: 1 KiB cost
+/// ~0.6 KB more per agent than 512 bytes).
+const BUFFER_BYTES: usize = 512;
 /// After a close, an agent that has not come back within this long goes
 /// offline: a reconnect for a fresh token or to another replica is no flap.
 const OFFLINE_GRACE: Duration = Duration::from_secs(2);
@@ -102,16 +105,19 @@ enum Ended {
 async fn serve(state: AppState, agent: AgentCaller, ctx: AuditContext, cursor: Cursor, mut socket: WebSocket) {
     let generation = agent.stream.begin_poll();
     metrics::gauge!("tether_websockets_open").increment(1.0);
-    // Connecting counts as being seen at once (not at the next batched
-    // flush), so the presence job marks a returning agent online promptly.
-    if let Err(e) = state.store.touch_agents(&[(agent.id, state.clock.now_ms())]).await {
-        tracing::debug!(agent_id = %agent.id, error = %e, "Recording a WebSocket connect failed");
-    }
+    // The upgrade request already counted as seen (`AgentCaller`); like a
+    // poll, that reaches `last_seen` with the next batched flush. A write per
+    // connect instead cost ~6 KB of server memory per agent in the
+    // realtime bench (docs/benchmarks.md) and a transaction per agent in a
+    // reconnect storm.
     let ended = session(&state, &agent, &ctx, cursor, generation, &mut socket).await;
     metrics::gauge!("tether_websockets_open").decrement(1.0);
     drop(socket);
     if ended == Ended::Gone {
-        went_away(&state, &agent, generation).await;
+        // Boxed here and in `session`: a task holds room for its largest
+        // await, and the store's futures are far larger than an idle
+        // connection's own state.
+        Box::pin(went_away(&state, &agent, generation)).await;
     }
 }
 
@@ -125,7 +131,9 @@ async fn session(
 ) -> Ended {
     let mut rx = agent.stream.subscribe();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
-    let token_ends = tokio::time::sleep_until(Instant::now() + agent.token_lifetime_left(state.clock.now_ms()));
+    // An agent key does not expire: its connection has no such end.
+    let lifetime = agent.token_lifetime_left(state.clock.now_ms());
+    let token_ends = tokio::time::sleep_until(Instant::now() + lifetime.unwrap_or_default());
     tokio::pin!(token_ends);
     let mut heard = Instant::now();
     loop {
@@ -136,7 +144,7 @@ async fn session(
         if now.poll_gen != generation {
             return close(socket, close::NORMAL, "replaced by a newer connection").await.and(Ended::Replaced);
         }
-        if agent.stream.token_revoked(agent.issued_at) {
+        if agent.token_revoked() {
             return close(socket, close::TOKEN_EXPIRED, "access token revoked").await;
         }
         if now.epoch != sent.epoch || sent.seq < now.floor {
@@ -144,9 +152,9 @@ async fn session(
                 .await;
         }
         if now.head > sent.seq {
-            match deliver(state, agent.id, sent, MAX_LIMIT).await {
+            match Box::pin(deliver(state, agent.id, sent, MAX_LIMIT)).await {
                 Ok((cursor, updates)) => {
-                    if !send(socket, &ServerFrame::Signals(updates)).await {
+                    if !send(socket, ServerFrame::Signals(updates)).await {
                         return Ended::Gone;
                     }
                     sent = cursor;
@@ -168,8 +176,8 @@ async fn session(
                 agent.stream.seen(state.clock.now_ms());
                 match msg {
                     Some(Ok(Message::Text(text))) => {
-                        let reply = answer(state, agent, ctx, text.as_str()).await;
-                        if !send(socket, &reply).await {
+                        let reply = Box::pin(answer(state, agent, ctx, text.as_str())).await;
+                        if !send(socket, reply).await {
                             return Ended::Gone;
                         }
                     }
@@ -195,7 +203,7 @@ async fn session(
                     return Ended::Gone;
                 }
             }
-            () = &mut token_ends => {
+            () = &mut token_ends, if lifetime.is_some() => {
                 return close(socket, close::TOKEN_EXPIRED, "access token expired").await;
             }
             () = state.shutdown.cancelled() => {
@@ -245,19 +253,26 @@ async fn handle(state: &AppState, agent: &AgentCaller, ctx: &AuditContext, frame
     }
 }
 
-async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> bool {
-    match serde_json::to_string(frame) {
-        Ok(text) => send_message(socket, Message::Text(Utf8Bytes::from(text))).await,
+/// Encodes and writes one frame (see [`send_message`]); the frame is
+/// dropped before the write is awaited.
+fn send(socket: &mut WebSocket, frame: ServerFrame) -> Sending<'_> {
+    match serde_json::to_string(&frame) {
+        Ok(text) => send_message(socket, Message::Text(Utf8Bytes::from(text))),
         Err(e) => {
             tracing::error!(error = %e, "Encoding a WebSocket frame failed");
-            false
+            Box::pin(std::future::ready(false))
         }
     }
 }
 
+/// A write in progress: boxed, so the connection's task does not keep room
+/// for a message and a timer while it idles (protocol.md §9: thousands of
+/// idle agents per server).
+type Sending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
+
 /// Writes one frame, or gives up on an agent that does not read it in time.
-async fn send_message(socket: &mut WebSocket, msg: Message) -> bool {
-    matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await, Ok(Ok(())))
+fn send_message(socket: &mut WebSocket, msg: Message) -> Sending<'_> {
+    Box::pin(async move { matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await, Ok(Ok(()))) })
 }
 
 /// Says why in a close frame (best effort), then the connection ends.

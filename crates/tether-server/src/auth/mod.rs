@@ -1,6 +1,7 @@
-//! Who is calling: agent access tokens, operator API tokens and HTTP Basic.
-//! An agent credential never works on operator routes and vice versa.
+//! Who is calling: agent access tokens and keys, operator API tokens and
+//! HTTP Basic. An agent credential never works on operator routes and vice versa.
 
+pub mod agent_key;
 pub mod jwt;
 pub mod password;
 pub mod secret;
@@ -26,16 +27,37 @@ use crate::stream::AgentStream;
 pub struct AgentCaller {
     pub id: AgentId,
     pub stream: Arc<AgentStream>,
-    /// When the access token was issued (seconds since the epoch).
-    pub issued_at: u64,
+    pub credential: AgentCredential,
+}
+
+/// What an agent proved who it is with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentCredential {
+    /// An access token, issued at this instant (seconds since the epoch).
+    AccessToken { issued_at: u64 },
+    /// A long-lived agent key (`tta_…`, protocol.md §16.5): it never
+    /// expires and belongs to no refresh family; it ends with its agent.
+    Key,
 }
 
 impl AgentCaller {
-    /// How long the access token stays valid: a WebSocket authenticated by
-    /// it closes then (protocol.md §9).
-    pub fn token_lifetime_left(&self, now: tether_store::Millis) -> std::time::Duration {
-        let expires_ms = self.issued_at.saturating_add(jwt::ACCESS_TOKEN_TTL_S).saturating_mul(1000);
-        std::time::Duration::from_millis(expires_ms.saturating_sub(now.max(0) as u64))
+    /// How long the credential stays valid, `None` for one that does not
+    /// expire (an agent key): a WebSocket authenticated by it closes then
+    /// (protocol.md §9).
+    pub fn token_lifetime_left(&self, now: tether_store::Millis) -> Option<std::time::Duration> {
+        let AgentCredential::AccessToken { issued_at } = self.credential else { return None };
+        let expires_ms = issued_at.saturating_add(jwt::ACCESS_TOKEN_TTL_S).saturating_mul(1000);
+        Some(std::time::Duration::from_millis(expires_ms.saturating_sub(now.max(0) as u64)))
+    }
+
+    /// Whether a refresh-token reuse revoked the credential since it was
+    /// checked. Only access tokens: an agent key is in no refresh family
+    /// (revoking or deleting the agent ends it instead).
+    pub fn token_revoked(&self) -> bool {
+        match self.credential {
+            AgentCredential::AccessToken { issued_at } => self.stream.token_revoked(issued_at),
+            AgentCredential::Key => false,
+        }
     }
 }
 
@@ -95,33 +117,46 @@ impl FromRequestParts<AppState> for AgentCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(ApiError::unauthenticated)?;
-        let (id, issued_at) = state.tokens.verify_issued(token).map_err(|e| match e {
-            jwt::TokenError::Expired { expired_at } => {
-                let at = time::OffsetDateTime::from_unix_timestamp(expired_at as i64)
-                    .ok()
-                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
-                ApiError::new(ErrorKey::TokenExpired, "access token expired").with("expired_at", json!(at))
+        let (id, credential) = if token.starts_with(secret::AGENT_KEY_PREFIX) {
+            let id = state.agent_keys.agent_of(state.store.as_ref(), token).await?;
+            (id.ok_or_else(ApiError::unauthenticated)?, AgentCredential::Key)
+        } else {
+            let (id, issued_at) = state.tokens.verify_issued(token).map_err(|e| match e {
+                jwt::TokenError::Expired { expired_at } => {
+                    let at = time::OffsetDateTime::from_unix_timestamp(expired_at as i64)
+                        .ok()
+                        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+                    ApiError::new(ErrorKey::TokenExpired, "access token expired").with("expired_at", json!(at))
+                }
+                jwt::TokenError::Invalid => ApiError::unauthenticated(),
+            })?;
+            (id, AgentCredential::AccessToken { issued_at })
+        };
+        let Some(stream) = state.streams.get(state.store.as_ref(), id).await? else {
+            // The agent is gone (deleted): a key remembered for it goes too.
+            if credential == AgentCredential::Key {
+                state.agent_keys.forget(token);
             }
-            jwt::TokenError::Invalid => ApiError::unauthenticated(),
-        })?;
-        let stream = state.streams.get(state.store.as_ref(), id).await?.ok_or_else(ApiError::unauthenticated)?;
+            return Err(ApiError::unauthenticated());
+        };
         if stream.state().revoked {
             return Err(revoked_error(&stream));
         }
+        let caller = Self { id, stream, credential };
         // Refresh-token reuse revoked every access token issued until then.
-        if stream.token_revoked(issued_at) {
+        if caller.token_revoked() {
             return Err(ApiError::unauthenticated());
         }
         // Stream polls have their own bucket, charged only when answered at once.
         let path = parts.extensions.get::<axum::extract::MatchedPath>().map(|p| p.as_str());
-        if path != Some(crate::api::UPDATES_PATH) {
+        if !matches!(path, Some(crate::api::UPDATES_PATH | crate::api::SEED_UPDATES_PATH)) {
             state.limits.agent(id)?;
         }
-        signing::verify(parts, state, id, stream.public_key()).await?;
+        signing::verify(parts, state, id, caller.stream.public_key()).await?;
         // Only a fully verified request counts as the agent being online: a
         // stolen token without the key must not keep it looking alive.
-        stream.seen(state.clock.now_ms());
-        Ok(Self { id, stream, issued_at })
+        caller.stream.seen(state.clock.now_ms());
+        Ok(caller)
     }
 }
 

@@ -16,6 +16,8 @@ pub const API_TOKEN_PREFIX: &str = "tth_";
 pub const ENROLL_TOKEN_PREFIX: &str = "tte_";
 /// Prefix of agent refresh tokens.
 pub const REFRESH_TOKEN_PREFIX: &str = "ttr_";
+/// Prefix of long-lived agent keys (printer-fleet agents, protocol.md §16.5).
+pub const AGENT_KEY_PREFIX: &str = "tta_";
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];

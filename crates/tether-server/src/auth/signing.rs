@@ -91,10 +91,13 @@ where
             return Either::Left(self.inner.call(req));
         }
         // Buffering costs up to 1 MiB: only for a caller whose access token
-        // verifies. Anyone else goes on unbuffered and the extractor refuses
-        // it from the headers alone, as for an unsigned request.
-        let authenticated = super::bearer_token(req.headers()).is_some_and(|t| self.state.tokens.verify(t).is_ok());
-        if !authenticated {
+        // or agent key verifies. Anyone else goes on unbuffered and the
+        // extractor refuses it from the headers alone, as for an unsigned request.
+        let bearer = super::bearer_token(req.headers());
+        let by_token = bearer.is_some_and(|t| self.state.tokens.verify(t).is_ok());
+        // An agent key is looked up (memory, else the store) before buffering.
+        let key = bearer.filter(|t| !by_token && super::agent_key::looks_like_key(t)).map(str::to_owned);
+        if !by_token && key.is_none() {
             return Either::Left(self.inner.call(req));
         }
         if axum::body::HttpBody::is_end_stream(req.body()) {
@@ -105,7 +108,13 @@ where
         // The clone that was not polled ready stays behind (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
         Either::Right(Box::pin(async move {
+            if let Some(key) = key
+                && !matches!(state.agent_keys.agent_of(state.store.as_ref(), &key).await, Ok(Some(_)))
+            {
+                return inner.call(req).await;
+            }
             let (mut parts, body) = req.into_parts();
             let bytes = match http_body_util::Limited::new(body, DEFAULT_BODY_LIMIT).collect().await {
                 Ok(collected) => collected.to_bytes(),

@@ -344,6 +344,7 @@ impl AgentStore for PgStore {
             "DELETE FROM agent_items WHERE agent_id = $1",
             "DELETE FROM issued_certs WHERE agent_id = $1",
             "DELETE FROM refresh_tokens WHERE agent_id = $1",
+            "DELETE FROM agent_keys WHERE agent_id = $1",
             "DELETE FROM device_grants WHERE agent_id = $1",
             "DELETE FROM request_nonces WHERE agent_id = $1",
             "DELETE FROM agents WHERE id = $1",

@@ -302,6 +302,7 @@ impl AgentStore for SqliteStore {
             "DELETE FROM agent_items WHERE agent_id = ?",
             "DELETE FROM issued_certs WHERE agent_id = ?",
             "DELETE FROM refresh_tokens WHERE agent_id = ?",
+            "DELETE FROM agent_keys WHERE agent_id = ?",
             "DELETE FROM device_grants WHERE agent_id = ?",
             "DELETE FROM request_nonces WHERE agent_id = ?",
             "DELETE FROM agents WHERE id = ?",

@@ -5,12 +5,15 @@ use sqlx::Row;
 use tether_proto::AgentId;
 
 use super::SqliteStore;
-use super::rows::enroll_token_from_row;
+use super::rows::{agent_key_from_row, enroll_token_from_row};
 use crate::audit::AuditEntry;
-use crate::rows::ENROLL_TOKEN_COLUMNS;
+use crate::rows::{AGENT_KEY_COLUMNS, ENROLL_TOKEN_COLUMNS};
 use crate::rules::refresh::{self, PresentedToken, RefreshDecision, Successor};
 use crate::sql::{json_text, parse_id, q};
-use crate::{EnrollTokenRecord, Entity, Millis, NewEnrollToken, RefreshOutcome, Result, StoreError, TokenStore};
+use crate::{
+    AgentKeyRecord, EnrollTokenRecord, Entity, Millis, NewAgentKey, NewEnrollToken, RefreshOutcome, Result, StoreError,
+    TokenStore,
+};
 
 #[async_trait]
 impl TokenStore for SqliteStore {
@@ -157,5 +160,63 @@ impl TokenStore for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(RefreshOutcome::Rotated { agent_id, lost_response_retry })
+    }
+
+    async fn current_refresh_agent(
+        &self,
+        expected_agent: Option<AgentId>,
+        presented_hash: [u8; 32],
+    ) -> Result<Option<AgentId>> {
+        let expected = expected_agent.map(|a| a.to_string());
+        let id: Option<String> = sqlx::query_scalar(
+            "SELECT t.agent_id FROM refresh_tokens t JOIN agents a ON a.id = t.agent_id
+             WHERE t.token_hash = ? AND t.used_at IS NULL AND t.revoked_at IS NULL AND a.revoked_at IS NULL
+               AND (? IS NULL OR t.agent_id = ?)",
+        )
+        .bind(&presented_hash[..])
+        .bind(&expected)
+        .bind(&expected)
+        .fetch_optional(&self.reader)
+        .await?;
+        id.map(|id| parse_id(&id)).transpose()
+    }
+
+    async fn create_agent_key(&self, key: NewAgentKey, now: Millis, audit: AuditEntry) -> Result<AgentKeyRecord> {
+        let mut tx = self.begin().await?;
+        let agent = super::agents::active_agent(&mut tx, key.agent_id).await?;
+        if let Some(name) = &key.agent_name {
+            sqlx::query("UPDATE agents SET name = ? WHERE id = ?")
+                .bind(name)
+                .bind(agent.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("INSERT INTO agent_keys (id, agent_id, key_hash, last4, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&key.id)
+            .bind(agent.id.to_string())
+            .bind(&key.key_hash[..])
+            .bind(&key.last4)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        super::audit::insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(AgentKeyRecord { id: key.id, agent_id: agent.id, last4: key.last4, created_at: now })
+    }
+
+    async fn find_agent_key(&self, key_hash: [u8; 32]) -> Result<Option<AgentId>> {
+        let id: Option<String> = sqlx::query_scalar("SELECT agent_id FROM agent_keys WHERE key_hash = ?")
+            .bind(&key_hash[..])
+            .fetch_optional(&self.reader)
+            .await?;
+        id.map(|id| parse_id(&id)).transpose()
+    }
+
+    async fn list_agent_keys(&self, agent_id: AgentId) -> Result<Vec<AgentKeyRecord>> {
+        let rows = q!("SELECT {AGENT_KEY_COLUMNS} FROM agent_keys WHERE agent_id = ? ORDER BY created_at, id")
+            .bind(agent_id.to_string())
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(agent_key_from_row).collect()
     }
 }

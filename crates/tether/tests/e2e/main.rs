@@ -13,6 +13,7 @@ mod python;
 mod realtime;
 mod run;
 mod schemathesis;
+mod seed_agent;
 mod shutdown;
 mod signing;
 mod startup;
