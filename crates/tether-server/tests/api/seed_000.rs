@@ -11,7 +11,7 @@ use tether_proto::agent::{EnrollRequest, TokenPair};
 use tether_proto::command::CommandStatus;
 use tether_proto::user::{CreateApiToken, CreateUser};
 
-use crate::common::{TestApp, public_key, spawn_app, spawn_app_with, until_parked};
+use crate::common::{TestApp, error_key, public_key, spawn_app, spawn_app_with, until_parked};
 
 const ENQUEUE: &str = "/api/v1/agent/commands/enqueue";
 const WAIT: &str = "/api/v1/agent/commands/wait";
@@ -68,12 +68,6 @@ async fn report(app: &TestApp, token: &str, agent: &str, body: &Value) -> reqwes
         .send()
         .await
         .expect("report")
-}
-
-async fn error_key(res: reqwest::Response) -> (u16, String) {
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.expect("error envelope");
-    (status, body["error"]["key"].as_str().expect("key").to_owned())
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use tether_proto::Labels;
 use tether_proto::agent::{EnrollRequest, TokenPair};
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 
-use crate::common::{TestApp, public_key, spawn_app, spawn_app_with};
+use crate::common::{TestApp, error_key, public_key, spawn_app, spawn_app_with};
 
 async fn agent_on(app: &TestApp, hostname: &str) -> TokenPair {
     let req = EnrollRequest {
@@ -34,12 +34,6 @@ async fn queue(app: &TestApp, agent: &TokenPair, name: &str, args: Value, priori
     req.args = args;
     req.priority = priority;
     app.admin.create_command(&req).await.expect("create").command_ids[0]
-}
-
-async fn status_and_key(res: reqwest::Response) -> (u16, String) {
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.expect("error envelope");
-    (status, body["error"]["key"].as_str().expect("key").to_owned())
 }
 
 #[tokio::test]
@@ -87,7 +81,7 @@ async fn poll_by_host_then_results_are_succeeded_or_failed_for_operators() {
     // The native idempotency: the same result again is fine, a different one conflicts.
     assert_eq!(post_result(&app, token, &ok).await.status(), 200);
     let flipped = json!({"command_id": isolate, "success": false, "message": "Network isolated"});
-    assert_eq!(status_and_key(post_result(&app, token, &flipped).await).await, (409, "CONFLICT".to_owned()));
+    assert_eq!(error_key(post_result(&app, token, &flipped).await).await, (409, "CONFLICT".to_owned()));
     app.stop().await;
 }
 
@@ -109,11 +103,11 @@ async fn other_hosts_wrong_credentials_and_bad_bodies_are_refused() {
     assert_eq!(app.admin.get_command(their_cmd).await.expect("get").status, CommandStatus::Queued);
     // Another agent's command is not found for the caller.
     let res = post_result(&app, token, &json!({"command_id": their_cmd, "success": true, "message": "done"})).await;
-    assert_eq!(status_and_key(res).await, (404, "NOT_FOUND".to_owned()));
+    assert_eq!(error_key(res).await, (404, "NOT_FOUND".to_owned()));
 
     // No, wrong or operator credentials.
     let anon = app.http().get(app.url("/command/poll?host=web-01")).send().await.expect("send");
-    assert_eq!(status_and_key(anon).await, (401, "UNAUTHENTICATED".to_owned()));
+    assert_eq!(error_key(anon).await, (401, "UNAUTHENTICATED".to_owned()));
     assert_eq!(poll(&app, "garbage", "web-01").await.status(), 401);
     assert_eq!(poll(&app, &app.admin_token, "web-01").await.status(), 401);
     let body = json!({"command_id": their_cmd, "success": true});
@@ -123,14 +117,14 @@ async fn other_hosts_wrong_credentials_and_bad_bodies_are_refused() {
 
     // Malformed: no host, ids that are not tether's, missing fields, bad JSON; oversize 413.
     let res = app.http().get(app.url("/command/poll")).bearer_auth(token).send().await.expect("send");
-    assert_eq!(status_and_key(res).await, (400, "BAD_REQUEST".to_owned()));
+    assert_eq!(error_key(res).await, (400, "BAD_REQUEST".to_owned()));
     for bad in [
         json!({"command_id": 123, "success": true, "message": "Network isolated"}),
         json!({"command_id": "123", "success": true}),
         json!({"command_id": their_cmd, "message": "no success field"}),
         json!({"command_id": their_cmd, "success": "yes"}),
     ] {
-        assert_eq!(status_and_key(post_result(&app, token, &bad).await).await.0, 400, "{bad}");
+        assert_eq!(error_key(post_result(&app, token, &bad).await).await.0, 400, "{bad}");
     }
     let res = app
         .http()
@@ -141,9 +135,9 @@ async fn other_hosts_wrong_credentials_and_bad_bodies_are_refused() {
         .send()
         .await
         .expect("send");
-    assert_eq!(status_and_key(res).await, (400, "BAD_REQUEST".to_owned()));
+    assert_eq!(error_key(res).await, (400, "BAD_REQUEST".to_owned()));
     let huge = json!({"command_id": their_cmd, "success": true, "data": "x".repeat(1024 * 1024)});
-    assert_eq!(status_and_key(post_result(&app, token, &huge).await).await, (413, "PAYLOAD_TOO_LARGE".to_owned()));
+    assert_eq!(error_key(post_result(&app, token, &huge).await).await, (413, "PAYLOAD_TOO_LARGE".to_owned()));
     app.stop().await;
 }
 

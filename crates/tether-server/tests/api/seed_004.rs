@@ -14,7 +14,7 @@ use tether_proto::Labels;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::common::{TestApp, spawn_app};
+use crate::common::{TestApp, error_key, spawn_app};
 
 const REGISTER: &str = "/api/v1/agents/register";
 const HEARTBEAT: &str = "/api/v1/agents/heartbeat";
@@ -75,12 +75,6 @@ async fn admin_get(app: &TestApp, path: &str) -> Value {
     let res = get(app, &app.admin_token, path).await;
     assert_eq!(res.status(), 200, "{path}");
     res.json().await.expect("json")
-}
-
-async fn error_key(res: reqwest::Response) -> (u16, String) {
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.expect("error envelope");
-    (status, body["error"]["key"].as_str().expect("key").to_owned())
 }
 
 /// The seed's heartbeat, field for field.

@@ -117,3 +117,10 @@ pub async fn until_parked(state: &tether_server::state::AppState, n: usize) {
     }
     panic!("{n} poll(s) never parked (parked: {})", state.streams.parked());
 }
+
+/// The status and the error envelope's `key` of a refused request.
+pub async fn error_key(res: reqwest::Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    let body: serde_json::Value = res.json().await.expect("error envelope");
+    (status, body["error"]["key"].as_str().expect("key").to_owned())
+}
