@@ -85,11 +85,7 @@ pub async fn connect(
         .max_write_buffer_size(2 * MAX_FRAME_BYTES)
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| async move {
-            // The connection counts against the server's cap until the socket closes.
-            let _slot = slot;
-            serve(state, agent, ctx, cursor, socket).await;
-        }))
+        .on_upgrade(move |socket| serve(Connection { state, agent, ctx, slot }, cursor, socket)))
 }
 
 /// Why a connection ended.
@@ -102,22 +98,38 @@ enum Ended {
     ShuttingDown,
 }
 
-async fn serve(state: AppState, agent: AgentCaller, ctx: AuditContext, cursor: Cursor, mut socket: WebSocket) {
-    let generation = agent.stream.begin_poll();
-    metrics::gauge!("tether_websockets_open").increment(1.0);
-    // The upgrade request already counted as seen (`AgentCaller`); like a
-    // poll, that reaches `last_seen` with the next batched flush. A write per
-    // connect instead cost ~6 KB of server memory per agent in the
-    // realtime bench (docs/benchmarks.md) and a transaction per agent in a
-    // reconnect storm.
-    let ended = session(&state, &agent, &ctx, cursor, generation, &mut socket).await;
-    metrics::gauge!("tether_websockets_open").decrement(1.0);
-    drop(socket);
-    if ended == Ended::Gone {
-        // Boxed here and in `session`: a task holds room for its largest
-        // await, and the store's futures are far larger than an idle
-        // connection's own state.
-        Box::pin(went_away(&state, &agent, generation)).await;
+/// What a connection holds for its whole life.
+struct Connection {
+    state: AppState,
+    agent: AgentCaller,
+    ctx: AuditContext,
+    /// The connection counts against the server's cap until the socket closes.
+    slot: Option<Extension<ConnSlot>>,
+}
+
+/// Not an `async fn`: its arguments would be stored twice in the task (as
+/// arguments, then as locals; rust-lang/rust#62958), and this future is
+/// what every idle agent costs the server.
+#[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice")]
+fn serve(conn: Connection, cursor: Cursor, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
+    async move {
+        let Connection { state, agent, ctx, slot: _slot } = &conn;
+        let generation = agent.stream.begin_poll();
+        metrics::gauge!("tether_websockets_open").increment(1.0);
+        // The upgrade request already counted as seen (`AgentCaller`); like a
+        // poll, that reaches `last_seen` with the next batched flush. A write per
+        // connect instead cost ~6 KB of server memory per agent in the
+        // realtime bench (docs/benchmarks.md) and a transaction per agent in a
+        // reconnect storm.
+        let ended = session(state, agent, ctx, cursor, generation, &mut socket).await;
+        metrics::gauge!("tether_websockets_open").decrement(1.0);
+        drop(socket);
+        if ended == Ended::Gone {
+            // Boxed here and in `session`: a task holds room for its largest
+            // await, and the store's futures are far larger than an idle
+            // connection's own state.
+            Box::pin(went_away(state, agent, generation)).await;
+        }
     }
 }
 
