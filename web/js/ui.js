@@ -266,11 +266,24 @@ export function secretBox(label, value) {
 }
 
 /** Pager for keyset pages: `stack` holds the cursors of the pages before. */
-export function pager({ hasPrev, hasNext, onPrev, onNext, info }) {
+function pager({ hasPrev, hasNext, onPrev, onNext, info }) {
   return el('div', { class: 'pager' },
     info ? el('span', null, info) : null,
     button('← Previous', onPrev, { disabled: !hasPrev, class: 'small' }),
     button('Next →', onNext, { disabled: !hasNext, class: 'small' }));
+}
+
+// Previous/Next over a cursor-paged list: `state.cursor` is the page shown,
+// `state.next` the server's next cursor, `state.before` the cursors of the
+// pages before it; `load()` fetches `state.cursor` again.
+export function cursorPager(state, load, info) {
+  return pager({
+    hasPrev: state.before.length > 0,
+    hasNext: !!state.next,
+    info,
+    onPrev: () => { state.cursor = state.before.pop() || ''; load(); },
+    onNext: () => { state.before.push(state.cursor); state.cursor = state.next; load(); },
+  });
 }
 
 export const TERMINAL = new Set(['succeeded', 'failed', 'timed_out', 'rejected', 'cancelled', 'expired', 'lost']);

@@ -3,7 +3,7 @@
 // agents. Status dots flip on agent.online / agent.offline events.
 
 import * as api from '../api.js';
-import { el, field, input, select, table, tableRow, statusDot, chips, time, link, heading, pager, errorBox, replace, debounce, parseLabels } from '../ui.js';
+import { el, field, input, select, table, tableRow, statusDot, chips, time, link, heading, cursorPager, errorBox, replace, debounce, parseLabels } from '../ui.js';
 
 const COLUMNS = [
   { title: 'Status', cell: (a) => statusDot(a.status) },
@@ -89,20 +89,8 @@ export default async function agents(ctx) {
     });
     tbody = view.querySelector('tbody');
     const first = state.before.length === 0;
-    replace(results, view, pager({
-      hasPrev: !first,
-      hasNext: !!state.next,
-      info: `${page.data.length} shown${first ? '' : ` · page ${state.before.length + 1}`}`,
-      onPrev: () => {
-        state.cursor = state.before.pop() || '';
-        load();
-      },
-      onNext: () => {
-        state.before.push(state.cursor);
-        state.cursor = state.next;
-        load();
-      },
-    }));
+    replace(results, view,
+      cursorPager(state, load, `${page.data.length} shown${first ? '' : ` · page ${state.before.length + 1}`}`));
     // For the browser tests' timing: navigation or filter change → rows on screen.
     performance.mark('agents-rendered');
     window.dispatchEvent(new CustomEvent('tether:agents-rendered', { detail: { rows: page.data.length } }));

@@ -2,7 +2,7 @@
 // happen (on the first page). Admins see every row, others their own.
 
 import * as api from '../api.js';
-import { el, field, input, table, badge, heading, time, pager, errorBox, replace, debounce } from '../ui.js';
+import { el, field, input, table, badge, heading, time, cursorPager, errorBox, replace, debounce } from '../ui.js';
 
 const ACTIONS = ['login.ok', 'login.failed', 'agent.enroll', 'agent.update', 'agent.revoke', 'agent.delete', 'agent.online', 'agent.offline',
   'command.create', 'command.cancel', 'command.result', 'batch.cancel', 'config.put', 'config.rollback', 'device.approve', 'device.deny',
@@ -58,12 +58,7 @@ export default async function audit(ctx) {
       { title: 'IP', cell: (r) => r.ip || '—' },
       { title: 'Details', cell: (r) => (r.details && Object.keys(r.details).length ? el('details', null, el('summary', null, 'show'), el('pre', { class: 'light' }, JSON.stringify(r.details, null, 2))) : ''), class: 'wrap' },
     ], page.data, { empty: 'No audit rows match.', rowProps: (r) => ({ dataset: { auditId: String(r.id) } }) }),
-    pager({
-      hasPrev: state.before.length > 0,
-      hasNext: !!state.next,
-      onPrev: () => { state.cursor = state.before.pop() || ''; load(); },
-      onNext: () => { state.before.push(state.cursor); state.cursor = state.next; load(); },
-    }));
+    cursorPager(state, load));
   }
 
   const restart = () => { state.cursor = ''; state.before = []; load(); };

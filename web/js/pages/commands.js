@@ -1,7 +1,7 @@
 // Commands, newest first, filtered by state, agent or batch, keyset paged.
 
 import * as api from '../api.js';
-import { el, field, input, select, table, badge, link, heading, time, pager, errorBox, replace, button, toast, debounce, TERMINAL } from '../ui.js';
+import { el, field, input, select, table, badge, link, heading, time, cursorPager, errorBox, replace, button, toast, debounce, TERMINAL } from '../ui.js';
 
 const STATES = ['queued', 'delivered', 'running', 'succeeded', 'failed', 'timed_out', 'rejected', 'cancelled', 'expired', 'lost'];
 
@@ -64,12 +64,7 @@ export default async function commands(ctx) {
     }
     replace(results,
       table(columns, page.data, { empty: 'No commands match.', rowProps: (c) => ({ dataset: { commandId: c.id, status: c.status } }) }),
-      pager({
-        hasPrev: state.before.length > 0,
-        hasNext: !!state.next,
-        onPrev: () => { state.cursor = state.before.pop() || ''; load(); },
-        onNext: () => { state.before.push(state.cursor); state.cursor = state.next; load(); },
-      }));
+      cursorPager(state, load));
   }
 
   const restart = () => { state.cursor = ''; state.before = []; load(); };

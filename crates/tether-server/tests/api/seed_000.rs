@@ -6,29 +6,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tether_client::{Client, Credentials};
-use tether_proto::Labels;
-use tether_proto::agent::{EnrollRequest, TokenPair};
 use tether_proto::command::CommandStatus;
 use tether_proto::user::{CreateApiToken, CreateUser};
 
-use crate::common::{TestApp, error_key, public_key, spawn_app, spawn_app_with, until_parked};
+use crate::common::{TestApp, error_key, spawn_app, spawn_app_with, until_parked};
 
 const ENQUEUE: &str = "/api/v1/agent/commands/enqueue";
 const WAIT: &str = "/api/v1/agent/commands/wait";
 const REPORT: &str = "/api/v1/agent/commands/report";
-
-/// Enrolls an agent whose name and hostname are `hostname` (a status-panel
-/// agent's `AGENT_ID`).
-async fn agent_named(app: &TestApp, hostname: &str) -> TokenPair {
-    let req = EnrollRequest {
-        enroll_token: app.enroll_token(Labels::new(), 1).await,
-        public_key: public_key(),
-        hostname: hostname.into(),
-        labels: Labels::new(),
-        facts: json!({}),
-    };
-    app.anon().enroll(&req).await.expect("enroll")
-}
 
 /// The seed's enqueue: `curl -X POST …/enqueue -H 'X-Agent-Id: …' -d '{…}'`,
 /// with an operator credential.
@@ -73,7 +58,7 @@ async fn report(app: &TestApp, token: &str, agent: &str, body: &Value) -> reqwes
 #[tokio::test]
 async fn the_seed_curl_enqueue_reaches_the_long_polling_agent_which_reports_then_times_out() {
     let app = spawn_app().await;
-    let agent = agent_named(&app, "my-agent").await;
+    let agent = app.agent_on("my-agent").await;
     let token = agent.access_token.as_str();
 
     let res =
@@ -128,7 +113,7 @@ async fn the_seed_curl_enqueue_reaches_the_long_polling_agent_which_reports_then
 #[tokio::test]
 async fn a_parked_wait_wakes_on_enqueue_and_a_long_timeout_is_served_within_the_native_bound() {
     let app = spawn_app().await;
-    let agent = agent_named(&app, "edge-7").await;
+    let agent = app.agent_on("edge-7").await;
     let id = agent.agent_id.to_string();
     let poll = {
         let (http, url, token) = (app.http(), app.url(&format!("{WAIT}?timeout=600")), agent.access_token.clone());
@@ -177,8 +162,8 @@ async fn operator_token(app: &TestApp, username: &str, role: &str) -> String {
 #[tokio::test]
 async fn wrong_credentials_other_agents_and_bad_bodies_are_refused() {
     let app = spawn_app().await;
-    let mine = agent_named(&app, "mine").await;
-    let theirs = agent_named(&app, "theirs").await;
+    let mine = app.agent_on("mine").await;
+    let theirs = app.agent_on("theirs").await;
     let token = mine.access_token.as_str();
     let body = json!({"id": "c1", "name": "ping", "params": {}});
 
@@ -220,8 +205,8 @@ async fn wrong_credentials_other_agents_and_bad_bodies_are_refused() {
 
     // Enqueue: unknown agent 404, a name two agents share 400, bad bodies 400, oversize 413.
     assert_eq!(error_key(enqueue(&app, &app.admin_token, "nobody", &body).await).await.0, 404);
-    agent_named(&app, "twin").await;
-    agent_named(&app, "twin").await;
+    app.agent_on("twin").await;
+    app.agent_on("twin").await;
     assert_eq!(error_key(enqueue(&app, &app.admin_token, "twin", &body).await).await.0, 400);
     for bad in [
         json!({"id": "c2", "name": "has space", "params": {}}),
@@ -271,7 +256,7 @@ async fn wrong_credentials_other_agents_and_bad_bodies_are_refused() {
 #[tokio::test]
 async fn without_seed_routes_the_seed_000_routes_are_not_found() {
     let app = spawn_app_with(|c| c.seed_routes = false).await;
-    let agent = agent_named(&app, "my-agent").await;
+    let agent = app.agent_on("my-agent").await;
     let body = json!({"id": "cmd-001", "name": "date", "params": {}});
     assert_eq!(enqueue(&app, &app.admin_token, "my-agent", &body).await.status(), 404);
     assert_eq!(wait(&app, &agent.access_token, "my-agent", "0").await.status(), 404);

@@ -3,22 +3,10 @@
 //! seed's shapes; operators see the outcome as native statuses.
 
 use serde_json::{Value, json};
-use tether_proto::Labels;
-use tether_proto::agent::{EnrollRequest, TokenPair};
+use tether_proto::agent::TokenPair;
 use tether_proto::command::{CommandStatus, CreateCommand, Target};
 
-use crate::common::{TestApp, error_key, public_key, spawn_app, spawn_app_with};
-
-async fn agent_on(app: &TestApp, hostname: &str) -> TokenPair {
-    let req = EnrollRequest {
-        enroll_token: app.enroll_token(Labels::new(), 1).await,
-        public_key: public_key(),
-        hostname: hostname.into(),
-        labels: Labels::new(),
-        facts: json!({}),
-    };
-    app.anon().enroll(&req).await.expect("enroll")
-}
+use crate::common::{TestApp, error_key, spawn_app, spawn_app_with};
 
 /// `GET /command/poll?host=HOSTNAME`, as the sentinel sends it.
 async fn poll(app: &TestApp, token: &str, host: &str) -> reqwest::Response {
@@ -39,7 +27,7 @@ async fn queue(app: &TestApp, agent: &TokenPair, name: &str, args: Value, priori
 #[tokio::test]
 async fn poll_by_host_then_results_are_succeeded_or_failed_for_operators() {
     let app = spawn_app().await;
-    let agent = agent_on(&app, "web-01").await;
+    let agent = app.agent_on("web-01").await;
     let token = agent.access_token.as_str();
 
     let res = poll(&app, token, "web-01").await;
@@ -88,8 +76,8 @@ async fn poll_by_host_then_results_are_succeeded_or_failed_for_operators() {
 #[tokio::test]
 async fn other_hosts_wrong_credentials_and_bad_bodies_are_refused() {
     let app = spawn_app().await;
-    let mine = agent_on(&app, "web-01").await;
-    let theirs = agent_on(&app, "web-02").await;
+    let mine = app.agent_on("web-01").await;
+    let theirs = app.agent_on("web-02").await;
     let token = mine.access_token.as_str();
     let their_cmd = queue(&app, &theirs, "kill_process", json!({"pid": 4242}), 5).await;
 
@@ -144,7 +132,7 @@ async fn other_hosts_wrong_credentials_and_bad_bodies_are_refused() {
 #[tokio::test]
 async fn without_seed_routes_the_seed_001_routes_are_not_found() {
     let app = spawn_app_with(|c| c.seed_routes = false).await;
-    let agent = agent_on(&app, "web-01").await;
+    let agent = app.agent_on("web-01").await;
     assert_eq!(poll(&app, &agent.access_token, "web-01").await.status(), 404);
     let body = json!({"command_id": "x", "success": true});
     assert_eq!(post_result(&app, &agent.access_token, &body).await.status(), 404);

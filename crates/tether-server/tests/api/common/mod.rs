@@ -92,6 +92,18 @@ impl TestApp {
         (self.anon().with_bearer(pair.access_token.clone()), pair)
     }
 
+    /// Enrolls a new agent on host `hostname`, with no labels or facts.
+    pub async fn agent_on(&self, hostname: &str) -> TokenPair {
+        let req = EnrollRequest {
+            enroll_token: self.enroll_token(Labels::new(), 1).await,
+            public_key: public_key(),
+            hostname: hostname.into(),
+            labels: Labels::new(),
+            facts: serde_json::json!({}),
+        };
+        self.anon().enroll(&req).await.expect("enroll")
+    }
+
     pub fn http(&self) -> reqwest::Client {
         reqwest::Client::new()
     }
