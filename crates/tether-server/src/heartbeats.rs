@@ -12,8 +12,10 @@ use std::collections::HashMap;
 
 use tether_proto::AgentId;
 use tether_store::{HeartbeatRow, Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+pub use crate::group_commit::Stopped;
+use crate::group_commit::{self, Waiting, share};
 
 /// Heartbeats waiting for the writer; beyond it handlers wait to queue.
 /// Each holds at most a 4 KiB body.
@@ -21,81 +23,44 @@ const QUEUE: usize = 4_000;
 /// Most heartbeats in one transaction.
 const MAX_GROUP: usize = 2_000;
 
-type Waiter = oneshot::Sender<Result<(), StoreError>>;
+type Outcome = Result<(), StoreError>;
 
 /// The handlers' side of the writer.
 #[derive(Debug, Clone)]
-pub struct HeartbeatWriter(mpsc::Sender<(HeartbeatRow, Waiter)>);
+pub struct HeartbeatWriter(group_commit::Writer<HeartbeatRow, Outcome>);
 
 /// The writer's side, consumed by [`run`].
 #[derive(Debug)]
-pub struct HeartbeatQueue(mpsc::Receiver<(HeartbeatRow, Waiter)>);
-
-/// The heartbeat could not be written because the server is stopping.
-#[derive(Debug)]
-pub struct Stopped;
+pub struct HeartbeatQueue(group_commit::Queue<HeartbeatRow, Outcome>);
 
 pub fn channel() -> (HeartbeatWriter, HeartbeatQueue) {
-    let (tx, rx) = mpsc::channel(QUEUE);
+    let (tx, rx) = group_commit::channel(QUEUE);
     (HeartbeatWriter(tx), HeartbeatQueue(rx))
 }
 
 impl HeartbeatWriter {
     /// Queues `row` and waits until its group is committed (or failed).
-    pub async fn write(&self, row: HeartbeatRow) -> Result<Result<(), StoreError>, Stopped> {
-        let (done, outcome) = oneshot::channel();
-        self.0.send((row, done)).await.map_err(|_| Stopped)?;
-        outcome.await.map_err(|_| Stopped)
+    pub async fn write(&self, row: HeartbeatRow) -> Result<Outcome, Stopped> {
+        self.0.submit(row).await
     }
 }
 
 /// Commits queued heartbeats in groups until `stop` fires, then commits
 /// what is still queued and returns.
-pub async fn run(store: std::sync::Arc<dyn Store>, mut queue: HeartbeatQueue, stop: CancellationToken) {
-    loop {
-        let first = tokio::select! {
-            _ = stop.cancelled() => break,
-            next = queue.0.recv() => match next {
-                Some(item) => item,
-                None => return,
-            },
-        };
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match queue.0.try_recv() {
-                Ok(item) => group.push(item),
-                Err(_) => break,
-            }
-        }
-        commit(store.as_ref(), group).await;
-    }
-    // Nothing new can be queued now; what is queued is still committed.
-    queue.0.close();
-    loop {
-        let mut group = Vec::new();
-        while group.len() < MAX_GROUP {
-            match queue.0.try_recv() {
-                Ok(item) => group.push(item),
-                Err(_) => break,
-            }
-        }
-        if group.is_empty() {
-            return;
-        }
-        commit(store.as_ref(), group).await;
-    }
+pub async fn run(store: std::sync::Arc<dyn Store>, queue: HeartbeatQueue, stop: CancellationToken) {
+    group_commit::run(queue.0, MAX_GROUP, stop, |group| commit(store.as_ref(), group)).await;
 }
 
 /// Writes one group: an agent's later heartbeat in the group supersedes
 /// its earlier one. Every waiter hears how its agent's row went: if the
 /// group fails for a reason other than an unreachable database, each row
 /// is tried on its own, so one bad row fails only its own agent's request.
-async fn commit(store: &dyn Store, group: Vec<(HeartbeatRow, Waiter)>) {
+async fn commit(store: &dyn Store, group: Vec<Waiting<HeartbeatRow, Outcome>>) {
     let mut latest: HashMap<AgentId, usize> = HashMap::with_capacity(group.len());
     for (i, (row, _)) in group.iter().enumerate() {
         latest.insert(row.agent_id, i);
     }
-    let (rows, waiters): (Vec<HeartbeatRow>, Vec<Waiter>) = group.into_iter().unzip();
+    let (rows, waiters): (Vec<HeartbeatRow>, Vec<_>) = group.into_iter().unzip();
     let agents: Vec<AgentId> = rows.iter().map(|r| r.agent_id).collect();
     let rows: Vec<HeartbeatRow> =
         rows.into_iter().enumerate().filter(|(i, row)| latest[&row.agent_id] == *i).map(|(_, row)| row).collect();
@@ -123,14 +88,5 @@ async fn commit(store: &dyn Store, group: Vec<(HeartbeatRow, Waiter)>) {
     metrics::counter!("tether_heartbeats_written_total").increment((rows.len() - failed.len()) as u64);
     for (agent, waiter) in agents.into_iter().zip(waiters) {
         let _ = waiter.send(failed.get(&agent).map_or(Ok(()), |e| Err(share(e))));
-    }
-}
-
-/// The same failure for another waiter (store errors are not `Clone`):
-/// an unreachable database stays a 503, anything else a 500.
-fn share(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(inner) => StoreError::Unavailable(inner.to_string().into()),
-        other => StoreError::Backend(other.to_string().into()),
     }
 }

@@ -12,11 +12,13 @@ pub mod clock;
 mod conn;
 pub mod error;
 mod fsutil;
+mod group_commit;
 mod heartbeats;
 mod jobs;
 pub mod keys;
 pub mod limits;
 pub mod pki;
+mod results;
 pub mod state;
 pub mod stream;
 pub mod tls;
@@ -45,7 +47,7 @@ use crate::stream::{LocalNotifier, Notifier, Streams};
 
 /// How long shutdown waits for open connections before giving up on them…
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
-/// …and then for the jobs' last writes (batched `last_seen`, heartbeats),
+/// …and then for the jobs' last writes (batched `last_seen`, heartbeats, results),
 /// so the whole shutdown stays within 10 s (protocol.md §11).
 const JOBS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -91,6 +93,8 @@ pub struct Server {
     nats: Option<NatsTasks>,
     /// Taken by the heartbeat writer when the server runs.
     heartbeat_queue: heartbeats::HeartbeatQueue,
+    /// Taken by the result writer when the server runs.
+    result_queue: results::ResultQueue,
     /// The webhook and its queue, when one is configured.
     alert_queue: Option<(alerts::WebhookTarget, alerts::AlertQueue)>,
 }
@@ -267,6 +271,7 @@ impl Server {
         };
         tracing::info!(store = %location, nats = nats.is_some(), "Store opened");
         let (heartbeats, heartbeat_queue) = heartbeats::channel();
+        let (results, result_queue) = results::channel();
         let (alerts, alert_queue) = match &config.telemetry.webhook {
             Some(target) => {
                 let (alerts, queue) = alerts::channel();
@@ -294,11 +299,12 @@ impl Server {
             readiness: Default::default(),
             open_connections: Default::default(),
             heartbeats,
+            results,
             alerts,
             fleet_gauges: Default::default(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_EVENT_STREAMS)),
         }));
-        Ok((Self { state, listener, tls, nats, heartbeat_queue, alert_queue }, bootstrap))
+        Ok((Self { state, listener, tls, nats, heartbeat_queue, result_queue, alert_queue }, bootstrap))
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -338,7 +344,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { state, listener, tls, nats, heartbeat_queue, alert_queue } = self;
+        let Self { state, listener, tls, nats, heartbeat_queue, result_queue, alert_queue } = self;
         let app = api::routes(state.clone())
             .layer(tower_http::catch_panic::CatchPanicLayer::new())
             .layer(error::EnvelopeLayer);
@@ -349,6 +355,7 @@ impl Server {
         jobs.spawn(jobs::cert_expiry(state.clone(), state.config.cert_expiry_interval, stop_jobs.clone()));
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
         jobs.spawn(heartbeats::run(state.store.clone(), heartbeat_queue, stop_jobs.clone()));
+        jobs.spawn(results::run(state.store.clone(), result_queue, stop_jobs.clone()));
         jobs.spawn(jobs::presence(state.clone(), state.config.telemetry.presence_interval, stop_jobs.clone()));
         if let Some((target, queue)) = alert_queue {
             jobs.spawn(alerts::deliver(target, queue, stop_jobs.clone()));

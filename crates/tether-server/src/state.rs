@@ -241,6 +241,8 @@ pub struct Inner {
     pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Commits heartbeats in groups.
     pub heartbeats: crate::heartbeats::HeartbeatWriter,
+    /// Commits command results in groups.
+    pub results: crate::results::ResultWriter,
     /// The presence webhook's queue (a no-op without a webhook).
     pub alerts: crate::alerts::Alerts,
     /// The agent and command counts `/metrics` shows, read at most every 15 s.

@@ -17,6 +17,10 @@ use crate::{Millis, Result, Store};
 /// The `prev_hash` of the first row.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
+/// Most audit rows one `INSERT` statement writes (each row binds 11
+/// values; both backends' limits on bound values are far above).
+pub(crate) const ROWS_PER_INSERT: usize = 256;
+
 /// An event to append. No secrets in `details`.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {

@@ -26,8 +26,8 @@ use crate::{
     FileAssignmentRecord, FirstAdmin, FleetCounts, Head, HeartbeatRow, Horizons, InventoryRecord, IssuedRecord,
     ItemChange, ItemKind, MetricQuery, MetricsOutcome, Millis, NewAgent, NewAgentKey, NewBatch, NewCa, NewCert,
     NewConfigVersion, NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, NewMetrics, PresenceChange,
-    PruneCounts, RefreshOutcome, Result, ResultAudit, ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome,
-    User, UserRecord,
+    PruneCounts, RefreshOutcome, Result, ResultAudit, ResultOutcome, ResultToRecord, Role, SealedMaterial,
+    StreamChange, SweepOutcome, User, UserRecord,
 };
 
 #[derive(Debug)]
@@ -456,6 +456,11 @@ impl CommandStore for CountingStore {
     ) -> Result<ResultOutcome> {
         let _t = self.call("report_result");
         self.inner.report_result(agent_id, id, report, now, audit).await
+    }
+
+    async fn report_results(&self, reports: &[ResultToRecord<'_>]) -> Result<Vec<Result<ResultOutcome>>> {
+        let _t = self.call("report_results");
+        self.inner.report_results(reports).await
     }
 
     async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome> {

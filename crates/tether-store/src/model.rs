@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use tether_proto::certs::CertSource;
-use tether_proto::command::{Command, CommandStatus, CreateCommand, TargetSpec};
+use tether_proto::command::{Command, CommandStatus, CreateCommand, ResultReport, TargetSpec};
 use tether_proto::config::{Doc, Scope};
 use tether_proto::telemetry::{MetricPoint, Resolution};
 use tether_proto::{AgentId, BatchId, CommandId, Labels};
@@ -21,6 +21,29 @@ pub type AuditFor<'a, T> = &'a (dyn Fn(&T) -> AuditEntry + Send + Sync);
 /// A recorded result's audit row, from the stored command and whether the
 /// result came late (after the command was marked lost).
 pub type ResultAudit<'a> = &'a (dyn Fn(&Command, bool) -> AuditEntry + Send + Sync);
+
+/// One agent's result report for a command, as
+/// [`crate::CommandStore::report_results`] records it with others.
+#[derive(Clone, Copy)]
+pub struct ResultToRecord<'a> {
+    pub agent_id: AgentId,
+    pub id: CommandId,
+    pub report: &'a ResultReport,
+    pub now: Millis,
+    /// Its `command.result` audit row, appended when the report is recorded.
+    pub audit: ResultAudit<'a>,
+}
+
+impl std::fmt::Debug for ResultToRecord<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultToRecord")
+            .field("agent_id", &self.agent_id)
+            .field("id", &self.id)
+            .field("status", &self.report.status)
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The position of one agent's stream after a write; published to wake waiters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -17,6 +17,9 @@ pub const AGENT_COLUMNS: &str = "id, name, hostname, labels, facts, public_key, 
      epoch, head_seq, floor_seq, created_at, last_seen, revoked_at, revoke_reason, tokens_valid_after, \
      config_hash, config_failed_hash, config_error, online, heartbeat, disconnected_at";
 
+/// Columns read by `result_target_from_row`, in order.
+pub const RESULT_TARGET_COLUMNS: &str = "id, agent_id, status, result_hash";
+
 /// Columns read by `stream_change_from_row`, in order.
 pub const STREAM_COLUMNS: &str = "id, epoch, head_seq, floor_seq, revoked_at, revoke_reason, tokens_valid_after";
 
@@ -107,6 +110,18 @@ macro_rules! decoders {
                 finished_at: opt_time(r.try_get(19)?)?,
                 expires_at: from_millis(r.try_get(20)?)?,
             })
+        }
+
+        /// A command's id and what a result report for it is decided on.
+        pub fn result_target_from_row(
+            r: &$row,
+        ) -> Result<(tether_proto::CommandId, crate::rules::commands::ResultTarget)> {
+            let target = crate::rules::commands::ResultTarget {
+                agent_id: parse_id(r.try_get(1)?)?,
+                status: CommandStatus::from_str(r.try_get(2)?).map_err(StoreError::Corrupt)?,
+                recorded: r.try_get(3)?,
+            };
+            Ok((parse_id(r.try_get(0)?)?, target))
         }
 
         pub fn agent_from_row(r: &$row) -> Result<AgentRecord> {

@@ -120,3 +120,70 @@ pub(crate) async fn read_chunk(source: crate::BlobSource<'_>, buf: &mut [u8]) ->
     }
     Ok(filled)
 }
+
+/// A group of result reports being recorded in one transaction (see
+/// [`crate::CommandStore::report_results`]): decided on the commands as
+/// the backend found them, then the backend writes [`Self::writes`] (in
+/// any order, at most one per command) and hands each stored command back
+/// to [`Self::written`]; [`Self::finish`] gives the answers and the audit
+/// rows to append, both in the reports' order.
+pub(crate) struct ResultGroup<'r, 'a> {
+    reports: &'r [crate::ResultToRecord<'a>],
+    answers: Vec<Option<Result<crate::ResultOutcome>>>,
+    /// The reports to write: their index in the group, whether late, their hash.
+    pub writes: Vec<(usize, bool, [u8; 32])>,
+}
+
+impl<'r, 'a> ResultGroup<'r, 'a> {
+    /// Decides every report on the commands `found` ([`crate::rules::commands::decide_results`]).
+    pub fn decide(
+        reports: &'r [crate::ResultToRecord<'a>],
+        mut found: std::collections::HashMap<tether_proto::CommandId, crate::rules::commands::ResultTarget>,
+    ) -> Self {
+        use crate::rules::commands::{ResultDecision, decide_results};
+        let mut writes = Vec::new();
+        let answers = decide_results(reports, &mut found)
+            .into_iter()
+            .enumerate()
+            .map(|(i, decided)| match decided {
+                Ok((ResultDecision::Record { late }, hash)) => {
+                    writes.push((i, late, hash));
+                    None
+                }
+                Ok((ResultDecision::Unchanged, _)) => Some(Ok(crate::ResultOutcome::Unchanged)),
+                Err(refused) => Some(Err(refused)),
+            })
+            .collect();
+        Self { reports, answers, writes }
+    }
+
+    /// The report at `index` as the backend writes it.
+    pub fn report(&self, index: usize) -> &crate::ResultToRecord<'a> {
+        &self.reports[index]
+    }
+
+    /// `command` is stored now, written for its report.
+    pub fn written(&mut self, command: tether_proto::command::Command) -> Result<()> {
+        let &(i, late, _) = self
+            .writes
+            .iter()
+            .find(|(i, ..)| self.reports[*i].id == command.id)
+            .ok_or_else(|| StoreError::Corrupt(format!("command {} was written for no report", command.id)))?;
+        self.answers[i] = Some(Ok(crate::ResultOutcome::Recorded { late, command: Box::new(command) }));
+        Ok(())
+    }
+
+    /// The answers and the audit rows of the recorded reports, in order.
+    pub fn finish(self) -> Result<(Vec<Result<crate::ResultOutcome>>, Vec<crate::AuditEntry>)> {
+        let mut audits = Vec::with_capacity(self.writes.len());
+        let mut answers = Vec::with_capacity(self.answers.len());
+        for (report, answer) in self.reports.iter().zip(self.answers) {
+            let answer = answer.ok_or_else(|| StoreError::Corrupt(format!("no command {} to write", report.id)))?;
+            if let Ok(crate::ResultOutcome::Recorded { late, command }) = &answer {
+                audits.push((report.audit)(command, *late));
+            }
+            answers.push(answer);
+        }
+        Ok((answers, audits))
+    }
+}

@@ -43,8 +43,8 @@ use crate::{
     FirstAdmin, FleetCounts, Head, HeartbeatRow, Horizons, InventoryRecord, IssuedRecord, ItemChange, ItemKind,
     MetricQuery, MetricsOutcome, Millis, NewAgent, NewAgentKey, NewBatch, NewCa, NewCert, NewConfigVersion,
     NewDeviceGrant, NewEnrollToken, NewFileAssignment, NewGrantOutcome, NewMetrics, PresenceChange, PruneCounts,
-    RefreshOutcome, Result, ResultAudit, ResultOutcome, Role, SealedMaterial, StreamChange, SweepOutcome, User,
-    UserRecord,
+    RefreshOutcome, Result, ResultAudit, ResultOutcome, ResultToRecord, Role, SealedMaterial, StreamChange,
+    SweepOutcome, User, UserRecord,
 };
 
 /// Every area of the store. Implemented for anything that implements them all.
@@ -368,7 +368,9 @@ pub trait CommandStore: Send + Sync {
     /// `running` report; `NotFound` for another agent's command, `Conflict` when terminal.
     async fn report_running(&self, agent_id: AgentId, id: CommandId, now: Millis) -> Result<Command>;
     /// Appends `audit(command, late)` when it records; a repeat of the
-    /// recorded result changes nothing and appends nothing.
+    /// recorded result changes nothing and appends nothing; `NotFound` for
+    /// another agent's command, `Conflict` for a different result of a
+    /// terminal one. [`Self::report_results`] with one report.
     async fn report_result(
         &self,
         agent_id: AgentId,
@@ -376,7 +378,19 @@ pub trait CommandStore: Send + Sync {
         report: &ResultReport,
         now: Millis,
         audit: ResultAudit<'_>,
-    ) -> Result<ResultOutcome>;
+    ) -> Result<ResultOutcome> {
+        let one = [ResultToRecord { agent_id, id, report, now, audit }];
+        self.report_results(&one).await?.pop().expect("one outcome per report")
+    }
+    /// Records several agents' result reports in one transaction (group
+    /// commit): each decided as [`Self::report_result`] would, one after
+    /// another in the order given (a repeat later in `reports` is
+    /// `Unchanged`), with its audit row appended in that order. A report's
+    /// own refusal (`NotFound`, `Conflict`) is its entry of the answer and
+    /// writes nothing for it, the others are recorded; the outer error
+    /// means nothing was written. On PostgreSQL the commands are locked in
+    /// agent then id order (like a batch cancel), the audit head last.
+    async fn report_results(&self, reports: &[ResultToRecord<'_>]) -> Result<Vec<Result<ResultOutcome>>>;
     async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome>;
     async fn cancel_batch(&self, id: BatchId, now: Millis, audit: AuditFor<'_, CancelOutcome>)
     -> Result<CancelOutcome>;

@@ -16,6 +16,7 @@ use tether_store::{CancelOutcome, CommandFilter, CreatedBatch, NewBatch, ResultO
 use crate::api::page::{page_limit, parse_param};
 use crate::auth::{AgentCaller, Operator};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use crate::results::PendingResult;
 use crate::state::{AppState, AuditContext, AuditEvent};
 use crate::stream::StreamEvent;
 
@@ -318,7 +319,9 @@ pub async fn report_result(
 }
 
 /// Records a command's result (once: a different second result is a
-/// conflict); shared by the HTTP route and the agent WebSocket.
+/// conflict); shared by the HTTP route, the agent WebSocket and the seed
+/// routes. The report is committed in a group with others reported at the
+/// same time (`crate::results`); it is answered once its group committed.
 pub(crate) async fn record_result(
     state: &AppState,
     ctx: &AuditContext,
@@ -335,28 +338,35 @@ pub(crate) async fn record_result(
     let cut_out = tether_proto::cap_utf8(&mut report.stdout, MAX_OUTPUT_BYTES);
     let cut_err = tether_proto::cap_utf8(&mut report.stderr, MAX_OUTPUT_BYTES);
     report.truncated |= cut_out || cut_err;
-    let agent_name = agent_id.to_string();
-    let event = |action, outcome, details| AuditEvent {
-        actor: &agent_name,
-        actor_kind: "agent",
-        action,
-        target: id.to_string(),
-        outcome,
-        details,
-    };
-    let audit = |command: &Command, late: bool| {
+    let (audit_state, audit_ctx) = (state.clone(), ctx.clone());
+    let audit = Box::new(move |command: &Command, late: bool| {
         let outcome = if late { "late" } else { "ok" };
-        state.audit_entry(ctx, event("command.result", outcome, json!({"status": command.status})))
-    };
-    match state.store.report_result(agent_id, id, &report, state.clock.now_ms(), &audit).await {
+        let details = json!({"status": command.status});
+        audit_state.audit_entry(&audit_ctx, result_event(&agent_id.to_string(), id, outcome, details))
+    });
+    let status = report.status;
+    let pending = PendingResult { agent_id, id, report, now: state.clock.now_ms(), audit };
+    let recorded = state.results.record(pending).await.map_err(|crate::results::Stopped| {
+        ApiError::unavailable("the server is shutting down", crate::error::STORE_RETRY_AFTER_S)
+    })?;
+    match recorded {
         Ok(ResultOutcome::Recorded { command, .. }) => Ok(json!({"id": id, "status": command.status})),
-        Ok(ResultOutcome::Unchanged) => Ok(json!({"id": id, "status": report.status})),
+        Ok(ResultOutcome::Unchanged) => Ok(json!({"id": id, "status": status})),
         Err(StoreError::Conflict(what)) => {
-            state
-                .audit(ctx, event("command.result", "conflict", json!({"reported": report.status, "reason": what})))
-                .await;
+            let details = json!({"reported": status, "reason": what});
+            state.audit(ctx, result_event(&agent_id.to_string(), id, "conflict", details)).await;
             Err(ApiError::conflict(format!("a different result is already recorded: {what}")))
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// The `command.result` audit event of an agent's report.
+fn result_event<'a>(
+    agent: &'a str,
+    id: CommandId,
+    outcome: &'static str,
+    details: serde_json::Value,
+) -> AuditEvent<'a> {
+    AuditEvent { actor: agent, actor_kind: "agent", action: "command.result", target: id.to_string(), outcome, details }
 }

@@ -1,5 +1,6 @@
 //! Commands: targeting, idempotency, cancellation, result conflicts (protocol.md §5).
 
+use sqlx::Connection;
 use tether_client::CommandQuery;
 use tether_proto::ErrorKey;
 use tether_proto::command::{BatchStatus, CommandStatus, CreateCommand, ResultReport, Target};
@@ -163,4 +164,74 @@ async fn command_list_filters_and_pages() {
         .expect_err("bad status");
     assert_eq!(err.key(), Some(ErrorKey::BadRequest));
     app.stop().await;
+}
+
+/// Results reported while a transaction is committing are recorded
+/// together in the next one (group commit): here the database is held
+/// busy while the first report is being written, so the next ten all queue
+/// and go into one transaction. Each still gets its own answer: a
+/// conflicting report its 409 and a report for another agent's command its
+/// 404, and their neighbours their 200s; the audit chain stays whole.
+#[tokio::test]
+async fn concurrent_results_commit_together_and_a_refused_one_fails_only_itself() {
+    let app = spawn_app().await;
+    let (agent, pair) = app.agent(&[]).await;
+    let (_, other) = app.agent(&[]).await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let req = CreateCommand::new(Target::agents([pair.agent_id]), "ping");
+        ids.push(app.admin.create_command(&req).await.expect("create").command_ids[0]);
+    }
+    let req = CreateCommand::new(Target::agents([other.agent_id]), "ping");
+    let theirs = app.admin.create_command(&req).await.expect("create").command_ids[0];
+    let (ok, failed) = (ResultReport::new(CommandStatus::Succeeded), ResultReport::new(CommandStatus::Failed));
+    let finished = ids[9];
+    agent.report_result(finished, &ok).await.expect("finished first");
+
+    // Another connection holds SQLite's write lock; the writer's next
+    // transaction waits for it (busy timeout 10 s).
+    let url = format!("sqlite://{}", app.dir.path().join("tether.db").display());
+    let mut blocker = sqlx::SqliteConnection::connect(&url).await.expect("open db");
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut blocker).await.expect("hold the write lock");
+    let results = &app.state.results;
+    let before = results.transactions();
+    let report = |id, report: &ResultReport| {
+        let (agent, report) = (agent.clone(), report.clone());
+        tokio::spawn(async move { agent.report_result(id, &report).await.map(drop).map_err(|e| e.status()) })
+    };
+    let first = report(ids[0], &ok);
+    until("the first report is being written", || results.transactions() == before + 1).await;
+    let mut group: Vec<_> = ids[1..9].iter().map(|id| report(*id, &ok)).collect();
+    group.push(report(finished, &failed));
+    group.push(report(theirs, &ok));
+    until("ten reports are queued", || results.queued() == 10).await;
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.expect("release");
+
+    first.await.expect("task").expect("the first report");
+    let mut answers = Vec::new();
+    for task in group {
+        answers.push(task.await.expect("task"));
+    }
+    let mut expected = vec![Ok(()); 8];
+    expected.extend([Err(Some(409)), Err(Some(404))]);
+    assert_eq!(answers, expected, "each report its own answer");
+    assert_eq!(results.transactions() - before, 2, "the ten queued reports were committed in one transaction");
+    for id in &ids {
+        assert_eq!(app.admin.get_command(*id).await.expect("get").status, CommandStatus::Succeeded);
+    }
+    assert_eq!(app.admin.get_command(theirs).await.expect("get").status, CommandStatus::Queued);
+    let chain = app.admin.verify_audit().await.expect("verify");
+    assert!(chain.ok, "{chain:?}");
+    app.stop().await;
+}
+
+/// Waits (bounded: 5 s) until `done` holds; panics naming `what` otherwise.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting until {what}");
 }

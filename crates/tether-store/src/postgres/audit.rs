@@ -4,40 +4,51 @@ use async_trait::async_trait;
 
 use super::rows::audit_from_row;
 use super::{PgStore, Tx};
-use crate::audit::{AuditAnchor, AuditEntry, AuditRecord};
+use crate::audit::{AuditAnchor, AuditEntry, AuditRecord, ROWS_PER_INSERT};
 use crate::rows::AUDIT_COLUMNS;
 use crate::sql::q;
 use crate::{AuditFilter, AuditStore, Result};
 
 /// Appends `entry` to the audit chain inside `tx`, the transaction of the
-/// mutation it describes: both commit or neither does. The chain head row
-/// is locked before it is read, so appends from every server are
-/// serialised and the chain never forks; ids are allocated under the same
-/// lock, so id order is chain order. The hash covers `details` as the exact
-/// text stored.
+/// mutation it describes: both commit or neither does. See [`insert_audits`].
 pub(super) async fn insert_audit(tx: &mut Tx, entry: &AuditEntry) -> Result<()> {
-    let prev: Vec<u8> =
+    insert_audits(tx, std::slice::from_ref(entry)).await
+}
+
+/// Appends `entries` to the audit chain in order, inside `tx`. The chain
+/// head row is locked before it is read, so appends from every server are
+/// serialised and the chain never forks; ids are allocated under the same
+/// lock, in the order of the rows of one multi-row `VALUES` insert, so id
+/// order is chain order. The hash covers `details` as the exact text
+/// stored.
+pub(super) async fn insert_audits(tx: &mut Tx, entries: &[AuditEntry]) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut prev: Vec<u8> =
         sqlx::query_scalar("SELECT hash FROM audit_head WHERE singleton FOR UPDATE").fetch_one(&mut **tx).await?;
-    let details = entry.details_text();
-    let hash = entry.hash_after(&prev, &details);
-    sqlx::query(
-        "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(entry.ts)
-    .bind(&entry.actor)
-    .bind(entry.actor_kind)
-    .bind(&entry.action)
-    .bind(&entry.target)
-    .bind(entry.outcome)
-    .bind(&entry.ip)
-    .bind(&entry.request_id)
-    .bind(&details)
-    .bind(&prev)
-    .bind(&hash[..])
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("UPDATE audit_head SET hash = $1 WHERE singleton").bind(&hash[..]).execute(&mut **tx).await?;
+    for chunk in entries.chunks(ROWS_PER_INSERT) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash) ",
+        );
+        insert.push_values(chunk, |mut row, entry| {
+            let details = entry.details_text();
+            let hash = entry.hash_after(&prev, &details);
+            row.push_bind(entry.ts)
+                .push_bind(&entry.actor)
+                .push_bind(entry.actor_kind)
+                .push_bind(&entry.action)
+                .push_bind(&entry.target)
+                .push_bind(entry.outcome)
+                .push_bind(&entry.ip)
+                .push_bind(&entry.request_id)
+                .push_bind(details)
+                .push_bind(std::mem::replace(&mut prev, hash.to_vec()))
+                .push_bind(hash.to_vec());
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE singleton").bind(&prev).execute(&mut **tx).await?;
     Ok(())
 }
 

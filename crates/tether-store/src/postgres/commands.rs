@@ -1,5 +1,6 @@
 //! Commands, batches and the agents' reports on PostgreSQL.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -8,16 +9,16 @@ use tether_proto::command::{Batch, Command, CommandStatus, ResultReport, TargetS
 use tether_proto::signal::{self, CommandCancelled};
 use tether_proto::{AgentId, BatchId, CommandId};
 
-use super::rows::command_from_row;
+use super::rows::{command_from_row, result_target_from_row};
 use super::signals::append_signal;
 use super::{PgStore, Tx};
 use crate::audit::AuditEntry;
-use crate::rows::COMMAND_COLUMNS;
-use crate::rules::commands::{self as rules, LOST_GRACE_MS, ResultDecision};
-use crate::sql::{from_millis, json_text, parse_id, q, to_millis};
+use crate::rows::{COMMAND_COLUMNS, RESULT_TARGET_COLUMNS};
+use crate::rules::commands::{self as rules, LOST_GRACE_MS};
+use crate::sql::{ResultGroup, from_millis, json_text, parse_id, q, to_millis};
 use crate::{
     AuditFor, CancelOutcome, CommandFilter, CommandStore, CreatedBatch, Entity, Head, Millis, NewBatch, Result,
-    ResultAudit, ResultOutcome, StoreError, SweepOutcome,
+    ResultOutcome, ResultToRecord, StoreError, SweepOutcome,
 };
 
 /// Reads and locks one command: what is decided about it next is decided
@@ -93,6 +94,38 @@ pub(super) async fn targeted_agents(tx: &mut Tx, target: &TargetSpec) -> Result<
         }
     };
     ids.iter().map(|id| parse_id(id)).collect()
+}
+
+/// Recorded result reports as the columns of one `UPDATE … FROM UNNEST`.
+#[derive(Default)]
+struct ResultColumns<'a> {
+    id: Vec<String>,
+    status: Vec<&'static str>,
+    exit_code: Vec<Option<i64>>,
+    stdout: Vec<&'a str>,
+    stderr: Vec<&'a str>,
+    output: Vec<String>,
+    truncated: Vec<bool>,
+    reason: Vec<Option<&'a str>>,
+    hash: Vec<Vec<u8>>,
+    now: Vec<Millis>,
+    started_at: Vec<Option<Millis>>,
+}
+
+impl<'a> ResultColumns<'a> {
+    fn push(&mut self, id: CommandId, report: &'a ResultReport, now: Millis, hash: &[u8; 32]) {
+        self.id.push(id.to_string());
+        self.status.push(report.status.as_str());
+        self.exit_code.push(report.exit_code.map(i64::from));
+        self.stdout.push(&report.stdout);
+        self.stderr.push(&report.stderr);
+        self.output.push(report.output.to_string());
+        self.truncated.push(report.truncated);
+        self.reason.push(report.reason.as_deref());
+        self.hash.push(hash.to_vec());
+        self.now.push(now);
+        self.started_at.push(report.started_at.map(to_millis));
+    }
 }
 
 #[async_trait]
@@ -278,46 +311,56 @@ impl CommandStore for PgStore {
         command_from_row(&row)
     }
 
-    async fn report_result(
-        &self,
-        agent_id: AgentId,
-        id: CommandId,
-        report: &ResultReport,
-        now: Millis,
-        audit: ResultAudit<'_>,
-    ) -> Result<ResultOutcome> {
+    async fn report_results(&self, reports: &[ResultToRecord<'_>]) -> Result<Vec<Result<ResultOutcome>>> {
         let mut tx = self.begin().await?;
-        let cmd = agents_command(&mut tx, agent_id, id).await?;
-        let recorded: Option<Vec<u8>> = sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
+        let ids: Vec<String> = reports.iter().map(|r| r.id.to_string()).collect();
+        // In agent order, then id, like a batch cancel: no two transactions
+        // locking several commands wait for each other in a cycle.
+        let rows =
+            q!("SELECT {RESULT_TARGET_COLUMNS} FROM commands WHERE id = ANY($1) ORDER BY agent_id, id FOR UPDATE")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        let found = rows.iter().map(result_target_from_row).collect::<Result<HashMap<_, _>>>()?;
+        let mut group = ResultGroup::decide(reports, found);
+        if !group.writes.is_empty() {
+            // Every recorded report in one statement, one row per command.
+            let mut cols = ResultColumns::default();
+            for &(i, _, hash) in &group.writes {
+                let r = group.report(i);
+                cols.push(r.id, r.report, r.now, &hash);
+            }
+            let rows = q!("UPDATE commands SET status = u.r_status, exit_code = u.r_exit_code, stdout = u.r_stdout,
+                        stderr = u.r_stderr, output = u.r_output, truncated = u.r_truncated,
+                        reason = COALESCE(u.r_reason, reason), result_hash = u.r_hash, finished_at = u.r_now,
+                        delivered_at = COALESCE(delivered_at, u.r_now),
+                        started_at = COALESCE(started_at, u.r_started_at, u.r_now)
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::boolean[],
+                             $8::text[], $9::bytea[], $10::bigint[], $11::bigint[])
+                   AS u(r_id, r_status, r_exit_code, r_stdout, r_stderr, r_output, r_truncated, r_reason, r_hash,
+                        r_now, r_started_at)
+                 WHERE id = u.r_id RETURNING {COMMAND_COLUMNS}")
+            .bind(cols.id)
+            .bind(cols.status)
+            .bind(cols.exit_code)
+            .bind(cols.stdout)
+            .bind(cols.stderr)
+            .bind(cols.output)
+            .bind(cols.truncated)
+            .bind(cols.reason)
+            .bind(cols.hash)
+            .bind(cols.now)
+            .bind(cols.started_at)
+            .fetch_all(&mut *tx)
             .await?;
-        let hash = rules::result_hash(report);
-        let late = match rules::decide_result(cmd.status, recorded.as_deref(), report, &hash)? {
-            ResultDecision::Unchanged => return Ok(ResultOutcome::Unchanged),
-            ResultDecision::Record { late } => late,
-        };
-        let row = q!("UPDATE commands SET status = $1, exit_code = $2, stdout = $3, stderr = $4, output = $5,
-                    truncated = $6, reason = COALESCE($7, reason), result_hash = $8, finished_at = $9,
-                    delivered_at = COALESCE(delivered_at, $9), started_at = COALESCE(started_at, $10, $9)
-             WHERE id = $11 RETURNING {COMMAND_COLUMNS}")
-        .bind(report.status.as_str())
-        .bind(report.exit_code.map(i64::from))
-        .bind(&report.stdout)
-        .bind(&report.stderr)
-        .bind(report.output.to_string())
-        .bind(report.truncated)
-        .bind(&report.reason)
-        .bind(&hash[..])
-        .bind(now)
-        .bind(report.started_at.map(to_millis))
-        .bind(id.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        let cmd = command_from_row(&row)?;
-        super::audit::insert_audit(&mut tx, &audit(&cmd, late)).await?;
+            for row in &rows {
+                group.written(command_from_row(row)?)?;
+            }
+        }
+        let (answers, audits) = group.finish()?;
+        super::audit::insert_audits(&mut tx, &audits).await?;
         tx.commit().await?;
-        Ok(ResultOutcome::Recorded { late, command: Box::new(cmd) })
+        Ok(answers)
     }
 
     async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome> {

@@ -3,13 +3,13 @@
 //! cancellation. Transitions themselves are [`CommandStatus::apply`].
 
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tether_proto::command::{BatchStatus, CommandStatus, DEFAULT_EXPIRY_S, Event, LOST_GRACE_S, ResultReport};
 use tether_proto::signal::CommandQueued;
 use tether_proto::{AgentId, CommandId};
 
-use crate::{Head, Millis, Result, StoreError};
+use crate::{Entity, Head, Millis, Result, ResultToRecord, StoreError};
 
 /// How long after its deadline (`timeout_s` from delivery or start) a
 /// silent command is marked `lost`.
@@ -75,6 +75,39 @@ pub fn decide_result(
         current.apply(Event::Finish(report.status)).map_err(|e| StoreError::Conflict(e.to_string()))?;
     }
     Ok(ResultDecision::Record { late: current == CommandStatus::Lost })
+}
+
+/// A command as reports for it are decided: whose it is, its state, and
+/// the hash of its recorded result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultTarget {
+    pub agent_id: AgentId,
+    pub status: CommandStatus,
+    pub recorded: Option<Vec<u8>>,
+}
+
+/// Decides the reports recorded together, in order, each as if the ones
+/// before it were already written: `found` holds the commands they name as
+/// stored (absent: unknown) and is updated as reports are recorded, so a
+/// repeat later in the group is `Unchanged` and a different one a
+/// conflict. Each answer is the decision and the report's hash;
+/// another agent's command or an unknown one is `NotFound`.
+pub fn decide_results(
+    reports: &[ResultToRecord<'_>],
+    found: &mut HashMap<CommandId, ResultTarget>,
+) -> Vec<Result<(ResultDecision, [u8; 32])>> {
+    let decide = |r: &ResultToRecord<'_>, found: &mut HashMap<CommandId, ResultTarget>| {
+        let stored =
+            found.get_mut(&r.id).filter(|c| c.agent_id == r.agent_id).ok_or(StoreError::NotFound(Entity::Command))?;
+        let hash = result_hash(r.report);
+        let decision = decide_result(stored.status, stored.recorded.as_deref(), r.report, &hash)?;
+        if let ResultDecision::Record { .. } = decision {
+            stored.status = r.report.status;
+            stored.recorded = Some(hash.to_vec());
+        }
+        Ok((decision, hash))
+    };
+    reports.iter().map(|r| decide(r, found)).collect()
 }
 
 /// A `running` report: whether it changes the stored state (a repeat does
@@ -185,6 +218,38 @@ mod tests {
         let failed = report(CommandStatus::Failed);
         let conflict = decide_result(CommandStatus::Succeeded, Some(&hash), &failed, &result_hash(&failed));
         assert!(matches!(conflict, Err(StoreError::Conflict(_))), "{conflict:?}");
+    }
+
+    #[test]
+    fn reports_decided_together_see_the_ones_recorded_before_them() {
+        let (agent, other) = (AgentId::new(), AgentId::new());
+        let (mine, theirs, unknown) = (CommandId::new(), CommandId::new(), CommandId::new());
+        let mut found = HashMap::from([
+            (mine, ResultTarget { agent_id: agent, status: CommandStatus::Running, recorded: None }),
+            (theirs, ResultTarget { agent_id: other, status: CommandStatus::Running, recorded: None }),
+        ]);
+        let (ok, failed) = (report(CommandStatus::Succeeded), report(CommandStatus::Failed));
+        let audit = |_: &tether_proto::command::Command, _: bool| {
+            crate::AuditEntry::system("t", "t", String::new(), serde_json::json!({}), T)
+        };
+        let to = |agent_id, id, report| ResultToRecord { agent_id, id, report, now: T, audit: &audit };
+        let decided = decide_results(
+            &[
+                to(agent, mine, &ok),
+                to(agent, mine, &ok),
+                to(agent, mine, &failed),
+                to(agent, theirs, &ok),
+                to(agent, unknown, &ok),
+            ],
+            &mut found,
+        );
+        assert!(matches!(decided[0], Ok((ResultDecision::Record { late: false }, _))), "{:?}", decided[0]);
+        assert!(matches!(decided[1], Ok((ResultDecision::Unchanged, _))), "a repeat: {:?}", decided[1]);
+        assert!(matches!(decided[2], Err(StoreError::Conflict(_))), "a different one: {:?}", decided[2]);
+        assert!(matches!(decided[3], Err(StoreError::NotFound(Entity::Command))), "another's: {:?}", decided[3]);
+        assert!(matches!(decided[4], Err(StoreError::NotFound(Entity::Command))), "unknown: {:?}", decided[4]);
+        assert_eq!(found[&mine].status, CommandStatus::Succeeded);
+        assert_eq!(found[&theirs].status, CommandStatus::Running, "a refused report changes nothing");
     }
 
     #[test]

@@ -4,43 +4,54 @@ use async_trait::async_trait;
 
 use super::rows::audit_from_row;
 use super::{SqliteStore, Tx};
-use crate::audit::{AuditAnchor, AuditEntry, AuditRecord, GENESIS_HASH};
+use crate::audit::{AuditAnchor, AuditEntry, AuditRecord, GENESIS_HASH, ROWS_PER_INSERT};
 use crate::rows::AUDIT_COLUMNS;
 use crate::sql::q;
 use crate::{AuditFilter, AuditStore, Result};
 
 /// Appends `entry` to the audit chain inside `tx`, the transaction of the
-/// mutation it describes: both commit or neither does. The chain head is
-/// read inside the same `BEGIN IMMEDIATE` transaction, so appends are
-/// serialised by SQLite's single writer. The hash covers `details` as the
-/// exact text stored. When retention deleted every row, the chain goes on
-/// from the anchor it left.
+/// mutation it describes: both commit or neither does. See [`insert_audits`].
 pub(super) async fn insert_audit(tx: &mut Tx, entry: &AuditEntry) -> Result<()> {
+    insert_audits(tx, std::slice::from_ref(entry)).await
+}
+
+/// Appends `entries` to the audit chain in order, inside `tx`. The chain
+/// head is read inside the same `BEGIN IMMEDIATE` transaction, so appends
+/// are serialised by SQLite's single writer; the rows of one multi-row
+/// `VALUES` insert get their ids in order, so id order is chain order.
+/// The hash covers `details` as the exact text stored. When retention
+/// deleted every row, the chain goes on from the anchor it left.
+pub(super) async fn insert_audits(tx: &mut Tx, entries: &[AuditEntry]) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     let prev: Option<Vec<u8>> = sqlx::query_scalar(
         "SELECT COALESCE((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), (SELECT hash FROM audit_anchor))",
     )
     .fetch_one(&mut **tx)
     .await?;
-    let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
-    let details = entry.details_text();
-    let hash = entry.hash_after(&prev, &details);
-    sqlx::query(
-        "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(entry.ts)
-    .bind(&entry.actor)
-    .bind(entry.actor_kind)
-    .bind(&entry.action)
-    .bind(&entry.target)
-    .bind(entry.outcome)
-    .bind(&entry.ip)
-    .bind(&entry.request_id)
-    .bind(&details)
-    .bind(&prev)
-    .bind(&hash[..])
-    .execute(&mut **tx)
-    .await?;
+    let mut prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
+    for chunk in entries.chunks(ROWS_PER_INSERT) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash) ",
+        );
+        insert.push_values(chunk, |mut row, entry| {
+            let details = entry.details_text();
+            let hash = entry.hash_after(&prev, &details);
+            row.push_bind(entry.ts)
+                .push_bind(&entry.actor)
+                .push_bind(entry.actor_kind)
+                .push_bind(&entry.action)
+                .push_bind(&entry.target)
+                .push_bind(entry.outcome)
+                .push_bind(&entry.ip)
+                .push_bind(&entry.request_id)
+                .push_bind(details)
+                .push_bind(std::mem::replace(&mut prev, hash.to_vec()))
+                .push_bind(hash.to_vec());
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 

@@ -1,23 +1,24 @@
 //! Commands, batches and the agents' reports on SQLite.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::Row;
-use tether_proto::command::{Batch, Command, CommandStatus, ResultReport, TargetSpec};
+use tether_proto::command::{Batch, Command, CommandStatus, TargetSpec};
 use tether_proto::signal::{self, CommandCancelled};
 use tether_proto::{AgentId, BatchId, CommandId};
 
-use super::rows::command_from_row;
+use super::rows::{command_from_row, result_target_from_row};
 use super::signals::append_signal;
 use super::{SqliteStore, Tx};
 use crate::audit::AuditEntry;
-use crate::rows::COMMAND_COLUMNS;
-use crate::rules::commands::{self as rules, LOST_GRACE_MS, ResultDecision};
-use crate::sql::{from_millis, json_text, parse_id, q, to_millis};
+use crate::rows::{COMMAND_COLUMNS, RESULT_TARGET_COLUMNS};
+use crate::rules::commands::{self as rules, LOST_GRACE_MS};
+use crate::sql::{ResultGroup, from_millis, json_text, parse_id, q, to_millis};
 use crate::{
     AuditFor, CancelOutcome, CommandFilter, CommandStore, CreatedBatch, Entity, Head, Millis, NewBatch, Result,
-    ResultAudit, ResultOutcome, StoreError, SweepOutcome,
+    ResultOutcome, ResultToRecord, StoreError, SweepOutcome,
 };
 
 async fn load_command(tx: &mut Tx, id: CommandId) -> Result<Option<Command>> {
@@ -286,49 +287,44 @@ impl CommandStore for SqliteStore {
         command_from_row(&row)
     }
 
-    async fn report_result(
-        &self,
-        agent_id: AgentId,
-        id: CommandId,
-        report: &ResultReport,
-        now: Millis,
-        audit: ResultAudit<'_>,
-    ) -> Result<ResultOutcome> {
+    async fn report_results(&self, reports: &[ResultToRecord<'_>]) -> Result<Vec<Result<ResultOutcome>>> {
         let mut tx = self.begin().await?;
-        let cmd = agents_command(&mut tx, agent_id, id).await?;
-        let recorded: Option<Vec<u8>> = sqlx::query_scalar("SELECT result_hash FROM commands WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
+        let ids = json_text(&reports.iter().map(|r| r.id).collect::<Vec<_>>());
+        let rows = q!("SELECT {RESULT_TARGET_COLUMNS} FROM commands WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(ids)
+            .fetch_all(&mut *tx)
             .await?;
-        let hash = rules::result_hash(report);
-        let late = match rules::decide_result(cmd.status, recorded.as_deref(), report, &hash)? {
-            ResultDecision::Unchanged => return Ok(ResultOutcome::Unchanged),
-            ResultDecision::Record { late } => late,
-        };
-        let row =
-            q!("UPDATE commands SET status = ?, exit_code = ?, stdout = ?, stderr = ?, output = ?, truncated = ?,
-                    reason = COALESCE(?, reason), result_hash = ?, finished_at = ?,
-                    delivered_at = COALESCE(delivered_at, ?), started_at = COALESCE(started_at, ?, ?)
-             WHERE id = ? RETURNING {COMMAND_COLUMNS}")
-            .bind(report.status.as_str())
-            .bind(report.exit_code)
-            .bind(&report.stdout)
-            .bind(&report.stderr)
-            .bind(report.output.to_string())
-            .bind(report.truncated)
-            .bind(&report.reason)
-            .bind(&hash[..])
-            .bind(now)
-            .bind(now)
-            .bind(report.started_at.map(to_millis))
-            .bind(now)
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        let cmd = command_from_row(&row)?;
-        super::audit::insert_audit(&mut tx, &audit(&cmd, late)).await?;
+        let found = rows.iter().map(result_target_from_row).collect::<Result<HashMap<_, _>>>()?;
+        let mut group = ResultGroup::decide(reports, found);
+        for &(i, _, hash) in &group.writes.clone() {
+            let r = group.report(i);
+            let report = r.report;
+            let row =
+                q!("UPDATE commands SET status = ?, exit_code = ?, stdout = ?, stderr = ?, output = ?, truncated = ?,
+                        reason = COALESCE(?, reason), result_hash = ?, finished_at = ?,
+                        delivered_at = COALESCE(delivered_at, ?), started_at = COALESCE(started_at, ?, ?)
+                 WHERE id = ? RETURNING {COMMAND_COLUMNS}")
+                .bind(report.status.as_str())
+                .bind(report.exit_code)
+                .bind(&report.stdout)
+                .bind(&report.stderr)
+                .bind(report.output.to_string())
+                .bind(report.truncated)
+                .bind(&report.reason)
+                .bind(&hash[..])
+                .bind(r.now)
+                .bind(r.now)
+                .bind(report.started_at.map(to_millis))
+                .bind(r.now)
+                .bind(r.id.to_string())
+                .fetch_one(&mut *tx)
+                .await?;
+            group.written(command_from_row(&row)?)?;
+        }
+        let (answers, audits) = group.finish()?;
+        super::audit::insert_audits(&mut tx, &audits).await?;
         tx.commit().await?;
-        Ok(ResultOutcome::Recorded { late, command: Box::new(cmd) })
+        Ok(answers)
     }
 
     async fn cancel_command(&self, id: CommandId, now: Millis, audit: AuditEntry) -> Result<CancelOutcome> {

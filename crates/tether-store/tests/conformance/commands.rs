@@ -2,7 +2,7 @@
 
 use tether_proto::command::{CommandStatus, ResultReport, TargetSpec};
 use tether_proto::signal;
-use tether_store::{Entity, ResultOutcome, StoreError};
+use tether_store::{AuditEntry, Entity, ResultOutcome, ResultToRecord, StoreError, verify_audit};
 
 use crate::fixtures::{T0, audit_entry, batch, command, enroll, labels};
 use crate::harness::{Harness, conformance};
@@ -11,6 +11,7 @@ conformance!(
     a_labels_target_matches_agents_having_every_pair,
     the_same_idempotency_key_replays_the_same_request_and_refuses_another,
     reports_move_a_command_forward_and_a_repeat_changes_nothing,
+    results_recorded_together_are_decided_in_order_and_a_refused_one_fails_only_itself,
     a_cancel_tells_the_agent_and_a_finished_command_cannot_be_cancelled,
     the_next_command_is_the_highest_priority_then_the_oldest,
     the_sweeper_expires_loses_and_releases,
@@ -80,6 +81,56 @@ async fn reports_move_a_command_forward_and_a_repeat_changes_nothing(h: &Harness
     assert!(matches!(different, Err(StoreError::Conflict(_))), "{different:?}");
     let late_running = store.report_running(agent, id, T0 + 6).await;
     assert!(matches!(late_running, Err(StoreError::Conflict(_))), "{late_running:?}");
+}
+
+/// A group of reports (the server's group commit) in one call: each gets
+/// the answer it would get alone, in order, and only recorded ones are
+/// written and audited, in order.
+async fn results_recorded_together_are_decided_in_order_and_a_refused_one_fails_only_itself(h: &Harness) {
+    let store = h.store();
+    let agent = enroll(store, &[]).await;
+    let other = enroll(store, &[]).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(command(store, agent, 60, T0).await);
+    }
+    let (a, b, c, finished) = (ids[0], ids[1], ids[2], ids[3]);
+    let theirs = command(store, other, 60, T0).await;
+    let audit = |cmd: &tether_proto::command::Command, late: bool| AuditEntry {
+        target: cmd.id.to_string(),
+        details: serde_json::json!({"status": cmd.status, "late": late}),
+        ..audit_entry("command.result")
+    };
+    let (ok, failed) = (ResultReport::new(CommandStatus::Succeeded), ResultReport::new(CommandStatus::Failed));
+    store.report_result(agent, finished, &ok, T0 + 1, &audit).await.expect("finished first");
+    let before = store.list_audit(0, 1000).await.expect("audit").len();
+
+    let to = |id, report| ResultToRecord { agent_id: agent, id, report, now: T0 + 2, audit: &audit };
+    let unknown = tether_proto::CommandId::new();
+    let group =
+        [to(a, &ok), to(a, &ok), to(finished, &failed), to(theirs, &ok), to(b, &failed), to(unknown, &ok), to(c, &ok)];
+    let out = store.report_results(&group).await.expect("the group commits");
+    assert_eq!(out.len(), group.len(), "one answer per report");
+    assert!(matches!(&out[0], Ok(ResultOutcome::Recorded { late: false, .. })), "{:?}", out[0]);
+    assert_eq!(out[1].as_ref().expect("a repeat in the same group"), &ResultOutcome::Unchanged);
+    assert!(matches!(out[2], Err(StoreError::Conflict(_))), "a different result: {:?}", out[2]);
+    assert!(matches!(out[3], Err(StoreError::NotFound(Entity::Command))), "another agent's: {:?}", out[3]);
+    assert!(matches!(&out[4], Ok(ResultOutcome::Recorded { command, .. }) if command.status == CommandStatus::Failed));
+    assert!(matches!(out[5], Err(StoreError::NotFound(Entity::Command))), "unknown: {:?}", out[5]);
+    assert!(matches!(&out[6], Ok(ResultOutcome::Recorded { .. })), "{:?}", out[6]);
+
+    let status = |id| async move { store.get_command(id).await.expect("get").expect("command").status };
+    assert_eq!(status(a).await, CommandStatus::Succeeded);
+    assert_eq!(status(b).await, CommandStatus::Failed);
+    assert_eq!(status(c).await, CommandStatus::Succeeded);
+    assert_eq!(status(finished).await, CommandStatus::Succeeded, "the conflicting report changed nothing");
+    assert_ne!(status(theirs).await, CommandStatus::Succeeded, "nor did the report for another agent's command");
+    let rows = store.list_audit(0, 1000).await.expect("audit");
+    let appended: Vec<&str> = rows[before..].iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(appended, [a.to_string(), b.to_string(), c.to_string()], "recorded ones audited, in order");
+    let v = verify_audit(store).await.expect("verify");
+    assert_eq!((v.checked as usize, v.broken_count), (rows.len(), 0), "{v:?}");
+    assert!(store.report_results(&[]).await.expect("an empty group").is_empty());
 }
 
 async fn a_cancel_tells_the_agent_and_a_finished_command_cannot_be_cancelled(h: &Harness) {
