@@ -133,18 +133,23 @@ impl FromRequestParts<AppState> for AgentCaller {
             (id, AgentCredential::AccessToken { issued_at })
         };
         let Some(stream) = state.streams.get(state.store.as_ref(), id).await? else {
-            // The agent is gone (deleted): a key remembered for it goes too.
-            if credential == AgentCredential::Key {
-                state.agent_keys.forget(token);
+            // The agent is gone (deleted): a credential remembered for it goes too.
+            match credential {
+                AgentCredential::AccessToken { .. } => state.tokens.forget(token),
+                AgentCredential::Key => state.agent_keys.forget(token),
             }
             return Err(ApiError::unauthenticated());
         };
         if stream.state().revoked {
+            // A revoked agent's key stays remembered (refused here from
+            // memory); a token is decoded again, as every refused one is.
+            state.tokens.forget(token);
             return Err(revoked_error(&stream));
         }
         let caller = Self { id, stream, credential };
         // Refresh-token reuse revoked every access token issued until then.
         if caller.token_revoked() {
+            state.tokens.forget(token);
             return Err(ApiError::unauthenticated());
         }
         // Stream polls have their own bucket, charged only when answered at once.
