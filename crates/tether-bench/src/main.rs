@@ -1,18 +1,16 @@
-//! `tether-bench`: starts a release `tether server` in a temp dir (on its
-//! embedded SQLite, or on a scratch PostgreSQL database) and measures
-//! (1) idle-poll throughput (`wait=0`, cursor at head → 204) and the server CPU
-//! each poll costs, (2) the server memory held per open long-poll with
-//! thousands of polls parked at once, (3) the agent's own footprint,
-//! (4) a flood of wrong passwords from one address, and (5) durable command
-//! results per second beside `pgbench` on the same PostgreSQL, and (6) a
-//! label-scope configuration change reaching thousands of agents' streams,
-//! (7) heartbeats and metric points ingested per second, and (8) the agent
-//! WebSocket: memory per idle connection beside Mosquitto, delivery latency
-//! beside long-poll, and the reconnect spread after a server kill.
-//! Prints a table.
+//! `tether-bench`: starts release `tether server`s in temp dirs (on their
+//! embedded SQLite, or on a scratch PostgreSQL database) and measures them.
+//! The ratio scenarios (`peers`) run a peer program beside tether in the
+//! same run — nginx `return 204`, a private Mosquitto, `pgbench` — and
+//! report tether's figures as ratios of the peer's: idle polls, memory per
+//! idle agent, fan-out, delivery latency (one server and two replicas),
+//! durable results and a reconnect storm. The other runs measure the agent's
+//! own footprint, a flood of wrong passwords, a label-scope configuration
+//! change, certificate replacement and telemetry ingest. Each prints a table.
 
 mod certs;
 mod config;
+mod peers;
 mod realtime;
 mod results;
 mod telemetry;
@@ -21,7 +19,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -46,16 +44,11 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Bench {
-    /// Idle-poll throughput and server memory per held long-poll.
-    Stream(Args),
     /// Agent idle RSS and CPU, and command receipt latency.
     Agent(AgentArgs),
     /// Concurrent wrong-password HTTP Basic guesses from one address: argon2
     /// runs, server memory, and another user's latency meanwhile.
     PasswordFlood(FloodArgs),
-    /// Durable command results per second on SQLite and PostgreSQL, beside
-    /// pgbench's simple-update TPS on the same PostgreSQL.
-    Results(results::ResultsArgs),
     /// A label-scope configuration change to thousands of agents: the write,
     /// and its `config.updated` reaching every parked long-poll.
     Config(config::ConfigArgs),
@@ -69,6 +62,23 @@ enum Bench {
     /// Mosquitto's per MQTT client, delivery latency beside long-poll, and
     /// the reconnect spread after the server is killed and restarted.
     Realtime(realtime::RealtimeArgs),
+    /// Every ratio scenario below in turn, then one table of ratios.
+    All(peers::PeerArgs),
+    /// Idle-poll throughput and latency beside nginx `return 204`.
+    IdlePoll(peers::PeerArgs),
+    /// Server memory per idle agent on long-poll and WebSocket beside
+    /// Mosquitto per idle subscribed client.
+    Held(peers::PeerArgs),
+    /// One command to 10,000 agents by label beside one Mosquitto QoS 1
+    /// publish to 10,000 subscribers.
+    FanOut(peers::PeerArgs),
+    /// Enqueue → receipt with 1,000 idle agents, one server and two
+    /// replicas, beside Mosquitto publish → receipt.
+    Latency(peers::PeerArgs),
+    /// Durable command results per second beside pgbench simple-update.
+    Durable(peers::PeerArgs),
+    /// 10,000 agents reconnecting at once after a restart, beside Mosquitto.
+    Storm(peers::PeerArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,23 +99,6 @@ struct AgentArgs {
     /// Commands to time from creation to the agent starting them.
     #[arg(long, default_value_t = 1000)]
     commands: usize,
-}
-
-#[derive(Debug, clap::Args)]
-struct Args {
-    /// Concurrent connections for the idle-poll run.
-    #[arg(long, default_value_t = 64)]
-    connections: usize,
-    /// Length of the idle-poll run in seconds.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Long-polls held open at once for the memory run.
-    #[arg(long, default_value_t = 5000)]
-    held_polls: usize,
-    /// Run the server on a scratch database on this PostgreSQL server (a URL
-    /// of any database there; the bench creates its own and drops it).
-    #[arg(long, value_name = "URL")]
-    postgres: Option<String>,
 }
 
 struct Server {
@@ -146,6 +139,21 @@ impl Storage {
     }
 }
 
+/// A free loopback port for a peer program to listen on, below the
+/// kernel's ephemeral range (32768 and up): a port handed out by binding
+/// port 0 may be the source port of one of the bench's own connections,
+/// and a peer told to listen there could fail to bind it.
+fn free_port() -> anyhow::Result<u16> {
+    use rand::Rng;
+    for _ in 0..1_000 {
+        let port = rand::rng().random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between 20000 and 32000")
+}
+
 /// A child process killed when dropped, so a failed run leaves nothing behind.
 struct Reaped(Child);
 
@@ -164,6 +172,33 @@ impl Drop for Server {
 }
 
 fn start_server(bin: &PathBuf, storage: &Storage) -> anyhow::Result<Server> {
+    start_server_with(bin, storage, &[], None, &[])
+}
+
+/// [`start_server`] with more `tether server` flags (`--nats-url`,
+/// `--cluster`). With `admin_token` the server joins a database another
+/// server set up (it writes no initial-admin.txt then) and is driven with
+/// that server's admin token. `env`: more variables in its environment.
+fn start_server_with(
+    bin: &PathBuf,
+    storage: &Storage,
+    flags: &[&str],
+    admin_token: Option<&str>,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Server> {
+    // Port 0: the server picks a free port and names it in its "listening" line.
+    start_server_on(bin, "127.0.0.1:0", storage, flags, admin_token, env)
+}
+
+/// [`start_server_with`] listening on `listen`.
+fn start_server_on(
+    bin: &PathBuf,
+    listen: &str,
+    storage: &Storage,
+    flags: &[&str],
+    admin_token: Option<&str>,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     // Polls, commands and reports at full speed would hit the protocol.md §11 limits
     // (1 immediate poll/s per agent, 10 req/s per agent, 20 req/s per user):
@@ -174,13 +209,17 @@ fn start_server(bin: &PathBuf, storage: &Storage) -> anyhow::Result<Server> {
         limits.push_str(&format!("{name}_per_s = 1000000\n{name}_burst = 1000000\n"));
     }
     std::fs::write(&config, limits)?;
-    // Port 0: the server picks a free port and names it in its "listening" line.
-    let (child, base) = spawn_server(bin, dir.path(), "127.0.0.1:0", storage.database_url())?;
+    let (child, base) = spawn_server_with(bin, dir.path(), listen, storage.database_url(), flags, env)?;
     let addr = base.strip_prefix("http://").context("a plain HTTP server")?.to_owned();
-    // Stdout is a pipe, so the first admin's token is only in the file.
-    let text =
-        std::fs::read_to_string(dir.path().join("data/initial-admin.txt")).context("reading initial-admin.txt")?;
-    let admin_token = text.lines().find_map(|l| l.strip_prefix("api_token: ")).context("no api_token")?.to_owned();
+    let admin_token = match admin_token {
+        Some(token) => token.to_owned(),
+        None => {
+            // Stdout is a pipe, so the first admin's token is only in the file.
+            let text = std::fs::read_to_string(dir.path().join("data/initial-admin.txt"))
+                .context("reading initial-admin.txt")?;
+            text.lines().find_map(|l| l.strip_prefix("api_token: ")).context("no api_token")?.to_owned()
+        }
+    };
     Ok(Server { child, base, addr, admin_token, _dir: dir })
 }
 
@@ -194,7 +233,20 @@ fn spawn_server(
     listen: &str,
     database_url: Option<&str>,
 ) -> anyhow::Result<(Child, String)> {
+    spawn_server_with(bin, dir, listen, database_url, &[], &[])
+}
+
+/// [`spawn_server`] with more `tether server` flags and environment variables.
+fn spawn_server_with(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+    listen: &str,
+    database_url: Option<&str>,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Child, String)> {
     let mut command = Command::new(bin);
+    command.envs(env.iter().copied());
     command
         .args(["server", "--listen", listen, "--config"])
         .arg(dir.join("server.toml"))
@@ -203,8 +255,11 @@ fn spawn_server(
     if let Some(url) = database_url {
         command.args(["--database-url", url]);
     }
+    command.args(flags);
+    // sqlx warns at every pool acquire slower than 2 s, which under a
+    // fleet-wide burst is thousands of identical lines: errors only there.
     let mut child = command
-        .env("TETHER_LOG", "warn")
+        .env("TETHER_LOG", "warn,sqlx::pool::acquire=error")
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
@@ -256,6 +311,61 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let fields: Vec<&str> = after_comm.split(' ').collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     Ok(ticks / 100.0)
+}
+
+/// CPU time of one process, thread by thread in nanoseconds
+/// (`/proc/<pid>/task/*/schedstat`), beside its 10 ms ticks: short windows
+/// (tens of milliseconds) need the nanoseconds.
+struct CpuSample {
+    threads: std::collections::HashMap<u32, u64>,
+    ticks_s: f64,
+}
+
+impl CpuSample {
+    fn of(pid: u32) -> anyhow::Result<Self> {
+        let mut threads = std::collections::HashMap::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let task = task?;
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else { continue };
+            // A thread may end between listing and reading: skip it.
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+            let ns = text.split_whitespace().next().and_then(|v| v.parse().ok()).context("schedstat")?;
+            threads.insert(tid, ns);
+        }
+        Ok(CpuSample { threads, ticks_s: cpu_seconds(pid)? })
+    }
+
+    /// Seconds of CPU since `earlier`: the threads' nanoseconds, or the
+    /// ticks when a thread ended in between (its time left the threads').
+    fn seconds_since(&self, earlier: &CpuSample) -> f64 {
+        if earlier.threads.keys().any(|tid| !self.threads.contains_key(tid)) {
+            return self.ticks_s - earlier.ticks_s;
+        }
+        let ns: u64 =
+            self.threads.iter().map(|(tid, ns)| ns - earlier.threads.get(tid).copied().unwrap_or(0).min(*ns)).sum();
+        ns as f64 / 1e9
+    }
+}
+
+/// Waits until process `pid` has used under 5% of a core for half a second,
+/// at most `limit` (then says so and goes on): the work a fleet's connects
+/// set off (presence, `last_seen` flushes) is over before a timed step.
+async fn until_quiet(pid: u32, limit: Duration) -> anyhow::Result<()> {
+    const WINDOW: Duration = Duration::from_millis(500);
+    let started = Instant::now();
+    let mut last = CpuSample::of(pid)?;
+    loop {
+        tokio::time::sleep(WINDOW).await;
+        let now = CpuSample::of(pid)?;
+        if now.seconds_since(&last) < 0.05 * WINDOW.as_secs_f64() {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            eprintln!("  process {pid} still busy after {} s; going on", limit.as_secs());
+            return Ok(());
+        }
+        last = now;
+    }
 }
 
 /// Enrolls `n` agents (32 at a time), each with the enroll token's `labels`.
@@ -319,96 +429,6 @@ async fn cursor_of(server: &Server, pair: &TokenPair) -> anyhow::Result<String> 
     })
 }
 
-struct IdleResult {
-    requests: u64,
-    seconds: f64,
-    p50_us: u64,
-    p99_us: u64,
-    server_cpu_us_per_req: f64,
-}
-
-async fn idle_polls(server: &Server, pairs: &[TokenPair], seconds: u64) -> anyhow::Result<IdleResult> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let cpu_before = cpu_seconds(server.child.id())?;
-    let started = Instant::now();
-    for pair in pairs {
-        let req = poll_request(&server.addr, &pair.access_token, &cursor_of(server, pair).await?, 0);
-        let (stop, count, addr) = (stop.clone(), count.clone(), server.addr.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = TcpStream::connect(&addr).await?;
-            conn.set_nodelay(true)?;
-            let mut buf = Vec::with_capacity(1024);
-            let mut latencies = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                conn.write_all(&req).await?;
-                let status = read_status(&mut conn, &mut buf).await?;
-                if status != 204 {
-                    bail!("idle poll answered {status}");
-                }
-                latencies.push(t.elapsed().as_micros() as u64);
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(server.child.id())? - cpu_before;
-    latencies.sort_unstable();
-    let pct =
-        |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)).copied().unwrap_or(0);
-    let requests = count.load(Ordering::Relaxed);
-    Ok(IdleResult {
-        requests,
-        seconds: elapsed,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        server_cpu_us_per_req: cpu * 1e6 / requests.max(1) as f64,
-    })
-}
-
-struct HeldResult {
-    polls: usize,
-    rss_before: u64,
-    rss_after: u64,
-}
-
-async fn held_polls(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<HeldResult> {
-    let mut requests = Vec::with_capacity(pairs.len());
-    for pair in pairs {
-        requests.push(poll_request(&server.addr, &pair.access_token, &cursor_of(server, pair).await?, 30));
-    }
-    // Let the server settle after the cursor fetches.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_before = rss_bytes(server.child.id())?;
-    let mut conns = Vec::with_capacity(pairs.len());
-    for req in &requests {
-        let mut conn = TcpStream::connect(&server.addr).await?;
-        conn.write_all(req).await?;
-        conns.push(conn);
-    }
-    // Every poll is now parked (none can answer before 30 s); give the server time to read them all.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_after = rss_bytes(server.child.id())?;
-    // Nothing may have been answered yet: each connection is still waiting.
-    let mut probe = [0u8; 1];
-    for conn in conns.iter().take(100) {
-        if conn.try_read(&mut probe).is_ok() {
-            bail!("a held poll answered early");
-        }
-    }
-    drop(conns);
-    Ok(HeldResult { polls: pairs.len(), rss_before, rss_after })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -417,14 +437,19 @@ async fn main() -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("tether"),
     };
     match cli.bench {
-        Bench::Stream(args) => stream(&bin, args).await,
         Bench::Agent(args) => agent(&bin, args).await,
         Bench::PasswordFlood(args) => password_flood(&bin, args).await,
-        Bench::Results(args) => results::run(&bin, args).await,
         Bench::Config(args) => config::run(&bin, args).await,
         Bench::Certs(args) => certs::run(&bin, args).await,
         Bench::Telemetry(args) => telemetry::run(&bin, args).await,
         Bench::Realtime(args) => realtime::run(&bin, args).await,
+        Bench::All(args) => peers::run(&bin, None, &args).await,
+        Bench::IdlePoll(args) => peers::run(&bin, Some(peers::Scenario::IdlePoll), &args).await,
+        Bench::Held(args) => peers::run(&bin, Some(peers::Scenario::Held), &args).await,
+        Bench::FanOut(args) => peers::run(&bin, Some(peers::Scenario::FanOut), &args).await,
+        Bench::Latency(args) => peers::run(&bin, Some(peers::Scenario::Latency), &args).await,
+        Bench::Durable(args) => peers::run(&bin, Some(peers::Scenario::Durable), &args).await,
+        Bench::Storm(args) => peers::run(&bin, Some(peers::Scenario::Storm), &args).await,
     }
 }
 
@@ -521,50 +546,6 @@ async fn agent(bin: &PathBuf, args: AgentArgs) -> anyhow::Result<()> {
         "| POST /commands → agent started it, p50 / p99 | {:.1} ms / {:.1} ms |",
         percentile(&started, 0.5),
         percentile(&started, 0.99)
-    );
-    Ok(())
-}
-
-async fn stream(bin: &PathBuf, args: Args) -> anyhow::Result<()> {
-    let storage = Storage::new(args.postgres.as_deref()).await;
-    let server = start_server(bin, &storage)?;
-    eprintln!("enrolling {} agents…", args.held_polls.max(args.connections));
-    let pairs = enroll_many(&server, args.held_polls.max(args.connections), Labels::new()).await?;
-
-    eprintln!("idle polls: {} connections for {} s…", args.connections, args.seconds);
-    let idle = idle_polls(&server, &pairs[..args.connections], args.seconds).await?;
-    eprintln!("holding {} long-polls…", args.held_polls);
-    let held = held_polls(&server, &pairs[..args.held_polls]).await?;
-    eprintln!("one command to all {} agents…", pairs.len());
-    let admin = Client::new(&server.base)?.with_bearer(server.admin_token.clone());
-    let all = tether_proto::command::Target { all: Some(true), ..Default::default() };
-    let started = Instant::now();
-    let fanned = admin.create_command(&tether_proto::command::CreateCommand::new(all, "ping")).await?;
-    let fan_out_s = started.elapsed().as_secs_f64();
-
-    let per_poll = (held.rss_after.saturating_sub(held.rss_before)) as f64 / held.polls as f64;
-    println!("| metric | value |");
-    println!("|---|---|");
-    println!("| store | {} |", storage.name());
-    println!(
-        "| idle polls (wait=0 → 204), {} connections | {:.0} req/s |",
-        args.connections,
-        idle.requests as f64 / idle.seconds
-    );
-    println!("| idle poll latency p50 / p99 | {} µs / {} µs |", idle.p50_us, idle.p99_us);
-    println!("| server CPU per idle poll | {:.1} µs |", idle.server_cpu_us_per_req);
-    println!(
-        "| server RSS before / with {} held long-polls | {:.1} MiB / {:.1} MiB |",
-        held.polls,
-        held.rss_before as f64 / 1048576.0,
-        held.rss_after as f64 / 1048576.0
-    );
-    println!("| server memory per held long-poll | {:.0} bytes ({:.2} KiB) |", per_poll, per_poll / 1024.0);
-    println!(
-        "| one command to all {} agents: POST → 201 (one transaction) | {:.0} ms ({:.0} commands and signals/s) |",
-        fanned.command_ids.len(),
-        fan_out_s * 1000.0,
-        fanned.command_ids.len() as f64 / fan_out_s
     );
     Ok(())
 }

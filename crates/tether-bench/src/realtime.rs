@@ -11,7 +11,7 @@
 //! kept as small as possible, and it needs to see every refused handshake.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -72,7 +72,7 @@ pub struct RealtimeArgs {
 }
 
 /// The counts of one run, smoke defaults applied.
-struct Counts {
+pub(crate) struct Counts {
     agents: usize,
     latency_agents: usize,
     commands: usize,
@@ -96,15 +96,15 @@ impl RealtimeArgs {
 
 /// Handshakes in flight at once while a fleet connects: enough to connect
 /// thousands in seconds, few enough not to time out on two shared cores.
-const CONNECTING_AT_ONCE: usize = 64;
+pub(crate) const CONNECTING_AT_ONCE: usize = 64;
 /// Every wait for the server to reach a state is bounded by this.
-const STATE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const STATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A command not seen by its agent within this long fails the run.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// An agent not back this long after the restart counts as "not back".
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const RECONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// TCP plus the upgrade, as the agent's client allows (`HANDSHAKE_TIMEOUT`).
-const HANDSHAKE_TIMEOUT: Duration = tether_client::ws::HANDSHAKE_TIMEOUT;
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = tether_client::ws::HANDSHAKE_TIMEOUT;
 
 pub async fn run(bin: &PathBuf, args: RealtimeArgs) -> anyhow::Result<()> {
     let n = args.counts();
@@ -198,7 +198,7 @@ pub async fn run(bin: &PathBuf, args: RealtimeArgs) -> anyhow::Result<()> {
 }
 
 /// `p50 / p99 / max` in milliseconds.
-fn spread_ms(sorted: &[f64]) -> String {
+pub(crate) fn spread_ms(sorted: &[f64]) -> String {
     format!(
         "{:.2} / {:.2} / {:.2} ms",
         percentile(sorted, 0.5),
@@ -208,7 +208,7 @@ fn spread_ms(sorted: &[f64]) -> String {
 }
 
 /// "0–1 s: 210 · 1–2 s: 198 · …" over whole seconds, up to the last one.
-fn histogram(sorted_s: &[f64]) -> String {
+pub(crate) fn histogram(sorted_s: &[f64]) -> String {
     let Some(last) = sorted_s.last() else { return "none".to_owned() };
     let mut buckets = vec![0usize; *last as usize + 1];
     for s in sorted_s {
@@ -219,7 +219,7 @@ fn histogram(sorted_s: &[f64]) -> String {
 }
 
 /// VmRSS of one process before and after its connections opened.
-struct Memory {
+pub(crate) struct Memory {
     before: u64,
     after: u64,
 }
@@ -230,13 +230,13 @@ impl Memory {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// The bench's own socket settings: the server's memory is what is
 /// measured, so the bench keeps thousands of connections cheap (1 KiB read
 /// buffer, frames written straight out) while still taking any frame the
 /// server may send.
-fn client_config() -> WebSocketConfig {
+pub(crate) fn client_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(0)
@@ -246,7 +246,7 @@ fn client_config() -> WebSocketConfig {
 
 /// Why a WebSocket handshake failed.
 #[derive(Debug)]
-enum Refused {
+pub(crate) enum Refused {
     /// No TCP connection (nothing listening yet).
     Tcp(std::io::Error),
     /// The server answered the upgrade with this status (and `Retry-After`).
@@ -267,7 +267,7 @@ impl std::fmt::Display for Refused {
 
 /// Opens `GET /api/v1/agents/self/ws` as the agent holding `token`, within
 /// [`HANDSHAKE_TIMEOUT`].
-async fn ws_connect(addr: &str, token: &str) -> Result<Ws, Refused> {
+pub(crate) async fn ws_connect(addr: &str, token: &str) -> Result<Ws, Refused> {
     let attempt = async {
         let tcp = TcpStream::connect(addr).await.map_err(Refused::Tcp)?;
         // Frames are small and latency is measured: no Nagle delay.
@@ -295,7 +295,7 @@ async fn ws_connect(addr: &str, token: &str) -> Result<Ws, Refused> {
 
 /// Connects every agent of `pairs` ([`CONNECTING_AT_ONCE`] handshakes at a
 /// time); fails on the first refusal.
-async fn connect_all(addr: &str, pairs: &[TokenPair]) -> anyhow::Result<Vec<Ws>> {
+pub(crate) async fn connect_all(addr: &str, pairs: &[TokenPair]) -> anyhow::Result<Vec<Ws>> {
     let all: Vec<Result<Ws, Refused>> = futures::stream::iter(pairs)
         .map(|p| ws_connect(addr, &p.access_token))
         .buffer_unordered(CONNECTING_AT_ONCE)
@@ -311,7 +311,7 @@ async fn connect_all(addr: &str, pairs: &[TokenPair]) -> anyhow::Result<Vec<Ws>>
 /// Reads `ws` until it ends, handing each signals frame to `on_signals`.
 /// Reading is also what answers the server's pings (tungstenite queues the
 /// pong and writes it on the next read).
-async fn drain(ws: &mut Ws, mut on_signals: impl FnMut(Updates)) {
+pub(crate) async fn drain(ws: &mut Ws, mut on_signals: impl FnMut(Updates)) {
     while let Some(Ok(msg)) = ws.next().await {
         match msg {
             Message::Text(text) => {
@@ -325,9 +325,42 @@ async fn drain(ws: &mut Ws, mut on_signals: impl FnMut(Updates)) {
     }
 }
 
+/// Aborts a fleet's reader tasks (closing their connections) when dropped,
+/// also when a run fails half-way.
+pub(crate) struct AbortOnDrop(pub(crate) Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Connects every agent of `pairs` to `server` and waits until the server
+/// counts them all open. Each connection reports the `command.queued`
+/// signals it reads to the receiver returned, until the tasks are dropped.
+pub(crate) async fn listening_fleet(
+    server: &Server,
+    pairs: &[TokenPair],
+) -> anyhow::Result<(AbortOnDrop, mpsc::UnboundedReceiver<Arrival>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let readers = connect_all(&server.addr, pairs)
+        .await?
+        .into_iter()
+        .map(|mut ws| {
+            let tx = tx.clone();
+            tokio::spawn(async move { drain(&mut ws, |u| report_arrivals(&u, &tx)).await })
+        })
+        .collect();
+    let readers = AbortOnDrop(readers);
+    wait_for_gauge(&reqwest::Client::new(), server, "tether_websockets_open", pairs.len()).await?;
+    Ok((readers, rx))
+}
+
 /// A value of the server's Prometheus text (`GET /metrics`): `name`
 /// without labels, 0 when the series does not exist yet.
-async fn gauge(http: &reqwest::Client, server: &Server, name: &str) -> anyhow::Result<f64> {
+pub(crate) async fn gauge(http: &reqwest::Client, server: &Server, name: &str) -> anyhow::Result<f64> {
     let text = http.get(format!("{}/metrics", server.base)).send().await?.error_for_status()?.text().await?;
     for line in text.lines() {
         let mut parts = line.split_whitespace();
@@ -339,7 +372,12 @@ async fn gauge(http: &reqwest::Client, server: &Server, name: &str) -> anyhow::R
 }
 
 /// Waits (at most [`STATE_TIMEOUT`]) until the server's gauge `name` reads `want`.
-async fn wait_for_gauge(http: &reqwest::Client, server: &Server, name: &str, want: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_gauge(
+    http: &reqwest::Client,
+    server: &Server,
+    name: &str,
+    want: usize,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let value = gauge(http, server, name).await?;
@@ -356,7 +394,7 @@ async fn wait_for_gauge(http: &reqwest::Client, server: &Server, name: &str, wan
 /// One wait=0 poll per agent: loads each agent's stream into the server's
 /// memory, as the long-poll memory run does (`cursor_of`), so the
 /// connections' growth is measured apart from the streams'.
-async fn poll_each_once(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<()> {
+pub(crate) async fn poll_each_once(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<()> {
     let client = Client::new(&server.base)?;
     let polls: Vec<_> = futures::stream::iter(pairs)
         .map(|p| {
@@ -372,7 +410,7 @@ async fn poll_each_once(server: &Server, pairs: &[TokenPair]) -> anyhow::Result<
     Ok(())
 }
 
-async fn tether_memory(bin: &PathBuf, n: &Counts) -> anyhow::Result<Memory> {
+pub(crate) async fn tether_memory(bin: &PathBuf, n: &Counts) -> anyhow::Result<Memory> {
     let server = start_server(bin, &Storage::Sqlite)?;
     let http = reqwest::Client::new();
     eprintln!("memory: enrolling {} agents…", n.agents);
@@ -388,7 +426,7 @@ async fn tether_memory(bin: &PathBuf, n: &Counts) -> anyhow::Result<Memory> {
 
 /// Opens a WebSocket for every agent of `pairs`, reads the server's RSS once
 /// they have idled for the settle time, and closes them all again.
-async fn idle_websockets(
+pub(crate) async fn idle_websockets(
     http: &reqwest::Client,
     server: &Server,
     pairs: &[TokenPair],
@@ -412,79 +450,109 @@ async fn idle_websockets(
     Ok(rss)
 }
 
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     version: String,
     memory: Memory,
 }
 
-/// A private Mosquitto on a free port (never the system one on 1883) and
-/// `n.agents` MQTT 3.1.1 clients, each subscribed to `agents/<i>/cmd` at QoS 1.
-async fn mosquitto_memory(bin: &PathBuf, n: &Counts) -> anyhow::Result<Mosquitto> {
-    let version = std::process::Command::new(bin).arg("-h").output().ok().and_then(|o| {
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        let line = text.lines().next()?.trim().to_owned();
-        line.strip_prefix("mosquitto version ").map(|v| format!("Mosquitto {v}"))
-    });
-    let version = version.unwrap_or_else(|| "Mosquitto".to_owned());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let dir = tempfile::tempdir()?;
-    let conf = dir.path().join("mosquitto.conf");
-    // Connection notices for thousands of clients are noise: errors only.
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nlog_dest stderr\nlog_type error\n"
-        ),
-    )?;
-    let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
-    let mut broker = std::process::Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Reaped)
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let pid = broker.0.id();
-    let addr = format!("127.0.0.1:{port}");
-    let log_tail = || std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
-    let started = Instant::now();
-    while TcpStream::connect(&addr).await.is_err() {
-        if started.elapsed() > Duration::from_secs(10) || broker.0.try_wait()?.is_some() {
-            bail!("mosquitto did not listen on {addr}: {}", log_tail());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(n.settle).await;
-    let before = rss_bytes(pid)?;
+/// A private Mosquitto on a free 127.0.0.1 port (never the system one on
+/// 1883), killed when dropped; errors only in its log.
+pub(crate) struct PrivateMosquitto {
+    broker: Reaped,
+    pub(crate) addr: String,
+    /// "Mosquitto 2.0.21", from `mosquitto -h`.
+    pub(crate) version: String,
+    dir: tempfile::TempDir,
+}
 
-    eprintln!("memory: {} MQTT clients on {version}…", n.agents);
-    let clients: Vec<anyhow::Result<TcpStream>> = futures::stream::iter(0..n.agents)
-        .map(|i| mqtt_subscribe(&addr, i))
-        .buffer_unordered(CONNECTING_AT_ONCE)
-        .collect()
-        .await;
-    let mut readers = Vec::with_capacity(clients.len());
-    for client in clients {
-        readers.push(tokio::spawn(mqtt_idle(client.with_context(|| format!("an MQTT client: {}", log_tail()))?)));
+impl PrivateMosquitto {
+    /// Starts `bin` on a free port and returns once it accepts connections
+    /// (within 10 s).
+    pub(crate) async fn start(bin: &Path) -> anyhow::Result<Self> {
+        Self::start_on(bin, crate::free_port()?).await
     }
+
+    /// [`PrivateMosquitto::start`] on `port`.
+    pub(crate) async fn start_on(bin: &Path, port: u16) -> anyhow::Result<Self> {
+        let version = std::process::Command::new(bin).arg("-h").output().ok().and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let line = text.lines().next()?.trim().to_owned();
+            line.strip_prefix("mosquitto version ").map(|v| format!("Mosquitto {v}"))
+        });
+        let version = version.unwrap_or_else(|| "Mosquitto".to_owned());
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("mosquitto.conf");
+        // Connection notices for thousands of clients are noise: errors only.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nlog_dest stderr\nlog_type error\n"
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
+        let broker = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map(Reaped)
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut mosquitto = PrivateMosquitto { broker, addr: format!("127.0.0.1:{port}"), version, dir };
+        let started = Instant::now();
+        while TcpStream::connect(&mosquitto.addr).await.is_err() {
+            if started.elapsed() > Duration::from_secs(10) || mosquitto.broker.0.try_wait()?.is_some() {
+                bail!("mosquitto did not listen on {}: {}", mosquitto.addr, mosquitto.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(mosquitto)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.broker.0.id()
+    }
+
+    /// What the broker logged (errors only).
+    pub(crate) fn log_tail(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Fails, with the broker's log, when it has exited.
+    pub(crate) fn check_running(&mut self) -> anyhow::Result<()> {
+        if self.broker.0.try_wait()?.is_some() {
+            bail!("mosquitto exited during the run: {}", self.log_tail());
+        }
+        Ok(())
+    }
+}
+
+/// A private Mosquitto and `n.agents` MQTT 3.1.1 clients, each subscribed
+/// to `agents/<i>/cmd` at QoS 1.
+pub(crate) async fn mosquitto_memory(bin: &Path, n: &Counts) -> anyhow::Result<Mosquitto> {
+    let mut broker = PrivateMosquitto::start(bin).await?;
     tokio::time::sleep(n.settle).await;
-    let after = rss_bytes(pid)?;
-    if broker.0.try_wait()?.is_some() {
-        bail!("mosquitto exited during the run: {}", log_tail());
-    }
+    let before = rss_bytes(broker.pid())?;
+
+    eprintln!("memory: {} MQTT clients on {}…", n.agents, broker.version);
+    let clients = mqtt_subscribers(&broker.addr, n.agents, |i| format!("agents/{i}/cmd"))
+        .await
+        .with_context(|| format!("an MQTT client: {}", broker.log_tail()))?;
+    let readers: Vec<JoinHandle<()>> = clients.into_iter().map(|c| tokio::spawn(mqtt_idle(c))).collect();
+    tokio::time::sleep(n.settle).await;
+    let after = rss_bytes(broker.pid())?;
+    broker.check_running()?;
     for r in &readers {
         r.abort();
     }
-    drop(broker);
-    Ok(Mosquitto { version, memory: Memory { before, after } })
+    Ok(Mosquitto { version: broker.version.clone(), memory: Memory { before, after } })
 }
 
 /// The MQTT keep-alive the clients announce; they ping at half of it.
-const MQTT_KEEPALIVE_S: u16 = 60;
+pub(crate) const MQTT_KEEPALIVE_S: u16 = 60;
 
 /// An MQTT "remaining length": 7 bits a byte, low first.
-fn push_remaining_length(mut len: usize, out: &mut Vec<u8>) {
+pub(crate) fn push_remaining_length(mut len: usize, out: &mut Vec<u8>) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -498,13 +566,13 @@ fn push_remaining_length(mut len: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn push_mqtt_string(s: &str, out: &mut Vec<u8>) {
+pub(crate) fn push_mqtt_string(s: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
 /// A packet of `kind` (the fixed header's first byte) around `body`.
-fn mqtt_packet(kind: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn mqtt_packet(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut packet = vec![kind];
     push_remaining_length(body.len(), &mut packet);
     packet.extend_from_slice(body);
@@ -512,7 +580,7 @@ fn mqtt_packet(kind: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// CONNECT, MQTT 3.1.1, clean session, no credentials.
-fn mqtt_connect_packet(client_id: &str) -> Vec<u8> {
+pub(crate) fn mqtt_connect_packet(client_id: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(32);
     push_mqtt_string("MQTT", &mut body);
     body.push(4); // protocol level 4 = 3.1.1
@@ -523,7 +591,7 @@ fn mqtt_connect_packet(client_id: &str) -> Vec<u8> {
 }
 
 /// SUBSCRIBE to one topic filter at `qos`.
-fn mqtt_subscribe_packet(packet_id: u16, topic: &str, qos: u8) -> Vec<u8> {
+pub(crate) fn mqtt_subscribe_packet(packet_id: u16, topic: &str, qos: u8) -> Vec<u8> {
     let mut body = Vec::with_capacity(32);
     body.extend_from_slice(&packet_id.to_be_bytes());
     push_mqtt_string(topic, &mut body);
@@ -531,63 +599,150 @@ fn mqtt_subscribe_packet(packet_id: u16, topic: &str, qos: u8) -> Vec<u8> {
     mqtt_packet(0x82, &body)
 }
 
-/// Connects client `i`, subscribes it to `agents/<i>/cmd` at QoS 1, and
-/// returns the connection once the broker granted QoS 1.
-async fn mqtt_subscribe(addr: &str, i: usize) -> anyhow::Result<TcpStream> {
+/// PUBLISH `payload` to `topic` at QoS 1 as packet `packet_id`.
+pub(crate) fn mqtt_publish_packet(packet_id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
+    push_mqtt_string(topic, &mut body);
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    body.extend_from_slice(payload);
+    mqtt_packet(0x32, &body)
+}
+
+/// The whole packet at the front of `buf`, if it has arrived: its first
+/// byte, where its body starts and where it ends.
+fn mqtt_frame(buf: &[u8]) -> Option<(u8, usize, usize)> {
+    let mut len = 0usize;
+    for i in 1..buf.len().min(5) {
+        len |= usize::from(buf[i] & 0x7f) << (7 * (i - 1));
+        if buf[i] & 0x80 == 0 {
+            let end = i + 1 + len;
+            return (buf.len() >= end).then_some((buf[0], i + 1, end));
+        }
+    }
+    None
+}
+
+/// A PUBLISH body's packet id (QoS 1 and 2 carry one) and payload.
+fn mqtt_publish_parts(first: u8, body: &[u8]) -> Option<(Option<u16>, &[u8])> {
+    let mut at = 2 + usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let id = if first & 0x06 != 0 {
+        at += 2;
+        Some(u16::from_be_bytes([*body.get(at - 2)?, *body.get(at - 1)?]))
+    } else {
+        None
+    };
+    Some((id, body.get(at..)?))
+}
+
+/// Connects as `client_id` (clean session) and waits for the CONNACK.
+pub(crate) async fn mqtt_connect(addr: &str, client_id: &str) -> anyhow::Result<TcpStream> {
     let handshake = async {
         let mut conn = TcpStream::connect(addr).await?;
         conn.set_nodelay(true)?;
-        conn.write_all(&mqtt_connect_packet(&format!("bench-{i}"))).await?;
+        conn.write_all(&mqtt_connect_packet(client_id)).await?;
         let mut connack = [0u8; 4];
         conn.read_exact(&mut connack).await?;
         if connack[0] != 0x20 || connack[3] != 0 {
             bail!("CONNACK {connack:02x?}");
-        }
-        conn.write_all(&mqtt_subscribe_packet(1, &format!("agents/{i}/cmd"), 1)).await?;
-        let mut suback = [0u8; 5];
-        conn.read_exact(&mut suback).await?;
-        if suback[0] != 0x90 || suback[4] != 1 {
-            bail!("SUBACK {suback:02x?}: QoS 1 not granted");
         }
         Ok(conn)
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.context("MQTT connect timed out")?
 }
 
+/// Connects `client_id`, subscribes it to `topic` at QoS 1, and returns the
+/// connection once the broker granted QoS 1.
+pub(crate) async fn mqtt_subscribe(addr: &str, client_id: &str, topic: &str) -> anyhow::Result<TcpStream> {
+    let mut conn = mqtt_connect(addr, client_id).await?;
+    let subscribe = async {
+        conn.write_all(&mqtt_subscribe_packet(1, topic, 1)).await?;
+        let mut suback = [0u8; 5];
+        conn.read_exact(&mut suback).await?;
+        if suback[0] != 0x90 || suback[4] != 1 {
+            bail!("SUBACK {suback:02x?}: QoS 1 not granted");
+        }
+        Ok(())
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, subscribe).await.context("MQTT subscribe timed out")??;
+    Ok(conn)
+}
+
+/// `n` clients (`bench-<i>`), client `i` subscribed at QoS 1 to `topic(i)`,
+/// [`CONNECTING_AT_ONCE`] handshakes at a time; in no particular order.
+pub(crate) async fn mqtt_subscribers(
+    addr: &str,
+    n: usize,
+    topic: impl Fn(usize) -> String,
+) -> anyhow::Result<Vec<TcpStream>> {
+    let clients: Vec<anyhow::Result<TcpStream>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let topic = topic(i);
+            async move { mqtt_subscribe(addr, &format!("bench-{i}"), &topic).await }
+        })
+        .buffer_unordered(CONNECTING_AT_ONCE)
+        .collect()
+        .await;
+    clients.into_iter().collect()
+}
+
 /// Keeps an MQTT client alive (PINGREQ at half the keep-alive) and reads
-/// whatever the broker sends, until the broker closes or the task is aborted.
-async fn mqtt_idle(mut conn: TcpStream) {
+/// whatever the broker sends, until the broker closes or the task is
+/// aborted: each PUBLISH's payload goes to `on_publish` with the moment it
+/// was read, and a QoS 1 one is acknowledged (PUBACK) at once.
+pub(crate) async fn mqtt_client(mut conn: TcpStream, mut on_publish: impl FnMut(&[u8], Instant)) {
     let half = Duration::from_secs(u64::from(MQTT_KEEPALIVE_S) / 2);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
-    let mut buf = [0u8; 64];
+    let mut buf = Vec::with_capacity(64);
     loop {
         tokio::select! {
-            read = conn.read(&mut buf) => if !matches!(read, Ok(n) if n > 0) { return },
+            read = conn.read_buf(&mut buf) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+                let now = Instant::now();
+                while let Some((first, body, end)) = mqtt_frame(&buf) {
+                    if first >> 4 == 3 && let Some((id, payload)) = mqtt_publish_parts(first, &buf[body..end]) {
+                        on_publish(payload, now);
+                        if let Some(id) = id.filter(|_| first & 0x06 == 0x02) {
+                            let [hi, lo] = id.to_be_bytes();
+                            if conn.write_all(&[0x40, 0x02, hi, lo]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    buf.drain(..end);
+                }
+            }
             _ = ping.tick() => if conn.write_all(&[0xC0, 0x00]).await.is_err() { return },
         }
     }
 }
 
+/// An idle MQTT client: [`mqtt_client`] ignoring what it receives.
+pub(crate) async fn mqtt_idle(conn: TcpStream) {
+    mqtt_client(conn, |_, _| {}).await
+}
+
 /// Delivery latencies of one transport, sorted, in milliseconds.
 #[derive(Default)]
-struct Timings {
+pub(crate) struct Timings {
     from_sent: Vec<f64>,
     /// Negative when the signal reached the agent before the 201 reached
     /// the operator (the wake-up and the response race after the commit).
     from_created: Vec<f64>,
 }
 
-struct Latency {
+pub(crate) struct Latency {
     websocket: Timings,
     long_poll: Timings,
     post: Vec<f64>,
 }
 
 /// A `command.queued` signal as one agent saw it.
-type Arrival = (CommandId, Instant);
+pub(crate) type Arrival = (CommandId, Instant);
 
 /// Sends every `command.queued` id in `updates` to `tx`, stamped now.
-fn report_arrivals(updates: &Updates, tx: &mpsc::UnboundedSender<Arrival>) {
+pub(crate) fn report_arrivals(updates: &Updates, tx: &mpsc::UnboundedSender<Arrival>) {
     let now = Instant::now();
     for signal in &updates.signals {
         if signal.kind != "command.queued" {
@@ -601,7 +756,7 @@ fn report_arrivals(updates: &Updates, tx: &mpsc::UnboundedSender<Arrival>) {
 
 /// A long-poll agent as the daemon runs one: `wait=30`, the cursor of each
 /// answer, and the next poll at once.
-async fn long_poll_agent(agent: Client, tx: mpsc::UnboundedSender<Arrival>) -> anyhow::Result<()> {
+pub(crate) async fn long_poll_agent(agent: Client, tx: mpsc::UnboundedSender<Arrival>) -> anyhow::Result<()> {
     let mut cursor: Option<String> = None;
     loop {
         match agent.updates(cursor.as_deref(), 20, 30).await? {
@@ -617,12 +772,13 @@ async fn long_poll_agent(agent: Client, tx: mpsc::UnboundedSender<Arrival>) -> a
     }
 }
 
-/// Waits for `id` to have arrived at its agent, keeping arrivals of other
-/// commands (there are none unless one was late) in `seen`.
-async fn arrival_of(
-    id: CommandId,
-    rx: &mut mpsc::UnboundedReceiver<Arrival>,
-    seen: &mut HashMap<CommandId, Instant>,
+/// Waits for `id` (a command, or a message of the MQTT runs) to have
+/// arrived at its agent, keeping arrivals of others (there are none unless
+/// one was late) in `seen`.
+pub(crate) async fn arrival_of<K: Copy + Eq + std::hash::Hash + std::fmt::Display>(
+    id: K,
+    rx: &mut mpsc::UnboundedReceiver<(K, Instant)>,
+    seen: &mut HashMap<K, Instant>,
 ) -> anyhow::Result<Instant> {
     let wait = async {
         loop {
@@ -635,18 +791,18 @@ async fn arrival_of(
     };
     tokio::time::timeout(DELIVERY_TIMEOUT, wait)
         .await
-        .with_context(|| format!("command {id} not seen by its agent within {} s", DELIVERY_TIMEOUT.as_secs()))?
+        .with_context(|| format!("{id} not seen by its receiver within {} s", DELIVERY_TIMEOUT.as_secs()))?
 }
 
 /// Signed milliseconds from `from` to `to`.
-fn signed_ms(from: Instant, to: Instant) -> f64 {
+pub(crate) fn signed_ms(from: Instant, to: Instant) -> f64 {
     match to.checked_duration_since(from) {
         Some(d) => d.as_secs_f64() * 1000.0,
         None => -(from.duration_since(to).as_secs_f64() * 1000.0),
     }
 }
 
-async fn latency(bin: &PathBuf, n: &Counts) -> anyhow::Result<Latency> {
+pub(crate) async fn latency(bin: &PathBuf, n: &Counts) -> anyhow::Result<Latency> {
     let server = start_server(bin, &Storage::Sqlite)?;
     let http = reqwest::Client::new();
     eprintln!("latency: enrolling {} agents…", 2 * n.latency_agents);
@@ -705,7 +861,7 @@ async fn latency(bin: &PathBuf, n: &Counts) -> anyhow::Result<Latency> {
 
 /// What the storm's handshakes met, counted across all agents.
 #[derive(Default)]
-struct StormCounts {
+pub(crate) struct StormCounts {
     no_listener: AtomicU64,
     status_429: AtomicU64,
     status_503: AtomicU64,
@@ -713,7 +869,7 @@ struct StormCounts {
     other: AtomicU64,
 }
 
-struct Storm {
+pub(crate) struct Storm {
     listening_ms: f64,
     /// Seconds from the restart to each agent's new connection, sorted.
     back_s: Vec<f64>,
@@ -729,7 +885,7 @@ struct Storm {
 /// WebSocket (`delay(attempt)`, attempt 0 first, never sooner than a
 /// `Retry-After`), reports when it is back and how many tries it took, and
 /// keeps reading until aborted.
-async fn storm_agent(
+pub(crate) async fn storm_agent(
     addr: String,
     token: String,
     mut ws: Ws,
@@ -770,7 +926,7 @@ async fn storm_agent(
     }
 }
 
-async fn reconnect_storm(bin: &PathBuf, n: &Counts) -> anyhow::Result<Storm> {
+pub(crate) async fn reconnect_storm(bin: &PathBuf, n: &Counts) -> anyhow::Result<Storm> {
     let mut server = start_server(bin, &Storage::Sqlite)?;
     let http = reqwest::Client::new();
     eprintln!("reconnect: enrolling and connecting {} agents…", n.reconnect_agents);
@@ -859,6 +1015,14 @@ mod tests {
             [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1']
         );
         assert_eq!(mqtt_subscribe_packet(1, "a/b", 1), [0x82, 8, 0, 1, 0, 3, b'a', b'/', b'b', 1]);
+        let publish = mqtt_publish_packet(7, "a/b", b"hi");
+        assert_eq!(publish, [0x32, 9, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'i']);
+        assert_eq!(mqtt_frame(&publish[..5]), None, "not all there yet");
+        let (first, body, end) = mqtt_frame(&publish).unwrap();
+        assert_eq!((first, end), (0x32, publish.len()));
+        assert_eq!(mqtt_publish_parts(first, &publish[body..end]), Some((Some(7), &b"hi"[..])));
+        let qos0 = mqtt_packet(0x30, &[0, 1, b't', b'x']);
+        assert_eq!(mqtt_publish_parts(0x30, &qos0[2..]), Some((None, &b"x"[..])));
         let mut len = Vec::new();
         push_remaining_length(321, &mut len);
         assert_eq!(len, [0xC1, 0x02], "the MQTT spec's own example");
