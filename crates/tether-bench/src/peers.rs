@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde_json::json;
 
 pub mod durable;
@@ -224,9 +224,8 @@ pub fn medians(rounds: Vec<Vec<f64>>) -> Vec<f64> {
     (0..width).map(|i| median(rounds.iter().map(|r| r[i]).collect())).collect()
 }
 
-/// Prints `rows` as a Markdown table and writes them as JSON to
-/// `<json_dir>/<name>.json`.
-pub fn report(name: &str, rows: &[Row], args: &PeerArgs) -> anyhow::Result<()> {
+/// Prints `rows` as a Markdown table.
+pub fn print_table(rows: &[Row]) {
     println!("| scenario | metric | tether | peer | tether ÷ peer | target | met |");
     println!("|---|---|---|---|---|---|---|");
     for row in rows {
@@ -246,6 +245,10 @@ pub fn report(name: &str, rows: &[Row], args: &PeerArgs) -> anyhow::Result<()> {
             row.target_text()
         );
     }
+}
+
+/// Writes `rows` as JSON to `<json_dir>/<name>.json`.
+pub fn write_json(name: &str, rows: &[Row], args: &PeerArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.json_dir).with_context(|| format!("creating {}", args.json_dir.display()))?;
     let path = args.json_dir.join(format!("{name}.json"));
     let document = json!({
@@ -260,19 +263,37 @@ pub fn report(name: &str, rows: &[Row], args: &PeerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one scenario, or every scenario for `None`, and reports.
+/// Runs one scenario, or every scenario for `None`, and reports: each
+/// scenario's JSON as it finishes, then one table (and `all.json`). A
+/// scenario that fails does not stop the others; the run then fails
+/// naming it, after the table of those that finished.
 pub async fn run(bin: &Path, scenario: Option<Scenario>, args: &PeerArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let scenarios = scenario.map_or(Scenario::ALL.to_vec(), |s| vec![s]);
-    let mut rows = Vec::new();
+    let (mut rows, mut failed) = (Vec::new(), Vec::new());
     for s in &scenarios {
         eprintln!("== {} ==", s.name());
         let t = std::time::Instant::now();
-        rows.extend(s.run(bin, args).await.with_context(|| format!("scenario {}", s.name()))?);
-        eprintln!("== {} done in {:.0} s ==", s.name(), t.elapsed().as_secs_f64());
+        match s.run(bin, args).await {
+            Ok(mine) => {
+                write_json(s.name(), &mine, args)?;
+                rows.extend(mine);
+                eprintln!("== {} done in {:.0} s ==", s.name(), t.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                eprintln!("== {} FAILED after {:.0} s: {e:#} ==", s.name(), t.elapsed().as_secs_f64());
+                failed.push(s.name());
+            }
+        }
     }
-    report(scenario.map_or("all", Scenario::name), &rows, args)?;
+    print_table(&rows);
+    if scenario.is_none() {
+        write_json("all", &rows, args)?;
+    }
     eprintln!("finished in {:.0} s", started.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        bail!("failed: {} (errors above)", failed.join(", "));
+    }
     Ok(())
 }
 

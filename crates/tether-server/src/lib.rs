@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod clock;
 mod conn;
+mod deliveries;
 pub mod error;
 mod fsutil;
 mod group_commit;
@@ -47,7 +48,7 @@ use crate::stream::{LocalNotifier, Notifier, Streams};
 
 /// How long shutdown waits for open connections before giving up on them…
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
-/// …and then for the jobs' last writes (batched `last_seen`, heartbeats, results),
+/// …and then for the jobs' last writes (batched `last_seen`, heartbeats, results, deliveries),
 /// so the whole shutdown stays within 10 s (protocol.md §11).
 const JOBS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -95,6 +96,8 @@ pub struct Server {
     heartbeat_queue: heartbeats::HeartbeatQueue,
     /// Taken by the result writer when the server runs.
     result_queue: results::ResultQueue,
+    /// Taken by the delivery writer when the server runs.
+    delivery_queue: deliveries::DeliveryQueue,
     /// The webhook and its queue, when one is configured.
     alert_queue: Option<(alerts::WebhookTarget, alerts::AlertQueue)>,
 }
@@ -272,6 +275,7 @@ impl Server {
         tracing::info!(store = %location, nats = nats.is_some(), "Store opened");
         let (heartbeats, heartbeat_queue) = heartbeats::channel();
         let (results, result_queue) = results::channel();
+        let (deliveries, delivery_queue) = deliveries::channel();
         let (alerts, alert_queue) = match &config.telemetry.webhook {
             Some(target) => {
                 let (alerts, queue) = alerts::channel();
@@ -300,11 +304,12 @@ impl Server {
             open_connections: Default::default(),
             heartbeats,
             results,
+            deliveries,
             alerts,
             fleet_gauges: Default::default(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_EVENT_STREAMS)),
         }));
-        Ok((Self { state, listener, tls, nats, heartbeat_queue, result_queue, alert_queue }, bootstrap))
+        Ok((Self { state, listener, tls, nats, heartbeat_queue, result_queue, delivery_queue, alert_queue }, bootstrap))
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -344,7 +349,7 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { state, listener, tls, nats, heartbeat_queue, result_queue, alert_queue } = self;
+        let Self { state, listener, tls, nats, heartbeat_queue, result_queue, delivery_queue, alert_queue } = self;
         let app = api::routes(state.clone())
             .layer(tower_http::catch_panic::CatchPanicLayer::new())
             .layer(error::EnvelopeLayer);
@@ -356,6 +361,7 @@ impl Server {
         jobs.spawn(jobs::flush_seen(state.clone(), state.config.seen_flush_interval, stop_jobs.clone()));
         jobs.spawn(heartbeats::run(state.store.clone(), heartbeat_queue, stop_jobs.clone()));
         jobs.spawn(results::run(state.store.clone(), result_queue, stop_jobs.clone()));
+        jobs.spawn(deliveries::run(state.store.clone(), state.clock.clone(), delivery_queue, stop_jobs.clone()));
         jobs.spawn(jobs::presence(state.clone(), state.config.telemetry.presence_interval, stop_jobs.clone()));
         if let Some((target, queue)) = alert_queue {
             jobs.spawn(alerts::deliver(target, queue, stop_jobs.clone()));

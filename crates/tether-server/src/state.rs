@@ -243,6 +243,8 @@ pub struct Inner {
     pub heartbeats: crate::heartbeats::HeartbeatWriter,
     /// Commits command results in groups.
     pub results: crate::results::ResultWriter,
+    /// Marks delivered commands in groups.
+    pub deliveries: crate::deliveries::DeliveryWriter,
     /// The presence webhook's queue (a no-op without a webhook).
     pub alerts: crate::alerts::Alerts,
     /// The agent and command counts `/metrics` shows, read at most every 15 s.

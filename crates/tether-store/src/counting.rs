@@ -431,9 +431,9 @@ impl CommandStore for CountingStore {
         self.inner.get_batch(id).await
     }
 
-    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
+    async fn mark_delivered(&self, delivered: &[(AgentId, CommandId)], now: Millis) -> Result<u64> {
         let _t = self.call("mark_delivered");
-        self.inner.mark_delivered(agent_id, ids, now).await
+        self.inner.mark_delivered(delivered, now).await
     }
 
     async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>> {

@@ -360,8 +360,10 @@ pub trait CommandStore: Send + Sync {
     async fn get_command(&self, id: CommandId) -> Result<Option<Command>>;
     async fn list_commands(&self, filter: &CommandFilter) -> Result<Vec<Command>>;
     async fn get_batch(&self, id: BatchId) -> Result<Option<Batch>>;
-    /// Marks these commands delivered (those still queued), returns how many changed.
-    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64>;
+    /// Marks these agents' commands delivered (those still queued and
+    /// the named agent's), in one transaction however many agents they
+    /// span; returns how many changed.
+    async fn mark_delivered(&self, delivered: &[(AgentId, CommandId)], now: Millis) -> Result<u64>;
     /// The next released, undelivered, unexpired command for the agent
     /// (priority, then age), marked delivered.
     async fn take_next_command(&self, agent_id: AgentId, now: Millis) -> Result<Option<Command>>;

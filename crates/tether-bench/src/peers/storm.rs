@@ -52,19 +52,14 @@ pub async fn run(bin: &Path, args: &PeerArgs) -> anyhow::Result<Vec<Row>> {
             let connect: Connect = Arc::new(move |i| {
                 let (addr, token) = (addr.clone(), tokens[i].clone());
                 Box::pin(async move {
-                    match ws_connect(&addr, &token).await {
-                        Ok(mut ws) => {
-                            tokio::spawn(async move { drain(&mut ws, |_| {}).await });
-                            true
-                        }
-                        Err(_) => false,
-                    }
+                    let mut ws = ws_connect(&addr, &token).await.ok()?;
+                    Some(Box::pin(async move { drain(&mut ws, |_| {}).await }) as BoxFuture<'static, ()>)
                 })
             });
             let waits = open
                 .into_iter()
                 .map(|mut ws| -> BoxFuture<'static, ()> { Box::pin(async move { drain(&mut ws, |_| {}).await }) });
-            let (back, _clients) = rejoin_all(waits.collect(), connect);
+            let (back, clients) = rejoin_all(waits.collect(), connect);
             eprintln!("storm: killing the server and starting it again…");
             server.child.kill()?;
             server.child.wait()?;
@@ -74,6 +69,7 @@ pub async fn run(bin: &Path, args: &PeerArgs) -> anyhow::Result<Vec<Row>> {
             server.child = child;
             let all_back = all_back(back, agents, killed).await?;
             let peak = status_bytes(server.child.id(), "VmHWM")?;
+            closed(clients).await?;
             Ok(vec![all_back, peak as f64 / 1048576.0])
         },
         |_| async {
@@ -85,23 +81,19 @@ pub async fn run(bin: &Path, args: &PeerArgs) -> anyhow::Result<Vec<Row>> {
             let connect: Connect = Arc::new(move |i| {
                 let addr = addr.clone();
                 Box::pin(async move {
-                    match mqtt_subscribe(&addr, &format!("bench-{i}"), &format!("agents/{i}/cmd")).await {
-                        Ok(conn) => {
-                            tokio::spawn(mqtt_idle(conn));
-                            true
-                        }
-                        Err(_) => false,
-                    }
+                    let conn = mqtt_subscribe(&addr, &format!("bench-{i}"), &format!("agents/{i}/cmd")).await.ok()?;
+                    Some(Box::pin(mqtt_idle(conn)) as BoxFuture<'static, ()>)
                 })
             });
             let waits = conns.into_iter().map(|c| -> BoxFuture<'static, ()> { Box::pin(mqtt_idle(c)) });
-            let (back, _clients) = rejoin_all(waits.collect(), connect);
+            let (back, clients) = rejoin_all(waits.collect(), connect);
             eprintln!("storm: killing Mosquitto and starting it again…");
             drop(broker);
             let killed = Instant::now();
             let broker = PrivateMosquitto::start_on(&mosquitto, port).await?;
             let all_back = all_back(back, agents, killed).await?;
             let peak = status_bytes(broker.pid(), "VmHWM")?;
+            closed(clients).await?;
             Ok(vec![all_back, peak as f64 / 1048576.0])
         },
     )
@@ -120,13 +112,15 @@ pub async fn run(bin: &Path, args: &PeerArgs) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
-/// How a client connects again: `true` once it is back.
-type Connect = Arc<dyn Fn(usize) -> BoxFuture<'static, bool> + Send + Sync>;
+/// How a client connects again: once it is back, its connection (held
+/// until the server closes it).
+type Connect = Arc<dyn Fn(usize) -> BoxFuture<'static, Option<BoxFuture<'static, ()>>> + Send + Sync>;
 
 /// One task per client: waits on `waits[i]` (its connection, until the
 /// server dies), then calls `connect(i)` every 20–100 ms until it succeeds
-/// or [`BACK_WITHIN`] passes, and reports the moment it is back. The tasks
-/// end when the returned guard drops.
+/// or [`BACK_WITHIN`] passes, reports the moment it is back and holds the
+/// new connection. The tasks, and their connections, end when the
+/// returned guard drops.
 fn rejoin_all(waits: Vec<BoxFuture<'static, ()>>, connect: Connect) -> (mpsc::UnboundedReceiver<Instant>, AbortOnDrop) {
     let (tx, rx) = mpsc::unbounded_channel();
     let tasks: Vec<JoinHandle<()>> = waits
@@ -138,8 +132,9 @@ fn rejoin_all(waits: Vec<BoxFuture<'static, ()>>, connect: Connect) -> (mpsc::Un
                 wait.await;
                 let given_up_at = Instant::now() + BACK_WITHIN;
                 while Instant::now() < given_up_at {
-                    if connect(i).await {
+                    if let Some(held) = connect(i).await {
                         let _ = tx.send(Instant::now());
+                        held.await;
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(rand::random_range(20..100))).await;
@@ -148,6 +143,22 @@ fn rejoin_all(waits: Vec<BoxFuture<'static, ()>>, connect: Connect) -> (mpsc::Un
         })
         .collect();
     (rx, AbortOnDrop(tasks))
+}
+
+/// Ends the clients' tasks and waits until their connections are closed:
+/// the next round opens as many again, and one process may hold at most
+/// 20,000 open files.
+async fn closed(clients: AbortOnDrop) -> anyhow::Result<()> {
+    drop(clients);
+    let open_files = || std::fs::read_dir("/proc/self/fd").map(|d| d.count());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_files()? > 1_000 {
+        if Instant::now() > deadline {
+            bail!("the clients' connections were still open 30 s after they ended");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Seconds from `killed` until `n` clients reported back.

@@ -122,6 +122,7 @@ fn describe() {
     describe_counter!("tether_heartbeats_written_total", "Heartbeats written by the group writer.");
     describe_histogram!("tether_heartbeat_group_size", "Heartbeats written in one transaction.");
     describe_histogram!("tether_result_group_size", "Command result reports recorded in one transaction.");
+    describe_histogram!("tether_delivery_group_size", "Agents' deliveries marked in one transaction.");
     describe_counter!("tether_metric_points_stored_total", "Metric points stored.");
     describe_counter!("tether_presence_transitions_total", "Agents going online or offline.");
     describe_counter!("tether_webhook_deliveries_total", "Presence webhook deliveries, by outcome.");

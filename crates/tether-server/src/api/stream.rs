@@ -178,7 +178,12 @@ pub(crate) async fn deliver(
         .filter_map(|(_, s)| serde_json::from_value::<CommandQueued>(s.reference.clone()).ok())
         .map(|c| c.command_id)
         .collect();
-    state.store.mark_delivered(agent_id, &delivered, state.clock.now_ms()).await?;
+    if !delivered.is_empty() {
+        let marked = state.deliveries.mark(crate::deliveries::Delivered { agent_id, commands: delivered }).await;
+        marked.map_err(|crate::deliveries::Stopped| {
+            ApiError::unavailable("the server is shutting down", crate::error::STORE_RETRY_AFTER_S)
+        })??;
+    }
     let cursor = Cursor { epoch: from.epoch, seq: last };
     let body = Updates { cursor: cursor.to_string(), signals: signals.into_iter().map(|(_, s)| s).collect() };
     Ok((cursor, body))

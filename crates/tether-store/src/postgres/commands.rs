@@ -263,17 +263,19 @@ impl CommandStore for PgStore {
         }))
     }
 
-    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
-        if ids.is_empty() {
+    async fn mark_delivered(&self, delivered: &[(AgentId, CommandId)], now: Millis) -> Result<u64> {
+        if delivered.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let (agents, ids): (Vec<String>, Vec<String>) =
+            delivered.iter().map(|(agent, id)| (agent.to_string(), id.to_string())).unzip();
         let done = sqlx::query(
             "UPDATE commands SET status = 'delivered', delivered_at = $1
-             WHERE agent_id = $2 AND status = 'queued' AND id = ANY($3)",
+             FROM UNNEST($2::text[], $3::text[]) AS d(agent_id, id)
+             WHERE commands.id = d.id AND commands.agent_id = d.agent_id AND commands.status = 'queued'",
         )
         .bind(now)
-        .bind(agent_id.to_string())
+        .bind(&agents)
         .bind(&ids)
         .execute(&self.pool)
         .await?;

@@ -235,19 +235,20 @@ impl CommandStore for SqliteStore {
         }))
     }
 
-    async fn mark_delivered(&self, agent_id: AgentId, ids: &[CommandId], now: Millis) -> Result<u64> {
-        if ids.is_empty() {
+    async fn mark_delivered(&self, delivered: &[(AgentId, CommandId)], now: Millis) -> Result<u64> {
+        if delivered.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let pairs: Vec<[String; 2]> = delivered.iter().map(|(agent, id)| [id.to_string(), agent.to_string()]).collect();
         let mut tx = self.begin().await?;
         let done = sqlx::query(
+            // A row-value IN, not a join: the planner then looks each pair up by
+            // `id` instead of matching every queued command against the list.
             "UPDATE commands SET status = 'delivered', delivered_at = ?
-             WHERE agent_id = ? AND status = 'queued' AND id IN (SELECT value FROM json_each(?))",
+             WHERE status = 'queued' AND (id, agent_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
         )
         .bind(now)
-        .bind(agent_id.to_string())
-        .bind(json_text(&ids))
+        .bind(json_text(&pairs))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

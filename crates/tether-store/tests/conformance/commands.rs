@@ -15,6 +15,7 @@ conformance!(
     a_cancel_tells_the_agent_and_a_finished_command_cannot_be_cancelled,
     the_next_command_is_the_highest_priority_then_the_oldest,
     the_sweeper_expires_loses_and_releases,
+    deliveries_of_several_agents_are_marked_together_and_only_the_named_agents,
     a_batch_counts_its_commands_per_state_and_cancels_the_unfinished,
 );
 
@@ -166,7 +167,22 @@ async fn the_next_command_is_the_highest_priority_then_the_oldest(h: &Harness) {
         taken.push(c.id);
     }
     assert_eq!(taken, vec![ids[1], ids[0], ids[2]]);
-    assert_eq!(store.mark_delivered(agent, &ids, T0 + 2).await.expect("mark"), 0, "all delivered already");
+    let pairs: Vec<_> = ids.iter().map(|id| (agent, *id)).collect();
+    assert_eq!(store.mark_delivered(&pairs, T0 + 2).await.expect("mark"), 0, "all delivered already");
+}
+
+async fn deliveries_of_several_agents_are_marked_together_and_only_the_named_agents(h: &Harness) {
+    let store = h.store();
+    let (a, b) = (enroll(store, &[]).await, enroll(store, &[]).await);
+    let (for_a, for_b) = (command(store, a, 10, T0).await, command(store, b, 10, T0).await);
+    let wrong = store.mark_delivered(&[(b, for_a)], T0 + 1).await.expect("mark");
+    assert_eq!(wrong, 0, "a command is marked only for its own agent");
+    assert_eq!(store.mark_delivered(&[(a, for_a), (b, for_b)], T0 + 1).await.expect("mark"), 2);
+    for id in [for_a, for_b] {
+        let command = store.get_command(id).await.expect("get").expect("exists");
+        assert_eq!((command.status, command.delivered_at.is_some()), (CommandStatus::Delivered, true));
+    }
+    assert_eq!(store.mark_delivered(&[(a, for_a)], T0 + 2).await.expect("mark"), 0, "a repeat changes nothing");
 }
 
 async fn the_sweeper_expires_loses_and_releases(h: &Harness) {
@@ -174,7 +190,7 @@ async fn the_sweeper_expires_loses_and_releases(h: &Harness) {
     let agent = enroll(store, &[]).await;
     let undelivered = command(store, agent, 10, T0).await;
     let delivered = command(store, agent, 10, T0).await;
-    store.mark_delivered(agent, &[delivered], T0).await.expect("deliver");
+    store.mark_delivered(&[(agent, delivered)], T0).await.expect("deliver");
     let mut later = batch(TargetSpec::Agents(vec![agent]), T0);
     later.request.not_before = Some(time::OffsetDateTime::from_unix_timestamp((T0 + 60_000) / 1000).expect("time"));
     let held = store.create_batch(later, &|_| audit_entry("command.create")).await.expect("create");
