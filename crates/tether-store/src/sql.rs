@@ -121,6 +121,16 @@ pub(crate) async fn read_chunk(source: crate::BlobSource<'_>, buf: &mut [u8]) ->
     Ok(filled)
 }
 
+/// The JSON text of each agent's signal when one is appended to many
+/// streams at once: `references(i)` for the `i`th agent.
+pub(crate) type References<'a> = dyn Fn(usize) -> String + Send + Sync + 'a;
+
+/// [`References`] giving every agent the same signal.
+pub(crate) fn same_for_all(reference: &serde_json::Value) -> impl Fn(usize) -> String + Send + Sync + use<> {
+    let text = reference.to_string();
+    move |_| text.clone()
+}
+
 /// A group of result reports being recorded in one transaction (see
 /// [`crate::CommandStore::report_results`]): decided on the commands as
 /// the backend found them, then the backend writes [`Self::writes`] (in

@@ -12,7 +12,7 @@ use super::signals::append_to_many;
 use super::{PgStore, Tx};
 use crate::audit::AuditEntry;
 use crate::rows::{CA_COLUMNS, CERT_COLUMNS};
-use crate::sql::{is_unique_violation, json_text, parse_id, q};
+use crate::sql::{is_unique_violation, json_text, parse_id, q, same_for_all};
 use crate::{
     AuditFor, CaRecord, CertRecord, CertStore, Entity, ExpiringCert, Head, IssuedRecord, ItemChange, Millis, NewCa,
     NewCert, Result, SealedMaterial, StoreError,
@@ -41,7 +41,7 @@ pub(super) fn revoked_ref(id: i64) -> serde_json::Value {
 /// Tells the agents of `cert` that it changed.
 async fn tell(tx: &mut Tx, cert: &CertRecord, now: Millis) -> Result<Vec<Head>> {
     let agents = targeted_agents(tx, &cert.target).await?;
-    append_to_many(tx, &agents, CERT_RENEWED, &renewed_ref(cert), now).await
+    append_to_many(tx, &agents, CERT_RENEWED, &same_for_all(&renewed_ref(cert)), now).await
 }
 
 /// Raises the version of every active issued certificate (so its agents
@@ -113,7 +113,7 @@ impl CertStore for PgStore {
             Err(e) => return Err(e.into()),
         };
         let cert = load_cert(&mut tx, id).await?.ok_or(StoreError::NotFound(Entity::Cert))?;
-        let heads = append_to_many(&mut tx, &agents, CERT_RENEWED, &renewed_ref(&cert), new.now).await?;
+        let heads = append_to_many(&mut tx, &agents, CERT_RENEWED, &same_for_all(&renewed_ref(&cert)), new.now).await?;
         super::audit::insert_audit(&mut tx, &audit(&cert)).await?;
         tx.commit().await?;
         Ok(ItemChange { item: cert, agents_told: heads.len() as u64, heads })
@@ -162,7 +162,7 @@ impl CertStore for PgStore {
         }
         let cert = load_cert(&mut tx, id).await?.ok_or(StoreError::NotFound(Entity::Cert))?;
         let agents = targeted_agents(&mut tx, &cert.target).await?;
-        let heads = append_to_many(&mut tx, &agents, CERT_REVOKED, &revoked_ref(id), now).await?;
+        let heads = append_to_many(&mut tx, &agents, CERT_REVOKED, &same_for_all(&revoked_ref(id)), now).await?;
         sqlx::query("DELETE FROM agent_items WHERE kind = 'cert' AND item_id = $1").bind(id).execute(&mut *tx).await?;
         super::audit::insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;

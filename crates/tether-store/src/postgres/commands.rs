@@ -10,7 +10,7 @@ use tether_proto::signal::{self, CommandCancelled};
 use tether_proto::{AgentId, BatchId, CommandId};
 
 use super::rows::{command_from_row, result_target_from_row};
-use super::signals::append_signal;
+use super::signals::{append_signal, append_to_many};
 use super::{PgStore, Tx};
 use crate::audit::AuditEntry;
 use crate::rows::{COMMAND_COLUMNS, RESULT_TARGET_COLUMNS};
@@ -172,18 +172,18 @@ impl CommandStore for PgStore {
             });
         }
         let agent_ids = resolve_target(&mut tx, &batch.target).await?;
-        let mut command_ids = Vec::with_capacity(agent_ids.len());
-        let mut heads = Vec::new();
-        for agent_id in agent_ids {
-            let id = CommandId::new();
+        let command_ids: Vec<CommandId> = agent_ids.iter().map(|_| CommandId::new()).collect();
+        // One statement per 5,000 commands, not one per agent.
+        for (ids, agents) in command_ids.chunks(5_000).zip(agent_ids.chunks(5_000)) {
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            let agents: Vec<String> = agents.iter().map(ToString::to_string).collect();
             sqlx::query(
                 "INSERT INTO commands (id, batch_id, agent_id, name, args, timeout_s, priority, created_by, status,
                                        released, created_at, not_before, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)",
+                 SELECT c.id, $1, c.agent_id, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10
+                 FROM UNNEST($11::text[], $12::text[]) AS c(id, agent_id)",
             )
-            .bind(id.to_string())
             .bind(batch.id.to_string())
-            .bind(agent_id.to_string())
             .bind(&req.name)
             .bind(req.args.to_string())
             .bind(i64::from(req.timeout_s))
@@ -193,14 +193,21 @@ impl CommandStore for PgStore {
             .bind(now)
             .bind(held_until)
             .bind(expires_at)
+            .bind(&ids)
+            .bind(&agents)
             .execute(&mut *tx)
             .await?;
-            if held_until.is_none() {
-                let reference = rules::queued_signal(id, &req.name, &req.args, req.timeout_s, req.priority, expires_at);
-                heads.push(append_signal(&mut tx, agent_id, signal::COMMAND_QUEUED, &reference, now).await?);
-            }
-            command_ids.push(id);
         }
+        let heads = match held_until {
+            Some(_) => Vec::new(),
+            None => {
+                let reference = |i: usize| {
+                    let id = command_ids[i];
+                    rules::queued_signal(id, &req.name, &req.args, req.timeout_s, req.priority, expires_at).to_string()
+                };
+                append_to_many(&mut tx, &agent_ids, signal::COMMAND_QUEUED, &reference, now).await?
+            }
+        };
         let created = CreatedBatch { batch_id: batch.id, command_ids, created: true, heads };
         super::audit::insert_audit(&mut tx, &audit(&created)).await?;
         tx.commit().await?;

@@ -1,12 +1,14 @@
 //! The agents' streams on PostgreSQL.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::Row;
 use tether_proto::{AgentId, Signal};
 
 use super::agents::lock_agents;
 use super::{PgStore, Tx};
-use crate::sql::{parse_id, parse_json};
+use crate::sql::{References, parse_id, parse_json};
 use crate::{Head, Millis, Result, SignalStore};
 
 /// Appends one signal to an agent's stream inside `tx`. Moving the head
@@ -49,9 +51,10 @@ pub(super) async fn append_to_many(
     tx: &mut Tx,
     agents: &[AgentId],
     kind: &str,
-    reference: &serde_json::Value,
+    reference: &References<'_>,
     now: Millis,
 ) -> Result<Vec<Head>> {
+    let index: HashMap<AgentId, usize> = agents.iter().enumerate().map(|(i, a)| (*a, i)).collect();
     let mut heads = Vec::with_capacity(agents.len());
     for chunk in agents.chunks(FAN_OUT_CHUNK) {
         let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
@@ -64,23 +67,26 @@ pub(super) async fn append_to_many(
         .bind(&ids)
         .fetch_all(&mut **tx)
         .await?;
-        let (mut agent_ids, mut seqs) = (Vec::with_capacity(moved.len()), Vec::with_capacity(moved.len()));
+        let mut agent_ids = Vec::with_capacity(moved.len());
+        let (mut seqs, mut refs) = (Vec::with_capacity(moved.len()), Vec::with_capacity(moved.len()));
         for r in &moved {
             let agent_id: AgentId = parse_id(r.try_get(0)?)?;
             let seq: i64 = r.try_get(1)?;
             agent_ids.push(agent_id.to_string());
             seqs.push(seq);
+            refs.push(reference(index[&agent_id]));
             heads.push(Head { agent_id, epoch: r.try_get::<i64, _>(2)? as u64, seq: seq as u64 });
         }
         sqlx::query(
             "INSERT INTO signals (agent_id, seq, kind, ts_ms, ref)
-             SELECT s.agent_id, s.seq, $3, $4, $5 FROM unnest($1::text[], $2::bigint[]) AS s(agent_id, seq)",
+             SELECT s.agent_id, s.seq, $3, $4, s.ref
+             FROM unnest($1::text[], $2::bigint[], $5::text[]) AS s(agent_id, seq, ref)",
         )
         .bind(&agent_ids)
         .bind(&seqs)
         .bind(kind)
         .bind(now)
-        .bind(reference.to_string())
+        .bind(&refs)
         .execute(&mut **tx)
         .await?;
     }

@@ -11,7 +11,7 @@ use super::signals::append_to_many;
 use super::{SqliteStore, Tx};
 use crate::audit::AuditEntry;
 use crate::rows::FILE_ASSIGNMENT_COLUMNS;
-use crate::sql::{json_text, q, read_chunk};
+use crate::sql::{json_text, q, read_chunk, same_for_all};
 use crate::{
     AuditFor, BLOB_CHUNK, BlobSource, Entity, FileAssignmentRecord, FileStore, ItemChange, Millis, NewFileAssignment,
     Result, StoreError,
@@ -136,7 +136,8 @@ impl FileStore for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let record = load_assignment(&mut tx, id).await?.ok_or(StoreError::NotFound(Entity::FileAssignment))?;
-        let heads = append_to_many(&mut tx, &agents, FILE_UPDATED, &updated_ref(&record), new.now).await?;
+        let heads =
+            append_to_many(&mut tx, &agents, FILE_UPDATED, &same_for_all(&updated_ref(&record)), new.now).await?;
         super::audit::insert_audit(&mut tx, &audit(&record)).await?;
         tx.commit().await?;
         Ok(ItemChange { item: record, agents_told: heads.len() as u64, heads })
@@ -154,7 +155,7 @@ impl FileStore for SqliteStore {
         }
         let record = load_assignment(&mut tx, id).await?.ok_or(StoreError::NotFound(Entity::FileAssignment))?;
         let agents = targeted_agents(&mut tx, &record.target).await?;
-        let heads = append_to_many(&mut tx, &agents, FILE_REMOVED, &removed_ref(&record), now).await?;
+        let heads = append_to_many(&mut tx, &agents, FILE_REMOVED, &same_for_all(&removed_ref(&record)), now).await?;
         sqlx::query("DELETE FROM agent_items WHERE kind = 'file' AND item_id = ?").bind(id).execute(&mut *tx).await?;
         super::audit::insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;

@@ -1,11 +1,13 @@
 //! The agents' streams on SQLite.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::Row;
 use tether_proto::{AgentId, Signal};
 
 use super::{SqliteStore, Tx};
-use crate::sql::{json_text, parse_id, parse_json};
+use crate::sql::{References, json_text, parse_id, parse_json};
 use crate::{Head, Millis, Result, SignalStore};
 
 /// Appends one signal to an agent's stream inside `tx`. The head moves in
@@ -40,15 +42,17 @@ pub(super) async fn append_signal(
 /// Agents given one signal per statement pair by [`append_to_many`].
 const FAN_OUT_CHUNK: usize = 5_000;
 
-/// Appends the same signal to many agents' streams inside `tx`, in bulk:
-/// two statements per 5,000 agents, never one round trip per agent.
+/// Appends a signal of `kind` to many agents' streams inside `tx`, in
+/// bulk: two statements per 5,000 agents, never one round trip per agent.
+/// `reference(i)` is the JSON text of the signal for `agents[i]`.
 pub(super) async fn append_to_many(
     tx: &mut Tx,
     agents: &[AgentId],
     kind: &str,
-    reference: &serde_json::Value,
+    reference: &References<'_>,
     now: Millis,
 ) -> Result<Vec<Head>> {
+    let index: HashMap<AgentId, usize> = agents.iter().enumerate().map(|(i, a)| (*a, i)).collect();
     let mut heads = Vec::with_capacity(agents.len());
     for chunk in agents.chunks(FAN_OUT_CHUNK) {
         let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
@@ -64,16 +68,15 @@ pub(super) async fn append_to_many(
         for r in &moved {
             let agent_id: AgentId = parse_id(r.try_get(0)?)?;
             let seq: i64 = r.try_get(1)?;
-            rows.push((agent_id.to_string(), seq));
+            rows.push((agent_id.to_string(), seq, reference(index[&agent_id])));
             heads.push(Head { agent_id, epoch: r.try_get::<i64, _>(2)? as u64, seq: seq as u64 });
         }
         sqlx::query(
             "INSERT INTO signals (agent_id, seq, kind, ts_ms, ref)
-             SELECT s.value ->> '$[0]', s.value ->> '$[1]', ?, ?, ? FROM json_each(?) s",
+             SELECT s.value ->> '$[0]', s.value ->> '$[1]', ?, ?, s.value ->> '$[2]' FROM json_each(?) s",
         )
         .bind(kind)
         .bind(now)
-        .bind(reference.to_string())
         .bind(json_text(&rows))
         .execute(&mut **tx)
         .await?;
