@@ -5,7 +5,9 @@
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 
-use tether_proto::command::{BatchStatus, CommandStatus, DEFAULT_EXPIRY_S, Event, LOST_GRACE_S, ResultReport};
+use tether_proto::command::{
+    BatchStatus, CommandStatus, CreateCommand, DEFAULT_EXPIRY_S, Event, LOST_GRACE_S, ResultReport,
+};
 use tether_proto::signal::CommandQueued;
 use tether_proto::{AgentId, CommandId};
 
@@ -144,6 +146,17 @@ pub fn queued_signal(
         expires_at_ms: Some(expires_at),
     })
     .expect("command.queued ref serializes")
+}
+
+/// The `command.queued` signal of each command of a batch of `request`, as
+/// the JSON text a bulk append stores: the `i`th for `command_ids[i]`.
+pub fn queued_signals<'a>(
+    command_ids: &'a [CommandId],
+    request: &'a CreateCommand,
+    expires_at: Millis,
+) -> impl Fn(usize) -> String + Send + Sync + 'a {
+    let r = request;
+    move |i| queued_signal(command_ids[i], &r.name, &r.args, r.timeout_s, r.priority, expires_at).to_string()
 }
 
 /// Keeps only the last head per agent: a later append supersedes an

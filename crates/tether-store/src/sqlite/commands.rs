@@ -165,10 +165,7 @@ impl CommandStore for SqliteStore {
         let heads = match held_until {
             Some(_) => Vec::new(),
             None => {
-                let reference = |i: usize| {
-                    let id = command_ids[i];
-                    rules::queued_signal(id, &req.name, &req.args, req.timeout_s, req.priority, expires_at).to_string()
-                };
+                let reference = rules::queued_signals(&command_ids, req, expires_at);
                 append_to_many(&mut tx, &agent_ids, signal::COMMAND_QUEUED, &reference, now).await?
             }
         };
