@@ -125,6 +125,39 @@ pub(crate) async fn read_chunk(source: crate::BlobSource<'_>, buf: &mut [u8]) ->
 /// streams at once: `references(i)` for the `i`th agent.
 pub(crate) type References<'a> = dyn Fn(usize) -> String + Send + Sync + 'a;
 
+/// One multi-row `INSERT` of `entries` into the audit chain, each row's
+/// `prev_hash` the hash before it, starting from `prev`; `prev` is left at
+/// the last row's hash. Both backends' `insert_audits` run it per chunk.
+pub(crate) fn audit_insert<DB>(entries: &[crate::AuditEntry], prev: &mut Vec<u8>) -> sqlx::QueryBuilder<DB>
+where
+    DB: sqlx::Database,
+    for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> Option<&'t str>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> &'t [u8]: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut insert = sqlx::QueryBuilder::<DB>::new(
+        "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash) ",
+    );
+    insert.push_values(entries, |mut row, entry| {
+        let details = entry.details_text();
+        let hash = entry.hash_after(prev, &details);
+        row.push_bind(entry.ts)
+            .push_bind(entry.actor.as_str())
+            .push_bind(entry.actor_kind)
+            .push_bind(entry.action.as_str())
+            .push_bind(entry.target.as_str())
+            .push_bind(entry.outcome)
+            .push_bind(entry.ip.as_deref())
+            .push_bind(entry.request_id.as_deref())
+            .push_bind(details.as_str())
+            .push_bind(prev.as_slice())
+            .push_bind(&hash[..]);
+        *prev = hash.to_vec();
+    });
+    insert
+}
+
 /// [`References`] giving every agent the same signal.
 pub(crate) fn same_for_all(reference: &serde_json::Value) -> impl Fn(usize) -> String + Send + Sync + use<> {
     let text = reference.to_string();

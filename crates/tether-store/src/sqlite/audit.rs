@@ -6,7 +6,7 @@ use super::rows::audit_from_row;
 use super::{SqliteStore, Tx};
 use crate::audit::{AuditAnchor, AuditEntry, AuditRecord, GENESIS_HASH, ROWS_PER_INSERT};
 use crate::rows::AUDIT_COLUMNS;
-use crate::sql::q;
+use crate::sql::{audit_insert, q};
 use crate::{AuditFilter, AuditStore, Result};
 
 /// Appends `entry` to the audit chain inside `tx`, the transaction of the
@@ -32,25 +32,7 @@ pub(super) async fn insert_audits(tx: &mut Tx, entries: &[AuditEntry]) -> Result
     .await?;
     let mut prev = prev.unwrap_or_else(|| GENESIS_HASH.to_vec());
     for chunk in entries.chunks(ROWS_PER_INSERT) {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO audit (ts, actor, actor_kind, action, target, outcome, ip, request_id, details, prev_hash, hash) ",
-        );
-        insert.push_values(chunk, |mut row, entry| {
-            let details = entry.details_text();
-            let hash = entry.hash_after(&prev, &details);
-            row.push_bind(entry.ts)
-                .push_bind(&entry.actor)
-                .push_bind(entry.actor_kind)
-                .push_bind(&entry.action)
-                .push_bind(&entry.target)
-                .push_bind(entry.outcome)
-                .push_bind(&entry.ip)
-                .push_bind(&entry.request_id)
-                .push_bind(details)
-                .push_bind(std::mem::replace(&mut prev, hash.to_vec()))
-                .push_bind(hash.to_vec());
-        });
-        insert.build().execute(&mut **tx).await?;
+        audit_insert::<sqlx::Sqlite>(chunk, &mut prev).build().execute(&mut **tx).await?;
     }
     Ok(())
 }
